@@ -1,0 +1,212 @@
+//! chassis-operator runs the enabled Chassis controllers in one process: it serves
+//! `/healthz`, `/readyz` and `/metrics`, optionally waits for the leader lease, and
+//! shuts down cleanly on SIGTERM. Controllers live in the area crates; this binary
+//! only wires them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result, bail};
+use chassis_runtime::controller::Running;
+use chassis_runtime::health::{self, Health};
+use chassis_runtime::leader::Election;
+use chassis_runtime::metrics::Metrics;
+use clap::{Parser, ValueEnum};
+use kube::Client;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use tokio_util::sync::CancellationToken;
+
+/// Every controller this binary knows, in start order.
+const ALL_CONTROLLERS: &[&str] = &[chassis_tenancy::project::NAME];
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+/// The Chassis operator: runs the platform's controllers.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Controllers to run, comma-separated (`all`, or any of: project).
+    #[arg(long, env = "CHASSIS_CONTROLLERS", default_value = "all", value_delimiter = ',')]
+    controllers: Vec<String>,
+
+    /// Address of the /metrics, /healthz and /readyz endpoints.
+    #[arg(long, env = "CHASSIS_METRICS_ADDR", default_value = "127.0.0.1:8080")]
+    metrics_addr: SocketAddr,
+
+    /// Run controllers only while holding the leader lease.
+    #[arg(long, env = "CHASSIS_LEADER_ELECT")]
+    leader_elect: bool,
+
+    /// Namespace of the leader lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+
+    /// Name of the leader lease.
+    #[arg(long, default_value = "chassis-operator")]
+    lease_name: String,
+
+    /// Kubeconfig file; without it, $KUBECONFIG, ~/.kube/config or the in-cluster config.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+
+    /// Log line format.
+    #[arg(long, env = "CHASSIS_LOG_FORMAT", value_enum, default_value = "json")]
+    log_format: LogFormat,
+}
+
+fn selected_controllers(requested: &[String]) -> Result<Vec<&'static str>> {
+    if requested.iter().any(|c| c == "all") {
+        return Ok(ALL_CONTROLLERS.to_vec());
+    }
+    let mut selected = Vec::new();
+    for name in requested {
+        match ALL_CONTROLLERS.iter().find(|known| *known == name) {
+            Some(known) => selected.push(*known),
+            None => bail!("unknown controller {name:?} in --controllers; known: all, {}", ALL_CONTROLLERS.join(", ")),
+        }
+    }
+    if selected.is_empty() {
+        bail!("--controllers names no controller");
+    }
+    Ok(selected)
+}
+
+async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?
+        }
+        None => kube::Config::infer().await.context("finding a cluster (kubeconfig or in-cluster)")?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+fn identity() -> String {
+    std::env::var("POD_NAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
+        .map_or_else(|| format!("chassis-{}", std::process::id()), |h| format!("{h}-{}", std::process::id()))
+}
+
+fn build(name: &str, client: &Client, metrics: &Arc<Metrics>, instance: &str, shutdown: &CancellationToken) -> Running {
+    match name {
+        chassis_tenancy::project::NAME => {
+            chassis_tenancy::project::controller(client.clone(), metrics, Some(instance.to_string()), shutdown.clone())
+        }
+        other => unreachable!("controller {other} was validated against ALL_CONTROLLERS"),
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let controllers = selected_controllers(&args.controllers)?;
+    let client = client(args.kubeconfig.as_ref()).await?;
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::new(args.leader_elect));
+    let shutdown = CancellationToken::new();
+    let instance = identity();
+
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            chassis_runtime::shutdown::signal().await;
+            shutdown.cancel();
+        }
+    });
+
+    let (addr, server) = health::serve(args.metrics_addr, health.clone(), metrics.clone(), shutdown.clone().cancelled_owned())
+        .await
+        .with_context(|| format!("listening on --metrics-addr {}", args.metrics_addr))?;
+    tracing::info!(%addr, controllers = ?controllers, leader_elect = args.leader_elect, "chassis-operator starting");
+
+    let mut election = None;
+    if args.leader_elect {
+        let mut e = Election::start(client.clone(), &args.lease_namespace, &args.lease_name, &instance)
+            .await
+            .with_context(|| format!("joining leader election on lease {}/{}", args.lease_namespace, args.lease_name))?;
+        tracing::info!(identity = %instance, "waiting for the leader lease");
+        tokio::select! {
+            acquired = e.acquired() => if !acquired { bail!("leader election stopped before the lease was acquired") },
+            _ = shutdown.cancelled() => {
+                e.release().await;
+                let _ = server.await;
+                return Ok(());
+            }
+        }
+        tracing::info!(identity = %instance, "acquired the leader lease");
+        health.set_leader(true);
+        metrics.leader.set(1);
+        election = Some(e);
+    }
+
+    let running: Vec<Running> = controllers
+        .iter()
+        .map(|name| build(name, &client, &metrics, &instance, &shutdown))
+        .collect();
+    let (synced, runs): (Vec<_>, Vec<_>) = running.into_iter().map(|r| (r.synced, r.run)).unzip();
+    tokio::spawn({
+        let health = health.clone();
+        async move {
+            futures::future::join_all(synced).await;
+            tracing::info!("caches synced; ready");
+            health.set_synced(true);
+        }
+    });
+
+    let controllers_done = futures::future::join_all(runs);
+    let lost = async {
+        match election.as_mut() {
+            Some(e) => e.lost().await,
+            None => futures::future::pending().await,
+        }
+    };
+    let outcome = tokio::select! {
+        _ = controllers_done => Ok(()),
+        _ = lost => {
+            health.set_leader(false);
+            Err(anyhow::anyhow!("lost the leader lease; exiting so a fresh instance can take over"))
+        }
+    };
+    shutdown.cancel();
+    if let Some(e) = election {
+        e.release().await;
+    }
+    let _ = server.await;
+    outcome
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    chassis_runtime::telemetry::init(matches!(args.log_format, LogFormat::Json));
+    match run(args).await {
+        Ok(()) => {
+            tracing::info!("chassis-operator stopped");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            tracing::error!(error = format!("{err:#}"), "chassis-operator failed");
+            eprintln!("chassis-operator: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn controllers_flag_accepts_all_and_known_names_only() {
+        assert_eq!(selected_controllers(&["all".into()]).ok(), Some(ALL_CONTROLLERS.to_vec()));
+        assert_eq!(selected_controllers(&["project".into()]).ok(), Some(vec!["project"]));
+        let err = selected_controllers(&["projcet".into()]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("unknown controller \"projcet\""), "{err}");
+    }
+}

@@ -1,0 +1,15 @@
+//! chassis-tenancy owns self-service projects (`tenancy.chassis.dev`): the Project
+//! controller and its pure builders.
+//!
+//! ```text
+//!  [ ProjectTemplate ] ──┐
+//!                        ├─▶ reconcile(Project) ─▶ [ Namespace ] (owned by the Project)
+//!  [ Project ] ──────────┘          │
+//!  [ Namespace ] (by name) ─────────┘ (drift and conflicts wake the project up)
+//! ```
+//!
+//! It reads the cluster only through reflector stores and writes through
+//! chassis-runtime's server-side apply; builders in [`project::build`] never touch a
+//! client.
+
+pub mod project;

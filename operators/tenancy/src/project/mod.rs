@@ -1,0 +1,271 @@
+//! The Project controller: observe → validate → build → apply → status.
+
+pub mod build;
+pub mod status;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chassis_api::tenancy::v1alpha1::{Project, ProjectTemplate};
+use chassis_api::tenancy::reason;
+use chassis_runtime::controller::Running;
+use chassis_runtime::metrics::Metrics;
+use chassis_runtime::{Context, apply};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::Api;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, predicates, watcher};
+use kube::{Client, Resource, ResourceExt};
+use tokio_util::sync::CancellationToken;
+
+/// Name of this controller in `--controllers`, metrics and its field manager.
+pub const NAME: &str = "project";
+
+/// How often a healthy project is looked at again without any change.
+const RESYNC: Duration = Duration::from_secs(600);
+
+/// Failures of one reconcile, by step.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("applying namespace {name}: {source}")]
+    ApplyNamespace { name: String, source: kube::Error },
+    #[error("writing status of project {name}: {source}")]
+    WriteStatus { name: String, source: kube::Error },
+}
+
+impl Error {
+    /// Short label for the `kind` of the error metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::ApplyNamespace { .. } => "apply_namespace",
+            Self::WriteStatus { .. } => "write_status",
+        }
+    }
+}
+
+/// The stores the controller reads and the shared plumbing.
+pub struct ProjectContext {
+    pub base: Context,
+    pub templates: Store<ProjectTemplate>,
+    pub namespaces: Store<Namespace>,
+}
+
+/// What the reconcile saw for one project.
+pub struct Observed {
+    pub template: Option<Arc<ProjectTemplate>>,
+    pub namespace: Option<Arc<Namespace>>,
+}
+
+/// Why a project cannot be reconciled as asked; reported, never retried in a loop.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Invalid {
+    pub reason: &'static str,
+    pub message: String,
+    /// Some causes clear by themselves (a namespace finishing termination).
+    pub retry_after: Option<Duration>,
+}
+
+/// Step 1: read the project's inputs from the stores.
+fn observe(project: &Project, ctx: &ProjectContext) -> Observed {
+    let name = project.name_any();
+    Observed {
+        template: ctx.templates.get(&ObjectRef::new(&project.spec.template)),
+        namespace: ctx.namespaces.get(&ObjectRef::new(&name)),
+    }
+}
+
+/// Step 2: the checks the CRD schema cannot express.
+pub fn validate(project: &Project, observed: &Observed) -> Result<Arc<ProjectTemplate>, Invalid> {
+    let name = project.name_any();
+    let Some(template) = observed.template.clone() else {
+        return Err(Invalid {
+            reason: reason::TEMPLATE_NOT_FOUND,
+            message: format!(
+                "ProjectTemplate {:?} does not exist; create it or set spec.template to an existing one",
+                project.spec.template
+            ),
+            retry_after: None,
+        });
+    };
+    if let Some(ns) = &observed.namespace {
+        let uid = project.uid().unwrap_or_default();
+        let ours = ns
+            .owner_references()
+            .iter()
+            .any(|r| r.uid == uid && r.controller == Some(true));
+        if !ours {
+            let terminating = ns.metadata.deletion_timestamp.is_some();
+            return Err(if terminating {
+                Invalid {
+                    reason: reason::NAMESPACE_TERMINATING,
+                    message: format!("namespace {name:?} is still being deleted; it will be created again once it is gone"),
+                    retry_after: Some(Duration::from_secs(5)),
+                }
+            } else {
+                Invalid {
+                    reason: reason::NAMESPACE_CONFLICT,
+                    message: format!("namespace {name:?} already exists and does not belong to this project"),
+                    retry_after: None,
+                }
+            });
+        }
+    }
+    Ok(template)
+}
+
+async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Action, Error> {
+    let _timer = ctx.base.metrics.reconcile();
+    let name = project.name_any();
+    let key = project.uid().unwrap_or_else(|| name.clone());
+    let api: Api<Project> = Api::all(ctx.base.client.clone());
+    let observed = observe(&project, &ctx);
+
+    let template = match validate(&project, &observed) {
+        Ok(template) => template,
+        Err(invalid) => {
+            let status = status::invalid(&project, &invalid);
+            publish_if_changed(&ctx, &project, &status).await;
+            status::write(&api, &project, status).await?;
+            ctx.base.backoff.succeeded(&key);
+            return Ok(invalid.retry_after.map_or_else(Action::await_change, Action::requeue));
+        }
+    };
+
+    // Step 3: build (pure); step 4: apply, skipped when the child already matches.
+    let desired = build::namespace(&project, &template);
+    let namespace = match &observed.namespace {
+        Some(current) if apply::metadata_matches(&desired, current) => current.as_ref().clone(),
+        _ => {
+            let ns_api: Api<Namespace> = Api::all(ctx.base.client.clone());
+            let applied = apply::apply(&ns_api, &desired, &ctx.base.field_manager)
+                .await
+                .map_err(|source| Error::ApplyNamespace {
+                    name: name.clone(),
+                    source,
+                })?;
+            if observed.namespace.is_none() {
+                publish(
+                    &ctx,
+                    &project,
+                    EventType::Normal,
+                    reason::NAMESPACE_CREATED,
+                    format!("created namespace {name}"),
+                )
+                .await;
+            }
+            applied
+        }
+    };
+
+    // Step 5: status, written only when it changes.
+    let status = status::reconciled(&project, &namespace);
+    status::write(&api, &project, status).await?;
+    Ok(ctx.base.success(&key, RESYNC))
+}
+
+fn error_policy(project: Arc<Project>, error: &Error, ctx: Arc<ProjectContext>) -> Action {
+    tracing::warn!(project = %project.name_any(), error = %error, "reconcile failed");
+    let key = project.uid().unwrap_or_else(|| project.name_any());
+    ctx.base.retry_after_error(&key, error.metric_label())
+}
+
+/// Emits a Warning event when the Ready reason changes to a failure, so `kubectl
+/// describe` shows it once rather than on every resync.
+async fn publish_if_changed(ctx: &ProjectContext, project: &Project, new: &chassis_api::tenancy::v1alpha1::ProjectStatus) {
+    let ready = |conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
+        chassis_runtime::conditions::find(conds, chassis_api::conditions::READY).map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    let before = project.status.as_ref().and_then(|s| ready(&s.conditions));
+    let after = ready(&new.conditions);
+    if before != after
+        && let Some(c) = chassis_runtime::conditions::find(&new.conditions, chassis_api::conditions::READY)
+    {
+        let reason = c.reason.clone();
+        publish(ctx, project, EventType::Warning, &reason, c.message.clone()).await;
+    }
+}
+
+async fn publish(ctx: &ProjectContext, project: &Project, type_: EventType, reason: &str, note: String) {
+    let event = Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(err) = ctx.base.recorder.publish(&event, &project.object_ref(&())).await {
+        tracing::debug!(error = %err, "could not publish event");
+    }
+}
+
+/// Wires the Project controller: stores for projects, templates and namespaces, and
+/// the triggers between them. Nothing runs until the returned futures are polled.
+pub fn controller(client: Client, metrics: &Arc<Metrics>, instance: Option<String>, shutdown: CancellationToken) -> Running {
+    let wc = watcher::Config::default().any_semantic();
+
+    let (projects, project_writer) = reflector::store::<Project>();
+    let project_stream = watcher(Api::<Project>::all(client.clone()), wc.clone())
+        .default_backoff()
+        .reflect(project_writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+
+    let (templates, template_writer) = reflector::store::<ProjectTemplate>();
+    let template_stream = watcher(Api::<ProjectTemplate>::all(client.clone()), wc.clone())
+        .default_backoff()
+        .reflect(template_writer)
+        .touched_objects();
+
+    let (namespaces, namespace_writer) = reflector::store::<Namespace>();
+    let namespace_stream = watcher(Api::<Namespace>::all(client.clone()), wc)
+        .default_backoff()
+        .reflect(namespace_writer)
+        .touched_objects();
+
+    let ctx = Arc::new(ProjectContext {
+        base: Context::new(client, NAME, metrics.controller(NAME), instance),
+        templates: templates.clone(),
+        namespaces: namespaces.clone(),
+    });
+
+    let synced = {
+        let (p, t, n) = (projects.clone(), templates, namespaces);
+        Box::pin(async move {
+            let _ = futures::join!(p.wait_until_ready(), t.wait_until_ready(), n.wait_until_ready());
+        })
+    };
+
+    let project_index = projects.clone();
+    let run = Controller::for_stream(project_stream, projects)
+        .watches_stream(template_stream, move |template: ProjectTemplate| {
+            let name = template.name_any();
+            project_index
+                .state()
+                .into_iter()
+                .filter(|p| p.spec.template == name)
+                .map(|p| ObjectRef::from_obj(p.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        // A namespace wakes the project of the same name: drift on our namespace, and a
+        // conflicting namespace going away.
+        .watches_stream(namespace_stream, |ns: Namespace| Some(ObjectRef::<Project>::new(&ns.name_any())))
+        .graceful_shutdown_on(shutdown.cancelled_owned())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "project controller event");
+            }
+        });
+
+    Running {
+        name: NAME,
+        synced,
+        run: Box::pin(run),
+    }
+}
+
+#[cfg(test)]
+mod tests;

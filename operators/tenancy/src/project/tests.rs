@@ -1,0 +1,134 @@
+//! Builder and validation tests against fixtures; golden YAML under `testdata/`
+//! (regenerate with `UPDATE_GOLDEN=1 cargo test -p chassis-tenancy`).
+
+use std::sync::Arc;
+
+use chassis_api::tenancy::v1alpha1::{PodSecurityLevel, Project, ProjectSpec, ProjectTemplate, ProjectTemplateSpec};
+use chassis_api::tenancy::{REQUESTER_ANNOTATION, reason};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::ObjectMeta;
+
+use super::{Observed, build, status, validate};
+
+fn project(name: &str) -> Project {
+    let mut p = Project::new(
+        name,
+        ProjectSpec {
+            display_name: Some("Team A".into()),
+            description: Some("Payments backend".into()),
+            template: "default".into(),
+            ..Default::default()
+        },
+    );
+    p.metadata.uid = Some("uid-1".into());
+    p.metadata.generation = Some(3);
+    p.metadata.annotations = Some([(REQUESTER_ANNOTATION.to_string(), "alice".to_string())].into());
+    p
+}
+
+fn template() -> ProjectTemplate {
+    ProjectTemplate::new(
+        "default",
+        ProjectTemplateSpec {
+            labels: [("team".to_string(), "payments".to_string())].into(),
+            annotations: [("cost-center".to_string(), "42".to_string())].into(),
+            pod_security: PodSecurityLevel::Baseline,
+            ..Default::default()
+        },
+    )
+}
+
+fn golden(file: &str, actual: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata").join(file);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, actual).expect("write golden file");
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_default();
+    assert_eq!(actual, expected, "{} differs; rerun with UPDATE_GOLDEN=1 and review", path.display());
+}
+
+#[test]
+fn namespace_matches_golden() -> Result<(), serde_norway::Error> {
+    let ns = build::namespace(&project("payments"), &template());
+    golden("namespace.yaml", &serde_norway::to_string(&ns)?);
+    Ok(())
+}
+
+#[test]
+fn namespace_is_owned_by_the_project_and_carries_pod_security() {
+    let ns = build::namespace(&project("payments"), &template());
+    let labels = ns.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(labels.get("pod-security.kubernetes.io/enforce").map(String::as_str), Some("baseline"));
+    assert_eq!(labels.get("team").map(String::as_str), Some("payments"));
+    let owner = ns.metadata.owner_references.clone().unwrap_or_default();
+    assert_eq!(owner.len(), 1);
+    assert_eq!(owner[0].kind, "Project");
+    assert_eq!(owner[0].uid, "uid-1");
+    assert_eq!(owner[0].controller, Some(true));
+}
+
+#[test]
+fn template_change_changes_the_applied_hash() {
+    let p = project("payments");
+    let a = build::namespace(&p, &template());
+    let mut t = template();
+    t.spec.pod_security = PodSecurityLevel::Restricted;
+    let b = build::namespace(&p, &t);
+    assert_ne!(
+        a.metadata.annotations.as_ref().and_then(|m| m.get(chassis_runtime::apply::APPLIED_HASH_ANNOTATION)),
+        b.metadata.annotations.as_ref().and_then(|m| m.get(chassis_runtime::apply::APPLIED_HASH_ANNOTATION)),
+    );
+}
+
+#[test]
+fn missing_template_is_reported_not_retried() {
+    let observed = Observed {
+        template: None,
+        namespace: None,
+    };
+    let err = validate(&project("payments"), &observed).expect_err("must be invalid");
+    assert_eq!(err.reason, reason::TEMPLATE_NOT_FOUND);
+    assert!(err.message.contains("\"default\""), "{}", err.message);
+    assert_eq!(err.retry_after, None);
+}
+
+#[test]
+fn foreign_namespace_is_a_conflict() {
+    let foreign = Namespace {
+        metadata: ObjectMeta {
+            name: Some("payments".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let observed = Observed {
+        template: Some(Arc::new(template())),
+        namespace: Some(Arc::new(foreign)),
+    };
+    let err = validate(&project("payments"), &observed).expect_err("must be invalid");
+    assert_eq!(err.reason, reason::NAMESPACE_CONFLICT);
+}
+
+#[test]
+fn own_namespace_is_fine() {
+    let p = project("payments");
+    let ours = build::namespace(&p, &template());
+    let observed = Observed {
+        template: Some(Arc::new(template())),
+        namespace: Some(Arc::new(ours)),
+    };
+    assert!(validate(&p, &observed).is_ok());
+}
+
+#[test]
+fn status_is_stable_when_nothing_changes() {
+    let mut p = project("payments");
+    let ns = build::namespace(&p, &template());
+    let first = status::reconciled(&p, &ns);
+    assert!(chassis_runtime::conditions::is_true(&first.conditions, "Ready"));
+    assert_eq!(first.observed_generation, Some(3));
+    p.status = Some(first.clone());
+    let second = status::reconciled(&p, &ns);
+    assert_eq!(first, second, "an unchanged project must not produce a status write");
+}
+
