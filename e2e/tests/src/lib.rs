@@ -1,1 +1,404 @@
+//! The end-to-end harness: it starts (or reuses) the real local control plane from
+//! `e2e/cluster`, installs the committed CRDs, runs the real `chassis-operator` binary
+//! as a subprocess, and offers waits that fail with the object and the operator's
+//! recent log lines.
+//!
+//! Only plain data lives in statics (paths, ports): every `#[tokio::test]` has its
+//! own runtime, so each test builds its own `kube::Client`.
 
+use std::fmt::Debug;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::Api;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Resource};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// The repository root (two levels above this crate).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap_or_else(|_| PathBuf::from("."))
+}
+
+/// Where the cluster keeps its state, kubeconfigs and logs.
+pub fn state_dir() -> PathBuf {
+    std::env::var_os("CHASSIS_E2E_DIR").map_or_else(|| repo_root().join("target/e2e"), PathBuf::from)
+}
+
+/// The started cluster: kubeconfig paths and the folder of its binaries.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub bin: PathBuf,
+}
+
+impl Cluster {
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+
+    pub fn kubeconfig_of(&self, user: &str) -> PathBuf {
+        self.dir.join(format!("kubeconfig-{user}"))
+    }
+
+    /// A `kubectl` command against this cluster as cluster admin.
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = Command::new(self.bin.join("kubectl"));
+        cmd.arg("--kubeconfig").arg(self.kubeconfig());
+        cmd
+    }
+
+    /// A client as cluster admin.
+    pub async fn admin(&self) -> Result<Client> {
+        client_from(&self.kubeconfig()).await
+    }
+
+    /// A client as `user` (`alice` or `bob`, both in group `developers`).
+    pub async fn user(&self, user: &str) -> Result<Client> {
+        client_from(&self.kubeconfig_of(user)).await
+    }
+}
+
+/// Builds a client from a kubeconfig file.
+pub async fn client_from(path: &Path) -> Result<Client> {
+    let kc = Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("starting {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn read_env(dir: &Path, key: &str) -> Result<String> {
+    let env = std::fs::read_to_string(dir.join("env")).context("reading the cluster's env file")?;
+    env.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .with_context(|| format!("{key} missing from the cluster's env file"))
+}
+
+fn start_cluster() -> Result<Cluster> {
+    let root = repo_root();
+    run(
+        Command::new("bash")
+            .arg(root.join("e2e/cluster/up.sh"))
+            .stdout(Stdio::piped()),
+        "e2e/cluster/up.sh",
+    )?;
+    let dir = state_dir();
+    let cluster = Cluster {
+        bin: PathBuf::from(read_env(&dir, "CHASSIS_BIN")?),
+        dir,
+    };
+    // What is installed is what is committed: `make test` checks crds/ is current.
+    run(
+        cluster
+            .kubectl()
+            .args(["apply", "--server-side", "--force-conflicts", "-f"])
+            .arg(root.join("crds")),
+        "installing CRDs",
+    )?;
+    run(
+        cluster
+            .kubectl()
+            .args(["wait", "--for=condition=Established", "--timeout=60s", "-f"])
+            .arg(root.join("crds")),
+        "waiting for CRDs",
+    )?;
+    Ok(cluster)
+}
+
+/// The cluster, started or reused once per test binary.
+pub fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| match start_cluster() {
+        Ok(c) => c,
+        Err(err) => panic!("the e2e cluster could not be started: {err:#}"),
+    })
+}
+
+/// A name no other test (or earlier run) uses: `prefix-<pid>-<n>`, valid as a namespace.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{prefix}-{}-{n}-{:x}", std::process::id(), nanos % 0xfff)
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A running `chassis-operator` subprocess. It dies with the test process: it is
+/// started under a shell that kills it when its stdin (held by us) closes.
+pub struct Operator {
+    pub name: String,
+    pub metrics_addr: String,
+    pub log: PathBuf,
+    child: Child,
+}
+
+fn operator_binary() -> Result<PathBuf> {
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo_root().join("target"), PathBuf::from);
+    let bin = target.join("debug/chassis-operator");
+    if !bin.exists() {
+        bail!(
+            "{} is missing; run `cargo build -p chassis-operator` (make e2e does)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+impl Operator {
+    /// Starts the operator against the cluster as admin, with `extra` flags.
+    pub fn start(name: &str, extra: &[&str]) -> Result<Self> {
+        let kubeconfig = cluster().kubeconfig();
+        Self::start_with_kubeconfig(name, &kubeconfig, extra)
+    }
+
+    /// Starts the operator with the given kubeconfig (for RBAC-limited identities).
+    pub fn start_with_kubeconfig(name: &str, kubeconfig: &Path, extra: &[&str]) -> Result<Self> {
+        let bin = operator_binary()?;
+        let port = free_port()?;
+        let metrics_addr = format!("127.0.0.1:{port}");
+        let logs = state_dir().join("logs");
+        std::fs::create_dir_all(&logs)?;
+        let log = logs.join(format!("operator-{name}.log"));
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(r#""$@" </dev/null & pid=$!; trap 'kill -TERM $pid' TERM; while read -r _; do :; done; kill -TERM $pid 2>/dev/null; wait $pid"#)
+            .arg("sh")
+            .arg(bin)
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(["--metrics-addr", &metrics_addr, "--log-format", "json"])
+            .args(extra)
+            .env("RUST_LOG", "info,chassis=debug")
+            .stdin(Stdio::piped())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .context("starting chassis-operator")?;
+        Ok(Self {
+            name: name.into(),
+            metrics_addr,
+            log,
+            child,
+        })
+    }
+
+    /// The operator shared by the tests of one test binary.
+    pub fn shared() -> &'static Operator {
+        static SHARED: OnceLock<Operator> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            let name = format!("shared-{}", std::process::id());
+            match Operator::start(&name, &[]) {
+                Ok(op) => op,
+                Err(err) => panic!("could not start the shared operator: {err:#}"),
+            }
+        })
+    }
+
+    /// The last `n` lines of the operator's log.
+    pub fn log_tail(&self, n: usize) -> String {
+        log_tail(&self.log, n)
+    }
+
+    /// GET `path` on the metrics/health address: (status, body).
+    pub async fn get(&self, path: &str) -> Result<(u16, String)> {
+        let url = format!("http://{}{path}", self.metrics_addr);
+        let resp = reqwest::Client::new()
+            .get(&url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.text().await?))
+    }
+
+    /// Waits until `path` answers `status`, failing with the last answer and the log.
+    pub async fn wait_for_http(&self, path: &str, status: u16, timeout: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        let mut last = String::from("no answer yet");
+        while start.elapsed() < timeout {
+            match self.get(path).await {
+                Ok((s, _)) if s == status => return Ok(start.elapsed()),
+                Ok((s, body)) => last = format!("{s}: {body}"),
+                Err(err) => last = format!("{err:#}"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        bail!(
+            "operator {} did not answer {status} on {path} within {timeout:?}; last: {last}\n--- operator log ---\n{}",
+            self.name,
+            self.log_tail(40)
+        )
+    }
+
+    /// The value of an unlabelled-or-labelled sample in /metrics, 0 when absent.
+    pub async fn metric(&self, sample: &str) -> Result<f64> {
+        let (_, body) = self.get("/metrics").await?;
+        Ok(body
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(sample)
+                    .and_then(|rest| rest.trim().parse::<f64>().ok())
+            })
+            .unwrap_or(0.0))
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) -> Result<()> {
+        let pid = self.operator_pid()?;
+        run(
+            Command::new("kill").args(["-KILL", &pid.to_string()]),
+            "kill -KILL",
+        )?;
+        Ok(())
+    }
+
+    fn operator_pid(&self) -> Result<u32> {
+        let out = run(
+            Command::new("pgrep").args(["-P", &self.child.id().to_string()]),
+            "finding the operator process",
+        )?;
+        out.split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .context("the operator process is not running")
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// The last `n` lines of a file.
+pub fn log_tail(path: &Path, n: usize) -> String {
+    let Ok(file) = std::fs::File::open(path) else {
+        return format!("({} not readable)", path.display());
+    };
+    let lines: Vec<String> = BufReader::new(file).lines().map_while(Result::ok).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn conditions_of<K: Serialize>(obj: &K) -> Vec<Condition> {
+    serde_json::to_value(obj)
+        .ok()
+        .and_then(|v| v.pointer("/status/conditions").cloned())
+        .and_then(|c| serde_json::from_value(c).ok())
+        .unwrap_or_default()
+}
+
+/// Waits until `name` has condition `type_` with `status` ("True"/"False"), and
+/// returns the object. On timeout it fails with the object as YAML and the tail of
+/// the operator log (when one is given).
+pub async fn wait_for_condition<K>(
+    api: &Api<K>,
+    name: &str,
+    type_: &str,
+    status: &str,
+    timeout: Duration,
+    operator: Option<&Operator>,
+) -> Result<K>
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + Debug,
+{
+    let start = Instant::now();
+    let mut last: Option<K> = None;
+    while start.elapsed() < timeout {
+        if let Some(obj) = api.get_opt(name).await? {
+            if conditions_of(&obj)
+                .iter()
+                .any(|c| c.type_ == type_ && c.status == status)
+            {
+                return Ok(obj);
+            }
+            last = Some(obj);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let dump = last
+        .as_ref()
+        .and_then(|o| serde_norway::to_string(o).ok())
+        .unwrap_or_else(|| "(the object does not exist)".into());
+    let log = operator
+        .map(|o| o.log_tail(40))
+        .unwrap_or_else(|| "(no operator)".into());
+    bail!(
+        "{name} did not get {type_}={status} within {timeout:?}.\n--- object ---\n{dump}\n--- operator log ---\n{log}"
+    )
+}
+
+/// Waits until `name` no longer exists.
+pub async fn wait_until_gone<K>(api: &Api<K>, name: &str, timeout: Duration) -> Result<Duration>
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + Debug,
+{
+    let start = Instant::now();
+    let mut last = None;
+    while start.elapsed() < timeout {
+        match api.get_opt(name).await? {
+            None => return Ok(start.elapsed()),
+            Some(obj) => last = Some(obj),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let dump = last
+        .and_then(|o| serde_norway::to_string(&o).ok())
+        .unwrap_or_default();
+    bail!("{name} still exists after {timeout:?}:\n{dump}")
+}
+
+/// Waits until `check` returns `Some`, or fails with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let start = Instant::now();
+    let mut last_err = None;
+    while start.elapsed() < timeout {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(err) => last_err = Some(err),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    match last_err {
+        Some(err) => bail!("{what} did not happen within {timeout:?}; last error: {err:#}"),
+        None => bail!("{what} did not happen within {timeout:?}"),
+    }
+}

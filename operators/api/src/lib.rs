@@ -5,11 +5,15 @@
 //! the field names follow `DESIGN.md`, which is a contract with users and tools.
 //! This crate has no controller logic and makes no API calls.
 
+// clippy reads the repeated `printcolumn(type_ = ...)` arguments of `#[kube]` as
+// duplicated attributes; they are separate columns.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod conditions;
 pub mod tenancy;
 
-use kube::core::crd::CustomResourceExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::core::crd::CustomResourceExt;
 
 /// Every CRD Chassis installs, in install order.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {

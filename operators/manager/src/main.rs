@@ -32,7 +32,12 @@ enum LogFormat {
 #[command(version, about)]
 struct Args {
     /// Controllers to run, comma-separated (`all`, or any of: project).
-    #[arg(long, env = "CHASSIS_CONTROLLERS", default_value = "all", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "CHASSIS_CONTROLLERS",
+        default_value = "all",
+        value_delimiter = ','
+    )]
     controllers: Vec<String>,
 
     /// Address of the /metrics, /healthz and /readyz endpoints.
@@ -68,7 +73,10 @@ fn selected_controllers(requested: &[String]) -> Result<Vec<&'static str>> {
     for name in requested {
         match ALL_CONTROLLERS.iter().find(|known| *known == name) {
             Some(known) => selected.push(*known),
-            None => bail!("unknown controller {name:?} in --controllers; known: all, {}", ALL_CONTROLLERS.join(", ")),
+            None => bail!(
+                "unknown controller {name:?} in --controllers; known: all, {}",
+                ALL_CONTROLLERS.join(", ")
+            ),
         }
     }
     if selected.is_empty() {
@@ -80,10 +88,13 @@ fn selected_controllers(requested: &[String]) -> Result<Vec<&'static str>> {
 async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
     let config = match kubeconfig {
         Some(path) => {
-            let kc = Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            let kc = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
             kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?
         }
-        None => kube::Config::infer().await.context("finding a cluster (kubeconfig or in-cluster)")?,
+        None => kube::Config::infer()
+            .await
+            .context("finding a cluster (kubeconfig or in-cluster)")?,
     };
     Ok(Client::try_from(config)?)
 }
@@ -91,15 +102,31 @@ async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
 fn identity() -> String {
     std::env::var("POD_NAME")
         .ok()
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
-        .map_or_else(|| format!("chassis-{}", std::process::id()), |h| format!("{h}-{}", std::process::id()))
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .map_or_else(
+            || format!("chassis-{}", std::process::id()),
+            |h| format!("{h}-{}", std::process::id()),
+        )
 }
 
-fn build(name: &str, client: &Client, metrics: &Arc<Metrics>, instance: &str, shutdown: &CancellationToken) -> Running {
+fn build(
+    name: &str,
+    client: &Client,
+    metrics: &Arc<Metrics>,
+    instance: &str,
+    shutdown: &CancellationToken,
+) -> Running {
     match name {
-        chassis_tenancy::project::NAME => {
-            chassis_tenancy::project::controller(client.clone(), metrics, Some(instance.to_string()), shutdown.clone())
-        }
+        chassis_tenancy::project::NAME => chassis_tenancy::project::controller(
+            client.clone(),
+            metrics,
+            Some(instance.to_string()),
+            shutdown.clone(),
+        ),
         other => unreachable!("controller {other} was validated against ALL_CONTROLLERS"),
     }
 }
@@ -120,16 +147,26 @@ async fn run(args: Args) -> Result<()> {
         }
     });
 
-    let (addr, server) = health::serve(args.metrics_addr, health.clone(), metrics.clone(), shutdown.clone().cancelled_owned())
-        .await
-        .with_context(|| format!("listening on --metrics-addr {}", args.metrics_addr))?;
+    let (addr, server) = health::serve(
+        args.metrics_addr,
+        health.clone(),
+        metrics.clone(),
+        shutdown.clone().cancelled_owned(),
+    )
+    .await
+    .with_context(|| format!("listening on --metrics-addr {}", args.metrics_addr))?;
     tracing::info!(%addr, controllers = ?controllers, leader_elect = args.leader_elect, "chassis-operator starting");
 
     let mut election = None;
     if args.leader_elect {
         let mut e = Election::start(client.clone(), &args.lease_namespace, &args.lease_name, &instance)
             .await
-            .with_context(|| format!("joining leader election on lease {}/{}", args.lease_namespace, args.lease_name))?;
+            .with_context(|| {
+                format!(
+                    "joining leader election on lease {}/{}",
+                    args.lease_namespace, args.lease_name
+                )
+            })?;
         tracing::info!(identity = %instance, "waiting for the leader lease");
         tokio::select! {
             acquired = e.acquired() => if !acquired { bail!("leader election stopped before the lease was acquired") },
@@ -204,9 +241,18 @@ mod tests {
 
     #[test]
     fn controllers_flag_accepts_all_and_known_names_only() {
-        assert_eq!(selected_controllers(&["all".into()]).ok(), Some(ALL_CONTROLLERS.to_vec()));
-        assert_eq!(selected_controllers(&["project".into()]).ok(), Some(vec!["project"]));
-        let err = selected_controllers(&["projcet".into()]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(
+            selected_controllers(&["all".into()]).ok(),
+            Some(ALL_CONTROLLERS.to_vec())
+        );
+        assert_eq!(
+            selected_controllers(&["project".into()]).ok(),
+            Some(vec!["project"])
+        );
+        let err = selected_controllers(&["projcet".into()])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("unknown controller \"projcet\""), "{err}");
     }
 }

@@ -37,7 +37,11 @@ pub fn content_hash<T: Serialize>(value: &T) -> String {
 
 /// Stamps the applied-hash annotation onto `desired` (computed without it) and returns it.
 pub fn stamp_hash<K: Resource + Serialize>(desired: &mut K) -> String {
-    desired.meta_mut().annotations.get_or_insert_with(BTreeMap::new).remove(APPLIED_HASH_ANNOTATION);
+    desired
+        .meta_mut()
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .remove(APPLIED_HASH_ANNOTATION);
     let hash = content_hash(desired);
     desired
         .meta_mut()
@@ -117,7 +121,12 @@ mod tests {
         ConfigMap {
             metadata: ObjectMeta {
                 name: Some("a".into()),
-                labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
                 ..Default::default()
             },
             ..Default::default()
@@ -129,7 +138,10 @@ mod tests {
         let mut a = cm(&[("x", "1")]);
         let h1 = stamp_hash(&mut a);
         let h1_again = stamp_hash(&mut a);
-        assert_eq!(h1, h1_again, "re-stamping must not feed the old hash into the new one");
+        assert_eq!(
+            h1, h1_again,
+            "re-stamping must not feed the old hash into the new one"
+        );
         let mut b = cm(&[("x", "2")]);
         assert_ne!(h1, stamp_hash(&mut b));
     }
@@ -139,12 +151,25 @@ mod tests {
         let mut desired = cm(&[("x", "1")]);
         stamp_hash(&mut desired);
         let mut observed = desired.clone();
-        observed.labels_mut().insert("added-by-someone".into(), "y".into());
-        assert!(metadata_matches(&desired, &observed), "extra labels are not drift");
+        observed
+            .labels_mut()
+            .insert("added-by-someone".into(), "y".into());
+        assert!(
+            metadata_matches(&desired, &observed),
+            "extra labels are not drift"
+        );
         observed.labels_mut().insert("x".into(), "changed".into());
-        assert!(!metadata_matches(&desired, &observed), "an edited managed label is drift");
+        assert!(
+            !metadata_matches(&desired, &observed),
+            "an edited managed label is drift"
+        );
         let mut stale = desired.clone();
-        stale.annotations_mut().insert(APPLIED_HASH_ANNOTATION.into(), "old".into());
-        assert!(!metadata_matches(&desired, &stale), "a different applied hash means reapply");
+        stale
+            .annotations_mut()
+            .insert(APPLIED_HASH_ANNOTATION.into(), "old".into());
+        assert!(
+            !metadata_matches(&desired, &stale),
+            "a different applied hash means reapply"
+        );
     }
 }

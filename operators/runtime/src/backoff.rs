@@ -66,12 +66,20 @@ mod tests {
         assert_eq!(b.failed("a"), Duration::from_secs(2));
         assert_eq!(b.failed("a"), Duration::from_secs(4));
         assert_eq!(b.failed("a"), Duration::from_secs(5));
-        assert_eq!(b.failed("b"), Duration::from_secs(1), "objects back off independently");
+        assert_eq!(
+            b.failed("b"),
+            Duration::from_secs(1),
+            "objects back off independently"
+        );
         b.succeeded("a");
         assert_eq!(b.failed("a"), Duration::from_secs(1), "success resets");
         for _ in 0..100 {
             b.failed("a");
         }
-        assert_eq!(b.failed("a"), Duration::from_secs(5), "no overflow after many failures");
+        assert_eq!(
+            b.failed("a"),
+            Duration::from_secs(5),
+            "no overflow after many failures"
+        );
     }
 }

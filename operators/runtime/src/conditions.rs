@@ -26,7 +26,12 @@ impl<'a> Desired<'a> {
 
 /// Sets `desired` in `conditions`, keeping the old `lastTransitionTime` when the
 /// status is unchanged. `now` is passed in so callers and tests control time.
-pub fn upsert(conditions: &mut Vec<Condition>, desired: Desired<'_>, generation: Option<i64>, now: Timestamp) {
+pub fn upsert(
+    conditions: &mut Vec<Condition>,
+    desired: Desired<'_>,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
     let status = if desired.status { "True" } else { "False" };
     let transition = conditions
         .iter()
@@ -69,14 +74,37 @@ mod tests {
     #[test]
     fn transition_time_moves_only_when_status_flips() {
         let mut conds = Vec::new();
-        upsert(&mut conds, Desired::new("Ready", false, "Waiting", "not yet"), Some(1), at(10));
-        upsert(&mut conds, Desired::new("Ready", false, "StillWaiting", "still"), Some(2), at(20));
+        upsert(
+            &mut conds,
+            Desired::new("Ready", false, "Waiting", "not yet"),
+            Some(1),
+            at(10),
+        );
+        upsert(
+            &mut conds,
+            Desired::new("Ready", false, "StillWaiting", "still"),
+            Some(2),
+            at(20),
+        );
         assert_eq!(conds.len(), 1);
-        assert_eq!(conds[0].last_transition_time, Time(at(10)), "same status keeps the time");
+        assert_eq!(
+            conds[0].last_transition_time,
+            Time(at(10)),
+            "same status keeps the time"
+        );
         assert_eq!(conds[0].reason, "StillWaiting");
         assert_eq!(conds[0].observed_generation, Some(2));
-        upsert(&mut conds, Desired::new("Ready", true, "Ready", "done"), Some(2), at(30));
-        assert_eq!(conds[0].last_transition_time, Time(at(30)), "a flip moves the time");
+        upsert(
+            &mut conds,
+            Desired::new("Ready", true, "Ready", "done"),
+            Some(2),
+            at(30),
+        );
+        assert_eq!(
+            conds[0].last_transition_time,
+            Time(at(30)),
+            "a flip moves the time"
+        );
         assert!(is_true(&conds, "Ready"));
     }
 

@@ -20,7 +20,12 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(client: Client, controller: &str, metrics: ControllerMetrics, instance: Option<String>) -> Self {
+    pub fn new(
+        client: Client,
+        controller: &str,
+        metrics: ControllerMetrics,
+        instance: Option<String>,
+    ) -> Self {
         let reporter = Reporter {
             controller: format!("chassis-{controller}"),
             instance,

@@ -98,6 +98,10 @@ mod tests {
         assert_eq!(h.readiness(), Ok(()));
         let solo = Health::new(false);
         solo.set_synced(true);
-        assert_eq!(solo.readiness(), Ok(()), "without leader election the lease is not needed");
+        assert_eq!(
+            solo.readiness(),
+            Ok(()),
+            "without leader election the lease is not needed"
+        );
     }
 }

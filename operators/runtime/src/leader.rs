@@ -8,8 +8,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// Lease timing: a crashed leader is replaced within `duration` plus one poll.
-pub const LEASE_DURATION_SECONDS: u64 = 15;
-pub const LEASE_GRACE_SECONDS: u64 = 5;
+pub const LEASE_DURATION_SECONDS: u64 = 10;
+pub const LEASE_GRACE_SECONDS: u64 = 3;
 
 /// A running election. Drop `leading` (via [`Election::release`]) to give the lease up.
 pub struct Election {
@@ -19,7 +19,12 @@ pub struct Election {
 
 impl Election {
     /// Joins the election for Lease `namespace/name` as `identity`.
-    pub async fn start(client: Client, namespace: &str, name: &str, identity: &str) -> Result<Self, LeaseManagerError> {
+    pub async fn start(
+        client: Client,
+        namespace: &str,
+        name: &str,
+        identity: &str,
+    ) -> Result<Self, LeaseManagerError> {
         let manager = LeaseManagerBuilder::new(client, name)
             .with_namespace(namespace)
             .with_identity(identity)

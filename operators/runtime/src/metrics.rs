@@ -47,7 +47,11 @@ impl Default for Metrics {
         );
         let leader = Gauge::default();
         let ready = Gauge::default();
-        registry.register("reconciles", "Reconciliations started, per controller", reconciles.clone());
+        registry.register(
+            "reconciles",
+            "Reconciliations started, per controller",
+            reconciles.clone(),
+        );
         registry.register(
             "reconcile_errors",
             "Reconciliations that failed, per controller and error kind",
@@ -58,7 +62,11 @@ impl Default for Metrics {
             "Time a reconciliation took, per controller",
             duration.clone(),
         );
-        registry.register("leader", "1 when this instance holds the leader lease", leader.clone());
+        registry.register(
+            "leader",
+            "1 when this instance holds the leader lease",
+            leader.clone(),
+        );
         registry.register("ready", "1 when this instance reports ready", ready.clone());
         Self {
             registry,
@@ -143,7 +151,10 @@ mod tests {
         drop(project.reconcile());
         project.error("apply");
         let text = metrics.encode();
-        assert!(text.contains("chassis_reconciles_total{controller=\"project\"} 2"), "{text}");
+        assert!(
+            text.contains("chassis_reconciles_total{controller=\"project\"} 2"),
+            "{text}"
+        );
         assert!(
             text.contains("chassis_reconcile_errors_total{controller=\"project\",kind=\"apply\"} 1"),
             "{text}"

@@ -26,11 +26,7 @@ use serde::{Deserialize, Serialize};
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
-    printcolumn(
-        name = "PodSecurity",
-        type_ = "string",
-        json_path = ".spec.podSecurity"
-    ),
+    printcolumn(name = "PodSecurity", type_ = "string", json_path = ".spec.podSecurity"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -283,14 +279,23 @@ mod tests {
             assert_eq!(names.categories.as_deref(), Some(&["chassis".to_string()][..]));
             assert!(names.short_names.as_ref().is_some_and(|s| !s.is_empty()));
             let version = &crd.spec.versions[0];
-            assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
+            assert!(
+                version
+                    .subresources
+                    .as_ref()
+                    .and_then(|s| s.status.as_ref())
+                    .is_some()
+            );
             let columns: Vec<_> = version
                 .additional_printer_columns
                 .iter()
                 .flatten()
                 .map(|c| c.name.as_str())
                 .collect();
-            assert!(columns.contains(&"Ready") && columns.contains(&"Age"), "{columns:?}");
+            assert!(
+                columns.contains(&"Ready") && columns.contains(&"Age"),
+                "{columns:?}"
+            );
         }
         let project = serde_json::to_string(&Project::crd())?;
         assert!(project.contains("namespace is required for a ServiceAccount subject"));

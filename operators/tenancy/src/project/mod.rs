@@ -6,8 +6,8 @@ pub mod status;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chassis_api::tenancy::v1alpha1::{Project, ProjectTemplate};
 use chassis_api::tenancy::reason;
+use chassis_api::tenancy::v1alpha1::{Project, ProjectTemplate};
 use chassis_runtime::controller::Running;
 use chassis_runtime::metrics::Metrics;
 use chassis_runtime::{Context, apply};
@@ -101,7 +101,9 @@ pub fn validate(project: &Project, observed: &Observed) -> Result<Arc<ProjectTem
             return Err(if terminating {
                 Invalid {
                     reason: reason::NAMESPACE_TERMINATING,
-                    message: format!("namespace {name:?} is still being deleted; it will be created again once it is gone"),
+                    message: format!(
+                        "namespace {name:?} is still being deleted; it will be created again once it is gone"
+                    ),
                     retry_after: Some(Duration::from_secs(5)),
                 }
             } else {
@@ -130,7 +132,9 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
             publish_if_changed(&ctx, &project, &status).await;
             status::write(&api, &project, status).await?;
             ctx.base.backoff.succeeded(&key);
-            return Ok(invalid.retry_after.map_or_else(Action::await_change, Action::requeue));
+            return Ok(invalid
+                .retry_after
+                .map_or_else(Action::await_change, Action::requeue));
         }
     };
 
@@ -174,9 +178,14 @@ fn error_policy(project: Arc<Project>, error: &Error, ctx: Arc<ProjectContext>) 
 
 /// Emits a Warning event when the Ready reason changes to a failure, so `kubectl
 /// describe` shows it once rather than on every resync.
-async fn publish_if_changed(ctx: &ProjectContext, project: &Project, new: &chassis_api::tenancy::v1alpha1::ProjectStatus) {
+async fn publish_if_changed(
+    ctx: &ProjectContext,
+    project: &Project,
+    new: &chassis_api::tenancy::v1alpha1::ProjectStatus,
+) {
     let ready = |conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
-        chassis_runtime::conditions::find(conds, chassis_api::conditions::READY).map(|c| (c.status.clone(), c.reason.clone()))
+        chassis_runtime::conditions::find(conds, chassis_api::conditions::READY)
+            .map(|c| (c.status.clone(), c.reason.clone()))
     };
     let before = project.status.as_ref().and_then(|s| ready(&s.conditions));
     let after = ready(&new.conditions);
@@ -203,7 +212,12 @@ async fn publish(ctx: &ProjectContext, project: &Project, type_: EventType, reas
 
 /// Wires the Project controller: stores for projects, templates and namespaces, and
 /// the triggers between them. Nothing runs until the returned futures are polled.
-pub fn controller(client: Client, metrics: &Arc<Metrics>, instance: Option<String>, shutdown: CancellationToken) -> Running {
+pub fn controller(
+    client: Client,
+    metrics: &Arc<Metrics>,
+    instance: Option<String>,
+    shutdown: CancellationToken,
+) -> Running {
     let wc = watcher::Config::default().any_semantic();
 
     let (projects, project_writer) = reflector::store::<Project>();
@@ -251,7 +265,9 @@ pub fn controller(client: Client, metrics: &Arc<Metrics>, instance: Option<Strin
         })
         // A namespace wakes the project of the same name: drift on our namespace, and a
         // conflicting namespace going away.
-        .watches_stream(namespace_stream, |ns: Namespace| Some(ObjectRef::<Project>::new(&ns.name_any())))
+        .watches_stream(namespace_stream, |ns: Namespace| {
+            Some(ObjectRef::<Project>::new(&ns.name_any()))
+        })
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

@@ -21,7 +21,12 @@ pub fn invalid(project: &Project, invalid: &Invalid) -> ProjectStatus {
     let now = Timestamp::now();
     let mut status = base(project);
     status.observed_generation = generation;
-    let ns_part = Desired::new(condition::NAMESPACE_READY, false, invalid.reason, invalid.message.clone());
+    let ns_part = Desired::new(
+        condition::NAMESPACE_READY,
+        false,
+        invalid.reason,
+        invalid.message.clone(),
+    );
     upsert(&mut status.conditions, ns_part, generation, now);
     let ready = Desired::new(READY, false, invalid.reason, invalid.message.clone());
     upsert(&mut status.conditions, ready, generation, now);
@@ -40,7 +45,12 @@ pub fn reconciled(project: &Project, namespace: &Namespace) -> ProjectStatus {
     status.observed_generation = generation;
     status.namespace = Some(name.clone());
     let ns_part = if active {
-        Desired::new(condition::NAMESPACE_READY, true, reason::READY, format!("namespace {name} is active"))
+        Desired::new(
+            condition::NAMESPACE_READY,
+            true,
+            reason::READY,
+            format!("namespace {name} is active"),
+        )
     } else {
         Desired::new(
             condition::NAMESPACE_READY,

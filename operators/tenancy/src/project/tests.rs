@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use chassis_api::tenancy::v1alpha1::{PodSecurityLevel, Project, ProjectSpec, ProjectTemplate, ProjectTemplateSpec};
+use chassis_api::tenancy::v1alpha1::{
+    PodSecurityLevel, Project, ProjectSpec, ProjectTemplate, ProjectTemplateSpec,
+};
 use chassis_api::tenancy::{REQUESTER_ANNOTATION, reason};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::ObjectMeta;
@@ -39,12 +41,19 @@ fn template() -> ProjectTemplate {
 }
 
 fn golden(file: &str, actual: &str) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata").join(file);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata")
+        .join(file);
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(&path, actual).expect("write golden file");
     }
     let expected = std::fs::read_to_string(&path).unwrap_or_default();
-    assert_eq!(actual, expected, "{} differs; rerun with UPDATE_GOLDEN=1 and review", path.display());
+    assert_eq!(
+        actual,
+        expected,
+        "{} differs; rerun with UPDATE_GOLDEN=1 and review",
+        path.display()
+    );
 }
 
 #[test]
@@ -58,7 +67,12 @@ fn namespace_matches_golden() -> Result<(), serde_norway::Error> {
 fn namespace_is_owned_by_the_project_and_carries_pod_security() {
     let ns = build::namespace(&project("payments"), &template());
     let labels = ns.metadata.labels.clone().unwrap_or_default();
-    assert_eq!(labels.get("pod-security.kubernetes.io/enforce").map(String::as_str), Some("baseline"));
+    assert_eq!(
+        labels
+            .get("pod-security.kubernetes.io/enforce")
+            .map(String::as_str),
+        Some("baseline")
+    );
     assert_eq!(labels.get("team").map(String::as_str), Some("payments"));
     let owner = ns.metadata.owner_references.clone().unwrap_or_default();
     assert_eq!(owner.len(), 1);
@@ -75,8 +89,14 @@ fn template_change_changes_the_applied_hash() {
     t.spec.pod_security = PodSecurityLevel::Restricted;
     let b = build::namespace(&p, &t);
     assert_ne!(
-        a.metadata.annotations.as_ref().and_then(|m| m.get(chassis_runtime::apply::APPLIED_HASH_ANNOTATION)),
-        b.metadata.annotations.as_ref().and_then(|m| m.get(chassis_runtime::apply::APPLIED_HASH_ANNOTATION)),
+        a.metadata
+            .annotations
+            .as_ref()
+            .and_then(|m| m.get(chassis_runtime::apply::APPLIED_HASH_ANNOTATION)),
+        b.metadata
+            .annotations
+            .as_ref()
+            .and_then(|m| m.get(chassis_runtime::apply::APPLIED_HASH_ANNOTATION)),
     );
 }
 
@@ -129,6 +149,8 @@ fn status_is_stable_when_nothing_changes() {
     assert_eq!(first.observed_generation, Some(3));
     p.status = Some(first.clone());
     let second = status::reconciled(&p, &ns);
-    assert_eq!(first, second, "an unchanged project must not produce a status write");
+    assert_eq!(
+        first, second,
+        "an unchanged project must not produce a status write"
+    );
 }
-

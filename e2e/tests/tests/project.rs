@@ -1,0 +1,258 @@
+//! Projects against the real control plane: namespace, labels, ownership, garbage
+//! collection, schema and CEL validation, and recovery from a missing template.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use chassis_api::tenancy::v1alpha1::{
+    PodSecurityLevel, Project, ProjectSpec, ProjectTemplate, ProjectTemplateSpec, Subject, SubjectKind,
+};
+use chassis_e2e::{Operator, cluster, unique, wait_for_condition, wait_until_gone};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, DeleteParams, DynamicObject, PostParams};
+use kube::core::{ApiResource, ResourceExt};
+use serde_json::json;
+
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn template(name: &str, level: PodSecurityLevel) -> ProjectTemplate {
+    ProjectTemplate::new(
+        name,
+        ProjectTemplateSpec {
+            labels: [("team".to_string(), "payments".to_string())].into(),
+            annotations: [("cost-center".to_string(), "42".to_string())].into(),
+            pod_security: level,
+            ..Default::default()
+        },
+    )
+}
+
+fn project(name: &str, template: &str) -> Project {
+    Project::new(
+        name,
+        ProjectSpec {
+            display_name: Some("Payments".into()),
+            template: template.into(),
+            ..Default::default()
+        },
+    )
+}
+
+#[tokio::test]
+async fn project_gets_its_namespace_and_deleting_it_removes_the_namespace() -> Result<()> {
+    let op = Operator::shared();
+    let client = cluster().admin().await?;
+    let templates: Api<ProjectTemplate> = Api::all(client.clone());
+    let projects: Api<Project> = Api::all(client.clone());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+
+    let tpl = unique("tpl");
+    templates
+        .create(
+            &PostParams::default(),
+            &template(&tpl, PodSecurityLevel::Baseline),
+        )
+        .await?;
+    let name = unique("payments");
+    projects
+        .create(&PostParams::default(), &project(&name, &tpl))
+        .await?;
+
+    let ready = wait_for_condition(&projects, &name, "Ready", "True", READY_TIMEOUT, Some(op)).await?;
+    let status = ready.status.clone().context("a Ready project has a status")?;
+    assert_eq!(status.namespace.as_deref(), Some(name.as_str()));
+    assert!(
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "NamespaceReady" && c.status == "True"),
+        "{status:?}"
+    );
+    assert_eq!(status.observed_generation, ready.metadata.generation);
+
+    let ns = namespaces.get(&name).await?;
+    let labels = ns.labels();
+    assert_eq!(
+        labels.get("team").map(String::as_str),
+        Some("payments"),
+        "template label"
+    );
+    for mode in ["enforce", "audit", "warn"] {
+        assert_eq!(
+            labels
+                .get(&format!("pod-security.kubernetes.io/{mode}"))
+                .map(String::as_str),
+            Some("baseline"),
+            "pod-security {mode} label"
+        );
+    }
+    assert_eq!(
+        ns.annotations().get("cost-center").map(String::as_str),
+        Some("42")
+    );
+    assert_eq!(
+        ns.annotations()
+            .get("tenancy.chassis.dev/display-name")
+            .map(String::as_str),
+        Some("Payments")
+    );
+    let owner = ns
+        .owner_references()
+        .first()
+        .cloned()
+        .context("namespace has an owner")?;
+    assert_eq!(
+        (owner.kind.as_str(), Some(owner.uid.as_str())),
+        ("Project", ready.uid().as_deref())
+    );
+
+    // The real garbage collector removes the namespace once its owner is gone.
+    projects.delete(&name, &DeleteParams::default()).await?;
+    wait_until_gone(&namespaces, &name, Duration::from_secs(150)).await?;
+    templates.delete(&tpl, &DeleteParams::default()).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn missing_template_is_reported_and_the_project_recovers_when_it_appears() -> Result<()> {
+    let op = Operator::shared();
+    let client = cluster().admin().await?;
+    let templates: Api<ProjectTemplate> = Api::all(client.clone());
+    let projects: Api<Project> = Api::all(client.clone());
+
+    let tpl = unique("later");
+    let name = unique("waiting");
+    projects
+        .create(&PostParams::default(), &project(&name, &tpl))
+        .await?;
+    let waiting = wait_for_condition(&projects, &name, "Ready", "False", READY_TIMEOUT, Some(op)).await?;
+    let ready = waiting
+        .status
+        .iter()
+        .flat_map(|s| s.conditions.iter())
+        .find(|c| c.type_ == "Ready")
+        .cloned()
+        .context("Ready condition")?;
+    assert_eq!(ready.reason, "TemplateNotFound");
+    assert!(ready.message.contains(&tpl), "{}", ready.message);
+
+    templates
+        .create(
+            &PostParams::default(),
+            &template(&tpl, PodSecurityLevel::Restricted),
+        )
+        .await?;
+    wait_for_condition(&projects, &name, "Ready", "True", READY_TIMEOUT, Some(op)).await?;
+
+    projects.delete(&name, &DeleteParams::default()).await?;
+    templates.delete(&tpl, &DeleteParams::default()).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_foreign_namespace_is_never_taken_over() -> Result<()> {
+    let op = Operator::shared();
+    let client = cluster().admin().await?;
+    let projects: Api<Project> = Api::all(client.clone());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let templates: Api<ProjectTemplate> = Api::all(client.clone());
+
+    let tpl = unique("tpl");
+    templates
+        .create(
+            &PostParams::default(),
+            &template(&tpl, PodSecurityLevel::Restricted),
+        )
+        .await?;
+    let name = unique("taken");
+    let mut ns = Namespace::default();
+    ns.metadata.name = Some(name.clone());
+    namespaces.create(&PostParams::default(), &ns).await?;
+    projects
+        .create(&PostParams::default(), &project(&name, &tpl))
+        .await?;
+
+    let conflicted = wait_for_condition(&projects, &name, "Ready", "False", READY_TIMEOUT, Some(op)).await?;
+    let reason = conflicted
+        .status
+        .iter()
+        .flat_map(|s| s.conditions.iter())
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.reason.clone());
+    assert_eq!(reason.as_deref(), Some("NamespaceConflict"));
+    let untouched = namespaces.get(&name).await?;
+    assert!(
+        untouched.owner_references().is_empty(),
+        "the foreign namespace must keep no owner"
+    );
+    assert!(!untouched.labels().contains_key("tenancy.chassis.dev/project"));
+
+    projects.delete(&name, &DeleteParams::default()).await?;
+    namespaces.delete(&name, &DeleteParams::default()).await?;
+    templates.delete(&tpl, &DeleteParams::default()).await?;
+    Ok(())
+}
+
+fn api_error(result: Result<impl std::fmt::Debug, kube::Error>) -> String {
+    match result {
+        Ok(obj) => panic!("the API server accepted an invalid object: {obj:?}"),
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 422, "expected 422 Invalid, got {status:?}");
+            status.message
+        }
+        Err(other) => panic!("expected a validation error, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn invalid_projects_are_rejected_by_the_api_server_with_readable_messages() -> Result<()> {
+    let client = cluster().admin().await?;
+    let projects: Api<Project> = Api::all(client.clone());
+
+    // CEL rule on a subject.
+    let mut sa_without_namespace = project(&unique("cel"), "default");
+    sa_without_namespace.spec.admins = vec![Subject {
+        kind: SubjectKind::ServiceAccount,
+        name: "deployer".into(),
+        namespace: None,
+    }];
+    let message = api_error(
+        projects
+            .create(&PostParams::default(), &sa_without_namespace)
+            .await,
+    );
+    assert!(
+        message.contains("namespace is required for a ServiceAccount subject"),
+        "{message}"
+    );
+
+    // CEL rule on the name: a Project name must be usable as a namespace name.
+    let message = api_error(
+        projects
+            .create(&PostParams::default(), &project("has.a.dot", "default"))
+            .await,
+    );
+    assert!(
+        message.contains("a Project name must be a valid namespace name"),
+        "{message}"
+    );
+
+    // An unknown subject kind is refused by the schema's enum.
+    let ar = ApiResource::erase::<Project>(&());
+    let raw: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+    let robot = DynamicObject::new(&unique("robot"), &ar)
+        .data(json!({"spec": {"admins": [{"kind": "Robot", "name": "r2d2"}]}}));
+    let message = api_error(raw.create(&PostParams::default(), &robot).await);
+    assert!(message.contains("Unsupported value: \"Robot\""), "{message}");
+
+    // CEL rule on template labels.
+    let templates: Api<ProjectTemplate> = Api::all(client);
+    let mut reserved = template(&unique("tpl"), PodSecurityLevel::Restricted);
+    reserved
+        .spec
+        .labels
+        .insert("pod-security.kubernetes.io/enforce".into(), "privileged".into());
+    let message = api_error(templates.create(&PostParams::default(), &reserved).await);
+    assert!(message.contains("use spec.podSecurity instead"), "{message}");
+    Ok(())
+}

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# `make demo`: with the local control plane up (make cluster-up), installs the CRDs,
+# runs chassis-operator in the background, applies examples/ and shows the result.
+# `hack/demo.sh stop` stops the background operator.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+state=${CHASSIS_E2E_DIR:-$root/target/e2e}
+pidfile=$state/pids/demo-operator.pid
+log=$state/logs/demo-operator.log
+
+stop() {
+  if [ -f "$pidfile" ]; then
+    pid=$(cat "$pidfile")
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid"
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+      kill -KILL "$pid" 2>/dev/null || true
+      echo "stopped the demo operator (pid $pid)"
+    fi
+    rm -f "$pidfile"
+  fi
+}
+
+if [ "${1:-}" = "stop" ]; then stop; exit 0; fi
+
+# shellcheck disable=SC1091
+. "$state/env"
+kubectl=("$CHASSIS_BIN/kubectl" --kubeconfig "$state/kubeconfig")
+
+"${kubectl[@]}" apply --server-side --force-conflicts -f "$root/crds" >/dev/null
+"${kubectl[@]}" wait --for=condition=Established --timeout=60s -f "$root/crds" >/dev/null
+
+stop
+mkdir -p "$(dirname "$pidfile")" "$(dirname "$log")"
+setsid "$root/target/debug/chassis-operator" --kubeconfig "$state/kubeconfig" \
+  --metrics-addr 127.0.0.1:8080 --log-format json >"$log" 2>&1 < /dev/null &
+echo $! >"$pidfile"
+for _ in $(seq 1 100); do
+  if curl -fsS http://127.0.0.1:8080/readyz >/dev/null 2>&1; then break; fi
+  if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    echo "chassis-operator exited; its log ($log) ends with:" >&2; tail -20 "$log" >&2; exit 1
+  fi
+  sleep 0.2
+done
+
+"${kubectl[@]}" apply -f "$root/examples"
+if ! "${kubectl[@]}" wait --for=condition=Ready --timeout=90s project --all >/dev/null; then
+  echo "the example projects did not become Ready; operator log ($log):" >&2
+  tail -20 "$log" >&2
+  "${kubectl[@]}" get projects -o yaml >&2
+  exit 1
+fi
+
+echo
+echo "== kubectl get chassis"
+"${kubectl[@]}" get chassis
+echo
+echo "== the namespaces the projects created"
+"${kubectl[@]}" get namespaces -l app.kubernetes.io/managed-by=chassis --show-labels
+cat <<MSG
+
+Chassis is running against a local Kubernetes $("${kubectl[@]}" version -o json | sed -n 's/.*"gitVersion": "\(v1\.[^"]*\)".*/\1/p' | tail -1).
+  export KUBECONFIG=$state/kubeconfig          # cluster admin
+  export KUBECONFIG=$state/kubeconfig-alice    # user alice (group developers)
+  export PATH=$CHASSIS_BIN:\$PATH                # kubectl and helm built for this cluster
+  operator log: $log    metrics: http://127.0.0.1:8080/metrics
+Stop everything with: make down
+MSG
