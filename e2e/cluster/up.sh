@@ -56,9 +56,11 @@ read_env() { # KEY: prints its value from $state/env
   return 1
 }
 
-summary() { # server
+summary() { # HEADLINE: prints it and how to use and stop the cluster
   cat <<EOF
-Cluster ready at $1 (state in $state).
+$1
+  server:           $server
+  state:            $state
   admin kubeconfig: $state/kubeconfig        (context chassis-admin, group system:masters)
   alice kubeconfig: $state/kubeconfig-alice  (context chassis-alice, group developers)
   bob kubeconfig:   $state/kubeconfig-bob    (context chassis-bob, group developers)
@@ -75,15 +77,15 @@ if bin=$(read_env CHASSIS_BIN) && server=$(read_env KUBE_APISERVER) && [ -x "$bi
   for c in "${components[@]}"; do pid_of "$c" >/dev/null || alive=0; done
   if [ "$alive" = 1 ] &&
     "$bin/kubectl" --kubeconfig "$state/kubeconfig" --request-timeout=5s get --raw /readyz >/dev/null 2>&1; then
-    say "A cluster is already running in $state; nothing to do ($(elapsed))."
-    summary "$server"
+    summary "A cluster is already running; nothing to do (checked in $(elapsed))."
     exit 0
   fi
 fi
 
 # ---------------------------------------------------------------- clean start
 "$here/down.sh" || die "Stopping the leftovers of a previous cluster failed; see the messages above."
-rm -rf "$state/pki" "$state/apiserver-certs" "$state/etcd" "$state/pids" \
+# (pids/ and logs/ may hold other tools' files, e.g. hack/demo.sh's; down.sh removed ours)
+rm -rf "$state/pki" "$state/apiserver-certs" "$state/etcd" \
   "$state/env" "$state/tokens.csv" "$state/kubeconfig" "$state/kubeconfig-alice" \
   "$state/kubeconfig-bob" "$state/kwok.yaml"
 logs=$state/logs
@@ -102,6 +104,29 @@ done
 [[ $bin =~ ^[A-Za-z0-9_./+=:@-]+$ ]] ||
   die "The binary folder '$bin' contains characters that would break the env file; set CHASSIS_CACHE to a plain path."
 kubectl=$bin/kubectl
+# shellcheck source-path=SCRIPTDIR source=versions.env
+. "$here/versions.env" # KWOK_VERSION, for kwok's stage files
+
+# kwok v0.8 refuses to start without stages (it has no built-in ones). Use the
+# "fast" set that kwokctl configures for the binary runtime, taken from the pinned
+# kwok module: node-initialize, node-heartbeat-with-lease, pod-ready, pod-complete,
+# pod-delete. kwok renews the node leases (--node-lease-duration-seconds).
+kwok_stages() {
+  local dir f
+  dir=$(cd / && GOFLAGS='' GOTOOLCHAIN=local go mod download -json "sigs.k8s.io/kwok@$KWOK_VERSION" |
+    sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p') || true
+  if [ -z "$dir" ] || [ ! -d "$dir/kustomize/stage" ]; then
+    die "Could not find the kwok $KWOK_VERSION module (for its stage files) with 'go mod download'."
+  fi
+  for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+    pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+    [ -r "$dir/kustomize/stage/$f" ] || die "The kwok $KWOK_VERSION module has no stage file kustomize/stage/$f."
+    echo "---"
+    cat "$dir/kustomize/stage/$f"
+  done
+}
+
+kwok_stages >"$state/kwok.yaml" # an explicit --config also keeps ~/.kwok/kwok.yaml out
 
 # ---------------------------------------------------------------- ports
 free_ports() { # COUNT: prints COUNT distinct free loopback TCP ports
@@ -216,11 +241,27 @@ trap 'exit 130' INT TERM
 start() { # NAME ARGS...: starts $bin/NAME in its own session, logs and pid in the state folder
   local name=$1; shift
   setsid nohup "$bin/$name" "$@" </dev/null >"$logs/$name.log" 2>&1 &
-  echo $! >"$state/pids/$name.pid"
+  local pid=$! i
+  echo "$pid" >"$state/pids/$name.pid"
+  # setsid and nohup exec the binary in place (this script does not use job control,
+  # so the child is no process-group leader and setsid need not fork): the pid stays
+  # the same. Wait for the exec so pid_of recognises the process.
+  for ((i = 0; i < 100; i++)); do
+    pid_of "$name" >/dev/null && return 0
+    kill -0 "$pid" 2>/dev/null || return 0 # died: wait_for reports it with the log
+    sleep 0.02
+  done
+  die "$name (pid $pid) did not start within 2 s."
 }
 
 deadline=$(($(date +%s) + timeout_s))
-tail_log() { echo "--- last lines of $logs/$1.log:" >&2; tail -n 25 "$logs/$1.log" >&2 || true; }
+fail_log() { # LOG MESSAGE: fails with MESSAGE, then shows the end of logs/LOG.log
+  echo "up: $2" >&2
+  echo "--- last lines of $logs/$1.log:" >&2
+  tail -n 25 "$logs/$1.log" >&2 || true
+  echo "---" >&2
+  exit 1
+}
 # wait_for WHAT LOG CMD...: polls CMD until it succeeds; fails when a started
 # component dies or when the overall $timeout_s s deadline passes.
 wait_for() {
@@ -228,13 +269,11 @@ wait_for() {
   until "$@" >/dev/null 2>&1; do
     for c in "${components[@]}"; do
       if [ -f "$state/pids/$c.pid" ] && ! pid_of "$c" >/dev/null; then
-        tail_log "$c"
-        die "$c exited while waiting for $what; see $logs/$c.log."
+        fail_log "$c" "$c exited while waiting for $what; see $logs/$c.log."
       fi
     done
     if [ "$(date +%s)" -ge "$deadline" ]; then
-      tail_log "$log"
-      die "Timed out after $timeout_s s waiting for $what; see $logs/$log.log."
+      fail_log "$log" "Timed out after $timeout_s s waiting for $what; see $logs/$log.log."
     fi
     sleep 0.2
   done
@@ -257,6 +296,9 @@ start etcd --name=chassis --data-dir="$state/etcd" \
   --unsafe-no-fsync --log-level=warn
 wait_for "etcd to listen on 127.0.0.1:$etcd_port" etcd port_open "$etcd_port"
 
+# --endpoint-reconciler-type=none: the default reconciler would write 127.0.0.1 into
+# the Endpoints of the `kubernetes` Service every 10 s and fail (loopback addresses
+# are invalid there), so that Service has no endpoints either way.
 say "Starting kube-apiserver on $server."
 start kube-apiserver \
   --etcd-servers="http://127.0.0.1:$etcd_port" \
@@ -269,13 +311,18 @@ start kube-apiserver \
   --token-auth-file="$state/tokens.csv" \
   --authorization-mode=Node,RBAC \
   --service-cluster-ip-range=10.96.0.0/16 \
-  --allow-privileged=true
+  --allow-privileged=true \
+  --endpoint-reconciler-type=none
 wait_for "kube-apiserver /readyz" kube-apiserver k get --raw /readyz
 
+# kube-controller-manager and kube-scheduler serve /healthz on a loopback port
+# (self-signed, anonymous; /healthz is always allowed) for the readiness check.
+# Without --authentication-kubeconfig they do not look for the
+# extension-apiserver-authentication ConfigMap, which this apiserver never writes
+# (it has no --client-ca-file), so their logs stay quiet.
 say "Starting kube-controller-manager, kube-scheduler and kwok."
 start kube-controller-manager \
   --kubeconfig="$admin_kubeconfig" \
-  --authentication-kubeconfig="$admin_kubeconfig" --authorization-kubeconfig="$admin_kubeconfig" \
   --leader-elect=false \
   --bind-address=127.0.0.1 --secure-port="$kcm_port" \
   --root-ca-file="$pki/ca.crt" \
@@ -283,21 +330,15 @@ start kube-controller-manager \
   --use-service-account-credentials=false
 start kube-scheduler \
   --kubeconfig="$admin_kubeconfig" \
-  --authentication-kubeconfig="$admin_kubeconfig" --authorization-kubeconfig="$admin_kubeconfig" \
   --leader-elect=false \
   --bind-address=127.0.0.1 --secure-port="$sched_port"
-# An explicit, empty configuration keeps ~/.kwok/kwok.yaml out; kwok then uses its default stages.
-cat >"$state/kwok.yaml" <<'EOF'
-apiVersion: config.kwok.x-k8s.io/v1alpha1
-kind: KwokConfiguration
-options: {}
-EOF
 start kwok \
   --config="$state/kwok.yaml" \
   --kubeconfig="$admin_kubeconfig" \
   --manage-all-nodes=false \
   --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
-  --cidr=10.244.0.1/16 \
+  --cidr=10.244.0.0/16 \
+  --node-lease-duration-seconds=40 \
   --server-address="127.0.0.1:$kwok_port"
 
 node_yaml() {
@@ -323,10 +364,8 @@ EOF
   done
 }
 node_yaml >"$state/nodes.yaml"
-k apply -f "$state/nodes.yaml" >/dev/null 2>"$logs/nodes.log" || {
-  tail_log nodes
-  die "Creating the kwok Node objects failed; see $logs/nodes.log."
-}
+k apply -f "$state/nodes.yaml" >/dev/null 2>"$logs/nodes.log" ||
+  fail_log nodes "Creating the kwok Node objects failed; see $logs/nodes.log."
 
 nodes_ready() { # all nodes Ready, untainted (the not-ready taint is gone) and with 32 CPUs
   local out
@@ -342,5 +381,4 @@ wait_for "the default ServiceAccount (made by kube-controller-manager)" kube-con
 wait_for "$nodes Ready and untainted kwok nodes" kwok nodes_ready
 
 ok=1
-say "Cluster is up after $(elapsed)."
-summary "$server"
+summary "Cluster is up after $(elapsed)."
