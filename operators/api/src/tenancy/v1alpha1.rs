@@ -34,6 +34,7 @@ pub struct ProjectTemplateSpec {
     /// Labels copied onto every project namespace. Keys under
     /// `pod-security.kubernetes.io/` and `tenancy.chassis.dev/` are reserved.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
     #[x_kube(validation = kube::core::Rule::new(
         "self.all(k, !k.startsWith('pod-security.kubernetes.io/') && !k.startsWith('tenancy.chassis.dev/'))"
     ).message("labels under pod-security.kubernetes.io/ and tenancy.chassis.dev/ are set by Chassis; use spec.podSecurity instead"))]
@@ -56,10 +57,9 @@ pub struct ProjectTemplateSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit_range: Option<LimitRangeSpec>,
 
-    /// Names of NetworkProfiles (network.chassis.dev) bound to every project.
+    /// Names of NetworkProfiles (network.chassis.dev) bound to every project; each at most once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[x_kube(validation = kube::core::Rule::new("self.all(p, self.exists_one(q, q == p))")
-        .message("networkProfiles must not name a profile twice"))]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 253)), extend("x-kubernetes-list-type" = "set"))]
     pub network_profiles: Vec<String>,
 
     /// The ClusterRoles that project admins, editors and viewers are bound to.
@@ -69,7 +69,7 @@ pub struct ProjectTemplateSpec {
     /// How many projects one user may request with this template (unlimited when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
-    pub max_projects_per_user: Option<u32>,
+    pub max_projects_per_user: Option<i32>,
 }
 
 /// A Pod Security Standard level: `restricted` (current hardening best practice),
