@@ -256,3 +256,54 @@ async fn invalid_projects_are_rejected_by_the_api_server_with_readable_messages(
     assert!(message.contains("use spec.podSecurity instead"), "{message}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_template_naming_a_missing_role_is_not_ready_until_the_role_exists() -> Result<()> {
+    use k8s_openapi::api::rbac::v1::ClusterRole;
+    let op = Operator::shared();
+    let client = cluster().admin().await?;
+    let templates: Api<ProjectTemplate> = Api::all(client.clone());
+    let roles: Api<ClusterRole> = Api::all(client.clone());
+
+    let good = unique("tpl");
+    templates
+        .create(
+            &PostParams::default(),
+            &template(&good, PodSecurityLevel::Restricted),
+        )
+        .await?;
+    wait_for_condition(&templates, &good, "Ready", "True", READY_TIMEOUT, Some(op)).await?;
+
+    let role = unique("team-editor");
+    let name = unique("tpl");
+    let mut typo = template(&name, PodSecurityLevel::Restricted);
+    typo.spec.roles.edit = role.clone();
+    templates.create(&PostParams::default(), &typo).await?;
+    let waiting = wait_for_condition(&templates, &name, "Ready", "False", READY_TIMEOUT, Some(op)).await?;
+    let ready = waiting
+        .status
+        .iter()
+        .flat_map(|s| s.conditions.iter())
+        .find(|c| c.type_ == "Ready")
+        .cloned()
+        .context("Ready condition")?;
+    assert_eq!(ready.reason, "RoleNotFound");
+    assert!(
+        ready
+            .message
+            .contains(&format!("roles.edit: ClusterRole {role:?} does not exist")),
+        "{}",
+        ready.message
+    );
+
+    let mut cr = ClusterRole::default();
+    cr.metadata.name = Some(role.clone());
+    roles.create(&PostParams::default(), &cr).await?;
+    wait_for_condition(&templates, &name, "Ready", "True", READY_TIMEOUT, Some(op)).await?;
+
+    for t in [&good, &name] {
+        templates.delete(t, &DeleteParams::default()).await?;
+    }
+    roles.delete(&role, &DeleteParams::default()).await?;
+    Ok(())
+}

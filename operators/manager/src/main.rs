@@ -19,7 +19,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio_util::sync::CancellationToken;
 
 /// Every controller this binary knows, in start order.
-const ALL_CONTROLLERS: &[&str] = &[chassis_tenancy::project::NAME];
+const ALL_CONTROLLERS: &[&str] = &[chassis_tenancy::project::NAME, chassis_tenancy::template::NAME];
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
@@ -31,7 +31,7 @@ enum LogFormat {
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Controllers to run, comma-separated (`all`, or any of: project).
+    /// Controllers to run, comma-separated (`all`, or any of: project, projecttemplate).
     #[arg(
         long,
         env = "CHASSIS_CONTROLLERS",
@@ -122,6 +122,12 @@ fn build(
 ) -> Running {
     match name {
         chassis_tenancy::project::NAME => chassis_tenancy::project::controller(
+            client.clone(),
+            metrics,
+            Some(instance.to_string()),
+            shutdown.clone(),
+        ),
+        chassis_tenancy::template::NAME => chassis_tenancy::template::controller(
             client.clone(),
             metrics,
             Some(instance.to_string()),

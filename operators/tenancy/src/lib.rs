@@ -1,5 +1,5 @@
 //! chassis-tenancy owns self-service projects (`tenancy.chassis.dev`): the Project
-//! controller and its pure builders.
+//! and ProjectTemplate controllers and their pure builders.
 //!
 //! ```text
 //!  [ ProjectTemplate ] ──┐
@@ -8,8 +8,12 @@
 //!  [ Namespace ] (by name) ─────────┘ (drift and conflicts wake the project up)
 //! ```
 //!
+//! The ProjectTemplate controller checks that the template's member roles name
+//! existing ClusterRoles and reports `Ready` on the template.
+//!
 //! It reads the cluster only through reflector stores and writes through
 //! chassis-runtime's server-side apply; builders in [`project::build`] never touch a
 //! client.
 
 pub mod project;
+pub mod template;
