@@ -60,9 +60,11 @@ echo "== the namespaces the projects created"
 cat <<MSG
 
 Chassis is running against a local Kubernetes $("${kubectl[@]}" version -o json | sed -n 's/.*"gitVersion": "\(v1\.[^"]*\)".*/\1/p' | tail -1).
-  export KUBECONFIG=$state/kubeconfig          # cluster admin
-  export KUBECONFIG=$state/kubeconfig-alice    # user alice (group developers)
-  export PATH=$CHASSIS_BIN:\$PATH                # kubectl and helm built for this cluster
-  operator log: $log    metrics: http://127.0.0.1:8080/metrics
+Point kubectl at it (the kubectl and helm built for this cluster are in the first line):
+  export PATH=$CHASSIS_BIN:\$PATH
+  export KUBECONFIG=$state/kubeconfig         # as cluster admin, or:
+  export KUBECONFIG=$state/kubeconfig-alice   # as alice (group developers)
+Operator log: $log
+Metrics:      http://127.0.0.1:8080/metrics
 Stop everything with: make down
 MSG
