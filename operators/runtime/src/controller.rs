@@ -1,13 +1,74 @@
-//! The handle the manager gets from each area's controller constructor.
+//! The handle the manager gets from each area's controller constructor, and the
+//! tracking of when a controller's watches have finished their initial list.
+//!
+//! `Store::wait_until_ready` is not used for readiness: kube-runtime 5 keeps one
+//! waker per store, so when the Controller and another task both wait on the same
+//! store, one of them may never be woken. Watching the `InitDone` event of each
+//! stream instead is exact and has no such race.
 
 use futures::future::BoxFuture;
+use kube::runtime::watcher;
+use tokio::sync::watch;
 
 /// A controller that has been wired but not yet driven.
 pub struct Running {
     /// Name used in `--controllers`, metrics and logs.
     pub name: &'static str,
-    /// Resolves once every reflector store the controller reads has synced.
+    /// Resolves once every watch the controller reads has finished its initial list.
     pub synced: BoxFuture<'static, ()>,
     /// Drives the controller until shutdown.
     pub run: BoxFuture<'static, ()>,
+}
+
+/// Collects one flag per watch stream; [`InitialSync::done`] resolves when all are set.
+#[derive(Default)]
+pub struct InitialSync {
+    receivers: Vec<watch::Receiver<bool>>,
+}
+
+impl InitialSync {
+    /// A callback for `StreamExt::inspect` on a watcher stream (after `reflect`) that
+    /// marks this stream synced at its first `InitDone`.
+    pub fn track<K, E>(&mut self) -> impl FnMut(&Result<watcher::Event<K>, E>) + Send + 'static {
+        let (tx, rx) = watch::channel(false);
+        self.receivers.push(rx);
+        move |event| {
+            if matches!(event, Ok(watcher::Event::InitDone)) {
+                tx.send_replace(true);
+            }
+        }
+    }
+
+    /// Resolves when every tracked stream has synced.
+    pub fn done(self) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            for mut rx in self.receivers {
+                let _ = rx.wait_for(|synced| *synced).await;
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+    use k8s_openapi::api::core::v1::ConfigMap;
+
+    #[tokio::test]
+    async fn done_waits_for_every_stream() {
+        let mut sync = InitialSync::default();
+        let mut a = sync.track::<ConfigMap, ()>();
+        let mut b = sync.track::<ConfigMap, ()>();
+        let mut done = sync.done();
+        a(&Ok(watcher::Event::InitDone));
+        assert!(
+            (&mut done).now_or_never().is_none(),
+            "one stream is still listing"
+        );
+        b(&Ok(watcher::Event::Init));
+        assert!((&mut done).now_or_never().is_none(), "Init is not InitDone");
+        b(&Ok(watcher::Event::InitDone));
+        assert!(done.now_or_never().is_some());
+    }
 }

@@ -8,7 +8,7 @@ use chassis_api::conditions::READY;
 use chassis_api::tenancy::v1alpha1::{ProjectTemplate, ProjectTemplateStatus};
 use chassis_runtime::Context;
 use chassis_runtime::conditions::{Desired, upsert};
-use chassis_runtime::controller::Running;
+use chassis_runtime::controller::{InitialSync, Running};
 use chassis_runtime::metrics::Metrics;
 use futures::StreamExt;
 use k8s_openapi::api::rbac::v1::ClusterRole;
@@ -106,10 +106,12 @@ pub fn controller(
     shutdown: CancellationToken,
 ) -> Running {
     let wc = watcher::Config::default().any_semantic();
+    let mut sync = InitialSync::default();
     let (templates, template_writer) = reflector::store::<ProjectTemplate>();
     let template_stream = watcher(Api::<ProjectTemplate>::all(client.clone()), wc.clone())
         .default_backoff()
         .reflect(template_writer)
+        .inspect(sync.track())
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
 
@@ -118,18 +120,13 @@ pub fn controller(
     let role_stream = watcher(Api::<PartialObjectMeta<ClusterRole>>::all(client.clone()), wc)
         .default_backoff()
         .reflect(role_writer)
+        .inspect(sync.track())
         .touched_objects();
 
     let ctx = Arc::new(TemplateContext {
         base: Context::new(client, NAME, metrics.controller(NAME), instance),
         cluster_roles: roles.clone(),
     });
-    let synced = {
-        let (t, r) = (templates.clone(), roles);
-        Box::pin(async move {
-            let _ = futures::join!(t.wait_until_ready(), r.wait_until_ready());
-        })
-    };
     let index = templates.clone();
     let run = Controller::for_stream(template_stream, templates)
         .watches_stream(role_stream, move |role: PartialObjectMeta<ClusterRole>| {
@@ -150,7 +147,7 @@ pub fn controller(
         });
     Running {
         name: NAME,
-        synced,
+        synced: sync.done(),
         run: Box::pin(run),
     }
 }

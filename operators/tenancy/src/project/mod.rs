@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chassis_api::tenancy::reason;
 use chassis_api::tenancy::v1alpha1::{Project, ProjectTemplate};
-use chassis_runtime::controller::Running;
+use chassis_runtime::controller::{InitialSync, Running};
 use chassis_runtime::metrics::Metrics;
 use chassis_runtime::{Context, apply};
 use futures::StreamExt;
@@ -219,11 +219,13 @@ pub fn controller(
     shutdown: CancellationToken,
 ) -> Running {
     let wc = watcher::Config::default().any_semantic();
+    let mut sync = InitialSync::default();
 
     let (projects, project_writer) = reflector::store::<Project>();
     let project_stream = watcher(Api::<Project>::all(client.clone()), wc.clone())
         .default_backoff()
         .reflect(project_writer)
+        .inspect(sync.track())
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
 
@@ -231,12 +233,14 @@ pub fn controller(
     let template_stream = watcher(Api::<ProjectTemplate>::all(client.clone()), wc.clone())
         .default_backoff()
         .reflect(template_writer)
+        .inspect(sync.track())
         .touched_objects();
 
     let (namespaces, namespace_writer) = reflector::store::<Namespace>();
     let namespace_stream = watcher(Api::<Namespace>::all(client.clone()), wc)
         .default_backoff()
         .reflect(namespace_writer)
+        .inspect(sync.track())
         .touched_objects();
 
     let ctx = Arc::new(ProjectContext {
@@ -245,14 +249,8 @@ pub fn controller(
         namespaces: namespaces.clone(),
     });
 
-    let synced = {
-        let (p, t, n) = (projects.clone(), templates, namespaces);
-        Box::pin(async move {
-            let _ = futures::join!(p.wait_until_ready(), t.wait_until_ready(), n.wait_until_ready());
-        })
-    };
-
     let project_index = projects.clone();
+    let project_names = projects.clone();
     let run = Controller::for_stream(project_stream, projects)
         .watches_stream(template_stream, move |template: ProjectTemplate| {
             let name = template.name_any();
@@ -265,8 +263,9 @@ pub fn controller(
         })
         // A namespace wakes the project of the same name: drift on our namespace, and a
         // conflicting namespace going away.
-        .watches_stream(namespace_stream, |ns: Namespace| {
-            Some(ObjectRef::<Project>::new(&ns.name_any()))
+        .watches_stream(namespace_stream, move |ns: Namespace| {
+            let project = ObjectRef::<Project>::new(&ns.name_any());
+            project_names.get(&project).map(|_| project)
         })
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(reconcile, error_policy, ctx)
@@ -278,7 +277,7 @@ pub fn controller(
 
     Running {
         name: NAME,
-        synced,
+        synced: sync.done(),
         run: Box::pin(run),
     }
 }
