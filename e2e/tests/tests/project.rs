@@ -307,3 +307,51 @@ async fn a_template_naming_a_missing_role_is_not_ready_until_the_role_exists() -
     roles.delete(&role, &DeleteParams::default()).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_template_change_reaches_the_namespace_and_removed_labels_go_away() -> Result<()> {
+    let op = Operator::shared();
+    let client = cluster().admin().await?;
+    let templates: Api<ProjectTemplate> = Api::all(client.clone());
+    let projects: Api<Project> = Api::all(client.clone());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+
+    let tpl = unique("tpl");
+    templates
+        .create(
+            &PostParams::default(),
+            &template(&tpl, PodSecurityLevel::Baseline),
+        )
+        .await?;
+    let name = unique("evolving");
+    projects
+        .create(&PostParams::default(), &project(&name, &tpl))
+        .await?;
+    wait_for_condition(&projects, &name, "Ready", "True", READY_TIMEOUT, Some(op)).await?;
+
+    let mut changed = templates.get(&tpl).await?;
+    changed.spec.labels.clear();
+    changed.spec.pod_security = PodSecurityLevel::Restricted;
+    templates.replace(&tpl, &PostParams::default(), &changed).await?;
+
+    let ns = chassis_e2e::eventually("the namespace to follow the template", READY_TIMEOUT, || async {
+        let ns = namespaces.get(&name).await?;
+        let labels = ns.labels();
+        let done = !labels.contains_key("team")
+            && labels
+                .get("pod-security.kubernetes.io/enforce")
+                .map(String::as_str)
+                == Some("restricted");
+        Ok(done.then_some(ns))
+    })
+    .await
+    .with_context(|| op.log_tail(20))?;
+    assert_eq!(
+        ns.labels().get("tenancy.chassis.dev/project").map(String::as_str),
+        Some(name.as_str())
+    );
+
+    projects.delete(&name, &DeleteParams::default()).await?;
+    templates.delete(&tpl, &DeleteParams::default()).await?;
+    Ok(())
+}

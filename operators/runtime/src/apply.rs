@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -81,6 +81,57 @@ where
     api.patch(&name, &params, &Patch::Apply(desired)).await
 }
 
+/// What [`claim`] found.
+#[derive(Debug)]
+pub enum Claim<K> {
+    /// We created it just now.
+    Created(K),
+    /// It existed and is already controlled by the owner (the cache was behind).
+    Owned(K),
+    /// It existed and belongs to someone else: leave it alone.
+    Foreign(K),
+}
+
+/// Whether `child` is controlled by the owner with `owner_uid`.
+pub fn controlled_by<K: Resource>(child: &K, owner_uid: &str) -> bool {
+    child
+        .owner_references()
+        .iter()
+        .any(|r| r.uid == owner_uid && r.controller == Some(true))
+}
+
+/// Creates `skeleton` (a name and the owner reference) for a child the cache says
+/// does not exist yet. Server-side apply would silently merge into an object someone
+/// else created in the meantime; a create fails instead, so a foreign object is never
+/// adopted. The full object is applied afterwards.
+pub async fn claim<K>(
+    api: &Api<K>,
+    skeleton: &K,
+    owner_uid: &str,
+    field_manager: &str,
+) -> Result<Claim<K>, kube::Error>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + Debug,
+{
+    let params = PostParams {
+        field_manager: Some(format!("{field_manager}-create")),
+        ..Default::default()
+    };
+    match api.create(&params, skeleton).await {
+        Ok(created) => Ok(Claim::Created(created)),
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            let name = skeleton.meta().name.clone().unwrap_or_default();
+            let live = api.get(&name).await?;
+            Ok(if controlled_by(&live, owner_uid) {
+                Claim::Owned(live)
+            } else {
+                Claim::Foreign(live)
+            })
+        }
+        Err(err) => Err(err),
+    }
+}
+
 /// Deletes the children in `observed` that are labelled as managed by Chassis, are
 /// controlled by `owner_uid`, and whose names are not in `keep`. Returns what it deleted.
 pub async fn prune<K>(
@@ -94,10 +145,7 @@ where
 {
     let mut deleted = Vec::new();
     for child in observed {
-        let owned = child
-            .owner_references()
-            .iter()
-            .any(|r| r.uid == owner_uid && r.controller == Some(true));
+        let owned = controlled_by(&child, owner_uid);
         let managed = child.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some("chassis");
         let name = child.name_any();
         if owned && managed && !keep.contains(&name) {
@@ -171,5 +219,131 @@ mod tests {
             !metadata_matches(&desired, &stale),
             "a different applied hash means reapply"
         );
+    }
+}
+
+#[cfg(test)]
+mod claim_tests {
+    //! Request-level tests: the exact calls `claim` makes against a scripted API server.
+    use super::*;
+    use http::{Request, Response};
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::Client;
+    use kube::client::Body;
+
+    fn namespace(owner_uid: Option<&str>) -> Namespace {
+        let mut ns = Namespace::default();
+        ns.metadata.name = Some("payments".into());
+        ns.metadata.owner_references = owner_uid.map(|uid| {
+            vec![OwnerReference {
+                api_version: "tenancy.chassis.dev/v1alpha1".into(),
+                kind: "Project".into(),
+                name: "payments".into(),
+                uid: uid.into(),
+                controller: Some(true),
+                ..Default::default()
+            }]
+        });
+        ns
+    }
+
+    async fn respond(
+        handle: &mut tower_test::mock::Handle<Request<Body>, Response<Body>>,
+        method: &str,
+        path: &str,
+        status: u16,
+        body: serde_json::Value,
+    ) -> Result<(), String> {
+        let (request, send) = handle.next_request().await.ok_or("no request was made")?;
+        if request.method().as_str() != method || !request.uri().path().ends_with(path) {
+            return Err(format!(
+                "unexpected request {} {}",
+                request.method(),
+                request.uri()
+            ));
+        }
+        let bytes = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
+        let response = Response::builder()
+            .status(status)
+            .body(Body::from(bytes))
+            .map_err(|e| e.to_string())?;
+        send.send_response(response);
+        Ok(())
+    }
+
+    fn already_exists() -> serde_json::Value {
+        serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists",
+            "message": "namespaces \"payments\" already exists", "code": 409
+        })
+    }
+
+    #[tokio::test]
+    async fn a_namespace_created_by_someone_else_is_never_adopted() -> Result<(), String> {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let api: Api<Namespace> = Api::all(Client::new(service, "default"));
+        let server = tokio::spawn(async move {
+            respond(&mut handle, "POST", "/api/v1/namespaces", 409, already_exists()).await?;
+            let foreign = serde_json::to_value(namespace(None)).map_err(|e| e.to_string())?;
+            respond(&mut handle, "GET", "/api/v1/namespaces/payments", 200, foreign).await?;
+            // No PATCH may follow: the caller must leave the foreign namespace alone.
+            Ok::<_, String>(handle)
+        });
+        let claimed = claim(&api, &namespace(Some("uid-1")), "uid-1", "chassis-project")
+            .await
+            .map_err(|e| e.to_string())?;
+        assert!(matches!(claimed, Claim::Foreign(_)), "{claimed:?}");
+        let mut handle = server.await.map_err(|e| e.to_string())??;
+        drop(api);
+        assert!(
+            handle.next_request().await.is_none(),
+            "claim made an extra request"
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn our_own_namespace_seen_late_by_the_cache_is_kept() -> Result<(), String> {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let api: Api<Namespace> = Api::all(Client::new(service, "default"));
+        let server = tokio::spawn(async move {
+            respond(&mut handle, "POST", "/api/v1/namespaces", 409, already_exists()).await?;
+            let ours = serde_json::to_value(namespace(Some("uid-1"))).map_err(|e| e.to_string())?;
+            respond(&mut handle, "GET", "/api/v1/namespaces/payments", 200, ours).await
+        });
+        let claimed = claim(&api, &namespace(Some("uid-1")), "uid-1", "chassis-project")
+            .await
+            .map_err(|e| e.to_string())?;
+        assert!(matches!(claimed, Claim::Owned(_)), "{claimed:?}");
+        server.await.map_err(|e| e.to_string())?
+    }
+
+    #[tokio::test]
+    async fn a_new_namespace_is_created_with_a_create_field_manager() -> Result<(), String> {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let api: Api<Namespace> = Api::all(Client::new(service, "default"));
+        let server = tokio::spawn(async move {
+            let (request, send) = handle.next_request().await.ok_or("no request")?;
+            let query = request.uri().query().unwrap_or_default().to_string();
+            if request.method() != "POST" || !query.contains("fieldManager=chassis-project-create") {
+                return Err(format!(
+                    "unexpected request {} {}",
+                    request.method(),
+                    request.uri()
+                ));
+            }
+            let body = serde_json::to_vec(&namespace(Some("uid-1"))).map_err(|e| e.to_string())?;
+            let response = Response::builder()
+                .status(201)
+                .body(Body::from(body))
+                .map_err(|e| e.to_string())?;
+            send.send_response(response);
+            Ok(())
+        });
+        let claimed = claim(&api, &namespace(Some("uid-1")), "uid-1", "chassis-project")
+            .await
+            .map_err(|e| e.to_string())?;
+        assert!(matches!(claimed, Claim::Created(_)), "{claimed:?}");
+        server.await.map_err(|e| e.to_string())?
     }
 }

@@ -53,3 +53,16 @@ pub fn namespace(project: &Project, template: &ProjectTemplate) -> Namespace {
     stamp_hash(&mut ns);
     ns
 }
+
+/// The first write for a new project namespace: only its name and owner, so that
+/// creating it fails if the namespace already exists (see `apply::claim`).
+pub fn namespace_skeleton(project: &Project) -> Namespace {
+    Namespace {
+        metadata: ObjectMeta {
+            name: Some(project.name_any()),
+            owner_references: controller_owner_ref(project).map(|r| vec![r]),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use chassis_api::tenancy::reason;
 use chassis_api::tenancy::v1alpha1::{Project, ProjectTemplate};
+use chassis_runtime::Context;
+use chassis_runtime::apply::{self, Claim};
 use chassis_runtime::controller::{InitialSync, Running};
 use chassis_runtime::metrics::Metrics;
-use chassis_runtime::{Context, apply};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::Api;
@@ -68,6 +69,14 @@ pub struct Invalid {
     pub retry_after: Option<Duration>,
 }
 
+fn conflict(name: &str) -> Invalid {
+    Invalid {
+        reason: reason::NAMESPACE_CONFLICT,
+        message: format!("namespace {name:?} already exists and does not belong to this project"),
+        retry_after: None,
+    }
+}
+
 /// Step 1: read the project's inputs from the stores.
 fn observe(project: &Project, ctx: &ProjectContext) -> Observed {
     let name = project.name_any();
@@ -92,11 +101,7 @@ pub fn validate(project: &Project, observed: &Observed) -> Result<Arc<ProjectTem
     };
     if let Some(ns) = &observed.namespace {
         let uid = project.uid().unwrap_or_default();
-        let ours = ns
-            .owner_references()
-            .iter()
-            .any(|r| r.uid == uid && r.controller == Some(true));
-        if !ours {
+        if !apply::controlled_by(ns.as_ref(), &uid) {
             let terminating = ns.metadata.deletion_timestamp.is_some();
             return Err(if terminating {
                 Invalid {
@@ -107,11 +112,7 @@ pub fn validate(project: &Project, observed: &Observed) -> Result<Arc<ProjectTem
                     retry_after: Some(Duration::from_secs(5)),
                 }
             } else {
-                Invalid {
-                    reason: reason::NAMESPACE_CONFLICT,
-                    message: format!("namespace {name:?} already exists and does not belong to this project"),
-                    retry_after: None,
-                }
+                conflict(&name)
             });
         }
     }
@@ -140,28 +141,41 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
 
     // Step 3: build (pure); step 4: apply, skipped when the child already matches.
     let desired = build::namespace(&project, &template);
-    let namespace = match &observed.namespace {
-        Some(current) if apply::metadata_matches(&desired, current) => current.as_ref().clone(),
-        _ => {
-            let ns_api: Api<Namespace> = Api::all(ctx.base.client.clone());
-            let applied = apply::apply(&ns_api, &desired, &ctx.base.field_manager)
-                .await
-                .map_err(|source| Error::ApplyNamespace {
-                    name: name.clone(),
-                    source,
-                })?;
-            if observed.namespace.is_none() {
-                publish(
-                    &ctx,
-                    &project,
-                    EventType::Normal,
-                    reason::NAMESPACE_CREATED,
-                    format!("created namespace {name}"),
-                )
-                .await;
+    let ns_api: Api<Namespace> = Api::all(ctx.base.client.clone());
+    let mut current = observed.namespace.as_deref().cloned();
+    if current.is_none() {
+        let skeleton = build::namespace_skeleton(&project);
+        let claimed = apply::claim(&ns_api, &skeleton, &key, &ctx.base.field_manager)
+            .await
+            .map_err(|source| Error::ApplyNamespace {
+                name: name.clone(),
+                source,
+            })?;
+        match claimed {
+            Claim::Created(ns) => {
+                let note = format!("created namespace {name}");
+                publish(&ctx, &project, EventType::Normal, reason::NAMESPACE_CREATED, note).await;
+                current = Some(ns);
             }
-            applied
+            Claim::Owned(ns) => current = Some(ns),
+            Claim::Foreign(_) => {
+                // The cache had not seen it yet; the namespace watch confirms it later.
+                let invalid = conflict(&name);
+                let status = status::invalid(&project, &invalid);
+                publish_if_changed(&ctx, &project, &status).await;
+                status::write(&api, &project, status).await?;
+                return Ok(Action::await_change());
+            }
         }
+    }
+    let namespace = match current {
+        Some(ns) if apply::metadata_matches(&desired, &ns) => ns,
+        _ => apply::apply(&ns_api, &desired, &ctx.base.field_manager)
+            .await
+            .map_err(|source| Error::ApplyNamespace {
+                name: name.clone(),
+                source,
+            })?,
     };
 
     // Step 5: status, written only when it changes.
