@@ -347,3 +347,73 @@ mod claim_tests {
         server.await.map_err(|e| e.to_string())?
     }
 }
+
+#[cfg(test)]
+mod prune_tests {
+    use super::*;
+    use http::{Request, Response};
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::Client;
+    use kube::client::Body;
+
+    fn child(name: &str, owner: &str, managed: bool) -> ConfigMap {
+        let mut cm = ConfigMap::default();
+        cm.metadata.name = Some(name.into());
+        cm.metadata.namespace = Some("payments".into());
+        cm.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: "tenancy.chassis.dev/v1alpha1".into(),
+            kind: "Project".into(),
+            name: "payments".into(),
+            uid: owner.into(),
+            controller: Some(true),
+            ..Default::default()
+        }]);
+        if managed {
+            cm.metadata.labels = Some([(MANAGED_BY_LABEL.to_string(), "chassis".to_string())].into());
+        }
+        cm
+    }
+
+    #[tokio::test]
+    async fn deletes_only_owned_managed_children_that_are_no_longer_desired() -> Result<(), String> {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let api: Api<ConfigMap> = Api::namespaced(Client::new(service, "default"), "payments");
+        let server = tokio::spawn(async move {
+            let (request, send) = handle.next_request().await.ok_or("no request")?;
+            if request.method() != "DELETE" || !request.uri().path().ends_with("/configmaps/stale") {
+                return Err(format!(
+                    "unexpected request {} {}",
+                    request.method(),
+                    request.uri()
+                ));
+            }
+            let status = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Success"});
+            let body = serde_json::to_vec(&status).map_err(|e| e.to_string())?;
+            send.send_response(
+                Response::builder()
+                    .status(200)
+                    .body(Body::from(body))
+                    .map_err(|e| e.to_string())?,
+            );
+            Ok(handle)
+        });
+        let observed = vec![
+            child("kept", "uid-1", true),
+            child("stale", "uid-1", true),
+            child("someone-elses", "uid-2", true),
+            child("hand-made", "uid-1", false),
+        ];
+        let keep: BTreeSet<String> = ["kept".to_string()].into();
+        let deleted = prune(&api, observed, "uid-1", &keep)
+            .await
+            .map_err(|e| e.to_string())?;
+        assert_eq!(deleted, vec!["stale".to_string()]);
+        let mut handle = server.await.map_err(|e| e.to_string())??;
+        drop(api);
+        assert!(
+            handle.next_request().await.is_none(),
+            "prune deleted more than the stale child"
+        );
+        Ok(())
+    }
+}
