@@ -148,6 +148,16 @@ async fn readyz_is_503_until_the_caches_sync() -> Result<()> {
             &["namespaces"],
             &["get", "list", "watch", "create", "patch"],
         ),
+        rule(
+            &["rbac.authorization.k8s.io"],
+            &["rolebindings"],
+            &["get", "list", "watch"],
+        ),
+        rule(
+            &[""],
+            &["resourcequotas", "limitranges"],
+            &["get", "list", "watch"],
+        ),
     ]);
     roles.create(&PostParams::default(), &role).await?;
     let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());

@@ -81,6 +81,70 @@ where
     api.patch(&name, &params, &Patch::Apply(desired)).await
 }
 
+/// Whether a field manager other than `ours` has set fields outside `metadata` and
+/// `status` (a spec, RoleBinding subjects, ...): someone edited the child by hand.
+/// Reading managedFields avoids comparing values the API server normalizes
+/// (`1000m` is stored as `1`).
+pub fn edited_by_others<K: Resource>(observed: &K, ours: &[&str]) -> bool {
+    observed.meta().managed_fields.iter().flatten().any(|entry| {
+        let manager = entry.manager.as_deref().unwrap_or_default();
+        let on_subresource = entry.subresource.as_deref().is_some_and(|s| !s.is_empty());
+        let touches_content = entry
+            .fields_v1
+            .as_ref()
+            .and_then(|f| f.0.as_object())
+            .is_some_and(|fields| fields.keys().any(|k| k != "f:metadata" && k != "f:status"));
+        !ours.contains(&manager) && !on_subresource && touches_content
+    })
+}
+
+/// What [`ensure`] did to one child.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Already as desired: no request was made.
+    Unchanged,
+    Applied,
+    Deleted,
+    /// Not desired and not there.
+    Absent,
+}
+
+/// Brings one child to its desired state: apply when it is missing, differs in the
+/// metadata we set or was edited by someone else; delete it when it is no longer
+/// desired (only if we control it); otherwise make no request at all.
+pub async fn ensure<K>(
+    api: &Api<K>,
+    name: &str,
+    desired: Option<&K>,
+    observed: Option<&K>,
+    owner_uid: &str,
+    field_manager: &str,
+) -> Result<Outcome, kube::Error>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + Debug,
+{
+    match (desired, observed) {
+        (None, None) => Ok(Outcome::Absent),
+        (None, Some(current)) => {
+            let managed = current.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some("chassis");
+            if !(managed && controlled_by(current, owner_uid)) {
+                return Ok(Outcome::Absent);
+            }
+            match api.delete(name, &DeleteParams::background()).await {
+                Ok(_) => Ok(Outcome::Deleted),
+                Err(kube::Error::Api(status)) if status.code == 404 => Ok(Outcome::Absent),
+                Err(err) => Err(err),
+            }
+        }
+        (Some(want), Some(current))
+            if metadata_matches(want, current) && !edited_by_others(current, &[field_manager]) =>
+        {
+            Ok(Outcome::Unchanged)
+        }
+        (Some(want), _) => apply(api, want, field_manager).await.map(|_| Outcome::Applied),
+    }
+}
+
 /// What [`claim`] found.
 #[derive(Debug)]
 pub enum Claim<K> {

@@ -30,6 +30,10 @@ pub mod reason {
     pub const NAMESPACE_CONFLICT: &str = "NamespaceConflict";
     pub const NAMESPACE_TERMINATING: &str = "NamespaceTerminating";
     pub const NAMESPACE_CREATED: &str = "NamespaceCreated";
-    pub const APPLY_FAILED: &str = "ApplyFailed";
-    pub const INVALID_NAME: &str = "InvalidName";
+    pub const BOUND: &str = "Bound";
+    pub const NO_MEMBERS: &str = "NoMembers";
+    pub const APPLIED: &str = "Applied";
+    pub const NO_QUOTA: &str = "NoQuota";
+    pub const NO_NETWORK_PROFILES: &str = "NoNetworkProfiles";
+    pub const NETWORK_PROFILES_PENDING: &str = "NetworkProfilesPending";
 }

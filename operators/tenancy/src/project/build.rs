@@ -4,13 +4,15 @@ use std::collections::BTreeMap;
 
 use chassis_api::MANAGED_BY;
 use chassis_api::tenancy::v1alpha1::{Project, ProjectTemplate};
+use chassis_api::tenancy::v1alpha1::{Subject, SubjectKind};
 use chassis_api::tenancy::{
     DESCRIPTION_ANNOTATION, DISPLAY_NAME_ANNOTATION, PROJECT_LABEL, REQUESTER_ANNOTATION,
 };
 use chassis_runtime::apply::{MANAGED_BY_LABEL, controller_owner_ref, stamp_hash};
-use k8s_openapi::api::core::v1::Namespace;
-use kube::ResourceExt;
+use k8s_openapi::api::core::v1::{LimitRange, Namespace, ResourceQuota};
+use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject as RbacSubject};
 use kube::api::ObjectMeta;
+use kube::{Resource, ResourceExt};
 
 /// Label naming the template a project namespace was made from, for selectors.
 pub const TEMPLATE_LABEL: &str = "tenancy.chassis.dev/template";
@@ -65,4 +67,101 @@ pub fn namespace_skeleton(project: &Project) -> Namespace {
         },
         ..Default::default()
     }
+}
+
+/// RoleBinding names in a project namespace, one per kind of member.
+pub const ADMINS_BINDING: &str = "chassis-project-admins";
+pub const EDITORS_BINDING: &str = "chassis-project-editors";
+pub const VIEWERS_BINDING: &str = "chassis-project-viewers";
+/// Names of the ResourceQuota and LimitRange made from the template.
+pub const QUOTA_NAME: &str = "chassis-project-quota";
+pub const LIMITS_NAME: &str = "chassis-project-limits";
+
+/// Metadata every namespaced child of a project carries: its name, the project
+/// label, the managed-by label and the owner reference.
+fn child_meta(project: &Project, name: &str) -> ObjectMeta {
+    let project_name = project.name_any();
+    ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: Some(project_name.clone()),
+        labels: Some(
+            [
+                (PROJECT_LABEL.to_string(), project_name),
+                (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+            ]
+            .into(),
+        ),
+        owner_references: controller_owner_ref(project).map(|r| vec![r]),
+        ..Default::default()
+    }
+}
+
+fn stamped<K: Resource + serde::Serialize>(mut child: K) -> K {
+    stamp_hash(&mut child);
+    child
+}
+
+fn rbac_subject(subject: &Subject) -> RbacSubject {
+    let (kind, api_group) = match subject.kind {
+        SubjectKind::User => ("User", Some("rbac.authorization.k8s.io".to_string())),
+        SubjectKind::Group => ("Group", Some("rbac.authorization.k8s.io".to_string())),
+        SubjectKind::ServiceAccount => ("ServiceAccount", None),
+    };
+    RbacSubject {
+        kind: kind.to_string(),
+        name: subject.name.clone(),
+        api_group,
+        namespace: subject.namespace.clone(),
+    }
+}
+
+/// The project's RoleBindings by name: `Some` for each member list that has
+/// subjects, `None` for an empty one (so a binding left from before is removed).
+pub fn role_bindings(
+    project: &Project,
+    template: &ProjectTemplate,
+) -> Vec<(&'static str, Option<RoleBinding>)> {
+    let roles = &template.spec.roles;
+    [
+        (ADMINS_BINDING, &project.spec.admins, &roles.admin),
+        (EDITORS_BINDING, &project.spec.editors, &roles.edit),
+        (VIEWERS_BINDING, &project.spec.viewers, &roles.view),
+    ]
+    .into_iter()
+    .map(|(name, subjects, role)| {
+        let binding = (!subjects.is_empty()).then(|| {
+            stamped(RoleBinding {
+                metadata: child_meta(project, name),
+                role_ref: RoleRef {
+                    api_group: "rbac.authorization.k8s.io".into(),
+                    kind: "ClusterRole".into(),
+                    name: role.clone(),
+                },
+                subjects: Some(subjects.iter().map(rbac_subject).collect()),
+            })
+        });
+        (name, binding)
+    })
+    .collect()
+}
+
+/// The template's ResourceQuota for the project, if the template sets one.
+pub fn resource_quota(project: &Project, template: &ProjectTemplate) -> Option<ResourceQuota> {
+    template.spec.resource_quota.as_ref().map(|spec| {
+        stamped(ResourceQuota {
+            metadata: child_meta(project, QUOTA_NAME),
+            spec: Some(spec.clone()),
+            status: None,
+        })
+    })
+}
+
+/// The template's LimitRange for the project, if the template sets one.
+pub fn limit_range(project: &Project, template: &ProjectTemplate) -> Option<LimitRange> {
+    template.spec.limit_range.as_ref().map(|spec| {
+        stamped(LimitRange {
+            metadata: child_meta(project, LIMITS_NAME),
+            spec: Some(spec.clone()),
+        })
+    })
 }

@@ -1,19 +1,24 @@
 //! The Project controller: observe → validate → build → apply → status.
 
 pub mod build;
+pub mod children;
 pub mod status;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use chassis_api::MANAGED_BY;
+use chassis_api::tenancy::PROJECT_LABEL;
 use chassis_api::tenancy::reason;
 use chassis_api::tenancy::v1alpha1::{Project, ProjectTemplate};
 use chassis_runtime::Context;
+use chassis_runtime::apply::MANAGED_BY_LABEL;
 use chassis_runtime::apply::{self, Claim};
 use chassis_runtime::controller::{InitialSync, Running};
 use chassis_runtime::metrics::Metrics;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{LimitRange, Namespace, ResourceQuota};
+use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
@@ -33,6 +38,12 @@ const RESYNC: Duration = Duration::from_secs(600);
 pub enum Error {
     #[error("applying namespace {name}: {source}")]
     ApplyNamespace { name: String, source: kube::Error },
+    #[error("applying {kind} {name}: {source}")]
+    ApplyChild {
+        kind: String,
+        name: String,
+        source: kube::Error,
+    },
     #[error("writing status of project {name}: {source}")]
     WriteStatus { name: String, source: kube::Error },
 }
@@ -42,6 +53,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Self::ApplyNamespace { .. } => "apply_namespace",
+            Self::ApplyChild { .. } => "apply_child",
             Self::WriteStatus { .. } => "write_status",
         }
     }
@@ -52,6 +64,7 @@ pub struct ProjectContext {
     pub base: Context,
     pub templates: Store<ProjectTemplate>,
     pub namespaces: Store<Namespace>,
+    pub children: children::ChildStores,
 }
 
 /// What the reconcile saw for one project.
@@ -178,8 +191,25 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
             })?,
     };
 
+    // The namespaced children, once the namespace can hold them.
+    let terminating = namespace.metadata.deletion_timestamp.is_some();
+    let parts = if terminating {
+        None
+    } else {
+        Some(
+            children::reconcile(
+                &ctx.base.client,
+                &ctx.children,
+                &project,
+                &template,
+                &ctx.base.field_manager,
+            )
+            .await?,
+        )
+    };
+
     // Step 5: status, written only when it changes.
-    let status = status::reconciled(&project, &namespace);
+    let status = status::reconciled(&project, &namespace, parts.as_ref());
     status::write(&api, &project, status).await?;
     Ok(ctx.base.success(&key, RESYNC))
 }
@@ -251,9 +281,32 @@ pub fn controller(
         .touched_objects();
 
     let (namespaces, namespace_writer) = reflector::store::<Namespace>();
-    let namespace_stream = watcher(Api::<Namespace>::all(client.clone()), wc)
+    let namespace_stream = watcher(Api::<Namespace>::all(client.clone()), wc.clone())
         .default_backoff()
         .reflect(namespace_writer)
+        .inspect(sync.track())
+        .touched_objects();
+
+    // Children are watched by label, so the stores hold only what Chassis manages.
+    let managed = watcher::Config::default()
+        .any_semantic()
+        .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY},{PROJECT_LABEL}"));
+    let (role_bindings, rb_writer) = reflector::store::<RoleBinding>();
+    let rb_stream = watcher(Api::<RoleBinding>::all(client.clone()), managed.clone())
+        .default_backoff()
+        .reflect(rb_writer)
+        .inspect(sync.track())
+        .touched_objects();
+    let (quotas, quota_writer) = reflector::store::<ResourceQuota>();
+    let quota_stream = watcher(Api::<ResourceQuota>::all(client.clone()), managed.clone())
+        .default_backoff()
+        .reflect(quota_writer)
+        .inspect(sync.track())
+        .touched_objects();
+    let (limits, limits_writer) = reflector::store::<LimitRange>();
+    let limits_stream = watcher(Api::<LimitRange>::all(client.clone()), managed)
+        .default_backoff()
+        .reflect(limits_writer)
         .inspect(sync.track())
         .touched_objects();
 
@@ -261,6 +314,11 @@ pub fn controller(
         base: Context::new(client, NAME, metrics.controller(NAME), instance),
         templates: templates.clone(),
         namespaces: namespaces.clone(),
+        children: children::ChildStores {
+            role_bindings,
+            quotas,
+            limits,
+        },
     });
 
     let project_index = projects.clone();
@@ -281,6 +339,10 @@ pub fn controller(
             let project = ObjectRef::<Project>::new(&ns.name_any());
             project_names.get(&project).map(|_| project)
         })
+        // A child deleted or edited by someone wakes its project (drift repair).
+        .owns_stream(rb_stream)
+        .owns_stream(quota_stream)
+        .owns_stream(limits_stream)
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

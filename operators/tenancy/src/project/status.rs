@@ -9,7 +9,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 
-use super::{Error, Invalid};
+use super::children::Parts;
+use super::{Error, Invalid, build};
 
 fn base(project: &Project) -> ProjectStatus {
     project.status.clone().unwrap_or_default()
@@ -33,18 +34,19 @@ pub fn invalid(project: &Project, invalid: &Invalid) -> ProjectStatus {
     status
 }
 
-/// Status after the namespace was applied (or found up to date).
-pub fn reconciled(project: &Project, namespace: &Namespace) -> ProjectStatus {
+/// Status after the namespace and its children were reconciled.
+pub fn reconciled(project: &Project, namespace: &Namespace, parts: Option<&Parts>) -> ProjectStatus {
     let generation = project.metadata.generation;
     let now = Timestamp::now();
     let name = namespace.name_any();
     let phase = namespace.status.as_ref().and_then(|s| s.phase.clone());
-    let active = phase.as_deref().is_none_or(|p| p == "Active");
+    let active =
+        phase.as_deref().is_none_or(|p| p == "Active") && namespace.metadata.deletion_timestamp.is_none();
 
     let mut status = base(project);
     status.observed_generation = generation;
     status.namespace = Some(name.clone());
-    let ns_part = if active {
+    let mut wanted = vec![if active {
         Desired::new(
             condition::NAMESPACE_READY,
             true,
@@ -58,15 +60,79 @@ pub fn reconciled(project: &Project, namespace: &Namespace) -> ProjectStatus {
             reason::NAMESPACE_TERMINATING,
             format!("namespace {name} is terminating"),
         )
+    }];
+    if let Some(parts) = parts {
+        wanted.extend(part_conditions(parts));
+    }
+    let ready = match wanted.iter().find(|c| !c.status) {
+        None => Desired::new(READY, true, reason::READY, "the project is ready to use"),
+        Some(failing) => Desired::new(READY, false, failing.reason, failing.message.clone()),
     };
-    let ready = if active {
-        Desired::new(READY, true, reason::READY, "the project is ready to use")
-    } else {
-        Desired::new(READY, false, ns_part.reason, ns_part.message.clone())
-    };
-    upsert(&mut status.conditions, ns_part, generation, now);
-    upsert(&mut status.conditions, ready, generation, now);
+    for condition in wanted.into_iter().chain([ready]) {
+        upsert(&mut status.conditions, condition, generation, now);
+    }
     status
+}
+
+/// One condition per part: RBAC, quota and network.
+pub fn part_conditions(parts: &Parts) -> Vec<Desired<'static>> {
+    let rbac = if parts.bindings.is_empty() {
+        Desired::new(
+            condition::RBAC_READY,
+            true,
+            reason::NO_MEMBERS,
+            "no admins, editors or viewers are set",
+        )
+    } else {
+        let bound: Vec<String> = parts
+            .bindings
+            .iter()
+            .map(|(binding, role, n)| format!("{binding} -> ClusterRole {role} ({n} subjects)"))
+            .collect();
+        Desired::new(condition::RBAC_READY, true, reason::BOUND, bound.join("; "))
+    };
+    let quota = match (parts.quota, parts.limits) {
+        (false, false) => Desired::new(
+            condition::QUOTA_READY,
+            true,
+            reason::NO_QUOTA,
+            "the template sets no ResourceQuota or LimitRange",
+        ),
+        (quota, limits) => {
+            let mut applied = Vec::new();
+            if quota {
+                applied.push(format!("ResourceQuota {}", build::QUOTA_NAME));
+            }
+            if limits {
+                applied.push(format!("LimitRange {}", build::LIMITS_NAME));
+            }
+            Desired::new(
+                condition::QUOTA_READY,
+                true,
+                reason::APPLIED,
+                format!("{} in place", applied.join(" and ")),
+            )
+        }
+    };
+    let network = if parts.network_profiles.is_empty() {
+        Desired::new(
+            condition::NETWORK_READY,
+            true,
+            reason::NO_NETWORK_PROFILES,
+            "no NetworkProfile is bound: traffic to and from this project is not restricted",
+        )
+    } else {
+        Desired::new(
+            condition::NETWORK_READY,
+            false,
+            reason::NETWORK_PROFILES_PENDING,
+            format!(
+                "NetworkProfiles {} are bound but not applied yet: no network controller is running",
+                parts.network_profiles.join(", ")
+            ),
+        )
+    };
+    vec![rbac, quota, network]
 }
 
 /// Writes `status` unless it equals what the project already shows, so a status

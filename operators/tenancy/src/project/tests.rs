@@ -4,12 +4,14 @@
 use std::sync::Arc;
 
 use chassis_api::tenancy::v1alpha1::{
-    PodSecurityLevel, Project, ProjectSpec, ProjectTemplate, ProjectTemplateSpec,
+    PodSecurityLevel, Project, ProjectSpec, ProjectTemplate, ProjectTemplateSpec, Subject, SubjectKind,
 };
 use chassis_api::tenancy::{REQUESTER_ANNOTATION, reason};
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{LimitRangeItem, LimitRangeSpec, Namespace, ResourceQuotaSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::ObjectMeta;
 
+use super::children::Parts;
 use super::{Observed, build, status, validate};
 
 fn project(name: &str) -> Project {
@@ -144,13 +146,119 @@ fn own_namespace_is_fine() {
 fn status_is_stable_when_nothing_changes() {
     let mut p = project("payments");
     let ns = build::namespace(&p, &template());
-    let first = status::reconciled(&p, &ns);
+    let parts = Parts {
+        bindings: vec![],
+        quota: false,
+        limits: false,
+        network_profiles: vec![],
+        writes: 0,
+    };
+    let first = status::reconciled(&p, &ns, Some(&parts));
     assert!(chassis_runtime::conditions::is_true(&first.conditions, "Ready"));
     assert_eq!(first.observed_generation, Some(3));
     p.status = Some(first.clone());
-    let second = status::reconciled(&p, &ns);
+    let second = status::reconciled(&p, &ns, Some(&parts));
     assert_eq!(
         first, second,
         "an unchanged project must not produce a status write"
     );
+}
+
+fn member(kind: SubjectKind, name: &str, namespace: Option<&str>) -> Subject {
+    Subject {
+        kind,
+        name: name.into(),
+        namespace: namespace.map(Into::into),
+    }
+}
+
+fn template_with_quota() -> ProjectTemplate {
+    let mut t = template();
+    t.spec.roles.edit = "team-editor".into();
+    t.spec.resource_quota = Some(ResourceQuotaSpec {
+        hard: Some([("requests.cpu".to_string(), Quantity("4".into()))].into()),
+        ..Default::default()
+    });
+    t.spec.limit_range = Some(LimitRangeSpec {
+        limits: vec![LimitRangeItem {
+            type_: "Container".into(),
+            default: Some([("cpu".to_string(), Quantity("500m".into()))].into()),
+            ..Default::default()
+        }],
+    });
+    t
+}
+
+#[test]
+fn children_match_golden() -> Result<(), serde_norway::Error> {
+    let mut p = project("payments");
+    p.spec.admins = vec![member(SubjectKind::User, "alice", None)];
+    p.spec.editors = vec![
+        member(SubjectKind::Group, "payments-devs", None),
+        member(SubjectKind::ServiceAccount, "deployer", Some("ci")),
+    ];
+    let t = template_with_quota();
+    let mut out = String::new();
+    for (_, binding) in build::role_bindings(&p, &t) {
+        if let Some(binding) = binding {
+            out += &format!("---\n{}", serde_norway::to_string(&binding)?);
+        }
+    }
+    if let Some(quota) = build::resource_quota(&p, &t) {
+        out += &format!("---\n{}", serde_norway::to_string(&quota)?);
+    }
+    if let Some(limits) = build::limit_range(&p, &t) {
+        out += &format!("---\n{}", serde_norway::to_string(&limits)?);
+    }
+    golden("children.yaml", &out);
+    Ok(())
+}
+
+#[test]
+fn empty_member_lists_get_no_binding() {
+    let mut p = project("payments");
+    p.spec.viewers = vec![member(SubjectKind::Group, "auditors", None)];
+    let bindings = build::role_bindings(&p, &template());
+    let present: Vec<_> = bindings
+        .iter()
+        .filter(|(_, b)| b.is_some())
+        .map(|(n, _)| *n)
+        .collect();
+    assert_eq!(present, vec![build::VIEWERS_BINDING]);
+    assert_eq!(
+        bindings.len(),
+        3,
+        "absent bindings are listed so stale ones are removed"
+    );
+}
+
+#[test]
+fn a_template_without_quota_makes_no_quota() {
+    let p = project("payments");
+    assert!(build::resource_quota(&p, &template()).is_none());
+    assert!(build::limit_range(&p, &template()).is_none());
+}
+
+#[test]
+fn bound_network_profiles_keep_the_project_from_ready_until_applied() {
+    let p = project("payments");
+    let ns = build::namespace(&p, &template());
+    let parts = Parts {
+        bindings: vec![],
+        quota: false,
+        limits: false,
+        network_profiles: vec!["baseline".into()],
+        writes: 0,
+    };
+    let status = status::reconciled(&p, &ns, Some(&parts));
+    let ready = chassis_runtime::conditions::find(&status.conditions, "Ready").expect("Ready is set");
+    assert_eq!(ready.status, "False");
+    assert_eq!(ready.reason, reason::NETWORK_PROFILES_PENDING);
+    assert!(ready.message.contains("baseline"), "{}", ready.message);
+    for part in ["NamespaceReady", "RBACReady", "QuotaReady", "NetworkReady"] {
+        assert!(
+            chassis_runtime::conditions::find(&status.conditions, part).is_some(),
+            "{part} missing"
+        );
+    }
 }

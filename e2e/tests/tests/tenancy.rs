@@ -1,0 +1,238 @@
+//! A project's members, quota and limits against the real control plane: who may do
+//! what in it, and that Chassis puts back what someone deletes or edits.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use chassis_api::tenancy::v1alpha1::{
+    PodSecurityLevel, Project, ProjectSpec, ProjectTemplate, ProjectTemplateSpec, Subject, SubjectKind,
+};
+use chassis_e2e::{Operator, cluster, eventually, unique, wait_for_condition};
+use k8s_openapi::api::core::v1::{ConfigMap, LimitRange, ResourceQuota};
+use k8s_openapi::api::rbac::v1::RoleBinding;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn quota_template(name: &str, cpu: &str) -> ProjectTemplate {
+    let spec: ProjectTemplateSpec = serde_json::from_value(serde_json::json!({
+        "podSecurity": "baseline",
+        "resourceQuota": {"hard": {"requests.cpu": cpu, "pods": "20"}},
+        "limitRange": {"limits": [{"type": "Container", "default": {"cpu": "500m"}}]},
+    }))
+    .unwrap_or_default();
+    let mut t = ProjectTemplate::new(name, spec);
+    t.spec.pod_security = PodSecurityLevel::Baseline;
+    t
+}
+
+fn owned_by_alice(name: &str, template: &str) -> Project {
+    Project::new(
+        name,
+        ProjectSpec {
+            template: template.into(),
+            admins: vec![Subject {
+                kind: SubjectKind::User,
+                name: "alice".into(),
+                namespace: None,
+            }],
+            ..Default::default()
+        },
+    )
+}
+
+fn hard_cpu(quota: &ResourceQuota) -> Option<String> {
+    quota
+        .spec
+        .as_ref()?
+        .hard
+        .as_ref()?
+        .get("requests.cpu")
+        .map(|q| q.0.clone())
+}
+
+struct Fixture {
+    client: kube::Client,
+    project: String,
+    template: String,
+}
+
+async fn ready_project(cpu: &str) -> Result<Fixture> {
+    let op = Operator::shared();
+    let client = cluster().admin().await?;
+    let template = unique("quota");
+    Api::<ProjectTemplate>::all(client.clone())
+        .create(&PostParams::default(), &quota_template(&template, cpu))
+        .await?;
+    let project = unique("team");
+    let projects: Api<Project> = Api::all(client.clone());
+    projects
+        .create(&PostParams::default(), &owned_by_alice(&project, &template))
+        .await?;
+    let ready = wait_for_condition(&projects, &project, "Ready", "True", TIMEOUT, Some(op)).await?;
+    for part in ["NamespaceReady", "RBACReady", "QuotaReady", "NetworkReady"] {
+        let found = ready
+            .status
+            .iter()
+            .flat_map(|s| s.conditions.iter())
+            .find(|c| c.type_ == part);
+        assert_eq!(
+            found.map(|c| c.status.as_str()),
+            Some("True"),
+            "{part}: {found:?}"
+        );
+    }
+    Ok(Fixture {
+        client,
+        project,
+        template,
+    })
+}
+
+impl Fixture {
+    async fn cleanup(self) -> Result<()> {
+        Api::<Project>::all(self.client.clone())
+            .delete(&self.project, &DeleteParams::default())
+            .await?;
+        Api::<ProjectTemplate>::all(self.client)
+            .delete(&self.template, &DeleteParams::default())
+            .await?;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn members_get_their_roles_and_nobody_else_gets_in() -> Result<()> {
+    let f = ready_project("4").await?;
+    let alice = cluster().user("alice").await?;
+    let bob = cluster().user("bob").await?;
+
+    let mut cm = ConfigMap::default();
+    cm.metadata.name = Some("settings".into());
+    Api::<ConfigMap>::namespaced(alice.clone(), &f.project)
+        .create(&PostParams::default(), &cm)
+        .await
+        .context("alice, the project admin, creates a ConfigMap")?;
+
+    let denied = Api::<ConfigMap>::namespaced(bob, &f.project)
+        .list(&Default::default())
+        .await;
+    assert!(
+        matches!(&denied, Err(kube::Error::Api(s)) if s.code == 403),
+        "bob must not read alice's project: {denied:?}"
+    );
+
+    // Admins manage content, not the limits the platform set.
+    let quotas: Api<ResourceQuota> = Api::namespaced(alice, &f.project);
+    let raise = serde_json::json!({"spec": {"hard": {"requests.cpu": "400"}}});
+    let refused = quotas
+        .patch(
+            "chassis-project-quota",
+            &PatchParams::default(),
+            &Patch::Merge(&raise),
+        )
+        .await;
+    assert!(
+        matches!(&refused, Err(kube::Error::Api(s)) if s.code == 403),
+        "alice must not raise her quota: {refused:?}"
+    );
+    f.cleanup().await
+}
+
+#[tokio::test]
+async fn deleted_or_edited_children_are_put_back() -> Result<()> {
+    let f = ready_project("4").await?;
+    let bindings: Api<RoleBinding> = Api::namespaced(f.client.clone(), &f.project);
+    let quotas: Api<ResourceQuota> = Api::namespaced(f.client.clone(), &f.project);
+    let limits: Api<LimitRange> = Api::namespaced(f.client.clone(), &f.project);
+    limits.get("chassis-project-limits").await?;
+
+    let old_uid = bindings.get("chassis-project-admins").await?.metadata.uid;
+    bindings
+        .delete("chassis-project-admins", &DeleteParams::default())
+        .await?;
+    eventually(
+        "the admins RoleBinding to come back",
+        Duration::from_secs(20),
+        || async {
+            let back = bindings.get_opt("chassis-project-admins").await?;
+            Ok(back.filter(|b| b.metadata.uid != old_uid).map(|_| ()))
+        },
+    )
+    .await?;
+
+    quotas
+        .delete("chassis-project-quota", &DeleteParams::default())
+        .await?;
+    eventually("the quota to come back", Duration::from_secs(20), || async {
+        Ok(quotas.get_opt("chassis-project-quota").await?.map(|_| ()))
+    })
+    .await?;
+
+    // An edit by someone else (here the cluster admin with kubectl's manager name).
+    let edit = serde_json::json!({"spec": {"hard": {"requests.cpu": "400"}}});
+    quotas
+        .patch(
+            "chassis-project-quota",
+            &PatchParams {
+                field_manager: Some("kubectl-edit".into()),
+                ..Default::default()
+            },
+            &Patch::Merge(&edit),
+        )
+        .await?;
+    eventually(
+        "the edited quota to be reverted",
+        Duration::from_secs(20),
+        || async {
+            let quota = quotas.get("chassis-project-quota").await?;
+            Ok((hard_cpu(&quota).as_deref() == Some("4")).then_some(()))
+        },
+    )
+    .await?;
+    f.cleanup().await
+}
+
+#[tokio::test]
+async fn a_bigger_quota_in_the_template_reaches_every_project() -> Result<()> {
+    let f = ready_project("2").await?;
+    let projects: Api<Project> = Api::all(f.client.clone());
+    let second = unique("team");
+    projects
+        .create(&PostParams::default(), &owned_by_alice(&second, &f.template))
+        .await?;
+    wait_for_condition(
+        &projects,
+        &second,
+        "Ready",
+        "True",
+        TIMEOUT,
+        Some(Operator::shared()),
+    )
+    .await?;
+
+    let templates: Api<ProjectTemplate> = Api::all(f.client.clone());
+    let mut t = templates.get(&f.template).await?;
+    if let Some(q) = t.spec.resource_quota.as_mut() {
+        q.hard
+            .get_or_insert_with(Default::default)
+            .insert("requests.cpu".into(), Quantity("8".into()));
+    }
+    templates.replace(&f.template, &PostParams::default(), &t).await?;
+
+    for ns in [&f.project, &second] {
+        let quotas: Api<ResourceQuota> = Api::namespaced(f.client.clone(), ns);
+        eventually(
+            &format!("the new quota in {ns}"),
+            Duration::from_secs(30),
+            || async {
+                let quota = quotas.get("chassis-project-quota").await?;
+                Ok((hard_cpu(&quota).as_deref() == Some("8")).then_some(()))
+            },
+        )
+        .await?;
+    }
+    projects.delete(&second, &DeleteParams::default()).await?;
+    f.cleanup().await
+}

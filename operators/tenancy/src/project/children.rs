@@ -1,0 +1,171 @@
+//! Step 4 for the namespaced children: RoleBindings, ResourceQuota and LimitRange,
+//! each applied only when missing, changed or edited by someone else, and removed
+//! when the project or its template no longer asks for it.
+
+use std::sync::Arc;
+
+use chassis_api::tenancy::v1alpha1::{Project, ProjectTemplate};
+use chassis_runtime::apply::{self, Outcome};
+use k8s_openapi::api::core::v1::{LimitRange, ResourceQuota};
+use k8s_openapi::api::rbac::v1::RoleBinding;
+use kube::api::{Api, DeleteParams};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{Error, build};
+
+/// The state of each part of a project after its children were reconciled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parts {
+    /// Members bound: (binding name, ClusterRole, number of subjects).
+    pub bindings: Vec<(String, String, usize)>,
+    pub quota: bool,
+    pub limits: bool,
+    /// NetworkProfiles the template binds (not rendered until the network area lands).
+    pub network_profiles: Vec<String>,
+    /// Requests made (applies and deletes), for the write budget.
+    pub writes: usize,
+}
+
+fn cached<K>(store: &Store<K>, namespace: &str, name: &str) -> Option<Arc<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    store.get(&ObjectRef::new(name).within(namespace))
+}
+
+async fn ensure_one<K>(
+    client: &Client,
+    store: &Store<K>,
+    namespace: &str,
+    name: &str,
+    desired: Option<&K>,
+    owner_uid: &str,
+    field_manager: &str,
+) -> Result<Outcome, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + std::fmt::Debug
+        + 'static,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    let observed = cached(store, namespace, name);
+    apply::ensure(&api, name, desired, observed.as_deref(), owner_uid, field_manager)
+        .await
+        .map_err(|source| Error::ApplyChild {
+            kind: K::kind(&()).into_owned(),
+            name: format!("{namespace}/{name}"),
+            source,
+        })
+}
+
+/// The stores of the children, read instead of the API server.
+pub struct ChildStores {
+    pub role_bindings: Store<RoleBinding>,
+    pub quotas: Store<ResourceQuota>,
+    pub limits: Store<LimitRange>,
+}
+
+/// Reconciles every namespaced child of `project` inside its namespace.
+pub async fn reconcile(
+    client: &Client,
+    stores: &ChildStores,
+    project: &Project,
+    template: &ProjectTemplate,
+    field_manager: &str,
+) -> Result<Parts, Error> {
+    let namespace = project.name_any();
+    let uid = project.uid().unwrap_or_default();
+    let mut writes = 0;
+    let mut count = |outcome: Outcome| {
+        if matches!(outcome, Outcome::Applied | Outcome::Deleted) {
+            writes += 1;
+        }
+    };
+
+    let mut bindings = Vec::new();
+    for (name, desired) in build::role_bindings(project, template) {
+        // roleRef cannot change in place: a binding to another role is replaced.
+        if let (Some(want), Some(have)) = (&desired, cached(&stores.role_bindings, &namespace, name))
+            && want.role_ref != have.role_ref
+            && apply::controlled_by(have.as_ref(), &uid)
+        {
+            let api: Api<RoleBinding> = Api::namespaced(client.clone(), &namespace);
+            match api.delete(name, &DeleteParams::background()).await {
+                Ok(_) => count(Outcome::Deleted),
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(source) => {
+                    return Err(Error::ApplyChild {
+                        kind: "RoleBinding".into(),
+                        name: format!("{namespace}/{name}"),
+                        source,
+                    });
+                }
+            }
+            let api: Api<RoleBinding> = Api::namespaced(client.clone(), &namespace);
+            apply::apply(&api, want, field_manager)
+                .await
+                .map_err(|source| Error::ApplyChild {
+                    kind: "RoleBinding".into(),
+                    name: format!("{namespace}/{name}"),
+                    source,
+                })?;
+            count(Outcome::Applied);
+        } else {
+            let outcome = ensure_one(
+                client,
+                &stores.role_bindings,
+                &namespace,
+                name,
+                desired.as_ref(),
+                &uid,
+                field_manager,
+            )
+            .await?;
+            count(outcome);
+        }
+        if let Some(binding) = &desired {
+            let subjects = binding.subjects.as_ref().map_or(0, Vec::len);
+            bindings.push((name.to_string(), binding.role_ref.name.clone(), subjects));
+        }
+    }
+
+    let quota = build::resource_quota(project, template);
+    let outcome = ensure_one(
+        client,
+        &stores.quotas,
+        &namespace,
+        build::QUOTA_NAME,
+        quota.as_ref(),
+        &uid,
+        field_manager,
+    )
+    .await?;
+    count(outcome);
+
+    let limits = build::limit_range(project, template);
+    let outcome = ensure_one(
+        client,
+        &stores.limits,
+        &namespace,
+        build::LIMITS_NAME,
+        limits.as_ref(),
+        &uid,
+        field_manager,
+    )
+    .await?;
+    count(outcome);
+
+    Ok(Parts {
+        bindings,
+        quota: quota.is_some(),
+        limits: limits.is_some(),
+        network_profiles: template.spec.network_profiles.clone(),
+        writes,
+    })
+}
