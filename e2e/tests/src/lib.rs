@@ -68,6 +68,16 @@ impl Cluster {
     pub async fn user(&self, user: &str) -> Result<Client> {
         client_from(&self.kubeconfig_of(user)).await
     }
+
+    /// A client acting as any `user` in group `developers` (the admin impersonates
+    /// them), so that per-user counts of parallel tests do not mix.
+    pub async fn developer(&self, user: &str) -> Result<Client> {
+        let kc = Kubeconfig::read_from(self.kubeconfig())?;
+        let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+        config.auth_info.impersonate = Some(user.to_string());
+        config.auth_info.impersonate_groups = Some(vec!["developers".to_string()]);
+        Ok(Client::try_from(config)?)
+    }
 }
 
 /// Builds a client from a kubeconfig file.
@@ -119,6 +129,14 @@ fn start_cluster() -> Result<Cluster> {
             .arg(root.join("crds")),
         "installing CRDs",
     )?;
+    // Self-service as the demo sets it up: group `developers` may create projects.
+    run(
+        cluster
+            .kubectl()
+            .args(["apply", "--server-side", "--force-conflicts", "-f"])
+            .arg(root.join("examples/rbac-self-provisioner.yaml")),
+        "granting self-service to developers",
+    )?;
     run(
         cluster
             .kubectl()
@@ -129,8 +147,16 @@ fn start_cluster() -> Result<Cluster> {
     Ok(cluster)
 }
 
-/// The cluster, started or reused once per test binary.
+/// The cluster, started or reused once per test binary, with the shared operator
+/// running and its admission webhooks registered (they refuse Project writes while
+/// no operator serves them).
 pub fn cluster() -> &'static Cluster {
+    let cluster = started_cluster();
+    Operator::shared();
+    cluster
+}
+
+fn started_cluster() -> &'static Cluster {
     static CLUSTER: OnceLock<Cluster> = OnceLock::new();
     CLUSTER.get_or_init(|| match start_cluster() {
         Ok(c) => c,
@@ -179,7 +205,7 @@ fn operator_binary() -> Result<PathBuf> {
 impl Operator {
     /// Starts the operator against the cluster as admin, with `extra` flags.
     pub fn start(name: &str, extra: &[&str]) -> Result<Self> {
-        let kubeconfig = cluster().kubeconfig();
+        let kubeconfig = started_cluster().kubeconfig();
         Self::start_with_kubeconfig(name, &kubeconfig, extra)
     }
 
@@ -215,16 +241,39 @@ impl Operator {
         })
     }
 
-    /// The operator shared by the tests of one test binary.
+    /// The operator shared by the tests of one test binary; it serves and registers
+    /// the admission webhooks.
     pub fn shared() -> &'static Operator {
         static SHARED: OnceLock<Operator> = OnceLock::new();
         SHARED.get_or_init(|| {
             let name = format!("shared-{}", std::process::id());
-            match Operator::start(&name, &[]) {
+            let started = free_port().and_then(|port| {
+                let webhook = format!("127.0.0.1:{port}");
+                let op = Operator::start(&name, &["--webhook-addr", &webhook, "--webhook-register"])?;
+                op.wait_for_log("registered admission webhooks", Duration::from_secs(60))?;
+                Ok(op)
+            });
+            match started {
                 Ok(op) => op,
                 Err(err) => panic!("could not start the shared operator: {err:#}"),
             }
         })
+    }
+
+    /// Blocks until the operator log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if std::fs::read_to_string(&self.log).is_ok_and(|log| log.contains(needle)) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!(
+            "operator {} never logged {needle:?}:\n{}",
+            self.name,
+            self.log_tail(30)
+        )
     }
 
     /// The last `n` lines of the operator's log.

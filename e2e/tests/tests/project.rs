@@ -157,29 +157,40 @@ async fn a_foreign_namespace_is_never_taken_over() -> Result<()> {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let templates: Api<ProjectTemplate> = Api::all(client.clone());
 
+    // Admission refuses a project named after an existing namespace; the controller
+    // must hold the line too when the namespace appears after admission. The project
+    // waits for its template, the namespace is made meanwhile, then the template.
     let tpl = unique("tpl");
+    let name = unique("taken");
+    projects
+        .create(&PostParams::default(), &project(&name, &tpl))
+        .await?;
+    wait_for_condition(&projects, &name, "Ready", "False", READY_TIMEOUT, Some(op)).await?;
+    let mut ns = Namespace::default();
+    ns.metadata.name = Some(name.clone());
+    namespaces.create(&PostParams::default(), &ns).await?;
     templates
         .create(
             &PostParams::default(),
             &template(&tpl, PodSecurityLevel::Restricted),
         )
         .await?;
-    let name = unique("taken");
-    let mut ns = Namespace::default();
-    ns.metadata.name = Some(name.clone());
-    namespaces.create(&PostParams::default(), &ns).await?;
-    projects
-        .create(&PostParams::default(), &project(&name, &tpl))
-        .await?;
-
-    let conflicted = wait_for_condition(&projects, &name, "Ready", "False", READY_TIMEOUT, Some(op)).await?;
-    let reason = conflicted
-        .status
-        .iter()
-        .flat_map(|s| s.conditions.iter())
-        .find(|c| c.type_ == "Ready")
-        .map(|c| c.reason.clone());
-    assert_eq!(reason.as_deref(), Some("NamespaceConflict"));
+    chassis_e2e::eventually(
+        "the project to report NamespaceConflict",
+        READY_TIMEOUT,
+        || async {
+            let p = projects.get(&name).await?;
+            let reason = p
+                .status
+                .iter()
+                .flat_map(|s| s.conditions.iter())
+                .find(|c| c.type_ == "Ready")
+                .map(|c| c.reason.clone());
+            Ok((reason.as_deref() == Some("NamespaceConflict")).then_some(()))
+        },
+    )
+    .await
+    .with_context(|| op.log_tail(20))?;
     let untouched = namespaces.get(&name).await?;
     assert!(
         untouched.owner_references().is_empty(),

@@ -13,10 +13,14 @@ use chassis_runtime::controller::Running;
 use chassis_runtime::health::{self, Health};
 use chassis_runtime::leader::Election;
 use chassis_runtime::metrics::Metrics;
+use chassis_runtime::webhook::{self, ServingCert};
 use clap::{Parser, ValueEnum};
 use kube::Client;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio_util::sync::CancellationToken;
+
+/// How long controllers may take to finish after SIGTERM.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Every controller this binary knows, in start order.
 const ALL_CONTROLLERS: &[&str] = &[chassis_tenancy::project::NAME, chassis_tenancy::template::NAME];
@@ -59,6 +63,21 @@ struct Args {
     /// Kubeconfig file; without it, $KUBECONFIG, ~/.kube/config or the in-cluster config.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+
+    /// Serve the Project admission webhooks over TLS on this address.
+    #[arg(long, env = "CHASSIS_WEBHOOK_ADDR")]
+    webhook_addr: Option<SocketAddr>,
+
+    /// Folder with `tls.crt`, `tls.key` (and `ca.crt`) for the webhooks; without it a
+    /// self-signed certificate is generated for the webhook address.
+    #[arg(long, env = "CHASSIS_WEBHOOK_CERT_DIR")]
+    webhook_cert_dir: Option<PathBuf>,
+
+    /// Register the webhook configurations with the API server, pointing at
+    /// https://<webhook-addr> (for development outside a cluster; the helm chart
+    /// registers them in a cluster).
+    #[arg(long, requires = "webhook_addr")]
+    webhook_register: bool,
 
     /// Log line format.
     #[arg(long, env = "CHASSIS_LOG_FORMAT", value_enum, default_value = "json")]
@@ -163,6 +182,24 @@ async fn run(args: Args) -> Result<()> {
     .with_context(|| format!("listening on --metrics-addr {}", args.metrics_addr))?;
     tracing::info!(%addr, controllers = ?controllers, leader_elect = args.leader_elect, "chassis-operator starting");
 
+    if let Some(webhook_addr) = args.webhook_addr {
+        let cert = match &args.webhook_cert_dir {
+            Some(dir) => ServingCert::from_dir(dir)?,
+            None => ServingCert::self_signed(&[webhook_addr.ip().to_string(), "localhost".to_string()])?,
+        };
+        let routes = chassis_tenancy::admission::routes(client.clone());
+        let (local, _) = webhook::serve(webhook_addr, &cert, routes, shutdown.clone())
+            .await
+            .with_context(|| format!("serving webhooks on --webhook-addr {webhook_addr}"))?;
+        tracing::info!(addr = %local, "serving admission webhooks");
+        if args.webhook_register {
+            chassis_tenancy::admission::register(&client, &format!("https://{local}"), &cert.ca_pem)
+                .await
+                .context("registering the admission webhooks")?;
+            tracing::info!(url = %format!("https://{local}"), "registered admission webhooks");
+        }
+    }
+
     let mut election = None;
     if args.leader_elect {
         let mut e = Election::start(client.clone(), &args.lease_namespace, &args.lease_name, &instance)
@@ -209,8 +246,16 @@ async fn run(args: Args) -> Result<()> {
             None => futures::future::pending().await,
         }
     };
+    // kube-runtime holds a controller whose store never synced (e.g. missing RBAC)
+    // and it does not see the shutdown signal then: give controllers a grace period.
+    let grace = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+        tracing::warn!("controllers did not stop within {SHUTDOWN_GRACE:?}; exiting anyway");
+    };
     let outcome = tokio::select! {
         _ = controllers_done => Ok(()),
+        _ = grace => Ok(()),
         _ = lost => {
             health.set_leader(false);
             Err(anyhow::anyhow!("lost the leader lease; exiting so a fresh instance can take over"))

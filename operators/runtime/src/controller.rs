@@ -72,3 +72,59 @@ mod tests {
         assert!(done.now_or_never().is_some());
     }
 }
+
+/// Backoff for watch streams: 500 ms doubling to at most 5 s, reset once a watch
+/// works again. kube-runtime's default goes to 30 s, which makes an operator whose
+/// RBAC was just fixed wait long before it lists again.
+#[derive(Debug, Clone)]
+pub struct WatchBackoff {
+    next: std::time::Duration,
+}
+
+impl WatchBackoff {
+    const MIN: std::time::Duration = std::time::Duration::from_millis(500);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(5);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self { next: Self::MIN }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = std::time::Duration;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let current = self.next;
+        self.next = (current * 2).min(Self::MAX);
+        Some(current)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::MIN;
+    }
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::*;
+    use kube::runtime::utils::Backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn doubles_to_five_seconds_and_resets() {
+        let mut b = WatchBackoff::default();
+        let first: Vec<_> = (&mut b).take(6).collect();
+        assert_eq!(
+            first,
+            [500, 1000, 2000, 4000, 5000, 5000]
+                .map(Duration::from_millis)
+                .to_vec()
+        );
+        b.reset();
+        assert_eq!(b.next(), Some(Duration::from_millis(500)));
+    }
+}

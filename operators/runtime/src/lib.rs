@@ -27,6 +27,7 @@ pub mod leader;
 pub mod metrics;
 pub mod shutdown;
 pub mod telemetry;
+pub mod webhook;
 
 pub use context::Context;
 pub mod controller;

@@ -15,5 +15,6 @@
 //! chassis-runtime's server-side apply; builders in [`project::build`] never touch a
 //! client.
 
+pub mod admission;
 pub mod project;
 pub mod template;

@@ -8,7 +8,7 @@ use chassis_api::conditions::READY;
 use chassis_api::tenancy::v1alpha1::{ProjectTemplate, ProjectTemplateStatus};
 use chassis_runtime::Context;
 use chassis_runtime::conditions::{Desired, upsert};
-use chassis_runtime::controller::{InitialSync, Running};
+use chassis_runtime::controller::{InitialSync, Running, WatchBackoff};
 use chassis_runtime::metrics::Metrics;
 use futures::StreamExt;
 use k8s_openapi::api::rbac::v1::ClusterRole;
@@ -109,7 +109,7 @@ pub fn controller(
     let mut sync = InitialSync::default();
     let (templates, template_writer) = reflector::store::<ProjectTemplate>();
     let template_stream = watcher(Api::<ProjectTemplate>::all(client.clone()), wc.clone())
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .reflect(template_writer)
         .inspect(sync.track())
         .applied_objects()
@@ -118,7 +118,7 @@ pub fn controller(
     // Only names matter, so ClusterRoles are watched as metadata.
     let (roles, role_writer) = reflector::store::<PartialObjectMeta<ClusterRole>>();
     let role_stream = watcher(Api::<PartialObjectMeta<ClusterRole>>::all(client.clone()), wc)
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .reflect(role_writer)
         .inspect(sync.track())
         .touched_objects();

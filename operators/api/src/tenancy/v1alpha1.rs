@@ -146,7 +146,7 @@ pub struct ProjectTemplateStatus {
 
 /// A self-service project: a namespace with its members, quota and network policy,
 /// made from a ProjectTemplate. Cluster-scoped; the namespace has the project's name.
-#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "tenancy.chassis.dev",
     version = "v1alpha1",
@@ -209,6 +209,20 @@ fn default_template() -> String {
     "default".into()
 }
 
+impl Default for ProjectSpec {
+    /// The same defaults the API server applies: template `default`, no members.
+    fn default() -> Self {
+        Self {
+            display_name: None,
+            description: None,
+            template: default_template(),
+            admins: Vec::new(),
+            editors: Vec::new(),
+            viewers: Vec::new(),
+        }
+    }
+}
+
 /// An RBAC subject: a user, a group or a ServiceAccount.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[x_kube(validation = kube::core::Rule::new(
@@ -258,6 +272,7 @@ mod tests {
     #[test]
     fn project_defaults_to_the_default_template() -> Result<(), serde_json::Error> {
         let spec: ProjectSpec = serde_json::from_str("{}")?;
+        assert_eq!(spec, ProjectSpec::default(), "Rust and serde defaults agree");
         assert_eq!(spec.template, "default");
         assert!(spec.admins.is_empty());
         Ok(())

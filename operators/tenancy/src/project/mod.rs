@@ -14,7 +14,7 @@ use chassis_api::tenancy::v1alpha1::{Project, ProjectTemplate};
 use chassis_runtime::Context;
 use chassis_runtime::apply::MANAGED_BY_LABEL;
 use chassis_runtime::apply::{self, Claim};
-use chassis_runtime::controller::{InitialSync, Running};
+use chassis_runtime::controller::{InitialSync, Running, WatchBackoff};
 use chassis_runtime::metrics::Metrics;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{LimitRange, Namespace, ResourceQuota};
@@ -267,7 +267,7 @@ pub fn controller(
 
     let (projects, project_writer) = reflector::store::<Project>();
     let project_stream = watcher(Api::<Project>::all(client.clone()), wc.clone())
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .reflect(project_writer)
         .inspect(sync.track())
         .applied_objects()
@@ -275,14 +275,14 @@ pub fn controller(
 
     let (templates, template_writer) = reflector::store::<ProjectTemplate>();
     let template_stream = watcher(Api::<ProjectTemplate>::all(client.clone()), wc.clone())
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .reflect(template_writer)
         .inspect(sync.track())
         .touched_objects();
 
     let (namespaces, namespace_writer) = reflector::store::<Namespace>();
     let namespace_stream = watcher(Api::<Namespace>::all(client.clone()), wc.clone())
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .reflect(namespace_writer)
         .inspect(sync.track())
         .touched_objects();
@@ -293,19 +293,19 @@ pub fn controller(
         .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY},{PROJECT_LABEL}"));
     let (role_bindings, rb_writer) = reflector::store::<RoleBinding>();
     let rb_stream = watcher(Api::<RoleBinding>::all(client.clone()), managed.clone())
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .reflect(rb_writer)
         .inspect(sync.track())
         .touched_objects();
     let (quotas, quota_writer) = reflector::store::<ResourceQuota>();
     let quota_stream = watcher(Api::<ResourceQuota>::all(client.clone()), managed.clone())
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .reflect(quota_writer)
         .inspect(sync.track())
         .touched_objects();
     let (limits, limits_writer) = reflector::store::<LimitRange>();
     let limits_stream = watcher(Api::<LimitRange>::all(client.clone()), managed)
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .reflect(limits_writer)
         .inspect(sync.track())
         .touched_objects();

@@ -1,0 +1,205 @@
+//! Self-service through admission against the real API server: a developer creates
+//! a project with only a name and owns it; the requester cannot be forged; reserved
+//! names, foreign namespaces and the per-user limit are refused with a clear message.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use chassis_api::tenancy::v1alpha1::{Project, ProjectSpec, ProjectTemplate, ProjectTemplateSpec};
+use chassis_e2e::{Operator, cluster, unique, wait_for_condition};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+
+const REQUESTER: &str = "tenancy.chassis.dev/requester";
+
+async fn default_template(admin: &Client) -> Result<()> {
+    let templates: Api<ProjectTemplate> = Api::all(admin.clone());
+    if templates.get_opt("default").await?.is_none() {
+        let created = templates
+            .create(
+                &PostParams::default(),
+                &ProjectTemplate::new("default", ProjectTemplateSpec::default()),
+            )
+            .await;
+        if let Err(kube::Error::Api(s)) = &created
+            && s.code != 409
+        {
+            created?;
+        }
+    }
+    Ok(())
+}
+
+fn refusal(result: Result<Project, kube::Error>) -> String {
+    match result {
+        Ok(p) => panic!("the project {} was admitted", p.name_any()),
+        Err(kube::Error::Api(status)) => status.message,
+        Err(other) => panic!("expected a refusal, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn a_developer_creates_a_project_with_only_a_name_and_owns_it() -> Result<()> {
+    let op = Operator::shared();
+    let admin = cluster().admin().await?;
+    default_template(&admin).await?;
+    let alice = cluster().user("alice").await?;
+    let name = unique("alice");
+
+    let mine: Api<Project> = Api::all(alice.clone());
+    let created = mine
+        .create(
+            &PostParams::default(),
+            &Project::new(&name, ProjectSpec::default()),
+        )
+        .await?;
+    assert_eq!(
+        created.annotations().get(REQUESTER).map(String::as_str),
+        Some("alice")
+    );
+    assert_eq!(
+        created.spec.admins.first().map(|s| s.name.as_str()),
+        Some("alice")
+    );
+
+    let all: Api<Project> = Api::all(admin.clone());
+    wait_for_condition(&all, &name, "Ready", "True", Duration::from_secs(60), Some(op)).await?;
+    let ns = Api::<Namespace>::all(admin.clone()).get(&name).await?;
+    assert_eq!(ns.annotations().get(REQUESTER).map(String::as_str), Some("alice"));
+
+    let mut cm = ConfigMap::default();
+    cm.metadata.name = Some("hello".into());
+    Api::<ConfigMap>::namespaced(alice.clone(), &name)
+        .create(&PostParams::default(), &cm)
+        .await
+        .context("alice creates a ConfigMap in her project")?;
+    let bob = cluster().user("bob").await?;
+    let denied = Api::<ConfigMap>::namespaced(bob, &name).get("hello").await;
+    assert!(
+        matches!(&denied, Err(kube::Error::Api(s)) if s.code == 403),
+        "bob read it: {denied:?}"
+    );
+
+    all.delete(&name, &DeleteParams::default()).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_requester_cannot_be_forged_or_changed() -> Result<()> {
+    let admin = cluster().admin().await?;
+    default_template(&admin).await?;
+    let user = unique("dev");
+    let dev = cluster().developer(&user).await?;
+    let name = unique("forged");
+    let mut forged = Project::new(&name, ProjectSpec::default());
+    forged.metadata.annotations = Some([(REQUESTER.to_string(), "someone-else".to_string())].into());
+    let created = Api::<Project>::all(dev)
+        .create(&PostParams::default(), &forged)
+        .await?;
+    assert_eq!(
+        created.annotations().get(REQUESTER),
+        Some(&user),
+        "the webhook overwrote the forged value"
+    );
+
+    // Even the cluster admin cannot rewrite it later.
+    let all: Api<Project> = Api::all(admin);
+    let change = serde_json::json!({"metadata": {"annotations": {REQUESTER: "mallory"}}});
+    let patched = all
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&change))
+        .await?;
+    assert_eq!(patched.annotations().get(REQUESTER), Some(&user));
+    all.delete(&name, &DeleteParams::default()).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_per_user_limit_refuses_the_third_project_with_the_numbers() -> Result<()> {
+    let admin = cluster().admin().await?;
+    let tpl = unique("limited");
+    let spec = ProjectTemplateSpec {
+        max_projects_per_user: Some(2),
+        ..Default::default()
+    };
+    Api::<ProjectTemplate>::all(admin.clone())
+        .create(&PostParams::default(), &ProjectTemplate::new(&tpl, spec))
+        .await?;
+    let user = unique("dev");
+    let projects: Api<Project> = Api::all(cluster().developer(&user).await?);
+    let spec = ProjectSpec {
+        template: tpl.clone(),
+        ..Default::default()
+    };
+    let mut names = Vec::new();
+    for _ in 0..2 {
+        let name = unique("mine");
+        projects
+            .create(&PostParams::default(), &Project::new(&name, spec.clone()))
+            .await?;
+        names.push(name);
+    }
+    let message = refusal(
+        projects
+            .create(
+                &PostParams::default(),
+                &Project::new(&unique("third"), spec.clone()),
+            )
+            .await,
+    );
+    assert!(
+        message.contains(&format!(
+            "user \"{user}\" already has 2 projects and the template \"{tpl}\" allows 2 per user"
+        )),
+        "{message}"
+    );
+    let all: Api<Project> = Api::all(admin.clone());
+    for name in names {
+        all.delete(&name, &DeleteParams::default()).await?;
+    }
+    Api::<ProjectTemplate>::all(admin)
+        .delete(&tpl, &DeleteParams::default())
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn reserved_names_and_unmanaged_namespaces_are_refused() -> Result<()> {
+    let admin = cluster().admin().await?;
+    default_template(&admin).await?;
+    let projects: Api<Project> = Api::all(cluster().developer(&unique("dev")).await?);
+    for reserved in ["kube-system", "default", "chassis-system"] {
+        let message = refusal(
+            projects
+                .create(
+                    &PostParams::default(),
+                    &Project::new(reserved, ProjectSpec::default()),
+                )
+                .await,
+        );
+        assert!(message.contains("is reserved"), "{reserved}: {message}");
+    }
+
+    let legacy = unique("legacy");
+    let mut ns = Namespace::default();
+    ns.metadata.name = Some(legacy.clone());
+    Api::<Namespace>::all(admin.clone())
+        .create(&PostParams::default(), &ns)
+        .await?;
+    let message = refusal(
+        projects
+            .create(
+                &PostParams::default(),
+                &Project::new(&legacy, ProjectSpec::default()),
+            )
+            .await,
+    );
+    assert!(
+        message.contains("already exists and does not belong to a project"),
+        "{message}"
+    );
+    Api::<Namespace>::all(admin)
+        .delete(&legacy, &DeleteParams::default())
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,431 @@
+//! Admission for Projects, the self-service half of tenancy:
+//!
+//! - mutating: records the requesting user in `tenancy.chassis.dev/requester`
+//!   (set on create, restored on every update, so it cannot be forged or changed)
+//!   and makes the requester the admin when `spec.admins` is empty;
+//! - validating: refuses reserved names, names of existing namespaces that no
+//!   Project owns, and requests over the template's `maxProjectsPerUser`.
+//!
+//! The decisions are pure functions of the request and looked-up facts; the
+//! handlers only fetch those facts.
+
+use std::sync::Arc;
+
+use chassis_api::tenancy::REQUESTER_ANNOTATION;
+use chassis_api::tenancy::v1alpha1::{Project, ProjectTemplate};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ValidatingWebhook,
+    ValidatingWebhookConfiguration, WebhookClientConfig,
+};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams};
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::{Value, json};
+use warp::Filter;
+
+pub const MUTATE_PATH: &str = "mutate-projects";
+pub const VALIDATE_PATH: &str = "validate-projects";
+/// Name of both webhook configurations.
+pub const CONFIGURATION_NAME: &str = "chassis-tenancy";
+
+/// Names no Project may take.
+pub fn reserved(name: &str) -> bool {
+    name == "default" || name.starts_with("kube-") || name.starts_with("chassis-")
+}
+
+fn escape_pointer(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+fn requester_of(object: Option<&DynamicObject>) -> Option<String> {
+    object.and_then(|o| o.annotations().get(REQUESTER_ANNOTATION).cloned())
+}
+
+/// The JSON patch operations for a Project create or update.
+pub fn mutation(request: &AdmissionRequest<DynamicObject>) -> Vec<Value> {
+    let Some(object) = request.object.as_ref() else {
+        return Vec::new();
+    };
+    let user = request.user_info.username.clone().unwrap_or_default();
+    // On update the requester is whatever it was at creation, whatever the client sent.
+    let wanted = match request.operation {
+        Operation::Create => Some(user.clone()),
+        Operation::Update => requester_of(request.old_object.as_ref()),
+        _ => return Vec::new(),
+    };
+    let mut ops = Vec::new();
+    let current = requester_of(Some(object));
+    if current != wanted {
+        let has_annotations = object.metadata.annotations.is_some();
+        let pointer = format!("/metadata/annotations/{}", escape_pointer(REQUESTER_ANNOTATION));
+        match (&wanted, has_annotations) {
+            (Some(value), false) => ops.push(json!({
+                "op": "add", "path": "/metadata/annotations", "value": { REQUESTER_ANNOTATION: value }
+            })),
+            (Some(value), true) => ops.push(json!({"op": "add", "path": pointer, "value": value})),
+            (None, _) => ops.push(json!({"op": "remove", "path": pointer})),
+        }
+    }
+    if matches!(request.operation, Operation::Create) && !user.is_empty() {
+        let spec = object.data.get("spec");
+        let admins_empty = spec
+            .and_then(|s| s.get("admins"))
+            .and_then(Value::as_array)
+            .is_none_or(|a| a.is_empty());
+        if admins_empty {
+            let admin = json!([{"kind": "User", "name": user}]);
+            if spec.is_some_and(Value::is_object) {
+                ops.push(json!({"op": "add", "path": "/spec/admins", "value": admin}));
+            } else {
+                ops.push(json!({"op": "add", "path": "/spec", "value": {"admins": admin}}));
+            }
+        }
+    }
+    ops
+}
+
+/// What the validating webhook looks up before it decides.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Facts {
+    /// A namespace of the project's name exists and no Project controls it.
+    pub foreign_namespace: bool,
+    /// The template's `maxProjectsPerUser`, when the template exists and sets one.
+    pub max_projects_per_user: Option<i32>,
+    /// Projects the requesting user already has.
+    pub user_projects: usize,
+    /// Name of the template the project uses.
+    pub template: String,
+}
+
+/// `Err(message)` when the Project must be refused.
+pub fn decide(name: &str, user: &str, operation: &Operation, facts: &Facts) -> Result<(), String> {
+    if !matches!(operation, Operation::Create) {
+        return Ok(());
+    }
+    if reserved(name) {
+        return Err(format!(
+            "project name {name:?} is reserved: names \"default\", \"kube-*\" and \"chassis-*\" belong to the platform"
+        ));
+    }
+    if facts.foreign_namespace {
+        return Err(format!(
+            "namespace {name:?} already exists and does not belong to a project; choose another name"
+        ));
+    }
+    if let Some(max) = facts.max_projects_per_user
+        && facts.user_projects >= usize::try_from(max).unwrap_or(0)
+    {
+        return Err(format!(
+            "user {user:?} already has {} projects and the template {:?} allows {max} per user",
+            facts.user_projects, facts.template
+        ));
+    }
+    Ok(())
+}
+
+fn controlled_by_a_project(ns: &Namespace) -> bool {
+    ns.owner_references().iter().any(|r| {
+        r.controller == Some(true) && r.kind == "Project" && r.api_version.starts_with("tenancy.chassis.dev/")
+    })
+}
+
+async fn facts(client: &Client, request: &AdmissionRequest<DynamicObject>) -> Result<Facts, kube::Error> {
+    let user = request.user_info.username.clone().unwrap_or_default();
+    let template = request
+        .object
+        .as_ref()
+        .and_then(|o| o.data.get("spec"))
+        .and_then(|s| s.get("template"))
+        .and_then(Value::as_str)
+        .unwrap_or("default")
+        .to_string();
+    let namespace = Api::<Namespace>::all(client.clone())
+        .get_opt(&request.name)
+        .await?;
+    let max = Api::<ProjectTemplate>::all(client.clone())
+        .get_opt(&template)
+        .await?
+        .and_then(|t| t.spec.max_projects_per_user);
+    let user_projects = match max {
+        Some(_) => Api::<Project>::all(client.clone())
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter(|p| p.annotations().get(REQUESTER_ANNOTATION) == Some(&user))
+            .count(),
+        None => 0,
+    };
+    Ok(Facts {
+        foreign_namespace: namespace.as_ref().is_some_and(|ns| !controlled_by_a_project(ns)),
+        max_projects_per_user: max,
+        user_projects,
+        template,
+    })
+}
+
+fn deny(response: AdmissionResponse, message: String) -> AdmissionResponse {
+    let mut denied = response.deny(message);
+    denied.result.code = 403;
+    denied.result.reason = "Forbidden".into();
+    denied
+}
+
+async fn handle_mutate(review: AdmissionReview<DynamicObject>) -> AdmissionReview<DynamicObject> {
+    let request: AdmissionRequest<DynamicObject> = match review.try_into() {
+        Ok(request) => request,
+        Err(err) => return AdmissionResponse::invalid(err.to_string()).into_review(),
+    };
+    let response = AdmissionResponse::from(&request);
+    let ops = mutation(&request);
+    if ops.is_empty() {
+        return response.into_review();
+    }
+    let patch: Result<json_patch::Patch, _> = serde_json::from_value(Value::Array(ops));
+    match patch
+        .map_err(|e| e.to_string())
+        .and_then(|p| response.clone().with_patch(p).map_err(|e| e.to_string()))
+    {
+        Ok(patched) => patched.into_review(),
+        Err(err) => deny(
+            response,
+            format!("chassis could not build the admission patch: {err}"),
+        )
+        .into_review(),
+    }
+}
+
+async fn handle_validate(
+    client: Client,
+    review: AdmissionReview<DynamicObject>,
+) -> AdmissionReview<DynamicObject> {
+    let request: AdmissionRequest<DynamicObject> = match review.try_into() {
+        Ok(request) => request,
+        Err(err) => return AdmissionResponse::invalid(err.to_string()).into_review(),
+    };
+    let response = AdmissionResponse::from(&request);
+    if !matches!(request.operation, Operation::Create) {
+        return response.into_review();
+    }
+    let user = request.user_info.username.clone().unwrap_or_default();
+    match facts(&client, &request).await {
+        Ok(facts) => match decide(&request.name, &user, &request.operation, &facts) {
+            Ok(()) => response.into_review(),
+            Err(message) => deny(response, message).into_review(),
+        },
+        Err(err) => {
+            tracing::warn!(error = %err, project = %request.name, "admission lookup failed");
+            deny(response, format!("chassis could not check the project: {err}")).into_review()
+        }
+    }
+}
+
+/// The warp routes of both webhooks.
+pub fn routes(client: Client) -> impl Filter<Extract = (impl warp::Reply,), Error = warp::Rejection> + Clone {
+    let client = Arc::new(client);
+    let mutate = warp::path(MUTATE_PATH)
+        .and(warp::post())
+        .and(warp::body::content_length_limit(3 * 1024 * 1024))
+        .and(warp::body::json())
+        .then(|review| async move { warp::reply::json(&handle_mutate(review).await) });
+    let validate = warp::path(VALIDATE_PATH)
+        .and(warp::post())
+        .and(warp::body::content_length_limit(3 * 1024 * 1024))
+        .and(warp::body::json())
+        .then(move |review| {
+            let client = client.as_ref().clone();
+            async move { warp::reply::json(&handle_validate(client, review).await) }
+        });
+    mutate.or(validate)
+}
+
+fn rules() -> Vec<RuleWithOperations> {
+    vec![RuleWithOperations {
+        api_groups: Some(vec![Project::group(&()).into_owned()]),
+        api_versions: Some(vec![Project::version(&()).into_owned()]),
+        resources: Some(vec![Project::plural(&()).into_owned()]),
+        operations: Some(vec!["CREATE".into(), "UPDATE".into()]),
+        scope: Some("Cluster".into()),
+    }]
+}
+
+fn client_config(base_url: &str, path: &str, ca_pem: &str) -> WebhookClientConfig {
+    WebhookClientConfig {
+        url: Some(format!("{}/{path}", base_url.trim_end_matches('/'))),
+        ca_bundle: Some(ByteString(ca_pem.as_bytes().to_vec())),
+        service: None,
+    }
+}
+
+/// The webhook configurations pointing at `base_url` (used for local development,
+/// where the operator runs outside the cluster; the helm chart wires a Service).
+pub fn configurations(
+    base_url: &str,
+    ca_pem: &str,
+) -> (MutatingWebhookConfiguration, ValidatingWebhookConfiguration) {
+    let meta = ObjectMeta {
+        name: Some(CONFIGURATION_NAME.into()),
+        labels: Some([("app.kubernetes.io/managed-by".to_string(), "chassis".to_string())].into()),
+        ..Default::default()
+    };
+    let mutating = MutatingWebhookConfiguration {
+        metadata: meta.clone(),
+        webhooks: Some(vec![MutatingWebhook {
+            name: "mutate.projects.tenancy.chassis.dev".into(),
+            admission_review_versions: vec!["v1".into()],
+            client_config: client_config(base_url, MUTATE_PATH, ca_pem),
+            failure_policy: Some("Fail".into()),
+            side_effects: "None".into(),
+            timeout_seconds: Some(5),
+            rules: Some(rules()),
+            reinvocation_policy: Some("IfNeeded".into()),
+            ..Default::default()
+        }]),
+    };
+    let validating = ValidatingWebhookConfiguration {
+        metadata: meta,
+        webhooks: Some(vec![ValidatingWebhook {
+            name: "validate.projects.tenancy.chassis.dev".into(),
+            admission_review_versions: vec!["v1".into()],
+            client_config: client_config(base_url, VALIDATE_PATH, ca_pem),
+            failure_policy: Some("Fail".into()),
+            side_effects: "None".into(),
+            timeout_seconds: Some(5),
+            rules: Some(rules()),
+            ..Default::default()
+        }]),
+    };
+    (mutating, validating)
+}
+
+/// Applies both configurations (server-side apply, field manager `chassis-webhook`).
+pub async fn register(client: &Client, base_url: &str, ca_pem: &str) -> Result<(), kube::Error> {
+    let (mutating, validating) = configurations(base_url, ca_pem);
+    let params = PatchParams::apply("chassis-webhook").force();
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .patch(CONFIGURATION_NAME, &params, &Patch::Apply(&mutating))
+        .await?;
+    Api::<ValidatingWebhookConfiguration>::all(client.clone())
+        .patch(CONFIGURATION_NAME, &params, &Patch::Apply(&validating))
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(
+        operation: &str,
+        user: &str,
+        object: Value,
+        old: Option<Value>,
+    ) -> AdmissionRequest<DynamicObject> {
+        let review = json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "1",
+                "kind": {"group": "tenancy.chassis.dev", "version": "v1alpha1", "kind": "Project"},
+                "resource": {"group": "tenancy.chassis.dev", "version": "v1alpha1", "resource": "projects"},
+                "name": "payments",
+                "operation": operation,
+                "userInfo": {"username": user, "groups": ["developers"]},
+                "object": object,
+                "oldObject": old,
+            }
+        });
+        let review: AdmissionReview<DynamicObject> = serde_json::from_value(review).expect("valid review");
+        review.try_into().expect("has a request")
+    }
+
+    fn project(annotations: Value, spec: Value) -> Value {
+        json!({"apiVersion": "tenancy.chassis.dev/v1alpha1", "kind": "Project",
+               "metadata": {"name": "payments", "annotations": annotations}, "spec": spec})
+    }
+
+    #[test]
+    fn create_records_the_requester_and_makes_them_admin() {
+        let ops = mutation(&request("CREATE", "alice", project(json!(null), json!({})), None));
+        assert_eq!(
+            ops,
+            vec![
+                json!({"op": "add", "path": "/metadata/annotations",
+                       "value": {"tenancy.chassis.dev/requester": "alice"}}),
+                json!({"op": "add", "path": "/spec/admins", "value": [{"kind": "User", "name": "alice"}]}),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_forged_requester_on_create_is_overwritten() {
+        let forged = project(
+            json!({"tenancy.chassis.dev/requester": "admin"}),
+            json!({"admins": [{"kind": "Group", "name": "x"}]}),
+        );
+        let ops = mutation(&request("CREATE", "alice", forged, None));
+        assert_eq!(
+            ops,
+            vec![
+                json!({"op": "add", "path": "/metadata/annotations/tenancy.chassis.dev~1requester", "value": "alice"})
+            ],
+            "explicit admins are kept"
+        );
+    }
+
+    #[test]
+    fn an_update_cannot_change_or_drop_the_requester() {
+        let old = project(json!({"tenancy.chassis.dev/requester": "alice"}), json!({}));
+        let changed = project(json!({"tenancy.chassis.dev/requester": "mallory"}), json!({}));
+        let ops = mutation(&request("UPDATE", "alice", changed, Some(old.clone())));
+        assert_eq!(
+            ops,
+            vec![
+                json!({"op": "add", "path": "/metadata/annotations/tenancy.chassis.dev~1requester", "value": "alice"})
+            ]
+        );
+        let dropped = project(json!({"other": "x"}), json!({}));
+        let ops = mutation(&request("UPDATE", "alice", dropped, Some(old.clone())));
+        assert_eq!(ops.len(), 1, "{ops:?}");
+        let unchanged = mutation(&request("UPDATE", "bob", old.clone(), Some(old)));
+        assert!(unchanged.is_empty(), "{unchanged:?}");
+    }
+
+    #[test]
+    fn reserved_and_foreign_names_and_the_per_user_limit_are_refused() {
+        let create = Operation::Create;
+        let none = Facts::default();
+        for name in ["default", "kube-system", "kube-anything", "chassis-system"] {
+            let err = decide(name, "alice", &create, &none).expect_err(name);
+            assert!(err.contains("is reserved"), "{err}");
+        }
+        let foreign = Facts {
+            foreign_namespace: true,
+            ..Default::default()
+        };
+        assert!(decide("legacy", "alice", &create, &foreign).is_err());
+        let at_limit = Facts {
+            max_projects_per_user: Some(2),
+            user_projects: 2,
+            template: "default".into(),
+            ..Default::default()
+        };
+        let err = decide("third", "alice", &create, &at_limit).expect_err("over the limit");
+        assert_eq!(
+            err,
+            "user \"alice\" already has 2 projects and the template \"default\" allows 2 per user"
+        );
+        let below = Facts {
+            user_projects: 1,
+            ..at_limit.clone()
+        };
+        assert!(decide("second", "alice", &create, &below).is_ok());
+        assert!(
+            decide("default", "alice", &Operation::Update, &at_limit).is_ok(),
+            "updates are not re-judged"
+        );
+    }
+}
