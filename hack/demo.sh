@@ -33,7 +33,8 @@ kubectl=("$CHASSIS_BIN/kubectl" --kubeconfig "$state/kubeconfig")
 stop
 mkdir -p "$(dirname "$pidfile")" "$(dirname "$log")"
 setsid "$root/target/debug/chassis-operator" --kubeconfig "$state/kubeconfig" \
-  --metrics-addr 127.0.0.1:8080 --log-format json >"$log" 2>&1 < /dev/null &
+  --metrics-addr 127.0.0.1:8080 --webhook-addr 127.0.0.1:9443 --webhook-register \
+  --log-format json >"$log" 2>&1 < /dev/null &
 echo $! >"$pidfile"
 for _ in $(seq 1 100); do
   if curl -fsS http://127.0.0.1:8080/readyz >/dev/null 2>&1; then break; fi
@@ -43,13 +44,24 @@ for _ in $(seq 1 100); do
   sleep 0.2
 done
 
-"${kubectl[@]}" apply -f "$root/examples"
+"${kubectl[@]}" apply --server-side --force-conflicts -f "$root/examples"
 if ! "${kubectl[@]}" wait --for=condition=Ready --timeout=90s project --all >/dev/null; then
   echo "the example projects did not become Ready; operator log ($log):" >&2
   tail -20 "$log" >&2
   "${kubectl[@]}" get projects -o yaml >&2
   exit 1
 fi
+
+# Self-service: alice (group developers) asks for a project with only a name.
+alice=("$CHASSIS_BIN/kubectl" --kubeconfig "$state/kubeconfig-alice")
+if ! "${kubectl[@]}" get project alice-sandbox >/dev/null 2>&1; then
+  printf 'apiVersion: tenancy.chassis.dev/v1alpha1\nkind: Project\nmetadata: {name: alice-sandbox}\n' \
+    | "${alice[@]}" create -f -
+fi
+"${kubectl[@]}" wait --for=condition=Ready --timeout=60s project/alice-sandbox >/dev/null
+echo "alice's project, as alice sees it:"
+"${alice[@]}" get project alice-sandbox \
+  -o custom-columns='NAME:.metadata.name,REQUESTER:.metadata.annotations.tenancy\.chassis\.dev/requester,ADMINS:.spec.admins[*].name,READY:.status.conditions[?(@.type=="Ready")].status'
 
 echo
 echo "== kubectl get chassis"
