@@ -19,9 +19,12 @@ t0=$(ms); bash "$root/e2e/cluster/build.sh" >/dev/null; warm_build_ms=$(( $(ms) 
 
 "${k[@]}" apply --server-side --force-conflicts -f "$root/crds" >/dev/null
 "${k[@]}" wait --for=condition=Established --timeout=60s -f "$root/crds" >/dev/null
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+port=$(free_port)
+webhook=$(free_port)
 log=$state/logs/bench-operator.log
 "$root/target/debug/chassis-operator" --kubeconfig "$state/kubeconfig" --metrics-addr "127.0.0.1:$port" \
+  --webhook-addr "127.0.0.1:$webhook" --webhook-register \
   >"$log" 2>&1 </dev/null &
 op=$!
 trap 'kill $op 2>/dev/null || true; "${k[@]}" delete projects -l bench=foundation --wait=false >/dev/null 2>&1 || true' EXIT
