@@ -15,12 +15,16 @@ E2E_THREADS  ?= 4
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
-deps: ## Install the Debian packages the scripts use (openssl, procps, curl)
-	@missing=""; for c in openssl pgrep curl; do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+deps: ## Check the toolchains and install the Debian packages the scripts use
+	@command -v go >/dev/null || { echo "Go is missing: the local control plane is built from Go modules (Go 1.26 or newer)."; exit 1; }
+	@go version | awk '{split($$3, v, "."); if (v[1] == "go1" && v[2] + 0 < 26) {print "Go " $$3 " is too old: the control plane needs Go 1.26 or newer."; exit 1}}'
+	@cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+	@cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+	@missing=""; for c in openssl pgrep curl python3; do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
 	if [ -n "$$missing" ]; then \
-	  echo "installing:$$missing"; apt-get update -qq && apt-get install -y -qq openssl procps curl >/dev/null; \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  echo "installing:$$missing"; $$sudo apt-get update -qq && $$sudo apt-get install -y -qq openssl procps curl python3 >/dev/null; \
 	fi
-	@rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy
 
 crds: ## Regenerate crds/ from the Rust types
 	$(CARGO) run -q -p chassis-api --bin crdgen -- crds/

@@ -36,13 +36,19 @@ setsid "$root/target/debug/chassis-operator" --kubeconfig "$state/kubeconfig" \
   --metrics-addr 127.0.0.1:8080 --webhook-addr 127.0.0.1:9443 --webhook-register \
   --log-format json >"$log" 2>&1 < /dev/null &
 echo $! >"$pidfile"
-for _ in $(seq 1 100); do
-  if curl -fsS http://127.0.0.1:8080/readyz >/dev/null 2>&1; then break; fi
+ready=""
+for _ in $(seq 1 150); do
+  if curl -fsS http://127.0.0.1:8080/readyz >/dev/null 2>&1; then ready=yes; break; fi
   if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
     echo "chassis-operator exited; its log ($log) ends with:" >&2; tail -20 "$log" >&2; exit 1
   fi
   sleep 0.2
 done
+if [ -z "$ready" ]; then
+  echo "chassis-operator did not become ready within 30 s; its log ($log) ends with:" >&2
+  tail -20 "$log" >&2
+  exit 1
+fi
 
 "${kubectl[@]}" apply --server-side --force-conflicts -f "$root/examples"
 if ! "${kubectl[@]}" wait --for=condition=Ready --timeout=90s project --all >/dev/null; then

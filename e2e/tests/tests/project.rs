@@ -256,6 +256,27 @@ async fn invalid_projects_are_rejected_by_the_api_server_with_readable_messages(
     let message = api_error(raw.create(&PostParams::default(), &robot).await);
     assert!(message.contains("Unsupported value: \"Robot\""), "{message}");
 
+    // The template is fixed at creation (admission checked the right to use it).
+    let fixed = unique("fixed");
+    projects
+        .create(&PostParams::default(), &project(&fixed, "default"))
+        .await?;
+    let switch = serde_json::json!({"spec": {"template": "privileged"}});
+    let message = api_error(
+        projects
+            .patch(
+                &fixed,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&switch),
+            )
+            .await,
+    );
+    assert!(
+        message.contains("spec.template cannot change after creation"),
+        "{message}"
+    );
+    projects.delete(&fixed, &DeleteParams::default()).await?;
+
     // CEL rule on template labels.
     let templates: Api<ProjectTemplate> = Api::all(client);
     let mut reserved = template(&unique("tpl"), PodSecurityLevel::Restricted);

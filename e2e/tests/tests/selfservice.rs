@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use chassis_api::tenancy::v1alpha1::{Project, ProjectSpec, ProjectTemplate, ProjectTemplateSpec};
 use chassis_e2e::{Operator, cluster, unique, wait_for_condition};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 
@@ -131,6 +132,21 @@ async fn the_per_user_limit_refuses_the_third_project_with_the_numbers() -> Resu
         template: tpl.clone(),
         ..Default::default()
     };
+    // A template other than `default` needs the verb `use` on it.
+    let message = refusal(
+        projects
+            .create(
+                &PostParams::default(),
+                &Project::new(&unique("early"), spec.clone()),
+            )
+            .await,
+    );
+    assert!(
+        message.contains(&format!("may not use the ProjectTemplate \"{tpl}\"")),
+        "{message}"
+    );
+    grant_use(&admin, &tpl, &user).await?;
+
     let mut names = Vec::new();
     for _ in 0..2 {
         let name = unique("mine");
@@ -157,8 +173,35 @@ async fn the_per_user_limit_refuses_the_third_project_with_the_numbers() -> Resu
     for name in names {
         all.delete(&name, &DeleteParams::default()).await?;
     }
-    Api::<ProjectTemplate>::all(admin)
+    Api::<ProjectTemplate>::all(admin.clone())
         .delete(&tpl, &DeleteParams::default())
+        .await?;
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .delete(&tpl, &DeleteParams::default())
+        .await?;
+    Api::<ClusterRole>::all(admin)
+        .delete(&tpl, &DeleteParams::default())
+        .await?;
+    Ok(())
+}
+
+/// Lets `user` make projects from `template` (ClusterRole and binding named after it).
+async fn grant_use(admin: &Client, template: &str, user: &str) -> Result<()> {
+    let role: ClusterRole = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": template},
+        "rules": [{"apiGroups": ["tenancy.chassis.dev"], "resources": ["projecttemplates"],
+                   "resourceNames": [template], "verbs": ["use"]}]
+    }))?;
+    Api::<ClusterRole>::all(admin.clone())
+        .create(&PostParams::default(), &role)
+        .await?;
+    let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": template},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": template},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]
+    }))?;
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .create(&PostParams::default(), &binding)
         .await?;
     Ok(())
 }

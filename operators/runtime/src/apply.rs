@@ -81,21 +81,51 @@ where
     api.patch(&name, &params, &Patch::Apply(desired)).await
 }
 
-/// Whether a field manager other than `ours` has set fields outside `metadata` and
-/// `status` (a spec, RoleBinding subjects, ...): someone edited the child by hand.
+/// Whether a field manager other than `ours` owns a field that `desired` sets
+/// (outside `metadata` and `status`): someone edited what we manage. Fields others
+/// added beside ours (an extra quota limit) are not drift: a forced apply would not
+/// remove them anyway, and treating them as drift would re-apply on every event.
 /// Reading managedFields avoids comparing values the API server normalizes
 /// (`1000m` is stored as `1`).
-pub fn edited_by_others<K: Resource>(observed: &K, ours: &[&str]) -> bool {
+pub fn edited_by_others<K: Resource + Serialize>(desired: &K, observed: &K, ours: &[&str]) -> bool {
+    let Ok(wanted) = serde_json::to_value(desired) else {
+        return true;
+    };
     observed.meta().managed_fields.iter().flatten().any(|entry| {
         let manager = entry.manager.as_deref().unwrap_or_default();
         let on_subresource = entry.subresource.as_deref().is_some_and(|s| !s.is_empty());
-        let touches_content = entry
+        if ours.contains(&manager) || on_subresource {
+            return false;
+        }
+        entry
             .fields_v1
             .as_ref()
             .and_then(|f| f.0.as_object())
-            .is_some_and(|fields| fields.keys().any(|k| k != "f:metadata" && k != "f:status"));
-        !ours.contains(&manager) && !on_subresource && touches_content
+            .is_some_and(|fields| {
+                fields
+                    .iter()
+                    .filter(|(k, _)| k.as_str() != "f:metadata" && k.as_str() != "f:status")
+                    .any(|(k, sub)| touches(k, sub, &wanted))
+            })
     })
+}
+
+/// Whether the managedFields entry `key: sub` (relative to `wanted`) names a field
+/// that `wanted` sets.
+fn touches(key: &str, sub: &serde_json::Value, wanted: &serde_json::Value) -> bool {
+    let Some(name) = key.strip_prefix("f:") else {
+        // `k:`/`v:`/`i:` entries address list items: we are inside a list we set.
+        return key != ".";
+    };
+    let Some(value) = wanted.get(name) else {
+        return false;
+    };
+    match (value.as_object(), sub.as_object()) {
+        (Some(_), Some(children)) if children.keys().any(|k| k != ".") => {
+            children.iter().any(|(k, s)| touches(k, s, value))
+        }
+        _ => true,
+    }
 }
 
 /// What [`ensure`] did to one child.
@@ -137,7 +167,7 @@ where
             }
         }
         (Some(want), Some(current))
-            if metadata_matches(want, current) && !edited_by_others(current, &[field_manager]) =>
+            if metadata_matches(want, current) && !edited_by_others(want, current, &[field_manager]) =>
         {
             Ok(Outcome::Unchanged)
         }
@@ -283,6 +313,71 @@ mod tests {
             !metadata_matches(&desired, &stale),
             "a different applied hash means reapply"
         );
+    }
+}
+
+#[cfg(test)]
+mod drift_tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ResourceQuota;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+
+    fn quota(hard: serde_json::Value, managers: Vec<(&str, serde_json::Value)>) -> ResourceQuota {
+        let mut q: ResourceQuota =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "q"}, "spec": {"hard": hard}}))
+                .unwrap_or_default();
+        q.metadata.managed_fields = Some(
+            managers
+                .into_iter()
+                .map(|(manager, fields)| ManagedFieldsEntry {
+                    manager: Some(manager.into()),
+                    operation: Some("Update".into()),
+                    fields_v1: Some(FieldsV1(fields)),
+                    ..Default::default()
+                })
+                .collect(),
+        );
+        q
+    }
+
+    #[test]
+    fn an_edit_of_a_field_we_set_is_drift_but_an_added_field_is_not() {
+        let desired = quota(serde_json::json!({"requests.cpu": "4"}), vec![]);
+        let edited = quota(
+            serde_json::json!({"requests.cpu": "400"}),
+            vec![(
+                "kubectl-edit",
+                serde_json::json!({"f:spec": {"f:hard": {"f:requests.cpu": {}}}}),
+            )],
+        );
+        assert!(edited_by_others(&desired, &edited, &["chassis-project"]));
+        let added = quota(
+            serde_json::json!({"requests.cpu": "4", "pods": "9"}),
+            vec![(
+                "kubectl-edit",
+                serde_json::json!({"f:spec": {"f:hard": {"f:pods": {}}}}),
+            )],
+        );
+        assert!(
+            !edited_by_others(&desired, &added, &["chassis-project"]),
+            "extra fields are not ours"
+        );
+        let status_only = quota(
+            serde_json::json!({"requests.cpu": "4"}),
+            vec![(
+                "kube-controller-manager",
+                serde_json::json!({"f:metadata": {"f:labels": {}}}),
+            )],
+        );
+        assert!(!edited_by_others(&desired, &status_only, &["chassis-project"]));
+        let ours = quota(
+            serde_json::json!({"requests.cpu": "4"}),
+            vec![(
+                "chassis-project",
+                serde_json::json!({"f:spec": {"f:hard": {"f:requests.cpu": {}}}}),
+            )],
+        );
+        assert!(!edited_by_others(&desired, &ours, &["chassis-project"]));
     }
 }
 

@@ -24,6 +24,20 @@ pub struct Running {
 #[derive(Default)]
 pub struct InitialSync {
     receivers: Vec<watch::Receiver<bool>>,
+    all: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Whether every watch of a controller has listed once. kube-runtime starts
+/// reconciling when the main store is ready, not the others: a reconcile that reads
+/// another store checks this first, or it would take an empty store for the truth
+/// (a missing template, children to create) after every restart.
+#[derive(Clone, Debug, Default)]
+pub struct Synced(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Synced {
+    pub fn get(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 impl InitialSync {
@@ -39,12 +53,18 @@ impl InitialSync {
         }
     }
 
+    /// A flag that turns true when [`InitialSync::done`] resolves.
+    pub fn flag(&self) -> Synced {
+        Synced(self.all.clone())
+    }
+
     /// Resolves when every tracked stream has synced.
     pub fn done(self) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             for mut rx in self.receivers {
                 let _ = rx.wait_for(|synced| *synced).await;
             }
+            self.all.store(true, std::sync::atomic::Ordering::Release);
         })
     }
 }
@@ -60,6 +80,7 @@ mod tests {
         let mut sync = InitialSync::default();
         let mut a = sync.track::<ConfigMap, ()>();
         let mut b = sync.track::<ConfigMap, ()>();
+        let flag = sync.flag();
         let mut done = sync.done();
         a(&Ok(watcher::Event::InitDone));
         assert!(
@@ -69,7 +90,9 @@ mod tests {
         b(&Ok(watcher::Event::Init));
         assert!((&mut done).now_or_never().is_none(), "Init is not InitDone");
         b(&Ok(watcher::Event::InitDone));
+        assert!(!flag.get());
         assert!(done.now_or_never().is_some());
+        assert!(flag.get(), "the flag follows done()");
     }
 }
 

@@ -20,6 +20,9 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+/// How long a client may take for the TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Errors setting up the webhook server.
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
@@ -51,10 +54,15 @@ impl std::fmt::Debug for ServingCert {
 }
 
 impl ServingCert {
-    /// A fresh CA and a leaf for `hosts` (DNS names or IP addresses), valid for a year.
+    /// A fresh CA and a leaf for `hosts` (DNS names or IP addresses), valid for a
+    /// year from an hour ago (clock skew). The CA signs nothing but this leaf.
     pub fn self_signed(hosts: &[String]) -> Result<Self, WebhookError> {
+        let now = time::OffsetDateTime::now_utc();
+        let (not_before, not_after) = (now - time::Duration::hours(1), now + time::Duration::days(365));
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        ca_params.not_before = not_before;
+        ca_params.not_after = not_after;
         ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         ca_params
             .distinguished_name
@@ -62,6 +70,8 @@ impl ServingCert {
         let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
 
         let mut leaf_params = CertificateParams::new(hosts.to_vec())?;
+        leaf_params.not_before = not_before;
+        leaf_params.not_after = not_after;
         leaf_params
             .distinguished_name
             .push(DnType::CommonName, "chassis-operator webhook");
@@ -130,7 +140,9 @@ where
                 accepted = listener.accept() => match accepted {
                     Ok(conn) => conn,
                     Err(err) => {
+                        // e.g. out of file descriptors: back off instead of spinning.
                         tracing::warn!(error = %err, "webhook accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                         continue;
                     }
                 },
@@ -138,10 +150,15 @@ where
             let acceptor = acceptor.clone();
             let service = service.clone();
             tokio::spawn(async move {
-                let tls = match acceptor.accept(tcp).await {
-                    Ok(tls) => tls,
-                    Err(err) => {
+                // A client that never finishes its handshake must not hold a task forever.
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(err)) => {
                         tracing::debug!(%peer, error = %err, "webhook TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "webhook TLS handshake timed out");
                         return;
                     }
                 };

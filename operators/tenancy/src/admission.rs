@@ -18,8 +18,9 @@ use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ValidatingWebhook,
     ValidatingWebhookConfiguration, WebhookClientConfig,
 };
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams};
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::{Client, Resource, ResourceExt};
@@ -98,6 +99,8 @@ pub struct Facts {
     pub user_projects: usize,
     /// Name of the template the project uses.
     pub template: String,
+    /// The requester may `use` that template (a SubjectAccessReview said so).
+    pub template_allowed: bool,
 }
 
 /// `Err(message)` when the Project must be refused.
@@ -108,6 +111,12 @@ pub fn decide(name: &str, user: &str, operation: &Operation, facts: &Facts) -> R
     if reserved(name) {
         return Err(format!(
             "project name {name:?} is reserved: names \"default\", \"kube-*\" and \"chassis-*\" belong to the platform"
+        ));
+    }
+    if !facts.template_allowed {
+        return Err(format!(
+            "user {user:?} may not use the ProjectTemplate {:?}; a platform admin grants it with the verb \"use\" on projecttemplates/{}",
+            facts.template, facts.template
         ));
     }
     if facts.foreign_namespace {
@@ -130,6 +139,37 @@ fn controlled_by_a_project(ns: &Namespace) -> bool {
     ns.owner_references().iter().any(|r| {
         r.controller == Some(true) && r.kind == "Project" && r.api_version.starts_with("tenancy.chassis.dev/")
     })
+}
+
+/// Asks the API server whether the requester may `use` the template, so a platform
+/// team decides who gets which template (a `privileged` one, say) with plain RBAC.
+async fn may_use_template(
+    client: &Client,
+    request: &AdmissionRequest<DynamicObject>,
+    template: &str,
+) -> Result<bool, kube::Error> {
+    let info = &request.user_info;
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: info.username.clone(),
+            groups: info.groups.clone(),
+            uid: info.uid.clone(),
+            extra: info.extra.clone().map(|extra| extra.into_iter().collect()),
+            resource_attributes: Some(ResourceAttributes {
+                group: Some(ProjectTemplate::group(&()).into_owned()),
+                resource: Some(ProjectTemplate::plural(&()).into_owned()),
+                verb: Some("use".into()),
+                name: Some(template.to_string()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let answer = Api::<SubjectAccessReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await?;
+    Ok(answer.status.is_some_and(|s| s.allowed))
 }
 
 async fn facts(client: &Client, request: &AdmissionRequest<DynamicObject>) -> Result<Facts, kube::Error> {
@@ -155,11 +195,14 @@ async fn facts(client: &Client, request: &AdmissionRequest<DynamicObject>) -> Re
             .await?
             .items
             .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
             .filter(|p| p.annotations().get(REQUESTER_ANNOTATION) == Some(&user))
             .count(),
         None => 0,
     };
+    let template_allowed = may_use_template(client, request, &template).await?;
     Ok(Facts {
+        template_allowed,
         foreign_namespace: namespace.as_ref().is_some_and(|ns| !controlled_by_a_project(ns)),
         max_projects_per_user: max,
         user_projects,
@@ -397,21 +440,24 @@ mod tests {
     #[test]
     fn reserved_and_foreign_names_and_the_per_user_limit_are_refused() {
         let create = Operation::Create;
-        let none = Facts::default();
+        let none = Facts {
+            template_allowed: true,
+            ..Default::default()
+        };
         for name in ["default", "kube-system", "kube-anything", "chassis-system"] {
             let err = decide(name, "alice", &create, &none).expect_err(name);
             assert!(err.contains("is reserved"), "{err}");
         }
         let foreign = Facts {
             foreign_namespace: true,
-            ..Default::default()
+            ..none.clone()
         };
         assert!(decide("legacy", "alice", &create, &foreign).is_err());
         let at_limit = Facts {
             max_projects_per_user: Some(2),
             user_projects: 2,
             template: "default".into(),
-            ..Default::default()
+            ..none.clone()
         };
         let err = decide("third", "alice", &create, &at_limit).expect_err("over the limit");
         assert_eq!(
@@ -426,6 +472,15 @@ mod tests {
         assert!(
             decide("default", "alice", &Operation::Update, &at_limit).is_ok(),
             "updates are not re-judged"
+        );
+        let not_granted = Facts {
+            template: "privileged".into(),
+            ..Default::default()
+        };
+        let err = decide("mine", "alice", &create, &not_granted).expect_err("template not granted");
+        assert!(
+            err.contains("may not use the ProjectTemplate \"privileged\""),
+            "{err}"
         );
     }
 }

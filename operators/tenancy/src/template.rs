@@ -8,7 +8,7 @@ use chassis_api::conditions::READY;
 use chassis_api::tenancy::v1alpha1::{ProjectTemplate, ProjectTemplateStatus};
 use chassis_runtime::Context;
 use chassis_runtime::conditions::{Desired, upsert};
-use chassis_runtime::controller::{InitialSync, Running, WatchBackoff};
+use chassis_runtime::controller::{InitialSync, Running, Synced, WatchBackoff};
 use chassis_runtime::metrics::Metrics;
 use futures::StreamExt;
 use k8s_openapi::api::rbac::v1::ClusterRole;
@@ -37,6 +37,8 @@ pub enum Error {
 
 pub struct TemplateContext {
     pub base: Context,
+    /// Every watch has listed once (see `Synced`).
+    pub synced: Synced,
     pub cluster_roles: Store<PartialObjectMeta<ClusterRole>>,
 }
 
@@ -73,6 +75,9 @@ pub fn status(template: &ProjectTemplate, result: &Result<(), String>) -> Projec
 }
 
 async fn reconcile(template: Arc<ProjectTemplate>, ctx: Arc<TemplateContext>) -> Result<Action, Error> {
+    if !ctx.synced.get() {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     let _timer = ctx.base.metrics.reconcile();
     let name = template.name_any();
     let result = validate(&template, |role| {
@@ -125,6 +130,7 @@ pub fn controller(
 
     let ctx = Arc::new(TemplateContext {
         base: Context::new(client, NAME, metrics.controller(NAME), instance),
+        synced: sync.flag(),
         cluster_roles: roles.clone(),
     });
     let index = templates.clone();

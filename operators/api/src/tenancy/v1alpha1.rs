@@ -187,8 +187,11 @@ pub struct ProjectSpec {
     #[schemars(length(max = 2048))]
     pub description: Option<String>,
 
-    /// Name of the ProjectTemplate this project is made from.
+    /// Name of the ProjectTemplate this project is made from. Fixed at creation:
+    /// admission checks that the requester may use it.
     #[serde(default = "default_template")]
+    #[x_kube(validation = kube::core::Rule::new("self == oldSelf")
+        .message("spec.template cannot change after creation; create a new project instead"))]
     #[schemars(length(min = 1, max = 253))]
     pub template: String,
 

@@ -14,7 +14,7 @@ use chassis_api::tenancy::v1alpha1::{Project, ProjectTemplate};
 use chassis_runtime::Context;
 use chassis_runtime::apply::MANAGED_BY_LABEL;
 use chassis_runtime::apply::{self, Claim};
-use chassis_runtime::controller::{InitialSync, Running, WatchBackoff};
+use chassis_runtime::controller::{InitialSync, Running, Synced, WatchBackoff};
 use chassis_runtime::metrics::Metrics;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{LimitRange, Namespace, ResourceQuota};
@@ -62,6 +62,8 @@ impl Error {
 /// The stores the controller reads and the shared plumbing.
 pub struct ProjectContext {
     pub base: Context,
+    /// Every watch has listed once (see `Synced`).
+    pub synced: Synced,
     pub templates: Store<ProjectTemplate>,
     pub namespaces: Store<Namespace>,
     pub children: children::ChildStores,
@@ -133,6 +135,9 @@ pub fn validate(project: &Project, observed: &Observed) -> Result<Arc<ProjectTem
 }
 
 async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Action, Error> {
+    if !ctx.synced.get() {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     let _timer = ctx.base.metrics.reconcile();
     let name = project.name_any();
     let key = project.uid().unwrap_or_else(|| name.clone());
@@ -312,6 +317,7 @@ pub fn controller(
 
     let ctx = Arc::new(ProjectContext {
         base: Context::new(client, NAME, metrics.controller(NAME), instance),
+        synced: sync.flag(),
         templates: templates.clone(),
         namespaces: namespaces.clone(),
         children: children::ChildStores {
