@@ -53,6 +53,30 @@ impl InitialSync {
         }
     }
 
+    /// A watch of `api` reflected into a new store, retried with [`WatchBackoff`] and
+    /// tracked for readiness: the store and the stream of watch events to drive.
+    pub fn reflect<K>(
+        &mut self,
+        api: kube::Api<K>,
+        config: watcher::Config,
+    ) -> (
+        kube::runtime::reflector::Store<K>,
+        impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    )
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+        K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+    {
+        use futures::StreamExt;
+        use kube::runtime::WatchStreamExt;
+        let (store, writer) = kube::runtime::reflector::store::<K>();
+        let stream = watcher(api, config)
+            .backoff(WatchBackoff::default())
+            .reflect(writer)
+            .inspect(self.track());
+        (store, stream)
+    }
+
     /// A flag that turns true when [`InitialSync::done`] resolves.
     pub fn flag(&self) -> Synced {
         Synced(self.all.clone())

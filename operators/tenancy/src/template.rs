@@ -8,7 +8,7 @@ use chassis_api::conditions::READY;
 use chassis_api::tenancy::v1alpha1::{ProjectTemplate, ProjectTemplateStatus};
 use chassis_runtime::Context;
 use chassis_runtime::conditions::{Desired, upsert};
-use chassis_runtime::controller::{InitialSync, Running, Synced, WatchBackoff};
+use chassis_runtime::controller::{InitialSync, Running, Synced};
 use chassis_runtime::metrics::Metrics;
 use futures::StreamExt;
 use k8s_openapi::api::rbac::v1::ClusterRole;
@@ -16,7 +16,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
@@ -112,21 +112,14 @@ pub fn controller(
 ) -> Running {
     let wc = watcher::Config::default().any_semantic();
     let mut sync = InitialSync::default();
-    let (templates, template_writer) = reflector::store::<ProjectTemplate>();
-    let template_stream = watcher(Api::<ProjectTemplate>::all(client.clone()), wc.clone())
-        .backoff(WatchBackoff::default())
-        .reflect(template_writer)
-        .inspect(sync.track())
+    let (templates, template_stream) = sync.reflect(Api::<ProjectTemplate>::all(client.clone()), wc.clone());
+    let template_stream = template_stream
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
 
     // Only names matter, so ClusterRoles are watched as metadata.
-    let (roles, role_writer) = reflector::store::<PartialObjectMeta<ClusterRole>>();
-    let role_stream = watcher(Api::<PartialObjectMeta<ClusterRole>>::all(client.clone()), wc)
-        .backoff(WatchBackoff::default())
-        .reflect(role_writer)
-        .inspect(sync.track())
-        .touched_objects();
+    let (roles, role_stream) = sync.reflect(Api::<PartialObjectMeta<ClusterRole>>::all(client.clone()), wc);
+    let role_stream = role_stream.touched_objects();
 
     let ctx = Arc::new(TemplateContext {
         base: Context::new(client, NAME, metrics.controller(NAME), instance),

@@ -14,7 +14,7 @@ use chassis_api::tenancy::v1alpha1::{Project, ProjectTemplate};
 use chassis_runtime::Context;
 use chassis_runtime::apply::MANAGED_BY_LABEL;
 use chassis_runtime::apply::{self, Claim};
-use chassis_runtime::controller::{InitialSync, Running, Synced, WatchBackoff};
+use chassis_runtime::controller::{InitialSync, Running, Synced};
 use chassis_runtime::metrics::Metrics;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{LimitRange, Namespace, ResourceQuota};
@@ -22,7 +22,7 @@ use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
@@ -270,50 +270,27 @@ pub fn controller(
     let wc = watcher::Config::default().any_semantic();
     let mut sync = InitialSync::default();
 
-    let (projects, project_writer) = reflector::store::<Project>();
-    let project_stream = watcher(Api::<Project>::all(client.clone()), wc.clone())
-        .backoff(WatchBackoff::default())
-        .reflect(project_writer)
-        .inspect(sync.track())
+    let (projects, project_stream) = sync.reflect(Api::<Project>::all(client.clone()), wc.clone());
+    let project_stream = project_stream
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
 
-    let (templates, template_writer) = reflector::store::<ProjectTemplate>();
-    let template_stream = watcher(Api::<ProjectTemplate>::all(client.clone()), wc.clone())
-        .backoff(WatchBackoff::default())
-        .reflect(template_writer)
-        .inspect(sync.track())
-        .touched_objects();
+    let (templates, template_stream) = sync.reflect(Api::<ProjectTemplate>::all(client.clone()), wc.clone());
+    let template_stream = template_stream.touched_objects();
 
-    let (namespaces, namespace_writer) = reflector::store::<Namespace>();
-    let namespace_stream = watcher(Api::<Namespace>::all(client.clone()), wc.clone())
-        .backoff(WatchBackoff::default())
-        .reflect(namespace_writer)
-        .inspect(sync.track())
-        .touched_objects();
+    let (namespaces, namespace_stream) = sync.reflect(Api::<Namespace>::all(client.clone()), wc.clone());
+    let namespace_stream = namespace_stream.touched_objects();
 
     // Children are watched by label, so the stores hold only what Chassis manages.
     let managed = watcher::Config::default()
         .any_semantic()
         .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY},{PROJECT_LABEL}"));
-    let (role_bindings, rb_writer) = reflector::store::<RoleBinding>();
-    let rb_stream = watcher(Api::<RoleBinding>::all(client.clone()), managed.clone())
-        .backoff(WatchBackoff::default())
-        .reflect(rb_writer)
-        .inspect(sync.track())
-        .touched_objects();
-    let (quotas, quota_writer) = reflector::store::<ResourceQuota>();
-    let quota_stream = watcher(Api::<ResourceQuota>::all(client.clone()), managed.clone())
-        .backoff(WatchBackoff::default())
-        .reflect(quota_writer)
-        .inspect(sync.track())
-        .touched_objects();
-    let (limits, limits_writer) = reflector::store::<LimitRange>();
-    let limits_stream = watcher(Api::<LimitRange>::all(client.clone()), managed)
-        .backoff(WatchBackoff::default())
-        .reflect(limits_writer)
-        .inspect(sync.track())
-        .touched_objects();
+    let (role_bindings, rb_stream) = sync.reflect(Api::<RoleBinding>::all(client.clone()), managed.clone());
+    let rb_stream = rb_stream.touched_objects();
+    let (quotas, quota_stream) = sync.reflect(Api::<ResourceQuota>::all(client.clone()), managed.clone());
+    let quota_stream = quota_stream.touched_objects();
+    let (limits, limits_stream) = sync.reflect(Api::<LimitRange>::all(client.clone()), managed);
+    let limits_stream = limits_stream.touched_objects();
 
     let ctx = Arc::new(ProjectContext {
         base: Context::new(client, NAME, metrics.controller(NAME), instance),
