@@ -370,6 +370,11 @@ fn conditions_of<K: Serialize>(obj: &K) -> Vec<Condition> {
         .unwrap_or_default()
 }
 
+/// The condition of `type_` in `obj.status.conditions`, if any.
+pub fn condition<K: Serialize>(obj: &K, type_: &str) -> Option<Condition> {
+    conditions_of(obj).into_iter().find(|c| c.type_ == type_)
+}
+
 /// Waits until `name` has condition `type_` with `status` ("True"/"False"), and
 /// returns the object. On timeout it fails with the object as YAML and the tail of
 /// the operator log (when one is given).

@@ -126,13 +126,7 @@ async fn missing_template_is_reported_and_the_project_recovers_when_it_appears()
         .create(&PostParams::default(), &project(&name, &tpl))
         .await?;
     let waiting = wait_for_condition(&projects, &name, "Ready", "False", READY_TIMEOUT, Some(op)).await?;
-    let ready = waiting
-        .status
-        .iter()
-        .flat_map(|s| s.conditions.iter())
-        .find(|c| c.type_ == "Ready")
-        .cloned()
-        .context("Ready condition")?;
+    let ready = chassis_e2e::condition(&waiting, "Ready").context("Ready condition")?;
     assert_eq!(ready.reason, "TemplateNotFound");
     assert!(ready.message.contains(&tpl), "{}", ready.message);
 
@@ -180,12 +174,7 @@ async fn a_foreign_namespace_is_never_taken_over() -> Result<()> {
         READY_TIMEOUT,
         || async {
             let p = projects.get(&name).await?;
-            let reason = p
-                .status
-                .iter()
-                .flat_map(|s| s.conditions.iter())
-                .find(|c| c.type_ == "Ready")
-                .map(|c| c.reason.clone());
+            let reason = chassis_e2e::condition(&p, "Ready").map(|c| c.reason);
             Ok((reason.as_deref() == Some("NamespaceConflict")).then_some(()))
         },
     )
@@ -312,13 +301,7 @@ async fn a_template_naming_a_missing_role_is_not_ready_until_the_role_exists() -
     typo.spec.roles.edit = role.clone();
     templates.create(&PostParams::default(), &typo).await?;
     let waiting = wait_for_condition(&templates, &name, "Ready", "False", READY_TIMEOUT, Some(op)).await?;
-    let ready = waiting
-        .status
-        .iter()
-        .flat_map(|s| s.conditions.iter())
-        .find(|c| c.type_ == "Ready")
-        .cloned()
-        .context("Ready condition")?;
+    let ready = chassis_e2e::condition(&waiting, "Ready").context("Ready condition")?;
     assert_eq!(ready.reason, "RoleNotFound");
     assert!(
         ready

@@ -72,13 +72,9 @@ async fn ready_project(cpu: &str) -> Result<Fixture> {
         .await?;
     let ready = wait_for_condition(&projects, &project, "Ready", "True", TIMEOUT, Some(op)).await?;
     for part in ["NamespaceReady", "RBACReady", "QuotaReady", "NetworkReady"] {
-        let found = ready
-            .status
-            .iter()
-            .flat_map(|s| s.conditions.iter())
-            .find(|c| c.type_ == part);
+        let found = chassis_e2e::condition(&ready, part);
         assert_eq!(
-            found.map(|c| c.status.as_str()),
+            found.as_ref().map(|c| c.status.as_str()),
             Some("True"),
             "{part}: {found:?}"
         );
