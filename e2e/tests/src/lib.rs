@@ -251,6 +251,7 @@ impl Operator {
                 let webhook = format!("127.0.0.1:{port}");
                 let op = Operator::start(&name, &["--webhook-addr", &webhook, "--webhook-register"])?;
                 op.wait_for_log("registered admission webhooks", Duration::from_secs(60))?;
+                wait_for_admission(Duration::from_secs(30))?;
                 Ok(op)
             });
             match started {
@@ -351,6 +352,36 @@ impl Drop for Operator {
         drop(self.child.stdin.take());
         let _ = self.child.wait();
     }
+}
+
+/// Blocks until a server-side dry-run create of a Project passes admission: the API
+/// server picks up a new webhook registration asynchronously, and until then it may
+/// still call the operator of an earlier test binary, which is gone.
+fn wait_for_admission(timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    let mut last = String::new();
+    while start.elapsed() < timeout {
+        let mut child = started_cluster()
+            .kubectl()
+            .args(["create", "--dry-run=server", "-o", "name", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        if let Some(mut stdin) = child.stdin.take() {
+            use std::io::Write;
+            stdin.write_all(
+                b"apiVersion: tenancy.chassis.dev/v1alpha1\nkind: Project\nmetadata: {name: admission-probe}\n",
+            )?;
+        }
+        let out = child.wait_with_output()?;
+        if out.status.success() {
+            return Ok(());
+        }
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("Project admission did not work within {timeout:?}: {last}")
 }
 
 /// The last `n` lines of a file.
