@@ -27,6 +27,26 @@ fn template(name: &str, level: PodSecurityLevel) -> ProjectTemplate {
     )
 }
 
+/// A new `baseline` template and a project (named `prefix-...`) made from it.
+async fn baseline_project(
+    templates: &Api<ProjectTemplate>,
+    projects: &Api<Project>,
+    prefix: &str,
+) -> Result<(String, String)> {
+    let tpl = unique("tpl");
+    templates
+        .create(
+            &PostParams::default(),
+            &template(&tpl, PodSecurityLevel::Baseline),
+        )
+        .await?;
+    let name = unique(prefix);
+    projects
+        .create(&PostParams::default(), &project(&name, &tpl))
+        .await?;
+    Ok((tpl, name))
+}
+
 fn project(name: &str, template: &str) -> Project {
     Project::new(
         name,
@@ -46,17 +66,7 @@ async fn project_gets_its_namespace_and_deleting_it_removes_the_namespace() -> R
     let projects: Api<Project> = Api::all(client.clone());
     let namespaces: Api<Namespace> = Api::all(client.clone());
 
-    let tpl = unique("tpl");
-    templates
-        .create(
-            &PostParams::default(),
-            &template(&tpl, PodSecurityLevel::Baseline),
-        )
-        .await?;
-    let name = unique("payments");
-    projects
-        .create(&PostParams::default(), &project(&name, &tpl))
-        .await?;
+    let (tpl, name) = baseline_project(&templates, &projects, "payments").await?;
 
     let ready = wait_for_condition(&projects, &name, "Ready", "True", READY_TIMEOUT, Some(op)).await?;
     let status = ready.status.clone().context("a Ready project has a status")?;
@@ -331,17 +341,7 @@ async fn a_template_change_reaches_the_namespace_and_removed_labels_go_away() ->
     let projects: Api<Project> = Api::all(client.clone());
     let namespaces: Api<Namespace> = Api::all(client.clone());
 
-    let tpl = unique("tpl");
-    templates
-        .create(
-            &PostParams::default(),
-            &template(&tpl, PodSecurityLevel::Baseline),
-        )
-        .await?;
-    let name = unique("evolving");
-    projects
-        .create(&PostParams::default(), &project(&name, &tpl))
-        .await?;
+    let (tpl, name) = baseline_project(&templates, &projects, "evolving").await?;
     wait_for_condition(&projects, &name, "Ready", "True", READY_TIMEOUT, Some(op)).await?;
 
     let mut changed = templates.get(&tpl).await?;

@@ -1,7 +1,7 @@
 //! Server-side apply of child objects, owned by their parent, with no-op writes
 //! skipped and children that are no longer desired pruned.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -224,33 +224,6 @@ where
         }
         Err(err) => Err(err),
     }
-}
-
-/// Deletes the children in `observed` that are labelled as managed by Chassis, are
-/// controlled by `owner_uid`, and whose names are not in `keep`. Returns what it deleted.
-pub async fn prune<K>(
-    api: &Api<K>,
-    observed: impl IntoIterator<Item = K>,
-    owner_uid: &str,
-    keep: &BTreeSet<String>,
-) -> Result<Vec<String>, kube::Error>
-where
-    K: Resource + Clone + DeserializeOwned + Debug,
-{
-    let mut deleted = Vec::new();
-    for child in observed {
-        let owned = controlled_by(&child, owner_uid);
-        let managed = child.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some("chassis");
-        let name = child.name_any();
-        if owned && managed && !keep.contains(&name) {
-            match api.delete(&name, &DeleteParams::background()).await {
-                Ok(_) => deleted.push(name),
-                Err(kube::Error::Api(status)) if status.code == 404 => {}
-                Err(err) => return Err(err),
-            }
-        }
-    }
-    Ok(deleted)
 }
 
 #[cfg(test)]
@@ -508,7 +481,7 @@ mod claim_tests {
 }
 
 #[cfg(test)]
-mod prune_tests {
+mod ensure_tests {
     use super::*;
     use http::{Request, Response};
     use k8s_openapi::api::core::v1::ConfigMap;
@@ -556,22 +529,40 @@ mod prune_tests {
             );
             Ok(handle)
         });
-        let observed = vec![
-            child("kept", "uid-1", true),
-            child("stale", "uid-1", true),
-            child("someone-elses", "uid-2", true),
-            child("hand-made", "uid-1", false),
-        ];
-        let keep: BTreeSet<String> = ["kept".to_string()].into();
-        let deleted = prune(&api, observed, "uid-1", &keep)
-            .await
+        // Nothing but "kept" is desired; only the stale child that is ours goes.
+        let mut kept = child("kept", "uid-1", true);
+        stamp_hash(&mut kept);
+        let mut outcomes = Vec::new();
+        outcomes.push(ensure(&api, "kept", Some(&kept), Some(&kept), "uid-1", "chassis-project").await);
+        for (name, owner, managed) in [
+            ("stale", "uid-1", true),
+            ("someone-elses", "uid-2", true),
+            ("hand-made", "uid-1", false),
+        ] {
+            let observed = child(name, owner, managed);
+            outcomes.push(ensure(&api, name, None, Some(&observed), "uid-1", "chassis-project").await);
+        }
+        let outcomes: Vec<Outcome> = outcomes
+            .into_iter()
+            .collect::<Result<_, _>>()
             .map_err(|e| e.to_string())?;
-        assert_eq!(deleted, vec!["stale".to_string()]);
+        let deleted: Vec<&str> = ["kept", "stale", "someone-elses", "hand-made"]
+            .into_iter()
+            .zip(&outcomes)
+            .filter(|(_, o)| **o == Outcome::Deleted)
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(deleted, vec!["stale"]);
+        assert_eq!(
+            outcomes[0],
+            Outcome::Unchanged,
+            "a child as desired gets no request"
+        );
         let mut handle = server.await.map_err(|e| e.to_string())??;
         drop(api);
         assert!(
             handle.next_request().await.is_none(),
-            "prune deleted more than the stale child"
+            "ensure deleted more than the stale child"
         );
         Ok(())
     }
