@@ -1,10 +1,11 @@
 //! Server-side apply of child objects, owned by their parent, with no-op writes
-//! skipped and children that are no longer desired pruned.
+//! skipped, objects created in one request, and children that are no longer desired
+//! pruned.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, OwnerReference};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
@@ -171,7 +172,9 @@ where
         {
             Ok(Outcome::Unchanged)
         }
-        (Some(want), _) => apply(api, want, field_manager).await.map(|_| Outcome::Applied),
+        (Some(want), current) => apply_over(api, want, current, field_manager)
+            .await
+            .map(|_| Outcome::Applied),
     }
 }
 
@@ -194,13 +197,20 @@ pub fn controlled_by<K: Resource>(child: &K, owner_uid: &str) -> bool {
         .any(|r| r.uid == owner_uid && r.controller == Some(true))
 }
 
-/// Creates `skeleton` (a name and the owner reference) for a child the cache says
-/// does not exist yet. Server-side apply would silently merge into an object someone
-/// else created in the meantime; a create fails instead, so a foreign object is never
-/// adopted. The full object is applied afterwards.
+/// Field manager of the create request [`claim`] makes for `field_manager`.
+pub fn create_manager(field_manager: &str) -> String {
+    format!("{field_manager}-create")
+}
+
+/// Creates `desired` for a child the cache says does not exist yet, in one request.
+/// Server-side apply would silently merge into an object someone else created in the
+/// meantime; a create fails instead, so a foreign object is never adopted.
+///
+/// A create records its fields under an `Update` entry of [`create_manager`], which a
+/// later apply would not prune; [`apply_over`] turns that entry into ours first.
 pub async fn claim<K>(
     api: &Api<K>,
-    skeleton: &K,
+    desired: &K,
     owner_uid: &str,
     field_manager: &str,
 ) -> Result<Claim<K>, kube::Error>
@@ -208,13 +218,13 @@ where
     K: Resource + Clone + Serialize + DeserializeOwned + Debug,
 {
     let params = PostParams {
-        field_manager: Some(format!("{field_manager}-create")),
+        field_manager: Some(create_manager(field_manager)),
         ..Default::default()
     };
-    match api.create(&params, skeleton).await {
+    match api.create(&params, desired).await {
         Ok(created) => Ok(Claim::Created(created)),
         Err(kube::Error::Api(status)) if status.code == 409 => {
-            let name = skeleton.meta().name.clone().unwrap_or_default();
+            let name = desired.meta().name.clone().unwrap_or_default();
             let live = api.get(&name).await?;
             Ok(if controlled_by(&live, owner_uid) {
                 Claim::Owned(live)
@@ -224,6 +234,77 @@ where
         }
         Err(err) => Err(err),
     }
+}
+
+/// The managedFields of `observed` with the create entry of [`claim`] folded into
+/// `field_manager`'s apply entry, or `None` when there is no create entry. This is
+/// what `kubectl` does when it moves client-side-applied objects to server-side apply.
+pub fn fold_create_entry<K: Resource>(observed: &K, field_manager: &str) -> Option<Vec<ManagedFieldsEntry>> {
+    let creator = create_manager(field_manager);
+    let entries = observed.meta().managed_fields.as_ref()?;
+    let is_create = |e: &ManagedFieldsEntry| {
+        e.manager.as_deref() == Some(creator.as_str()) && e.operation.as_deref() == Some("Update")
+    };
+    let created = entries.iter().find(|e| is_create(e))?;
+    let mut folded: Vec<ManagedFieldsEntry> = entries.iter().filter(|e| !is_create(e)).cloned().collect();
+    let ours = folded.iter_mut().find(|e| {
+        e.manager.as_deref() == Some(field_manager)
+            && e.operation.as_deref() == Some("Apply")
+            && e.api_version == created.api_version
+    });
+    match ours {
+        Some(entry) => {
+            if let (Some(into), Some(from)) = (entry.fields_v1.as_mut(), created.fields_v1.as_ref()) {
+                merge_fields(&mut into.0, &from.0);
+            }
+        }
+        None => folded.push(ManagedFieldsEntry {
+            manager: Some(field_manager.to_string()),
+            operation: Some("Apply".into()),
+            time: None,
+            ..created.clone()
+        }),
+    }
+    Some(folded)
+}
+
+fn merge_fields(into: &mut serde_json::Value, from: &serde_json::Value) {
+    if let (Some(into), Some(from)) = (into.as_object_mut(), from.as_object()) {
+        for (key, value) in from {
+            merge_fields(
+                into.entry(key.clone()).or_insert_with(|| serde_json::json!({})),
+                value,
+            );
+        }
+    }
+}
+
+/// Applies `desired` over the live `observed`; when `observed` still carries the
+/// create entry of [`claim`], that entry is first made ours (one extra request, once
+/// per object and only when it changes), so fields we stop setting are removed.
+pub async fn apply_over<K>(
+    api: &Api<K>,
+    desired: &K,
+    observed: Option<&K>,
+    field_manager: &str,
+) -> Result<K, kube::Error>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + Debug,
+{
+    if let Some(current) = observed
+        && let Some(folded) = fold_create_entry(current, field_manager)
+    {
+        let version = current.meta().resource_version.clone().unwrap_or_default();
+        let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": version},
+            {"op": "replace", "path": "/metadata/managedFields", "value": folded},
+        ]))
+        .map_err(kube::Error::SerdeError)?;
+        let name = current.meta().name.clone().unwrap_or_default();
+        api.patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
+            .await?;
+    }
+    apply(api, desired, field_manager).await
 }
 
 #[cfg(test)]
@@ -477,6 +558,89 @@ mod claim_tests {
             .map_err(|e| e.to_string())?;
         assert!(matches!(claimed, Claim::Created(_)), "{claimed:?}");
         server.await.map_err(|e| e.to_string())?
+    }
+}
+
+#[cfg(test)]
+mod fold_tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::Namespace;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1;
+    use serde_json::json;
+
+    fn entry(manager: &str, operation: &str, fields: serde_json::Value) -> ManagedFieldsEntry {
+        ManagedFieldsEntry {
+            manager: Some(manager.into()),
+            operation: Some(operation.into()),
+            api_version: Some("v1".into()),
+            fields_type: Some("FieldsV1".into()),
+            fields_v1: Some(FieldsV1(fields)),
+            ..Default::default()
+        }
+    }
+
+    fn with_entries(entries: Vec<ManagedFieldsEntry>) -> Namespace {
+        let mut ns = Namespace::default();
+        ns.metadata.managed_fields = Some(entries);
+        ns
+    }
+
+    #[test]
+    fn the_create_entry_becomes_our_apply_entry_and_others_stay() {
+        let ns = with_entries(vec![
+            entry(
+                "chassis-project-create",
+                "Update",
+                json!({"f:metadata": {"f:labels": {"f:a": {}, "f:c": {}}}}),
+            ),
+            entry(
+                "kubectl-edit",
+                "Update",
+                json!({"f:metadata": {"f:labels": {"f:x": {}}}}),
+            ),
+        ]);
+        let folded = fold_create_entry(&ns, "chassis-project").unwrap_or_default();
+        assert_eq!(folded.len(), 2, "{folded:?}");
+        assert_eq!(folded[0].manager.as_deref(), Some("kubectl-edit"));
+        assert_eq!(folded[1].manager.as_deref(), Some("chassis-project"));
+        assert_eq!(folded[1].operation.as_deref(), Some("Apply"));
+        assert_eq!(
+            folded[1].fields_v1.as_ref().map(|f| f.0.clone()),
+            Some(json!({"f:metadata": {"f:labels": {"f:a": {}, "f:c": {}}}}))
+        );
+    }
+
+    #[test]
+    fn the_create_entry_merges_into_an_existing_apply_entry() {
+        let ns = with_entries(vec![
+            entry(
+                "chassis-project",
+                "Apply",
+                json!({"f:metadata": {"f:labels": {"f:a": {}}}}),
+            ),
+            entry(
+                "chassis-project-create",
+                "Update",
+                json!({"f:metadata": {"f:annotations": {"f:h": {}}}}),
+            ),
+        ]);
+        let folded = fold_create_entry(&ns, "chassis-project").unwrap_or_default();
+        assert_eq!(folded.len(), 1, "{folded:?}");
+        assert_eq!(
+            folded[0].fields_v1.as_ref().map(|f| f.0.clone()),
+            Some(json!({"f:metadata": {"f:labels": {"f:a": {}}, "f:annotations": {"f:h": {}}}}))
+        );
+    }
+
+    #[test]
+    fn nothing_to_fold_without_a_create_entry() {
+        let ns = with_entries(vec![entry(
+            "chassis-project",
+            "Apply",
+            json!({"f:metadata": {"f:labels": {"f:a": {}}}}),
+        )]);
+        assert!(fold_create_entry(&ns, "chassis-project").is_none());
+        assert!(fold_create_entry(&Namespace::default(), "chassis-project").is_none());
     }
 }
 

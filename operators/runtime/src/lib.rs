@@ -13,6 +13,7 @@
 //!   when the status flips;
 //! - [`backoff`]: per-object exponential backoff, reset on success;
 //! - [`metrics`], [`health`]: Prometheus metrics, `/healthz`, `/readyz`, `/metrics`;
+//! - [`pace`]: token-bucket pacing of fan-out triggers (template rollouts);
 //! - [`leader`]: leader election on a Lease (kube-lease-manager);
 //! - [`telemetry`], [`shutdown`]: JSON logs with an env filter, SIGTERM handling.
 //!
@@ -25,6 +26,7 @@ pub mod context;
 pub mod health;
 pub mod leader;
 pub mod metrics;
+pub mod pace;
 pub mod shutdown;
 pub mod telemetry;
 pub mod webhook;

@@ -56,19 +56,6 @@ pub fn namespace(project: &Project, template: &ProjectTemplate) -> Namespace {
     ns
 }
 
-/// The first write for a new project namespace: only its name and owner, so that
-/// creating it fails if the namespace already exists (see `apply::claim`).
-pub fn namespace_skeleton(project: &Project) -> Namespace {
-    Namespace {
-        metadata: ObjectMeta {
-            name: Some(project.name_any()),
-            owner_references: controller_owner_ref(project).map(|r| vec![r]),
-            ..Default::default()
-        },
-        ..Default::default()
-    }
-}
-
 /// RoleBinding names in a project namespace, one per kind of member.
 pub const ADMINS_BINDING: &str = "chassis-project-admins";
 pub const EDITORS_BINDING: &str = "chassis-project-editors";

@@ -16,6 +16,7 @@ use chassis_runtime::apply::MANAGED_BY_LABEL;
 use chassis_runtime::apply::{self, Claim};
 use chassis_runtime::controller::{InitialSync, Running, Synced};
 use chassis_runtime::metrics::Metrics;
+use chassis_runtime::pace;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{LimitRange, Namespace, ResourceQuota};
 use k8s_openapi::api::rbac::v1::RoleBinding;
@@ -162,8 +163,7 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
     let ns_api: Api<Namespace> = Api::all(ctx.base.client.clone());
     let mut current = observed.namespace.as_deref().cloned();
     if current.is_none() {
-        let skeleton = build::namespace_skeleton(&project);
-        let claimed = apply::claim(&ns_api, &skeleton, &key, &ctx.base.field_manager)
+        let claimed = apply::claim(&ns_api, &desired, &key, &ctx.base.field_manager)
             .await
             .map_err(|source| Error::ApplyNamespace {
                 name: name.clone(),
@@ -188,7 +188,7 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
     }
     let namespace = match current {
         Some(ns) if apply::metadata_matches(&desired, &ns) => ns,
-        _ => apply::apply(&ns_api, &desired, &ctx.base.field_manager)
+        current => apply::apply_over(&ns_api, &desired, current.as_ref(), &ctx.base.field_manager)
             .await
             .map_err(|source| Error::ApplyNamespace {
                 name: name.clone(),
@@ -259,6 +259,35 @@ async fn publish(ctx: &ProjectContext, project: &Project, type_: EventType, reas
     }
 }
 
+/// Projects a template change wakes per second (and at once), so editing a template
+/// under thousands of projects does not flood the API server.
+pub const ROLLOUT_PER_SECOND: u32 = 50;
+
+/// Which template events concern its projects: a new generation (a spec change; the
+/// template's own status writes are not) or a deletion.
+#[derive(Default)]
+struct TemplateChanges {
+    generations: std::collections::HashMap<String, Option<i64>>,
+}
+
+impl TemplateChanges {
+    fn changed(&mut self, event: Result<watcher::Event<ProjectTemplate>, watcher::Error>) -> Option<String> {
+        match event.ok()? {
+            watcher::Event::Apply(t) | watcher::Event::InitApply(t) => {
+                let name = t.name_any();
+                let generation = t.metadata.generation;
+                (self.generations.insert(name.clone(), generation) != Some(generation)).then_some(name)
+            }
+            watcher::Event::Delete(t) => {
+                let name = t.name_any();
+                self.generations.remove(&name);
+                Some(name)
+            }
+            watcher::Event::Init | watcher::Event::InitDone => None,
+        }
+    }
+}
+
 /// Wires the Project controller: stores for projects, templates and namespaces, and
 /// the triggers between them. Nothing runs until the returned futures are polled.
 pub fn controller(
@@ -276,7 +305,6 @@ pub fn controller(
         .predicate_filter(predicates::generation, Default::default());
 
     let (templates, template_stream) = sync.reflect(Api::<ProjectTemplate>::all(client.clone()), wc.clone());
-    let template_stream = template_stream.touched_objects();
 
     let (namespaces, namespace_stream) = sync.reflect(Api::<Namespace>::all(client.clone()), wc.clone());
     let namespace_stream = namespace_stream.touched_objects();
@@ -306,16 +334,25 @@ pub fn controller(
 
     let project_index = projects.clone();
     let project_names = projects.clone();
-    let run = Controller::for_stream(project_stream, projects)
-        .watches_stream(template_stream, move |template: ProjectTemplate| {
-            let name = template.name_any();
+    let mut changes = TemplateChanges::default();
+    let rollout = pace::paced(
+        template_stream,
+        move |event| {
+            let Some(name) = changes.changed(event) else {
+                return Vec::new();
+            };
             project_index
                 .state()
                 .into_iter()
                 .filter(|p| p.spec.template == name)
                 .map(|p| ObjectRef::from_obj(p.as_ref()))
-                .collect::<Vec<_>>()
-        })
+                .collect()
+        },
+        pace::Bucket::new(ROLLOUT_PER_SECOND, ROLLOUT_PER_SECOND),
+    );
+    let run = Controller::for_stream(project_stream, projects)
+        // A template change reaches its projects at a steady pace (see `pace`).
+        .reconcile_on(rollout)
         // A namespace wakes the project of the same name: drift on our namespace, and a
         // conflicting namespace going away.
         .watches_stream(namespace_stream, move |ns: Namespace| {
