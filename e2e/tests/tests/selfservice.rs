@@ -185,6 +185,56 @@ async fn the_per_user_limit_refuses_the_third_project_with_the_numbers() -> Resu
     Ok(())
 }
 
+#[tokio::test]
+async fn simultaneous_creates_cannot_exceed_the_per_user_limit() -> Result<()> {
+    let admin = cluster().admin().await?;
+    let tpl = unique("burst");
+    let spec = ProjectTemplateSpec {
+        max_projects_per_user: Some(2),
+        ..Default::default()
+    };
+    Api::<ProjectTemplate>::all(admin.clone())
+        .create(&PostParams::default(), &ProjectTemplate::new(&tpl, spec))
+        .await?;
+    let user = unique("dev");
+    grant_use(&admin, &tpl, &user).await?;
+    let projects: Api<Project> = Api::all(cluster().developer(&user).await?);
+    let spec = ProjectSpec {
+        template: tpl.clone(),
+        ..Default::default()
+    };
+    let creates = (0..6).map(|_| {
+        let (projects, project) = (projects.clone(), Project::new(&unique("race"), spec.clone()));
+        async move { projects.create(&PostParams::default(), &project).await }
+    });
+    let results = futures::future::join_all(creates).await;
+    let admitted: Vec<String> = results.iter().flatten().map(ResourceExt::name_any).collect();
+    assert_eq!(
+        admitted.len(),
+        2,
+        "six simultaneous creates against a limit of 2 admitted {admitted:?}; refusals: {:?}",
+        results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+    );
+    let all: Api<Project> = Api::all(admin.clone());
+    for name in admitted {
+        all.delete(&name, &DeleteParams::default()).await?;
+    }
+    Api::<ProjectTemplate>::all(admin.clone())
+        .delete(&tpl, &DeleteParams::default())
+        .await?;
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .delete(&tpl, &DeleteParams::default())
+        .await?;
+    Api::<ClusterRole>::all(admin)
+        .delete(&tpl, &DeleteParams::default())
+        .await?;
+    Ok(())
+}
+
 /// Lets `user` make projects from `template` (ClusterRole and binding named after it).
 async fn grant_use(admin: &Client, template: &str, user: &str) -> Result<()> {
     let role: ClusterRole = serde_json::from_value(serde_json::json!({

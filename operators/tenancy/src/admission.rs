@@ -9,7 +9,12 @@
 //! The decisions are pure functions of the request and looked-up facts; the
 //! handlers only fetch those facts.
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tokio::time::Instant;
 
 use chassis_api::tenancy::REQUESTER_ANNOTATION;
 use chassis_api::tenancy::v1alpha1::{Project, ProjectTemplate};
@@ -172,7 +177,11 @@ async fn may_use_template(
     Ok(answer.status.is_some_and(|s| s.allowed))
 }
 
-async fn facts(client: &Client, request: &AdmissionRequest<DynamicObject>) -> Result<Facts, kube::Error> {
+async fn facts(
+    client: &Client,
+    admitted: &Mutex<Recent>,
+    request: &AdmissionRequest<DynamicObject>,
+) -> Result<Facts, kube::Error> {
     let user = request.user_info.username.clone().unwrap_or_default();
     let template = request
         .object
@@ -189,25 +198,73 @@ async fn facts(client: &Client, request: &AdmissionRequest<DynamicObject>) -> Re
         .get_opt(&template)
         .await?
         .and_then(|t| t.spec.max_projects_per_user);
-    let user_projects = match max {
-        Some(_) => Api::<Project>::all(client.clone())
-            .list(&ListParams::default())
-            .await?
-            .items
-            .iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .filter(|p| p.annotations().get(REQUESTER_ANNOTATION) == Some(&user))
-            .count(),
-        None => 0,
-    };
     let template_allowed = may_use_template(client, request, &template).await?;
-    Ok(Facts {
+    let mut facts = Facts {
         template_allowed,
         foreign_namespace: namespace.as_ref().is_some_and(|ns| !controlled_by_a_project(ns)),
         max_projects_per_user: max,
-        user_projects,
+        user_projects: 0,
         template,
-    })
+    };
+    if max.is_none() {
+        return Ok(facts);
+    }
+    // Limited creates are judged one at a time, and projects admitted moments ago count
+    // even when the LIST does not show them yet: two quick creates cannot both slip in.
+    let mut recent = admitted.lock().await;
+    let mut names: BTreeSet<String> = Api::<Project>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| p.annotations().get(REQUESTER_ANNOTATION) == Some(&user))
+        .map(ResourceExt::name_any)
+        .collect();
+    names.extend(recent.of(&user, Instant::now()));
+    facts.user_projects = names.len();
+    let allowed = decide(&request.name, &user, &request.operation, &facts).is_ok();
+    if allowed && !request.dry_run {
+        recent.record(&user, &request.name, Instant::now());
+    }
+    Ok(facts)
+}
+
+/// How long an admitted project counts towards its user's limit before the LIST is
+/// trusted to show it (it is stored right after admission, so seconds are plenty).
+const RECENT_WINDOW: Duration = Duration::from_secs(30);
+
+/// Projects this webhook admitted in the last [`RECENT_WINDOW`], per user. One
+/// replica serves admission at a time in a normal install; across replicas the LIST
+/// alone counts.
+#[derive(Debug, Default)]
+pub struct Recent {
+    admitted: HashMap<String, Vec<(String, Instant)>>,
+}
+
+impl Recent {
+    fn prune(&mut self, now: Instant) {
+        self.admitted.retain(|_, names| {
+            names.retain(|(_, at)| now.saturating_duration_since(*at) < RECENT_WINDOW);
+            !names.is_empty()
+        });
+    }
+
+    /// Names admitted for `user` within the window.
+    pub fn of(&mut self, user: &str, now: Instant) -> Vec<String> {
+        self.prune(now);
+        self.admitted
+            .get(user)
+            .map(|names| names.iter().map(|(n, _)| n.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn record(&mut self, user: &str, name: &str, now: Instant) {
+        self.admitted
+            .entry(user.to_string())
+            .or_default()
+            .push((name.to_string(), now));
+    }
 }
 
 fn deny(response: AdmissionResponse, message: String) -> AdmissionResponse {
@@ -243,6 +300,7 @@ async fn handle_mutate(review: AdmissionReview<DynamicObject>) -> AdmissionRevie
 
 async fn handle_validate(
     client: Client,
+    admitted: Arc<Mutex<Recent>>,
     review: AdmissionReview<DynamicObject>,
 ) -> AdmissionReview<DynamicObject> {
     let request: AdmissionRequest<DynamicObject> = match review.try_into() {
@@ -254,7 +312,7 @@ async fn handle_validate(
         return response.into_review();
     }
     let user = request.user_info.username.clone().unwrap_or_default();
-    match facts(&client, &request).await {
+    match facts(&client, &admitted, &request).await {
         Ok(facts) => match decide(&request.name, &user, &request.operation, &facts) {
             Ok(()) => response.into_review(),
             Err(message) => deny(response, message).into_review(),
@@ -269,6 +327,7 @@ async fn handle_validate(
 /// The warp routes of both webhooks.
 pub fn routes(client: Client) -> impl Filter<Extract = (impl warp::Reply,), Error = warp::Rejection> + Clone {
     let client = Arc::new(client);
+    let admitted = Arc::new(Mutex::new(Recent::default()));
     let mutate = warp::path(MUTATE_PATH)
         .and(warp::post())
         .and(warp::body::content_length_limit(3 * 1024 * 1024))
@@ -280,7 +339,8 @@ pub fn routes(client: Client) -> impl Filter<Extract = (impl warp::Reply,), Erro
         .and(warp::body::json())
         .then(move |review| {
             let client = client.as_ref().clone();
-            async move { warp::reply::json(&handle_validate(client, review).await) }
+            let admitted = admitted.clone();
+            async move { warp::reply::json(&handle_validate(client, admitted, review).await) }
         });
     mutate.or(validate)
 }
@@ -435,6 +495,22 @@ mod tests {
         assert_eq!(ops.len(), 1, "{ops:?}");
         let unchanged = mutation(&request("UPDATE", "bob", old.clone(), Some(old)));
         assert!(unchanged.is_empty(), "{unchanged:?}");
+    }
+
+    #[test]
+    fn recently_admitted_projects_count_until_the_window_closes() {
+        let start = Instant::now();
+        let mut recent = Recent::default();
+        recent.record("alice", "one", start);
+        recent.record("alice", "two", start + Duration::from_secs(20));
+        recent.record("bob", "x", start);
+        assert_eq!(
+            recent.of("alice", start + Duration::from_secs(25)),
+            vec!["one", "two"]
+        );
+        assert_eq!(recent.of("alice", start + Duration::from_secs(31)), vec!["two"]);
+        assert!(recent.of("bob", start + Duration::from_secs(31)).is_empty());
+        assert!(recent.of("carol", start).is_empty());
     }
 
     #[test]
