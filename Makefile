@@ -10,7 +10,7 @@ CARGO        ?= cargo
 E2E_THREADS  ?= 4
 
 .PHONY: help deps crds crds-check fmt fmt-check lint unit build e2e test run demo down \
-        cluster-up cluster-down bench
+        cluster-up cluster-down bench bench-projects
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -70,3 +70,6 @@ down: ## Stop the demo operator and the local control plane
 
 bench: deps build cluster-up ## Measure the foundation (see docs/BENCHMARKS.md)
 	bash e2e/bench/foundation.sh
+
+bench-projects: deps ## The 1000-project benchmark against its own control plane (about 10 minutes)
+	bash e2e/bench/projects.sh

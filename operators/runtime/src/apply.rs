@@ -142,7 +142,8 @@ pub enum Outcome {
 
 /// Brings one child to its desired state: apply when it is missing, differs in the
 /// metadata we set or was edited by someone else; delete it when it is no longer
-/// desired (only if we control it); otherwise make no request at all.
+/// desired (only if we control it); otherwise make no request at all. Returns the API
+/// server's answer to an apply, for [`crate::overlay::Overlay`].
 pub async fn ensure<K>(
     api: &Api<K>,
     name: &str,
@@ -150,31 +151,31 @@ pub async fn ensure<K>(
     observed: Option<&K>,
     owner_uid: &str,
     field_manager: &str,
-) -> Result<Outcome, kube::Error>
+) -> Result<(Outcome, Option<K>), kube::Error>
 where
     K: Resource + Clone + Serialize + DeserializeOwned + Debug,
 {
     match (desired, observed) {
-        (None, None) => Ok(Outcome::Absent),
+        (None, None) => Ok((Outcome::Absent, None)),
         (None, Some(current)) => {
             let managed = current.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some("chassis");
             if !(managed && controlled_by(current, owner_uid)) {
-                return Ok(Outcome::Absent);
+                return Ok((Outcome::Absent, None));
             }
             match api.delete(name, &DeleteParams::background()).await {
-                Ok(_) => Ok(Outcome::Deleted),
-                Err(kube::Error::Api(status)) if status.code == 404 => Ok(Outcome::Absent),
+                Ok(_) => Ok((Outcome::Deleted, None)),
+                Err(kube::Error::Api(status)) if status.code == 404 => Ok((Outcome::Absent, None)),
                 Err(err) => Err(err),
             }
         }
         (Some(want), Some(current))
             if metadata_matches(want, current) && !edited_by_others(want, current, &[field_manager]) =>
         {
-            Ok(Outcome::Unchanged)
+            Ok((Outcome::Unchanged, None))
         }
         (Some(want), current) => apply_over(api, want, current, field_manager)
             .await
-            .map(|_| Outcome::Applied),
+            .map(|applied| (Outcome::Applied, Some(applied))),
     }
 }
 
@@ -708,6 +709,7 @@ mod ensure_tests {
         }
         let outcomes: Vec<Outcome> = outcomes
             .into_iter()
+            .map(|r| r.map(|(outcome, _)| outcome))
             .collect::<Result<_, _>>()
             .map_err(|e| e.to_string())?;
         let deleted: Vec<&str> = ["kept", "stale", "someone-elses", "hand-made"]

@@ -13,6 +13,8 @@
 //!   when the status flips;
 //! - [`backoff`]: per-object exponential backoff, reset on success;
 //! - [`metrics`], [`health`]: Prometheus metrics, `/healthz`, `/readyz`, `/metrics`;
+//! - [`overlay`]: our writes' responses over the watch caches, so a lagging cache
+//!   never causes a second write;
 //! - [`pace`]: token-bucket pacing of fan-out triggers (template rollouts);
 //! - [`leader`]: leader election on a Lease (kube-lease-manager);
 //! - [`telemetry`], [`shutdown`]: JSON logs with an env filter, SIGTERM handling.
@@ -26,6 +28,7 @@ pub mod context;
 pub mod health;
 pub mod leader;
 pub mod metrics;
+pub mod overlay;
 pub mod pace;
 pub mod shutdown;
 pub mod telemetry;

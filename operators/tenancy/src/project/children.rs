@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use chassis_api::tenancy::v1alpha1::{Project, ProjectTemplate};
 use chassis_runtime::apply::{self, Outcome};
+use chassis_runtime::overlay::{Overlay, Source};
 use k8s_openapi::api::core::v1::{LimitRange, ResourceQuota};
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::{Api, DeleteParams};
@@ -27,24 +28,42 @@ pub struct Parts {
     pub network_profiles: Vec<String>,
     /// Requests made (applies and deletes), for the write budget.
     pub writes: usize,
+    /// Some child was judged from our own write because the cache lagged behind it.
+    pub lagging: bool,
 }
 
-fn cached<K>(store: &Store<K>, namespace: &str, name: &str) -> Option<Arc<K>>
+/// A watch cache of one child kind with our recent writes laid over it.
+pub struct Cached<K: Resource<DynamicType = ()> + 'static> {
+    pub store: Store<K>,
+    pub written: Overlay<K>,
+}
+
+impl<K> Cached<K>
 where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
-    store.get(&ObjectRef::new(name).within(namespace))
+    pub fn new(store: Store<K>) -> Self {
+        Self {
+            store,
+            written: Overlay::default(),
+        }
+    }
+
+    fn get(&self, namespace: &str, name: &str) -> (Option<Arc<K>>, Source) {
+        let cached = self.store.get(&ObjectRef::new(name).within(namespace));
+        self.written.observe(&format!("{namespace}/{name}"), cached)
+    }
 }
 
 async fn ensure_one<K>(
     client: &Client,
-    store: &Store<K>,
+    cache: &Cached<K>,
     namespace: &str,
     name: &str,
     desired: Option<&K>,
     owner_uid: &str,
     field_manager: &str,
-) -> Result<Outcome, Error>
+) -> Result<(Outcome, Source), Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -54,21 +73,29 @@ where
         + 'static,
 {
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
-    let observed = cached(store, namespace, name);
-    apply::ensure(&api, name, desired, observed.as_deref(), owner_uid, field_manager)
-        .await
-        .map_err(|source| Error::ApplyChild {
-            kind: K::kind(&()).into_owned(),
-            name: format!("{namespace}/{name}"),
-            source,
-        })
+    let (observed, source) = cache.get(namespace, name);
+    let (outcome, applied) =
+        apply::ensure(&api, name, desired, observed.as_deref(), owner_uid, field_manager)
+            .await
+            .map_err(|source| Error::ApplyChild {
+                kind: K::kind(&()).into_owned(),
+                name: format!("{namespace}/{name}"),
+                source,
+            })?;
+    let key = format!("{namespace}/{name}");
+    match applied {
+        Some(object) => cache.written.record(&key, object),
+        None if outcome == Outcome::Deleted => cache.written.forget(&key),
+        None => {}
+    }
+    Ok((outcome, source))
 }
 
-/// The stores of the children, read instead of the API server.
+/// The caches of the children, read instead of the API server.
 pub struct ChildStores {
-    pub role_bindings: Store<RoleBinding>,
-    pub quotas: Store<ResourceQuota>,
-    pub limits: Store<LimitRange>,
+    pub role_bindings: Cached<RoleBinding>,
+    pub quotas: Cached<ResourceQuota>,
+    pub limits: Cached<LimitRange>,
 }
 
 /// Reconciles every namespaced child of `project` inside its namespace.
@@ -82,22 +109,25 @@ pub async fn reconcile(
     let namespace = project.name_any();
     let uid = project.uid().unwrap_or_default();
     let mut writes = 0;
-    let mut count = |outcome: Outcome| {
+    let mut lagging = false;
+    let mut count = |(outcome, source): (Outcome, Source)| {
         if matches!(outcome, Outcome::Applied | Outcome::Deleted) {
             writes += 1;
         }
+        lagging |= source == Source::Written;
     };
 
     let mut bindings = Vec::new();
     for (name, desired) in build::role_bindings(project, template) {
         // roleRef cannot change in place: a binding to another role is replaced.
-        if let (Some(want), Some(have)) = (&desired, cached(&stores.role_bindings, &namespace, name))
+        let (have, source) = stores.role_bindings.get(&namespace, name);
+        if let (Some(want), Some(have)) = (&desired, have)
             && want.role_ref != have.role_ref
             && apply::controlled_by(have.as_ref(), &uid)
         {
             let api: Api<RoleBinding> = Api::namespaced(client.clone(), &namespace);
             match api.delete(name, &DeleteParams::background()).await {
-                Ok(_) => count(Outcome::Deleted),
+                Ok(_) => count((Outcome::Deleted, source)),
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(source) => {
                     return Err(Error::ApplyChild {
@@ -108,14 +138,19 @@ pub async fn reconcile(
                 }
             }
             let api: Api<RoleBinding> = Api::namespaced(client.clone(), &namespace);
-            apply::apply(&api, want, field_manager)
-                .await
-                .map_err(|source| Error::ApplyChild {
-                    kind: "RoleBinding".into(),
-                    name: format!("{namespace}/{name}"),
-                    source,
-                })?;
-            count(Outcome::Applied);
+            let applied =
+                apply::apply(&api, want, field_manager)
+                    .await
+                    .map_err(|source| Error::ApplyChild {
+                        kind: "RoleBinding".into(),
+                        name: format!("{namespace}/{name}"),
+                        source,
+                    })?;
+            stores
+                .role_bindings
+                .written
+                .record(&format!("{namespace}/{name}"), applied);
+            count((Outcome::Applied, source));
         } else {
             let outcome = ensure_one(
                 client,
@@ -167,5 +202,6 @@ pub async fn reconcile(
         limits: limits.is_some(),
         network_profiles: template.spec.network_profiles.clone(),
         writes,
+        lagging,
     })
 }

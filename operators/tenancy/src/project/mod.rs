@@ -16,6 +16,7 @@ use chassis_runtime::apply::MANAGED_BY_LABEL;
 use chassis_runtime::apply::{self, Claim};
 use chassis_runtime::controller::{InitialSync, Running, Synced};
 use chassis_runtime::metrics::Metrics;
+use chassis_runtime::overlay::{Overlay, Source};
 use chassis_runtime::pace;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{LimitRange, Namespace, ResourceQuota};
@@ -68,12 +69,17 @@ pub struct ProjectContext {
     pub templates: Store<ProjectTemplate>,
     pub namespaces: Store<Namespace>,
     pub children: children::ChildStores,
+    /// Our writes the namespace and project caches may not show yet (see `overlay`).
+    pub written_namespaces: Overlay<Namespace>,
+    pub written_projects: Overlay<Project>,
 }
 
 /// What the reconcile saw for one project.
 pub struct Observed {
     pub template: Option<Arc<ProjectTemplate>>,
     pub namespace: Option<Arc<Namespace>>,
+    /// The namespace was judged from our own write (the cache lagged behind it).
+    pub namespace_source: Source,
 }
 
 /// Why a project cannot be reconciled as asked; reported, never retried in a loop.
@@ -96,9 +102,13 @@ fn conflict(name: &str) -> Invalid {
 /// Step 1: read the project's inputs from the stores.
 fn observe(project: &Project, ctx: &ProjectContext) -> Observed {
     let name = project.name_any();
+    let (namespace, namespace_source) = ctx
+        .written_namespaces
+        .observe(&name, ctx.namespaces.get(&ObjectRef::new(&name)));
     Observed {
         template: ctx.templates.get(&ObjectRef::new(&project.spec.template)),
-        namespace: ctx.namespaces.get(&ObjectRef::new(&name)),
+        namespace,
+        namespace_source,
     }
 }
 
@@ -141,6 +151,11 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
     }
     let _timer = ctx.base.metrics.reconcile();
     let name = project.name_any();
+    // Our last status write, when the project cache has not delivered it yet.
+    let (project, _) = ctx.written_projects.observe(&name, Some(project));
+    let Some(project) = project else {
+        return Ok(Action::await_change());
+    };
     let key = project.uid().unwrap_or_else(|| name.clone());
     let api: Api<Project> = Api::all(ctx.base.client.clone());
     let observed = observe(&project, &ctx);
@@ -150,7 +165,7 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
         Err(invalid) => {
             let status = status::invalid(&project, &invalid);
             publish_if_changed(&ctx, &project, &status).await;
-            status::write(&api, &project, status).await?;
+            write_status(&ctx, &api, &project, status).await?;
             ctx.base.backoff.succeeded(&key);
             return Ok(invalid
                 .retry_after
@@ -173,6 +188,7 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
             Claim::Created(ns) => {
                 let note = format!("created namespace {name}");
                 publish(&ctx, &project, EventType::Normal, reason::NAMESPACE_CREATED, note).await;
+                ctx.written_namespaces.record(&name, ns.clone());
                 current = Some(ns);
             }
             Claim::Owned(ns) => current = Some(ns),
@@ -181,19 +197,23 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
                 let invalid = conflict(&name);
                 let status = status::invalid(&project, &invalid);
                 publish_if_changed(&ctx, &project, &status).await;
-                status::write(&api, &project, status).await?;
+                write_status(&ctx, &api, &project, status).await?;
                 return Ok(Action::await_change());
             }
         }
     }
     let namespace = match current {
         Some(ns) if apply::metadata_matches(&desired, &ns) => ns,
-        current => apply::apply_over(&ns_api, &desired, current.as_ref(), &ctx.base.field_manager)
-            .await
-            .map_err(|source| Error::ApplyNamespace {
-                name: name.clone(),
-                source,
-            })?,
+        current => {
+            let applied = apply::apply_over(&ns_api, &desired, current.as_ref(), &ctx.base.field_manager)
+                .await
+                .map_err(|source| Error::ApplyNamespace {
+                    name: name.clone(),
+                    source,
+                })?;
+            ctx.written_namespaces.record(&name, applied.clone());
+            applied
+        }
     };
 
     // The namespaced children, once the namespace can hold them.
@@ -215,8 +235,28 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
 
     // Step 5: status, written only when it changes.
     let status = status::reconciled(&project, &namespace, parts.as_ref());
-    status::write(&api, &project, status).await?;
-    Ok(ctx.base.success(&key, RESYNC))
+    write_status(&ctx, &api, &project, status).await?;
+    let lagging = observed.namespace_source == Source::Written || parts.is_some_and(|p| p.lagging);
+    // A cache that lags our writes is normally caught up by the next watch event; the
+    // short requeue covers a child deleted before the cache ever saw it.
+    let after = if lagging {
+        ctx.written_namespaces.ttl()
+    } else {
+        RESYNC
+    };
+    Ok(ctx.base.success(&key, after))
+}
+
+async fn write_status(
+    ctx: &ProjectContext,
+    api: &Api<Project>,
+    project: &Project,
+    status: chassis_api::tenancy::v1alpha1::ProjectStatus,
+) -> Result<(), Error> {
+    if let Some(written) = status::write(api, project, status).await? {
+        ctx.written_projects.record(&project.name_any(), written);
+    }
+    Ok(())
 }
 
 fn error_policy(project: Arc<Project>, error: &Error, ctx: Arc<ProjectContext>) -> Action {
@@ -326,10 +366,12 @@ pub fn controller(
         templates: templates.clone(),
         namespaces: namespaces.clone(),
         children: children::ChildStores {
-            role_bindings,
-            quotas,
-            limits,
+            role_bindings: children::Cached::new(role_bindings),
+            quotas: children::Cached::new(quotas),
+            limits: children::Cached::new(limits),
         },
+        written_namespaces: Overlay::default(),
+        written_projects: Overlay::default(),
     });
 
     let project_index = projects.clone();

@@ -137,14 +137,18 @@ pub fn part_conditions(parts: &Parts) -> Vec<Desired<'static>> {
 
 /// Writes `status` unless it equals what the project already shows, so a status
 /// write never triggers another write.
-pub async fn write(api: &Api<Project>, project: &Project, status: ProjectStatus) -> Result<(), Error> {
+pub async fn write(
+    api: &Api<Project>,
+    project: &Project,
+    status: ProjectStatus,
+) -> Result<Option<Project>, Error> {
     if project.status.as_ref() == Some(&status) {
-        return Ok(());
+        return Ok(None);
     }
     let name = project.name_any();
     let patch = serde_json::json!({ "status": status });
     api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
-        .map(|_| ())
+        .map(Some)
         .map_err(|source| Error::WriteStatus { name, source })
 }

@@ -107,6 +107,7 @@ fn missing_template_is_reported_not_retried() {
     let observed = Observed {
         template: None,
         namespace: None,
+        namespace_source: chassis_runtime::overlay::Source::Cache,
     };
     let err = validate(&project("payments"), &observed).expect_err("must be invalid");
     assert_eq!(err.reason, reason::TEMPLATE_NOT_FOUND);
@@ -126,6 +127,7 @@ fn foreign_namespace_is_a_conflict() {
     let observed = Observed {
         template: Some(Arc::new(template())),
         namespace: Some(Arc::new(foreign)),
+        namespace_source: chassis_runtime::overlay::Source::Cache,
     };
     let err = validate(&project("payments"), &observed).expect_err("must be invalid");
     assert_eq!(err.reason, reason::NAMESPACE_CONFLICT);
@@ -138,6 +140,7 @@ fn own_namespace_is_fine() {
     let observed = Observed {
         template: Some(Arc::new(template())),
         namespace: Some(Arc::new(ours)),
+        namespace_source: chassis_runtime::overlay::Source::Cache,
     };
     assert!(validate(&p, &observed).is_ok());
 }
@@ -152,6 +155,7 @@ fn status_is_stable_when_nothing_changes() {
         limits: false,
         network_profiles: vec![],
         writes: 0,
+        lagging: false,
     };
     let first = status::reconciled(&p, &ns, Some(&parts));
     assert!(chassis_runtime::conditions::is_true(&first.conditions, "Ready"));
@@ -249,6 +253,7 @@ fn bound_network_profiles_keep_the_project_from_ready_until_applied() {
         limits: false,
         network_profiles: vec!["baseline".into()],
         writes: 0,
+        lagging: false,
     };
     let status = status::reconciled(&p, &ns, Some(&parts));
     let ready = chassis_runtime::conditions::find(&status.conditions, "Ready").expect("Ready is set");

@@ -1,0 +1,442 @@
+//! chassis-bench owns the project benchmark of docs/BENCHMARKS.md: N Projects created
+//! at once and reconciled by chassis-operator, against a "floor" client that creates
+//! exactly the same child objects directly. Write counts come from the API server's
+//! own `apiserver_request_total`, so they include every request, retries too.
+//! `e2e/bench/projects.sh` gives each phase a fresh control plane and calls `report`.
+
+mod metrics;
+mod report;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use chassis_api::tenancy::REQUESTER_ANNOTATION;
+use chassis_api::tenancy::v1alpha1::{
+    Project, ProjectSpec, ProjectTemplate, ProjectTemplateSpec, Subject, SubjectKind,
+};
+use chassis_tenancy::project::build;
+use clap::{Parser, Subcommand};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{LimitRange, Namespace, ResourceQuota};
+use k8s_openapi::api::rbac::v1::RoleBinding;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde::{Deserialize, Serialize};
+
+const LABEL: &str = "chassis.dev/bench";
+const TEMPLATE: &str = "bench";
+/// The user the admission webhook records as requester for the admin kubeconfig.
+const REQUESTER: &str = "kubernetes-admin";
+
+#[derive(Parser)]
+#[command(about = "Chassis benchmarks against the local control plane")]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct Common {
+    /// Admin kubeconfig of the control plane.
+    #[arg(long)]
+    kubeconfig: PathBuf,
+    /// Number of projects.
+    #[arg(long, default_value_t = 1000)]
+    count: usize,
+    /// Requests the client keeps in flight (the same for both phases).
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Where the phase writes its result (JSON).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create every project's child objects directly: the floor.
+    Floor(Common),
+    /// Create the Projects and let chassis-operator make the children.
+    Operator {
+        #[command(flatten)]
+        common: Common,
+        /// The chassis-operator binary (a release build).
+        #[arg(long)]
+        operator: PathBuf,
+        /// Folder for the operator's log.
+        #[arg(long)]
+        logs: PathBuf,
+        /// Seconds to stay idle once every project is Ready.
+        #[arg(long, default_value_t = 120)]
+        idle: u64,
+    },
+    /// Write the two results into docs/BENCHMARKS.md.
+    Report {
+        #[arg(long)]
+        floor: PathBuf,
+        #[arg(long)]
+        operator: PathBuf,
+        #[arg(long)]
+        doc: PathBuf,
+        /// The command that produced the results, for the record.
+        #[arg(long)]
+        command: String,
+    },
+}
+
+/// What one phase measured.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Phase {
+    pub count: usize,
+    pub concurrency: usize,
+    /// From the first create until the last project is Ready (floor: created).
+    pub millis: u128,
+    /// Write requests the API server served during the phase, by resource and verb.
+    pub writes: metrics::Writes,
+    /// Writes while idle (operator phase only).
+    pub idle_writes: Option<metrics::Writes>,
+    pub idle_seconds: Option<u64>,
+    pub rss_kib: Option<u64>,
+    pub peak_rss_kib: Option<u64>,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    match Args::parse().command {
+        Cmd::Floor(common) => {
+            let phase = floor(&common).await?;
+            write(&common.out, &phase)
+        }
+        Cmd::Operator {
+            common,
+            operator,
+            logs,
+            idle,
+        } => {
+            let phase = with_operator(&common, &operator, &logs, idle).await?;
+            write(&common.out, &phase)
+        }
+        Cmd::Report {
+            floor,
+            operator,
+            doc,
+            command,
+        } => report::write(&read(&floor)?, &read(&operator)?, &doc, &command),
+    }
+}
+
+fn write(path: &Path, phase: &Phase) -> Result<()> {
+    std::fs::write(path, serde_json::to_vec_pretty(phase)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn read(path: &Path) -> Result<Phase> {
+    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+async fn client(kubeconfig: &Path) -> Result<Client> {
+    let config = kube::Config::from_custom_kubeconfig(
+        Kubeconfig::read_from(kubeconfig)?,
+        &KubeConfigOptions::default(),
+    )
+    .await?;
+    Ok(Client::try_from(config)?)
+}
+
+/// The template every bench project uses: all six children (namespace, three
+/// RoleBindings, quota, limits).
+fn template() -> Result<ProjectTemplate> {
+    let spec: ProjectTemplateSpec = serde_json::from_value(serde_json::json!({
+        "podSecurity": "baseline",
+        "labels": {"chassis.dev/tier": "bench"},
+        "resourceQuota": {"hard": {"pods": "20", "requests.cpu": "4", "requests.memory": "8Gi"}},
+        "limitRange": {"limits": [{"type": "Container",
+            "default": {"cpu": "500m", "memory": "512Mi"},
+            "defaultRequest": {"cpu": "100m", "memory": "128Mi"}}]}
+    }))?;
+    Ok(ProjectTemplate::new(TEMPLATE, spec))
+}
+
+fn project(i: usize) -> Project {
+    let subject = |kind, name: &str| Subject {
+        kind,
+        name: name.into(),
+        namespace: None,
+    };
+    let mut project = Project::new(
+        &format!("bench-{i:05}"),
+        ProjectSpec {
+            template: TEMPLATE.into(),
+            admins: vec![subject(SubjectKind::User, "alice")],
+            editors: vec![subject(SubjectKind::Group, "team-a")],
+            viewers: vec![subject(SubjectKind::Group, "auditors")],
+            ..Default::default()
+        },
+    );
+    project.labels_mut().insert(LABEL.into(), "projects".into());
+    project
+}
+
+async fn post<K>(api: Api<K>, mut object: K) -> Result<()>
+where
+    K: Resource<DynamicType = ()> + Clone + Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    // No Project exists in the floor phase: an owner reference to one would have the
+    // garbage collector delete the object again.
+    object.meta_mut().owner_references = None;
+    api.create(&PostParams::default(), &object)
+        .await
+        .with_context(|| format!("creating {} {}", K::kind(&()), object.name_any()))?;
+    Ok(())
+}
+
+/// The floor: the children of every project, built by the operator's own builders,
+/// created directly (namespace first, then its five children), `concurrency` projects
+/// in flight.
+async fn floor(common: &Common) -> Result<Phase> {
+    let client = client(&common.kubeconfig).await?;
+    let template = template()?;
+    let before = metrics::scrape(&client).await?;
+    let start = Instant::now();
+    futures::stream::iter(0..common.count)
+        .map(|i| {
+            let (client, template) = (client.clone(), &template);
+            async move {
+                let mut project = project(i);
+                project.meta_mut().uid = Some(format!("00000000-0000-0000-0000-{i:012}"));
+                project
+                    .annotations_mut()
+                    .insert(REQUESTER_ANNOTATION.into(), REQUESTER.into());
+                let ns = project.name_any();
+                post(
+                    Api::<Namespace>::all(client.clone()),
+                    build::namespace(&project, template),
+                )
+                .await?;
+                for (_, binding) in build::role_bindings(&project, template) {
+                    if let Some(binding) = binding {
+                        post(Api::<RoleBinding>::namespaced(client.clone(), &ns), binding).await?;
+                    }
+                }
+                if let Some(quota) = build::resource_quota(&project, template) {
+                    post(Api::<ResourceQuota>::namespaced(client.clone(), &ns), quota).await?;
+                }
+                if let Some(limits) = build::limit_range(&project, template) {
+                    post(Api::<LimitRange>::namespaced(client.clone(), &ns), limits).await?;
+                }
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(common.concurrency)
+        .try_collect::<()>()
+        .await?;
+    let millis = start.elapsed().as_millis();
+    let after = metrics::scrape(&client).await?;
+    Ok(Phase {
+        count: common.count,
+        concurrency: common.concurrency,
+        millis,
+        writes: after.since(&before),
+        idle_writes: None,
+        idle_seconds: None,
+        rss_kib: None,
+        peak_rss_kib: None,
+    })
+}
+
+/// The operator subprocess, killed when dropped.
+struct Operator(Child);
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn status_kib(pid: u32, key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn start_operator(binary: &Path, common: &Common, logs: &Path) -> Result<Operator> {
+    std::fs::create_dir_all(logs)?;
+    let log = std::fs::File::create(logs.join("bench-operator.log"))?;
+    let metrics_port = free_port()?;
+    let webhook = format!("127.0.0.1:{}", free_port()?);
+    let child = Command::new(binary)
+        .arg("--kubeconfig")
+        .arg(&common.kubeconfig)
+        .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+        .args([
+            "--webhook-addr",
+            &webhook,
+            "--webhook-register",
+            "--log-format",
+            "json",
+        ])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let operator = Operator(child);
+    let ready = format!("http://127.0.0.1:{metrics_port}/readyz");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let up = tokio::net::TcpStream::connect(("127.0.0.1", metrics_port))
+            .await
+            .is_ok();
+        if up && http_ok(metrics_port).await {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "chassis-operator did not become ready at {ready} within 60 s; see its log in {}",
+                logs.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(operator)
+}
+
+/// `GET /readyz` answered 200 (plain HTTP/1.0, no client library needed).
+async fn http_ok(port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return false;
+    };
+    if stream
+        .write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).await.is_ok() && head.ends_with(b"200")
+}
+
+/// Waits until the webhook answers: a server-side dry-run create passes.
+async fn wait_for_admission(client: &Client) -> Result<()> {
+    let api: Api<Project> = Api::all(client.clone());
+    let params = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match api.create(&params, &project(0)).await {
+            Ok(_) => return Ok(()),
+            Err(err) if Instant::now() > deadline => {
+                return Err(err).context("Project admission did not answer within 60 s");
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+fn is_ready(project: &Project) -> bool {
+    project.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == chassis_api::conditions::READY && c.status == "True")
+    })
+}
+
+async fn with_operator(common: &Common, binary: &Path, logs: &Path, idle: u64) -> Result<Phase> {
+    let client = client(&common.kubeconfig).await?;
+    Api::<ProjectTemplate>::all(client.clone())
+        .patch(
+            TEMPLATE,
+            &PatchParams::apply("chassis-bench"),
+            &Patch::Apply(template()?),
+        )
+        .await
+        .context("applying the bench ProjectTemplate")?;
+    let operator = start_operator(binary, common, logs).await?;
+    wait_for_admission(&client).await?;
+
+    let projects: Api<Project> = Api::all(client.clone());
+    let ready = Arc::new(AtomicUsize::new(0));
+    let watch = {
+        let (ready, count) = (ready.clone(), common.count);
+        let config = watcher::Config::default().labels(&format!("{LABEL}=projects"));
+        let stream = watcher(projects.clone(), config);
+        tokio::spawn(async move {
+            let mut seen = std::collections::HashSet::new();
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
+                if let Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) = event
+                    && is_ready(&p)
+                {
+                    seen.insert(p.name_any());
+                    ready.store(seen.len(), Ordering::SeqCst);
+                    if seen.len() == count {
+                        return Instant::now();
+                    }
+                }
+            }
+            Instant::now()
+        })
+    };
+
+    let before = metrics::scrape(&client).await?;
+    let start = Instant::now();
+    futures::stream::iter(0..common.count)
+        .map(|i| {
+            let projects = projects.clone();
+            async move {
+                projects
+                    .create(&PostParams::default(), &project(i))
+                    .await
+                    .with_context(|| format!("creating project bench-{i:05}"))
+            }
+        })
+        .buffer_unordered(common.concurrency)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let done = tokio::time::timeout(Duration::from_secs(900), watch)
+        .await
+        .with_context(|| {
+            format!(
+                "only {} of {} projects were Ready after 15 minutes",
+                ready.load(Ordering::SeqCst),
+                common.count
+            )
+        })??;
+    let millis = done.duration_since(start).as_millis();
+
+    // Let trailing writes (the last status patches, events) land before the idle window.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let settled = metrics::scrape(&client).await?;
+    tokio::time::sleep(Duration::from_secs(idle)).await;
+    let idle_end = metrics::scrape(&client).await?;
+    let pid = operator.0.id();
+    Ok(Phase {
+        count: common.count,
+        concurrency: common.concurrency,
+        millis,
+        writes: settled.since(&before),
+        idle_writes: Some(idle_end.since(&settled)),
+        idle_seconds: Some(idle),
+        rss_kib: status_kib(pid, "VmRSS"),
+        peak_rss_kib: status_kib(pid, "VmHWM"),
+    })
+}

@@ -1,0 +1,156 @@
+//! The markdown section of docs/BENCHMARKS.md for the project benchmark.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+use crate::Phase;
+use crate::metrics::Writes;
+
+const BEGIN: &str = "<!-- projects:begin -->";
+const END: &str = "<!-- projects:end -->";
+/// Child objects per project: namespace, three RoleBindings, ResourceQuota, LimitRange.
+pub const CHILDREN_PER_PROJECT: u64 = 6;
+const CHILD_RESOURCES: [&str; 4] = ["namespaces", "rolebindings", "resourcequotas", "limitranges"];
+
+/// Who makes a write, by its resource (the API server's counters have no user label;
+/// the floor phase shows nothing else writes the child resources).
+fn class(key: &str) -> &'static str {
+    let resource = key.split_once(' ').map_or(key, |(_, r)| r);
+    match resource {
+        r if CHILD_RESOURCES.contains(&r) => "operator: child objects",
+        "projects/status" => "operator: Project status",
+        "events" => "operator: Events",
+        "subjectaccessreviews" => "operator: admission SubjectAccessReviews (not stored)",
+        "leases" => "control plane and operator: Leases",
+        "projects" | "projecttemplates" => "the benchmark client",
+        _ => "control plane (controller-manager)",
+    }
+}
+
+fn sum(writes: &Writes, wanted: impl Fn(&str) -> bool) -> u64 {
+    writes
+        .iter()
+        .filter(|(k, _)| wanted(class(k)))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+fn children(writes: &Writes) -> u64 {
+    sum(writes, |c| c == "operator: child objects")
+}
+
+fn operator_writes(writes: &Writes) -> u64 {
+    sum(writes, |c| {
+        c.starts_with("operator:") && !c.contains("not stored")
+    })
+}
+
+fn table(writes: &Writes) -> String {
+    let mut out = String::from("| requests | count | made by |\n| --- | --- | --- |\n");
+    for (key, count) in writes {
+        out.push_str(&format!("| `{key}` | {count} | {} |\n", class(key)));
+    }
+    out
+}
+
+fn machine() -> (usize, u64) {
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1024 / 1024);
+    (cores, mem_gib)
+}
+
+fn today() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "**missed**" }
+}
+
+pub fn section(floor: &Phase, ours: &Phase, command: &str) -> String {
+    let (cores, mem) = machine();
+    let n = ours.count as u64;
+    let ratio = ours.millis as f64 / floor.millis.max(1) as f64;
+    let per_child = children(&ours.writes) as f64 / (n * CHILDREN_PER_PROJECT) as f64;
+    let floor_per_child = children(&floor.writes) as f64 / (floor.count as u64 * CHILDREN_PER_PROJECT) as f64;
+    let idle = ours.idle_writes.clone().unwrap_or_default();
+    let idle_ours = operator_writes(&idle);
+    let peak_mib = ours.peak_rss_kib.unwrap_or(0) / 1024;
+    let mut s = format!(
+        "{BEGIN}\n### Projects run of {} ({cores} cores, {mem} GiB)\n\n\
+         Command: `{command}` (release build of chassis-operator, admission webhooks on; \
+         each phase on a fresh control plane; clients keep {} requests in flight).\n\n\
+         | measure | value | goal |\n| --- | --- | --- |\n",
+        today(),
+        ours.concurrency,
+    );
+    s.push_str(&format!(
+        "| {n} Projects created at once until all Ready | {} ms | |\n",
+        ours.millis
+    ));
+    s.push_str(&format!(
+        "| floor: the same {} child objects created directly | {} ms | |\n",
+        floor.count as u64 * CHILDREN_PER_PROJECT,
+        floor.millis
+    ));
+    s.push_str(&format!(
+        "| ratio operator / floor | {ratio:.2} | at most 1.5: {} |\n",
+        verdict(ratio <= 1.5)
+    ));
+    s.push_str(&format!(
+        "| operator writes to child objects, per child | {per_child:.3} (floor {floor_per_child:.3}) | at most 1: {} |\n",
+        verdict(per_child <= 1.0)
+    ));
+    s.push_str(&format!(
+        "| operator writes of any kind during creation | {} ({:.2} per project) | |\n",
+        operator_writes(&ours.writes),
+        operator_writes(&ours.writes) as f64 / n as f64
+    ));
+    s.push_str(&format!(
+        "| operator writes in {} idle seconds with all Ready | {idle_ours} | 0: {} |\n",
+        ours.idle_seconds.unwrap_or(0),
+        verdict(idle_ours == 0)
+    ));
+    s.push_str(&format!(
+        "| chassis-operator peak RSS (RSS at the end) | {peak_mib} MiB ({} MiB) | at most 64 MiB: {} |\n\n",
+        ours.rss_kib.unwrap_or(0) / 1024,
+        verdict(peak_mib <= 64)
+    ));
+    s.push_str("Write requests the API server counted while the operator created the projects:\n\n");
+    s.push_str(&table(&ours.writes));
+    s.push_str("\nAnd during the floor phase:\n\n");
+    s.push_str(&table(&floor.writes));
+    s.push_str("\nAnd while the operator was idle:\n\n");
+    if idle.is_empty() {
+        s.push_str("none at all.\n");
+    } else {
+        s.push_str(&table(&idle));
+    }
+    s.push_str(END);
+    s
+}
+
+pub fn write(floor: &Phase, ours: &Phase, doc: &Path, command: &str) -> Result<()> {
+    let section = section(floor, ours, command);
+    let text = std::fs::read_to_string(doc).with_context(|| format!("reading {}", doc.display()))?;
+    let new = match (text.find(BEGIN), text.find(END)) {
+        (Some(a), Some(b)) if a < b => format!("{}{section}{}", &text[..a], &text[b + END.len()..]),
+        _ => format!("{}\n\n{section}\n", text.trim_end()),
+    };
+    std::fs::write(doc, new).with_context(|| format!("writing {}", doc.display()))?;
+    println!("{section}");
+    Ok(())
+}
