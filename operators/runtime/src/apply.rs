@@ -173,9 +173,17 @@ where
         {
             Ok((Outcome::Unchanged, None))
         }
-        (Some(want), current) => apply_over(api, want, current, field_manager)
-            .await
-            .map(|applied| (Outcome::Applied, Some(applied))),
+        (Some(want), current) => {
+            let why = match current {
+                None => "missing",
+                Some(c) if !metadata_matches(want, c) => "changed",
+                Some(_) => "edited by another field manager",
+            };
+            tracing::debug!(name, why, "applying");
+            apply_over(api, want, current, field_manager)
+                .await
+                .map(|applied| (Outcome::Applied, Some(applied)))
+        }
     }
 }
 

@@ -299,6 +299,22 @@ async fn publish(ctx: &ProjectContext, project: &Project, type_: EventType, reas
     }
 }
 
+/// The Project controlling a namespaced child. `owns_stream` cannot be used: it keeps
+/// the child's namespace in the owner's reference, and for a cluster-scoped owner that
+/// names a second key for the same Project, which kube-runtime then reconciles in
+/// parallel with the first (two reconciles, two writes per child).
+fn owning_project<K: Resource>(child: K) -> Option<ObjectRef<Project>> {
+    child
+        .owner_references()
+        .iter()
+        .find(|r| {
+            r.controller == Some(true)
+                && r.kind == Project::kind(&())
+                && r.api_version == Project::api_version(&())
+        })
+        .map(|r| ObjectRef::new(&r.name))
+}
+
 /// Projects a template change wakes per second (and at once), so editing a template
 /// under thousands of projects does not flood the API server.
 pub const ROLLOUT_PER_SECOND: u32 = 50;
@@ -402,9 +418,9 @@ pub fn controller(
             project_names.get(&project).map(|_| project)
         })
         // A child deleted or edited by someone wakes its project (drift repair).
-        .owns_stream(rb_stream)
-        .owns_stream(quota_stream)
-        .owns_stream(limits_stream)
+        .watches_stream(rb_stream, owning_project)
+        .watches_stream(quota_stream, owning_project)
+        .watches_stream(limits_stream, owning_project)
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

@@ -267,3 +267,26 @@ fn bound_network_profiles_keep_the_project_from_ready_until_applied() {
         );
     }
 }
+
+#[test]
+fn a_child_wakes_its_project_under_the_projects_own_key() {
+    let mut p = project("payments");
+    p.spec.admins = vec![Subject {
+        kind: SubjectKind::User,
+        name: "alice".into(),
+        namespace: None,
+    }];
+    let binding = build::role_bindings(&p, &template())
+        .into_iter()
+        .find_map(|(_, binding)| binding)
+        .expect("an admins binding");
+    assert_eq!(binding.metadata.namespace.as_deref(), Some("payments"));
+    let woken = super::owning_project(binding).expect("the project owns its child");
+    // The key the project's own events use: without the child's namespace, so
+    // kube-runtime never runs two reconciles of one project at once.
+    assert_eq!(
+        woken,
+        kube::runtime::reflector::ObjectRef::<Project>::from_obj(&p)
+    );
+    assert_eq!(woken.namespace, None);
+}
