@@ -180,6 +180,7 @@ async fn may_use_template(
 async fn facts(
     client: &Client,
     admitted: &Mutex<Recent>,
+    granted: &Granted,
     request: &AdmissionRequest<DynamicObject>,
 ) -> Result<Facts, kube::Error> {
     let user = request.user_info.username.clone().unwrap_or_default();
@@ -198,7 +199,13 @@ async fn facts(
         .get_opt(&template)
         .await?
         .and_then(|t| t.spec.max_projects_per_user);
-    let template_allowed = may_use_template(client, request, &template).await?;
+    let template_allowed = granted.allowed(request, &template, Instant::now()) || {
+        let allowed = may_use_template(client, request, &template).await?;
+        if allowed {
+            granted.remember(request, &template, Instant::now());
+        }
+        allowed
+    };
     let mut facts = Facts {
         template_allowed,
         foreign_namespace: namespace.as_ref().is_some_and(|ns| !controlled_by_a_project(ns)),
@@ -228,6 +235,47 @@ async fn facts(
         recent.record(&user, &request.name, Instant::now());
     }
     Ok(facts)
+}
+
+/// How long a SubjectAccessReview that allowed a template is reused, like the API
+/// server's own webhook authorizer cache. Refusals are never cached: a grant takes
+/// effect at once.
+const GRANT_TTL: Duration = Duration::from_secs(10);
+
+/// Templates recently allowed, per requester identity.
+#[derive(Debug, Default)]
+pub struct Granted {
+    allowed: std::sync::Mutex<HashMap<String, Instant>>,
+}
+
+impl Granted {
+    fn key(request: &AdmissionRequest<DynamicObject>, template: &str) -> String {
+        let info = &request.user_info;
+        let mut groups = info.groups.clone().unwrap_or_default();
+        groups.sort();
+        let extra: BTreeSet<String> = info
+            .extra
+            .iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={}", v.join(",")))
+            .collect();
+        serde_json::json!([info.username, info.uid, groups, extra, template]).to_string()
+    }
+
+    fn allowed(&self, request: &AdmissionRequest<DynamicObject>, template: &str, now: Instant) -> bool {
+        let key = Self::key(request, template);
+        let mut allowed = self.allowed.lock().unwrap_or_else(|e| e.into_inner());
+        allowed.retain(|_, at| now.saturating_duration_since(*at) < GRANT_TTL);
+        allowed.contains_key(&key)
+    }
+
+    fn remember(&self, request: &AdmissionRequest<DynamicObject>, template: &str, now: Instant) {
+        let key = Self::key(request, template);
+        self.allowed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, now);
+    }
 }
 
 /// How long an admitted project counts towards its user's limit before the LIST is
@@ -301,6 +349,7 @@ async fn handle_mutate(review: AdmissionReview<DynamicObject>) -> AdmissionRevie
 async fn handle_validate(
     client: Client,
     admitted: Arc<Mutex<Recent>>,
+    granted: Arc<Granted>,
     review: AdmissionReview<DynamicObject>,
 ) -> AdmissionReview<DynamicObject> {
     let request: AdmissionRequest<DynamicObject> = match review.try_into() {
@@ -312,7 +361,7 @@ async fn handle_validate(
         return response.into_review();
     }
     let user = request.user_info.username.clone().unwrap_or_default();
-    match facts(&client, &admitted, &request).await {
+    match facts(&client, &admitted, &granted, &request).await {
         Ok(facts) => match decide(&request.name, &user, &request.operation, &facts) {
             Ok(()) => response.into_review(),
             Err(message) => deny(response, message).into_review(),
@@ -328,6 +377,7 @@ async fn handle_validate(
 pub fn routes(client: Client) -> impl Filter<Extract = (impl warp::Reply,), Error = warp::Rejection> + Clone {
     let client = Arc::new(client);
     let admitted = Arc::new(Mutex::new(Recent::default()));
+    let granted = Arc::new(Granted::default());
     let mutate = warp::path(MUTATE_PATH)
         .and(warp::post())
         .and(warp::body::content_length_limit(3 * 1024 * 1024))
@@ -339,8 +389,8 @@ pub fn routes(client: Client) -> impl Filter<Extract = (impl warp::Reply,), Erro
         .and(warp::body::json())
         .then(move |review| {
             let client = client.as_ref().clone();
-            let admitted = admitted.clone();
-            async move { warp::reply::json(&handle_validate(client, admitted, review).await) }
+            let (admitted, granted) = (admitted.clone(), granted.clone());
+            async move { warp::reply::json(&handle_validate(client, admitted, granted, review).await) }
         });
     mutate.or(validate)
 }
@@ -495,6 +545,24 @@ mod tests {
         assert_eq!(ops.len(), 1, "{ops:?}");
         let unchanged = mutation(&request("UPDATE", "bob", old.clone(), Some(old)));
         assert!(unchanged.is_empty(), "{unchanged:?}");
+    }
+
+    #[test]
+    fn an_allowed_template_is_reused_briefly_and_only_for_the_same_identity() {
+        let project = serde_json::json!({"metadata": {"name": "p"}});
+        let alice = request("CREATE", "alice", project.clone(), None);
+        let bob = request("CREATE", "bob", project, None);
+        let granted = Granted::default();
+        let t0 = Instant::now();
+        assert!(
+            !granted.allowed(&alice, "default", t0),
+            "nothing is allowed before a review"
+        );
+        granted.remember(&alice, "default", t0);
+        assert!(granted.allowed(&alice, "default", t0 + Duration::from_secs(9)));
+        assert!(!granted.allowed(&alice, "privileged", t0), "per template");
+        assert!(!granted.allowed(&bob, "default", t0), "per user");
+        assert!(!granted.allowed(&alice, "default", t0 + GRANT_TTL), "expires");
     }
 
     #[test]

@@ -29,7 +29,6 @@ pub mod reason {
     pub const TEMPLATE_NOT_FOUND: &str = "TemplateNotFound";
     pub const NAMESPACE_CONFLICT: &str = "NamespaceConflict";
     pub const NAMESPACE_TERMINATING: &str = "NamespaceTerminating";
-    pub const NAMESPACE_CREATED: &str = "NamespaceCreated";
     pub const BOUND: &str = "Bound";
     pub const NO_MEMBERS: &str = "NoMembers";
     pub const APPLIED: &str = "Applied";

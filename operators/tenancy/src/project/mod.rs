@@ -185,9 +185,9 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
                 source,
             })?;
         match claimed {
+            // No Event for the creation: the status says it, and at scale one Event
+            // per project costs as much as a child object.
             Claim::Created(ns) => {
-                let note = format!("created namespace {name}");
-                publish(&ctx, &project, EventType::Normal, reason::NAMESPACE_CREATED, note).await;
                 ctx.written_namespaces.record(&name, ns.clone());
                 current = Some(ns);
             }
