@@ -25,18 +25,37 @@ fresh() {
   local k=("$CHASSIS_BIN/kubectl" --kubeconfig "$state/kubeconfig")
   "${k[@]}" apply --server-side -f "$root/crds" >/dev/null
   "${k[@]}" wait --for=condition=Established --timeout=60s -f "$root/crds" >/dev/null
+  settle "$(cat "$state/pids/kube-apiserver.pid")"
+}
+
+# settle PID: after start and CRD installation the API server rebuilds its OpenAPI
+# documents for a while; timing starts once it uses under 10 % of a core for 3 s.
+settle() {
+  local quiet=0 before after
+  for _ in $(seq 1 90); do
+    before=$(awk '{print $14 + $15}' "/proc/$1/stat"); sleep 1
+    after=$(awk '{print $14 + $15}' "/proc/$1/stat")
+    if [ $((after - before)) -lt 10 ]; then quiet=$((quiet + 1)); else quiet=0; fi
+    [ "$quiet" -ge 3 ] && return 0
+  done
+  echo "bench: the API server did not settle within 90 s; measuring anyway" >&2
 }
 trap stop EXIT
 
 echo "bench: floor phase ($n projects' children, $inflight in flight)" >&2
 fresh
-"$bench" floor --kubeconfig "$state/kubeconfig" --count "$n" --concurrency "$inflight" --out "$results/floor.json"
+"$bench" floor --kubeconfig "$state/kubeconfig" --count "$n" --concurrency "$inflight" --out "$results/floor.json" --pids "$state/pids"
+
+echo "bench: Projects alone ($n, no operator, no webhooks)" >&2
+fresh
+"$bench" projects-only --kubeconfig "$state/kubeconfig" --count "$n" --concurrency "$inflight" --out "$results/projects-only.json" --pids "$state/pids"
 
 echo "bench: operator phase ($n projects, then $idle s idle)" >&2
 fresh
 "$bench" operator --kubeconfig "$state/kubeconfig" --count "$n" --concurrency "$inflight" \
-  --operator "$root/target/release/chassis-operator" --logs "$results" --idle "$idle" \
-  --out "$results/operator.json"
+  --operator "$root/target/release/chassis-operator" --logs "$results" --idle "$idle" --webhooks "${BENCH_WEBHOOKS:-true}" \
+  --out "$results/operator.json" --pids "$state/pids"
 
 "$bench" report --floor "$results/floor.json" --operator "$results/operator.json" \
+  --projects-only "$results/projects-only.json" \
   --doc "$root/docs/BENCHMARKS.md" --command "make bench-projects (BENCH_PROJECTS=$n BENCH_CONCURRENCY=$inflight BENCH_IDLE=$idle)"

@@ -55,12 +55,18 @@ struct Common {
     /// Where the phase writes its result (JSON).
     #[arg(long)]
     out: PathBuf,
+    /// Folder of the control plane's pid files, for CPU time per component.
+    #[arg(long)]
+    pids: PathBuf,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
     /// Create every project's child objects directly: the floor.
     Floor(Common),
+    /// Create only the Projects, with no operator and no webhooks: what the API server
+    /// alone spends on the custom resources.
+    ProjectsOnly(Common),
     /// Create the Projects and let chassis-operator make the children.
     Operator {
         #[command(flatten)]
@@ -74,6 +80,10 @@ enum Cmd {
         /// Seconds to stay idle once every project is Ready.
         #[arg(long, default_value_t = 120)]
         idle: u64,
+        /// Serve and register the admission webhooks (what users run); `false` shows
+        /// their cost.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        webhooks: bool,
     },
     /// Write the two results into docs/BENCHMARKS.md.
     Report {
@@ -81,6 +91,8 @@ enum Cmd {
         floor: PathBuf,
         #[arg(long)]
         operator: PathBuf,
+        #[arg(long)]
+        projects_only: PathBuf,
         #[arg(long)]
         doc: PathBuf,
         /// The command that produced the results, for the record.
@@ -103,6 +115,53 @@ pub struct Phase {
     pub idle_seconds: Option<u64>,
     pub rss_kib: Option<u64>,
     pub peak_rss_kib: Option<u64>,
+    /// Until the last create returned.
+    pub created_millis: u128,
+    /// CPU seconds each process used during the timed part.
+    pub cpu_seconds: std::collections::BTreeMap<String, f64>,
+}
+
+/// User plus system CPU seconds of `pid` so far.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// CPU seconds of the control plane's processes (and `extra`), by name.
+fn cpu_snapshot(pids: &Path, extra: &[(&str, u32)]) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    for name in ["etcd", "kube-apiserver", "kube-controller-manager"] {
+        let pid = std::fs::read_to_string(pids.join(format!("{name}.pid")))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok());
+        if let Some(seconds) = pid.and_then(cpu_seconds) {
+            out.insert(name.to_string(), seconds);
+        }
+    }
+    for (name, pid) in extra {
+        if let Some(seconds) = cpu_seconds(*pid) {
+            out.insert((*name).to_string(), seconds);
+        }
+    }
+    out.insert(
+        "chassis-bench (client)".into(),
+        cpu_seconds(std::process::id()).unwrap_or(0.0),
+    );
+    out
+}
+
+fn cpu_delta(
+    before: &std::collections::BTreeMap<String, f64>,
+    after: &std::collections::BTreeMap<String, f64>,
+) -> std::collections::BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+        .collect()
 }
 
 #[tokio::main]
@@ -112,21 +171,33 @@ async fn main() -> Result<()> {
             let phase = floor(&common).await?;
             write(&common.out, &phase)
         }
+        Cmd::ProjectsOnly(common) => {
+            let phase = projects_only(&common).await?;
+            write(&common.out, &phase)
+        }
         Cmd::Operator {
             common,
             operator,
             logs,
             idle,
+            webhooks,
         } => {
-            let phase = with_operator(&common, &operator, &logs, idle).await?;
+            let phase = with_operator(&common, &operator, &logs, idle, webhooks).await?;
             write(&common.out, &phase)
         }
         Cmd::Report {
             floor,
             operator,
+            projects_only,
             doc,
             command,
-        } => report::write(&read(&floor)?, &read(&operator)?, &doc, &command),
+        } => report::write(
+            &read(&floor)?,
+            &read(&projects_only)?,
+            &read(&operator)?,
+            &doc,
+            &command,
+        ),
     }
 }
 
@@ -203,6 +274,7 @@ async fn floor(common: &Common) -> Result<Phase> {
     let client = client(&common.kubeconfig).await?;
     let template = template()?;
     let before = metrics::scrape(&client).await?;
+    let cpu_before = cpu_snapshot(&common.pids, &[]);
     let start = Instant::now();
     futures::stream::iter(0..common.count)
         .map(|i| {
@@ -237,6 +309,7 @@ async fn floor(common: &Common) -> Result<Phase> {
         .try_collect::<()>()
         .await?;
     let millis = start.elapsed().as_millis();
+    let cpu = cpu_delta(&cpu_before, &cpu_snapshot(&common.pids, &[]));
     let after = metrics::scrape(&client).await?;
     Ok(Phase {
         count: common.count,
@@ -247,6 +320,48 @@ async fn floor(common: &Common) -> Result<Phase> {
         idle_seconds: None,
         rss_kib: None,
         peak_rss_kib: None,
+        created_millis: millis,
+        cpu_seconds: cpu,
+    })
+}
+
+async fn create_projects(projects: &Api<Project>, common: &Common) -> Result<()> {
+    futures::stream::iter(0..common.count)
+        .map(|i| {
+            let projects = projects.clone();
+            async move {
+                projects
+                    .create(&PostParams::default(), &project(i))
+                    .await
+                    .with_context(|| format!("creating project bench-{i:05}"))
+            }
+        })
+        .buffer_unordered(common.concurrency)
+        .try_collect::<Vec<_>>()
+        .await?;
+    Ok(())
+}
+
+async fn projects_only(common: &Common) -> Result<Phase> {
+    let client = client(&common.kubeconfig).await?;
+    let before = metrics::scrape(&client).await?;
+    let cpu_before = cpu_snapshot(&common.pids, &[]);
+    let start = Instant::now();
+    create_projects(&Api::all(client.clone()), common).await?;
+    let millis = start.elapsed().as_millis();
+    let cpu = cpu_delta(&cpu_before, &cpu_snapshot(&common.pids, &[]));
+    let after = metrics::scrape(&client).await?;
+    Ok(Phase {
+        count: common.count,
+        concurrency: common.concurrency,
+        millis,
+        writes: after.since(&before),
+        idle_writes: None,
+        idle_seconds: None,
+        rss_kib: None,
+        peak_rss_kib: None,
+        created_millis: millis,
+        cpu_seconds: cpu,
     })
 }
 
@@ -273,22 +388,22 @@ fn status_kib(pid: u32, key: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-async fn start_operator(binary: &Path, common: &Common, logs: &Path) -> Result<Operator> {
+async fn start_operator(binary: &Path, common: &Common, logs: &Path, webhooks: bool) -> Result<Operator> {
     std::fs::create_dir_all(logs)?;
     let log = std::fs::File::create(logs.join("bench-operator.log"))?;
     let metrics_port = free_port()?;
     let webhook = format!("127.0.0.1:{}", free_port()?);
-    let child = Command::new(binary)
-        .arg("--kubeconfig")
-        .arg(&common.kubeconfig)
-        .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-        .args([
-            "--webhook-addr",
-            &webhook,
-            "--webhook-register",
-            "--log-format",
-            "json",
-        ])
+    let mut command = Command::new(binary);
+    command.arg("--kubeconfig").arg(&common.kubeconfig).args([
+        "--metrics-addr",
+        &format!("127.0.0.1:{metrics_port}"),
+        "--log-format",
+        "json",
+    ]);
+    if webhooks {
+        command.args(["--webhook-addr", &webhook, "--webhook-register"]);
+    }
+    let child = command
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -360,7 +475,13 @@ fn is_ready(project: &Project) -> bool {
     })
 }
 
-async fn with_operator(common: &Common, binary: &Path, logs: &Path, idle: u64) -> Result<Phase> {
+async fn with_operator(
+    common: &Common,
+    binary: &Path,
+    logs: &Path,
+    idle: u64,
+    webhooks: bool,
+) -> Result<Phase> {
     let client = client(&common.kubeconfig).await?;
     Api::<ProjectTemplate>::all(client.clone())
         .patch(
@@ -370,8 +491,10 @@ async fn with_operator(common: &Common, binary: &Path, logs: &Path, idle: u64) -
         )
         .await
         .context("applying the bench ProjectTemplate")?;
-    let operator = start_operator(binary, common, logs).await?;
-    wait_for_admission(&client).await?;
+    let operator = start_operator(binary, common, logs, webhooks).await?;
+    if webhooks {
+        wait_for_admission(&client).await?;
+    }
 
     let projects: Api<Project> = Api::all(client.clone());
     let ready = Arc::new(AtomicUsize::new(0));
@@ -397,21 +520,12 @@ async fn with_operator(common: &Common, binary: &Path, logs: &Path, idle: u64) -
         })
     };
 
+    let pid = operator.0.id();
     let before = metrics::scrape(&client).await?;
+    let cpu_before = cpu_snapshot(&common.pids, &[("chassis-operator", pid)]);
     let start = Instant::now();
-    futures::stream::iter(0..common.count)
-        .map(|i| {
-            let projects = projects.clone();
-            async move {
-                projects
-                    .create(&PostParams::default(), &project(i))
-                    .await
-                    .with_context(|| format!("creating project bench-{i:05}"))
-            }
-        })
-        .buffer_unordered(common.concurrency)
-        .try_collect::<Vec<_>>()
-        .await?;
+    create_projects(&projects, common).await?;
+    let created_millis = start.elapsed().as_millis();
     let done = tokio::time::timeout(Duration::from_secs(900), watch)
         .await
         .with_context(|| {
@@ -422,13 +536,16 @@ async fn with_operator(common: &Common, binary: &Path, logs: &Path, idle: u64) -
             )
         })??;
     let millis = done.duration_since(start).as_millis();
+    let cpu = cpu_delta(
+        &cpu_before,
+        &cpu_snapshot(&common.pids, &[("chassis-operator", pid)]),
+    );
 
     // Let trailing writes (the last status patches, events) land before the idle window.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let settled = metrics::scrape(&client).await?;
     tokio::time::sleep(Duration::from_secs(idle)).await;
     let idle_end = metrics::scrape(&client).await?;
-    let pid = operator.0.id();
     Ok(Phase {
         count: common.count,
         concurrency: common.concurrency,
@@ -438,5 +555,7 @@ async fn with_operator(common: &Common, binary: &Path, logs: &Path, idle: u64) -
         idle_seconds: Some(idle),
         rss_kib: status_kib(pid, "VmRSS"),
         peak_rss_kib: status_kib(pid, "VmHWM"),
+        created_millis,
+        cpu_seconds: cpu,
     })
 }

@@ -82,6 +82,23 @@ where
     api.patch(&name, &params, &Patch::Apply(desired)).await
 }
 
+/// Drops what a cached child never needs: the field set of our own apply entry
+/// (the bulk of managedFields; [`edited_by_others`] reads only the other managers'
+/// entries and [`fold_create_entry`] only the create entry).
+pub fn trim_own_fields<K: Resource>(object: &mut K, field_manager: &str) {
+    if let Some(entries) = object.meta_mut().managed_fields.as_mut() {
+        entries.retain(|e| {
+            !(e.manager.as_deref() == Some(field_manager) && e.operation.as_deref() == Some("Apply"))
+        });
+    }
+}
+
+/// [`trim_own_fields`] as a watch-stream modifier.
+pub fn own_fields_trimmer<K: Resource>(field_manager: &str) -> impl FnMut(&mut K) + Send + 'static {
+    let field_manager = field_manager.to_string();
+    move |object| trim_own_fields(object, &field_manager)
+}
+
 /// Whether a field manager other than `ours` owns a field that `desired` sets
 /// (outside `metadata` and `status`): someone edited what we manage. Fields others
 /// added beside ours (an extra quota limit) are not drift: a forced apply would not
@@ -140,8 +157,8 @@ pub enum Outcome {
     Absent,
 }
 
-/// Brings one child to its desired state: apply when it is missing, differs in the
-/// metadata we set or was edited by someone else; delete it when it is no longer
+/// Brings one child to its desired state: create it when it is missing, apply when it
+/// differs in the metadata we set or was edited by someone else; delete it when it is no longer
 /// desired (only if we control it); otherwise make no request at all. Returns the API
 /// server's answer to an apply, for [`crate::overlay::Overlay`].
 pub async fn ensure<K>(
@@ -169,15 +186,31 @@ where
             }
         }
         (Some(want), Some(current))
-            if metadata_matches(want, current) && !edited_by_others(want, current, &[field_manager]) =>
+            if metadata_matches(want, current)
+                && !edited_by_others(want, current, &[field_manager, &create_manager(field_manager)]) =>
         {
             Ok((Outcome::Unchanged, None))
         }
+        // A missing child is created, not applied: a create is the cheapest write for
+        // the API server (no merge to compute), exactly what a hand-written client does.
+        // If it exists after all (the cache was behind), the apply below takes over.
+        (Some(want), None) => {
+            let params = PostParams {
+                field_manager: Some(create_manager(field_manager)),
+                ..Default::default()
+            };
+            match api.create(&params, want).await {
+                Ok(created) => Ok((Outcome::Applied, Some(created))),
+                Err(kube::Error::Api(status)) if status.code == 409 => apply(api, want, field_manager)
+                    .await
+                    .map(|applied| (Outcome::Applied, Some(applied))),
+                Err(err) => Err(err),
+            }
+        }
         (Some(want), current) => {
             let why = match current {
-                None => "missing",
                 Some(c) if !metadata_matches(want, c) => "changed",
-                Some(_) => "edited by another field manager",
+                _ => "edited by another field manager",
             };
             tracing::debug!(name, why, "applying");
             apply_over(api, want, current, field_manager)
@@ -677,6 +710,86 @@ mod ensure_tests {
             cm.metadata.labels = Some([(MANAGED_BY_LABEL.to_string(), "chassis".to_string())].into());
         }
         cm
+    }
+
+    /// Answers the next request if it has `method`, a path ending in `path` and a query
+    /// containing `query`.
+    async fn expect(
+        handle: &mut tower_test::mock::Handle<Request<Body>, Response<Body>>,
+        (method, path, query): (&str, &str, &str),
+        status: u16,
+        body: serde_json::Value,
+    ) -> Result<(), String> {
+        let (request, send) = handle.next_request().await.ok_or("no request")?;
+        let uri = request.uri().clone();
+        if request.method() != method
+            || !uri.path().ends_with(path)
+            || !uri.query().unwrap_or_default().contains(query)
+        {
+            return Err(format!("unexpected request {} {uri}", request.method()));
+        }
+        let bytes = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
+        send.send_response(
+            Response::builder()
+                .status(status)
+                .body(Body::from(bytes))
+                .map_err(|e| e.to_string())?,
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_missing_child_is_created_in_one_request() -> Result<(), String> {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let api: Api<ConfigMap> = Api::namespaced(Client::new(service, "default"), "payments");
+        let created = serde_json::to_value(child("new", "uid-1", true)).map_err(|e| e.to_string())?;
+        let server = tokio::spawn(async move {
+            let post = (
+                "POST",
+                "/namespaces/payments/configmaps",
+                "fieldManager=chassis-project-create",
+            );
+            expect(&mut handle, post, 201, created).await?;
+            Ok::<_, String>(handle)
+        });
+        let want = child("new", "uid-1", true);
+        let (outcome, written) = ensure(&api, "new", Some(&want), None, "uid-1", "chassis-project")
+            .await
+            .map_err(|e| e.to_string())?;
+        assert_eq!(outcome, Outcome::Applied);
+        assert!(
+            written.is_some(),
+            "the created object is returned for the overlay"
+        );
+        let mut handle = server.await.map_err(|e| e.to_string())??;
+        drop(api);
+        assert!(handle.next_request().await.is_none(), "one request only");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_child_the_cache_missed_is_applied_after_the_create_conflicts() -> Result<(), String> {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let api: Api<ConfigMap> = Api::namespaced(Client::new(service, "default"), "payments");
+        let live = serde_json::to_value(child("late", "uid-1", true)).map_err(|e| e.to_string())?;
+        let server = tokio::spawn(async move {
+            let conflict = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "reason": "AlreadyExists", "code": 409});
+            expect(&mut handle, ("POST", "/configmaps", ""), 409, conflict).await?;
+            // Forced server-side apply under the controller's own manager.
+            let apply = (
+                "PATCH",
+                "/configmaps/late",
+                "force=true&fieldManager=chassis-project",
+            );
+            expect(&mut handle, apply, 200, live).await
+        });
+        let want = child("late", "uid-1", true);
+        let result = ensure(&api, "late", Some(&want), None, "uid-1", "chassis-project").await;
+        server.await.map_err(|e| e.to_string())??;
+        let (outcome, _) = result.map_err(|e| e.to_string())?;
+        assert_eq!(outcome, Outcome::Applied);
+        Ok(())
     }
 
     #[tokio::test]

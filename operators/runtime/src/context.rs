@@ -32,7 +32,7 @@ impl Context {
         };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
-            field_manager: format!("chassis-{controller}"),
+            field_manager: field_manager(controller),
             client,
             metrics,
             backoff: Backoff::default(),
@@ -51,4 +51,9 @@ impl Context {
         self.backoff.succeeded(object_key);
         Action::requeue(every)
     }
+}
+
+/// The server-side-apply field manager of a controller.
+pub fn field_manager(controller: &str) -> String {
+    format!("chassis-{controller}")
 }

@@ -10,6 +10,33 @@ use futures::future::BoxFuture;
 use kube::runtime::watcher;
 use tokio::sync::watch;
 
+/// What the manager's flags set for every controller.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Identity of this replica, for Events.
+    pub instance: Option<String>,
+    /// Reconciles a controller runs at once. Each holds API connections (kube's client
+    /// speaks HTTP/1.1, one connection per request in flight), so this also bounds the
+    /// operator's memory and its load on the API server during a burst.
+    pub concurrency: u16,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            instance: None,
+            concurrency: 16,
+        }
+    }
+}
+
+impl Settings {
+    /// kube-runtime's controller configuration for these settings.
+    pub fn controller_config(&self) -> kube::runtime::controller::Config {
+        kube::runtime::controller::Config::default().concurrency(self.concurrency)
+    }
+}
+
 /// A controller that has been wired but not yet driven.
 pub struct Running {
     /// Name used in `--controllers`, metrics and logs.
@@ -67,11 +94,31 @@ impl InitialSync {
         K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
         K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
     {
+        self.reflect_trimmed(api, config, |_: &mut K| {})
+    }
+
+    /// [`InitialSync::reflect`], with `trim` applied to each object before it is
+    /// stored, to keep only what the controller reads (memory grows with the cluster).
+    pub fn reflect_trimmed<K, F>(
+        &mut self,
+        api: kube::Api<K>,
+        config: watcher::Config,
+        trim: F,
+    ) -> (
+        kube::runtime::reflector::Store<K>,
+        impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    )
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+        K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+        F: FnMut(&mut K) + Send + 'static,
+    {
         use futures::StreamExt;
         use kube::runtime::WatchStreamExt;
         let (store, writer) = kube::runtime::reflector::store::<K>();
         let stream = watcher(api, config)
             .backoff(WatchBackoff::default())
+            .modify(trim)
             .reflect(writer)
             .inspect(self.track());
         (store, stream)

@@ -8,7 +8,7 @@ use chassis_api::conditions::READY;
 use chassis_api::tenancy::v1alpha1::{ProjectTemplate, ProjectTemplateStatus};
 use chassis_runtime::Context;
 use chassis_runtime::conditions::{Desired, upsert};
-use chassis_runtime::controller::{InitialSync, Running, Synced};
+use chassis_runtime::controller::{InitialSync, Running, Settings, Synced};
 use chassis_runtime::metrics::Metrics;
 use futures::StreamExt;
 use k8s_openapi::api::rbac::v1::ClusterRole;
@@ -107,7 +107,7 @@ fn error_policy(template: Arc<ProjectTemplate>, error: &Error, ctx: Arc<Template
 pub fn controller(
     client: Client,
     metrics: &Arc<Metrics>,
-    instance: Option<String>,
+    settings: &Settings,
     shutdown: CancellationToken,
 ) -> Running {
     let wc = watcher::Config::default().any_semantic();
@@ -122,12 +122,13 @@ pub fn controller(
     let role_stream = role_stream.touched_objects();
 
     let ctx = Arc::new(TemplateContext {
-        base: Context::new(client, NAME, metrics.controller(NAME), instance),
+        base: Context::new(client, NAME, metrics.controller(NAME), settings.instance.clone()),
         synced: sync.flag(),
         cluster_roles: roles.clone(),
     });
     let index = templates.clone();
     let run = Controller::for_stream(template_stream, templates)
+        .with_config(settings.controller_config())
         .watches_stream(role_stream, move |role: PartialObjectMeta<ClusterRole>| {
             let name = role.name_any();
             index

@@ -84,7 +84,10 @@ where
             })?;
     let key = format!("{namespace}/{name}");
     match applied {
-        Some(object) => cache.written.record(&key, object),
+        Some(mut object) => {
+            apply::trim_own_fields(&mut object, field_manager);
+            cache.written.record(&key, object);
+        }
         None if outcome == Outcome::Deleted => cache.written.forget(&key),
         None => {}
     }
@@ -138,7 +141,7 @@ pub async fn reconcile(
                 }
             }
             let api: Api<RoleBinding> = Api::namespaced(client.clone(), &namespace);
-            let applied =
+            let mut applied =
                 apply::apply(&api, want, field_manager)
                     .await
                     .map_err(|source| Error::ApplyChild {
@@ -146,6 +149,7 @@ pub async fn reconcile(
                         name: format!("{namespace}/{name}"),
                         source,
                     })?;
+            apply::trim_own_fields(&mut applied, field_manager);
             stores
                 .role_bindings
                 .written

@@ -14,7 +14,7 @@ use chassis_api::tenancy::v1alpha1::{Project, ProjectTemplate};
 use chassis_runtime::Context;
 use chassis_runtime::apply::MANAGED_BY_LABEL;
 use chassis_runtime::apply::{self, Claim};
-use chassis_runtime::controller::{InitialSync, Running, Synced};
+use chassis_runtime::controller::{InitialSync, Running, Settings, Synced};
 use chassis_runtime::metrics::Metrics;
 use chassis_runtime::overlay::{Overlay, Source};
 use chassis_runtime::pace;
@@ -349,13 +349,22 @@ impl TemplateChanges {
 pub fn controller(
     client: Client,
     metrics: &Arc<Metrics>,
-    instance: Option<String>,
+    settings: &Settings,
     shutdown: CancellationToken,
 ) -> Running {
     let wc = watcher::Config::default().any_semantic();
     let mut sync = InitialSync::default();
 
-    let (projects, project_stream) = sync.reflect(Api::<Project>::all(client.clone()), wc.clone());
+    // Stored objects are trimmed to what the reconcile reads: memory grows with the cluster.
+    let (projects, project_stream) = sync.reflect_trimmed(
+        Api::<Project>::all(client.clone()),
+        wc.clone(),
+        |p: &mut Project| {
+            p.metadata.managed_fields = None;
+        },
+    );
+    let fm = chassis_runtime::context::field_manager(NAME);
+
     let project_stream = project_stream
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
@@ -369,15 +378,27 @@ pub fn controller(
     let managed = watcher::Config::default()
         .any_semantic()
         .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY},{PROJECT_LABEL}"));
-    let (role_bindings, rb_stream) = sync.reflect(Api::<RoleBinding>::all(client.clone()), managed.clone());
+    let (role_bindings, rb_stream) = sync.reflect_trimmed(
+        Api::<RoleBinding>::all(client.clone()),
+        managed.clone(),
+        apply::own_fields_trimmer(&fm),
+    );
     let rb_stream = rb_stream.touched_objects();
-    let (quotas, quota_stream) = sync.reflect(Api::<ResourceQuota>::all(client.clone()), managed.clone());
+    let (quotas, quota_stream) = sync.reflect_trimmed(
+        Api::<ResourceQuota>::all(client.clone()),
+        managed.clone(),
+        apply::own_fields_trimmer(&fm),
+    );
     let quota_stream = quota_stream.touched_objects();
-    let (limits, limits_stream) = sync.reflect(Api::<LimitRange>::all(client.clone()), managed);
+    let (limits, limits_stream) = sync.reflect_trimmed(
+        Api::<LimitRange>::all(client.clone()),
+        managed,
+        apply::own_fields_trimmer(&fm),
+    );
     let limits_stream = limits_stream.touched_objects();
 
     let ctx = Arc::new(ProjectContext {
-        base: Context::new(client, NAME, metrics.controller(NAME), instance),
+        base: Context::new(client, NAME, metrics.controller(NAME), settings.instance.clone()),
         synced: sync.flag(),
         templates: templates.clone(),
         namespaces: namespaces.clone(),
@@ -409,6 +430,7 @@ pub fn controller(
         pace::Bucket::new(ROLLOUT_PER_SECOND, ROLLOUT_PER_SECOND),
     );
     let run = Controller::for_stream(project_stream, projects)
+        .with_config(settings.controller_config())
         // A template change reaches its projects at a steady pace (see `pace`).
         .reconcile_on(rollout)
         // A namespace wakes the project of the same name: drift on our namespace, and a
