@@ -254,22 +254,20 @@ fn project(i: usize) -> Project {
     project
 }
 
-async fn post<K>(api: Api<K>, mut object: K) -> Result<()>
+async fn post<K>(api: Api<K>, object: K) -> Result<()>
 where
     K: Resource<DynamicType = ()> + Clone + Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    // No Project exists in the floor phase: an owner reference to one would have the
-    // garbage collector delete the object again.
-    object.meta_mut().owner_references = None;
     api.create(&PostParams::default(), &object)
         .await
         .with_context(|| format!("creating {} {}", K::kind(&()), object.name_any()))?;
     Ok(())
 }
 
-/// The floor: the children of every project, built by the operator's own builders,
-/// created directly (namespace first, then its five children), `concurrency` projects
-/// in flight.
+/// The floor: every Project and its children, built by the operator's own builders
+/// (owner references included), created directly by this client: the Project, its
+/// namespace, then its five children, `concurrency` projects in flight. No operator
+/// runs and no webhooks are registered.
 async fn floor(common: &Common) -> Result<Phase> {
     let client = client(&common.kubeconfig).await?;
     let template = template()?;
@@ -281,10 +279,13 @@ async fn floor(common: &Common) -> Result<Phase> {
             let (client, template) = (client.clone(), &template);
             async move {
                 let mut project = project(i);
-                project.meta_mut().uid = Some(format!("00000000-0000-0000-0000-{i:012}"));
                 project
                     .annotations_mut()
                     .insert(REQUESTER_ANNOTATION.into(), REQUESTER.into());
+                let project = Api::<Project>::all(client.clone())
+                    .create(&PostParams::default(), &project)
+                    .await
+                    .with_context(|| format!("creating project {}", project.name_any()))?;
                 let ns = project.name_any();
                 post(
                     Api::<Namespace>::all(client.clone()),

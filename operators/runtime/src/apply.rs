@@ -82,15 +82,27 @@ where
     api.patch(&name, &params, &Patch::Apply(desired)).await
 }
 
-/// Drops what a cached child never needs: the field set of our own apply entry
-/// (the bulk of managedFields; [`edited_by_others`] reads only the other managers'
-/// entries and [`fold_create_entry`] only the create entry).
+/// Drops what a cached child never needs: the field sets of our own entries, the
+/// bulk of managedFields. [`edited_by_others`] reads only the other managers'
+/// entries; [`apply_over`] reads the live object before it folds a create entry.
 pub fn trim_own_fields<K: Resource>(object: &mut K, field_manager: &str) {
-    if let Some(entries) = object.meta_mut().managed_fields.as_mut() {
-        entries.retain(|e| {
-            !(e.manager.as_deref() == Some(field_manager) && e.operation.as_deref() == Some("Apply"))
-        });
+    let creator = create_manager(field_manager);
+    for entry in object.meta_mut().managed_fields.iter_mut().flatten() {
+        let manager = entry.manager.as_deref();
+        if manager == Some(field_manager) || manager == Some(creator.as_str()) {
+            entry.fields_v1 = None;
+        }
     }
+}
+
+fn has_create_entry<K: Resource>(object: &K, field_manager: &str) -> bool {
+    let creator = create_manager(field_manager);
+    object
+        .meta()
+        .managed_fields
+        .iter()
+        .flatten()
+        .any(|e| e.manager.as_deref() == Some(creator.as_str()) && e.operation.as_deref() == Some("Update"))
 }
 
 /// [`trim_own_fields`] as a watch-stream modifier.
@@ -321,9 +333,9 @@ fn merge_fields(into: &mut serde_json::Value, from: &serde_json::Value) {
     }
 }
 
-/// Applies `desired` over the live `observed`; when `observed` still carries the
-/// create entry of [`claim`], that entry is first made ours (one extra request, once
-/// per object and only when it changes), so fields we stop setting are removed.
+/// Applies `desired` over `observed`; when `observed` still carries the create entry
+/// of [`claim`], that entry is first made ours (a read and a write, once per object
+/// and only when it changes), so fields we stop setting are removed.
 pub async fn apply_over<K>(
     api: &Api<K>,
     desired: &K,
@@ -333,7 +345,13 @@ pub async fn apply_over<K>(
 where
     K: Resource + Clone + Serialize + DeserializeOwned + Debug,
 {
-    if let Some(current) = observed
+    // The cached copy may be trimmed: fold from the live object's field sets.
+    let name = desired.meta().name.clone().unwrap_or_default();
+    let live = match observed {
+        Some(current) if has_create_entry(current, field_manager) => api.get_opt(&name).await?,
+        _ => None,
+    };
+    if let Some(current) = live.as_ref()
         && let Some(folded) = fold_create_entry(current, field_manager)
     {
         let version = current.meta().resource_version.clone().unwrap_or_default();
@@ -342,7 +360,6 @@ where
             {"op": "replace", "path": "/metadata/managedFields", "value": folded},
         ]))
         .map_err(kube::Error::SerdeError)?;
-        let name = current.meta().name.clone().unwrap_or_default();
         api.patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
             .await?;
     }

@@ -101,7 +101,58 @@ pub struct ChildStores {
     pub limits: Cached<LimitRange>,
 }
 
-/// Reconciles every namespaced child of `project` inside its namespace.
+/// One binding: `ensure`, except that a binding whose roleRef must change is
+/// replaced (roleRef cannot change in place). Returns each request's outcome.
+async fn binding(
+    client: &Client,
+    stores: &ChildStores,
+    namespace: &str,
+    name: &str,
+    desired: Option<&RoleBinding>,
+    uid: &str,
+    field_manager: &str,
+) -> Result<Vec<(Outcome, Source)>, Error> {
+    let (have, source) = stores.role_bindings.get(namespace, name);
+    let replace = matches!((desired, &have), (Some(want), Some(have))
+        if want.role_ref != have.role_ref && apply::controlled_by(have.as_ref(), uid));
+    let Some(want) = desired.filter(|_| replace) else {
+        let outcome = ensure_one(
+            client,
+            &stores.role_bindings,
+            namespace,
+            name,
+            desired,
+            uid,
+            field_manager,
+        )
+        .await?;
+        return Ok(vec![outcome]);
+    };
+    let failed = |source| Error::ApplyChild {
+        kind: "RoleBinding".into(),
+        name: format!("{namespace}/{name}"),
+        source,
+    };
+    let api: Api<RoleBinding> = Api::namespaced(client.clone(), namespace);
+    let mut outcomes = Vec::new();
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => outcomes.push((Outcome::Deleted, source)),
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(err) => return Err(failed(err)),
+    }
+    let mut applied = apply::apply(&api, want, field_manager).await.map_err(failed)?;
+    apply::trim_own_fields(&mut applied, field_manager);
+    stores
+        .role_bindings
+        .written
+        .record(&format!("{namespace}/{name}"), applied);
+    outcomes.push((Outcome::Applied, source));
+    Ok(outcomes)
+}
+
+/// Reconciles every namespaced child of `project` inside its namespace. The children
+/// are independent, so their requests go out together: a new project costs one round
+/// trip here, not five.
 pub async fn reconcile(
     client: &Client,
     stores: &ChildStores,
@@ -111,71 +162,22 @@ pub async fn reconcile(
 ) -> Result<Parts, Error> {
     let namespace = project.name_any();
     let uid = project.uid().unwrap_or_default();
-    let mut writes = 0;
-    let mut lagging = false;
-    let mut count = |(outcome, source): (Outcome, Source)| {
-        if matches!(outcome, Outcome::Applied | Outcome::Deleted) {
-            writes += 1;
-        }
-        lagging |= source == Source::Written;
-    };
-
-    let mut bindings = Vec::new();
-    for (name, desired) in build::role_bindings(project, template) {
-        // roleRef cannot change in place: a binding to another role is replaced.
-        let (have, source) = stores.role_bindings.get(&namespace, name);
-        if let (Some(want), Some(have)) = (&desired, have)
-            && want.role_ref != have.role_ref
-            && apply::controlled_by(have.as_ref(), &uid)
-        {
-            let api: Api<RoleBinding> = Api::namespaced(client.clone(), &namespace);
-            match api.delete(name, &DeleteParams::background()).await {
-                Ok(_) => count((Outcome::Deleted, source)),
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(source) => {
-                    return Err(Error::ApplyChild {
-                        kind: "RoleBinding".into(),
-                        name: format!("{namespace}/{name}"),
-                        source,
-                    });
-                }
-            }
-            let api: Api<RoleBinding> = Api::namespaced(client.clone(), &namespace);
-            let mut applied =
-                apply::apply(&api, want, field_manager)
-                    .await
-                    .map_err(|source| Error::ApplyChild {
-                        kind: "RoleBinding".into(),
-                        name: format!("{namespace}/{name}"),
-                        source,
-                    })?;
-            apply::trim_own_fields(&mut applied, field_manager);
-            stores
-                .role_bindings
-                .written
-                .record(&format!("{namespace}/{name}"), applied);
-            count((Outcome::Applied, source));
-        } else {
-            let outcome = ensure_one(
-                client,
-                &stores.role_bindings,
-                &namespace,
-                name,
-                desired.as_ref(),
-                &uid,
-                field_manager,
-            )
-            .await?;
-            count(outcome);
-        }
-        if let Some(binding) = &desired {
-            let subjects = binding.subjects.as_ref().map_or(0, Vec::len);
-            bindings.push((name.to_string(), binding.role_ref.name.clone(), subjects));
-        }
-    }
-
+    let wanted_bindings = build::role_bindings(project, template);
     let quota = build::resource_quota(project, template);
-    let outcome = ensure_one(
+    let limits = build::limit_range(project, template);
+
+    let bindings_done = futures::future::try_join_all(wanted_bindings.iter().map(|(name, desired)| {
+        binding(
+            client,
+            stores,
+            &namespace,
+            name,
+            desired.as_ref(),
+            &uid,
+            field_manager,
+        )
+    }));
+    let quota_done = ensure_one(
         client,
         &stores.quotas,
         &namespace,
@@ -183,12 +185,8 @@ pub async fn reconcile(
         quota.as_ref(),
         &uid,
         field_manager,
-    )
-    .await?;
-    count(outcome);
-
-    let limits = build::limit_range(project, template);
-    let outcome = ensure_one(
+    );
+    let limits_done = ensure_one(
         client,
         &stores.limits,
         &namespace,
@@ -196,9 +194,28 @@ pub async fn reconcile(
         limits.as_ref(),
         &uid,
         field_manager,
-    )
-    .await?;
-    count(outcome);
+    );
+    let (binding_outcomes, quota_outcome, limits_outcome) =
+        futures::future::try_join3(bindings_done, quota_done, limits_done).await?;
+
+    let outcomes: Vec<(Outcome, Source)> = binding_outcomes
+        .into_iter()
+        .flatten()
+        .chain([quota_outcome, limits_outcome])
+        .collect();
+    let writes = outcomes
+        .iter()
+        .filter(|(o, _)| matches!(o, Outcome::Applied | Outcome::Deleted))
+        .count();
+    let lagging = outcomes.iter().any(|(_, source)| *source == Source::Written);
+    let bindings = wanted_bindings
+        .iter()
+        .filter_map(|(name, desired)| {
+            let binding = desired.as_ref()?;
+            let subjects = binding.subjects.as_ref().map_or(0, Vec::len);
+            Some((name.to_string(), binding.role_ref.name.clone(), subjects))
+        })
+        .collect();
 
     Ok(Parts {
         bindings,

@@ -356,6 +356,7 @@ pub fn controller(
     let mut sync = InitialSync::default();
 
     // Stored objects are trimmed to what the reconcile reads: memory grows with the cluster.
+    let fm = chassis_runtime::context::field_manager(NAME);
     let (projects, project_stream) = sync.reflect_trimmed(
         Api::<Project>::all(client.clone()),
         wc.clone(),
@@ -363,7 +364,6 @@ pub fn controller(
             p.metadata.managed_fields = None;
         },
     );
-    let fm = chassis_runtime::context::field_manager(NAME);
 
     let project_stream = project_stream
         .applied_objects()
@@ -371,7 +371,11 @@ pub fn controller(
 
     let (templates, template_stream) = sync.reflect(Api::<ProjectTemplate>::all(client.clone()), wc.clone());
 
-    let (namespaces, namespace_stream) = sync.reflect(Api::<Namespace>::all(client.clone()), wc.clone());
+    let (namespaces, namespace_stream) = sync.reflect_trimmed(
+        Api::<Namespace>::all(client.clone()),
+        wc.clone(),
+        apply::own_fields_trimmer(&fm),
+    );
     let namespace_stream = namespace_stream.touched_objects();
 
     // Children are watched by label, so the stores hold only what Chassis manages.
