@@ -187,7 +187,8 @@ async fn run(args: Args) -> Result<()> {
             Some(dir) => ServingCert::from_dir(dir)?,
             None => ServingCert::self_signed(&[webhook_addr.ip().to_string(), "localhost".to_string()])?,
         };
-        let routes = chassis_tenancy::admission::routes(client.clone());
+        let caches = chassis_tenancy::admission::Caches::start(&client, shutdown.clone());
+        let routes = chassis_tenancy::admission::routes(client.clone(), caches);
         let (local, _) = webhook::serve(webhook_addr, &cert, routes, shutdown.clone())
             .await
             .with_context(|| format!("serving webhooks on --webhook-addr {webhook_addr}"))?;

@@ -18,6 +18,8 @@ use tokio::time::Instant;
 
 use chassis_api::tenancy::REQUESTER_ANNOTATION;
 use chassis_api::tenancy::v1alpha1::{Project, ProjectTemplate};
+use chassis_runtime::controller::{InitialSync, Synced};
+use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ValidatingWebhook,
@@ -25,11 +27,15 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 use warp::Filter;
 
 pub const MUTATE_PATH: &str = "mutate-projects";
@@ -140,8 +146,8 @@ pub fn decide(name: &str, user: &str, operation: &Operation, facts: &Facts) -> R
     Ok(())
 }
 
-fn controlled_by_a_project(ns: &Namespace) -> bool {
-    ns.owner_references().iter().any(|r| {
+fn controlled_by_a_project(owners: &[OwnerReference]) -> bool {
+    owners.iter().any(|r| {
         r.controller == Some(true) && r.kind == "Project" && r.api_version.starts_with("tenancy.chassis.dev/")
     })
 }
@@ -179,6 +185,7 @@ async fn may_use_template(
 
 async fn facts(
     client: &Client,
+    caches: &Caches,
     admitted: &Mutex<Recent>,
     granted: &Granted,
     request: &AdmissionRequest<DynamicObject>,
@@ -192,13 +199,21 @@ async fn facts(
         .and_then(Value::as_str)
         .unwrap_or("default")
         .to_string();
-    let namespace = Api::<Namespace>::all(client.clone())
+    // Read from the API server, not a cache: a namespace created a moment before the
+    // Project must still be refused with a clear message.
+    let foreign_namespace = Api::<Namespace>::all(client.clone())
         .get_opt(&request.name)
-        .await?;
-    let max = Api::<ProjectTemplate>::all(client.clone())
-        .get_opt(&template)
         .await?
-        .and_then(|t| t.spec.max_projects_per_user);
+        .is_some_and(|ns| !controlled_by_a_project(ns.owner_references()));
+    // A template missing from the cache may just be new: ask the API server then.
+    let found = match caches.template(&template) {
+        Some(t) => Some(t),
+        None => Api::<ProjectTemplate>::all(client.clone())
+            .get_opt(&template)
+            .await?
+            .map(Arc::new),
+    };
+    let max = found.and_then(|t| t.spec.max_projects_per_user);
     let template_allowed = granted.allowed(request, &template, Instant::now()) || {
         let allowed = may_use_template(client, request, &template).await?;
         if allowed {
@@ -208,7 +223,7 @@ async fn facts(
     };
     let mut facts = Facts {
         template_allowed,
-        foreign_namespace: namespace.as_ref().is_some_and(|ns| !controlled_by_a_project(ns)),
+        foreign_namespace,
         max_projects_per_user: max,
         user_projects: 0,
         template,
@@ -235,6 +250,44 @@ async fn facts(
         recent.record(&user, &request.name, Instant::now());
     }
     Ok(facts)
+}
+
+/// A watch cache of ProjectTemplates, so that admitting a Project usually costs the
+/// API server no read for its template. Until it has listed once, and for a template
+/// it does not hold (it may be brand new), the webhook asks the API server.
+#[derive(Clone)]
+pub struct Caches {
+    templates: Store<ProjectTemplate>,
+    synced: Synced,
+}
+
+impl Caches {
+    /// Starts the watch; it stops with `shutdown`.
+    pub fn start(client: &Client, shutdown: CancellationToken) -> Self {
+        let mut sync = InitialSync::default();
+        let (templates, stream) = sync.reflect_trimmed(
+            Api::<ProjectTemplate>::all(client.clone()),
+            watcher::Config::default(),
+            |t: &mut ProjectTemplate| t.metadata.managed_fields = None,
+        );
+        let synced = sync.flag();
+        let done = sync.done();
+        tokio::spawn(async move {
+            let drive = futures::future::join(stream.for_each(|_| futures::future::ready(())), done);
+            tokio::select! {
+                _ = drive => {}
+                () = shutdown.cancelled() => {}
+            }
+        });
+        Self { templates, synced }
+    }
+
+    fn template(&self, name: &str) -> Option<Arc<ProjectTemplate>> {
+        self.synced
+            .get()
+            .then(|| self.templates.get(&ObjectRef::new(name)))
+            .flatten()
+    }
 }
 
 /// How long a SubjectAccessReview that allowed a template is reused, like the API
@@ -348,6 +401,7 @@ async fn handle_mutate(review: AdmissionReview<DynamicObject>) -> AdmissionRevie
 
 async fn handle_validate(
     client: Client,
+    caches: Caches,
     admitted: Arc<Mutex<Recent>>,
     granted: Arc<Granted>,
     review: AdmissionReview<DynamicObject>,
@@ -361,7 +415,7 @@ async fn handle_validate(
         return response.into_review();
     }
     let user = request.user_info.username.clone().unwrap_or_default();
-    match facts(&client, &admitted, &granted, &request).await {
+    match facts(&client, &caches, &admitted, &granted, &request).await {
         Ok(facts) => match decide(&request.name, &user, &request.operation, &facts) {
             Ok(()) => response.into_review(),
             Err(message) => deny(response, message).into_review(),
@@ -374,7 +428,10 @@ async fn handle_validate(
 }
 
 /// The warp routes of both webhooks.
-pub fn routes(client: Client) -> impl Filter<Extract = (impl warp::Reply,), Error = warp::Rejection> + Clone {
+pub fn routes(
+    client: Client,
+    caches: Caches,
+) -> impl Filter<Extract = (impl warp::Reply,), Error = warp::Rejection> + Clone {
     let client = Arc::new(client);
     let admitted = Arc::new(Mutex::new(Recent::default()));
     let granted = Arc::new(Granted::default());
@@ -389,8 +446,8 @@ pub fn routes(client: Client) -> impl Filter<Extract = (impl warp::Reply,), Erro
         .and(warp::body::json())
         .then(move |review| {
             let client = client.as_ref().clone();
-            let (admitted, granted) = (admitted.clone(), granted.clone());
-            async move { warp::reply::json(&handle_validate(client, admitted, granted, review).await) }
+            let (caches, admitted, granted) = (caches.clone(), admitted.clone(), granted.clone());
+            async move { warp::reply::json(&handle_validate(client, caches, admitted, granted, review).await) }
         });
     mutate.or(validate)
 }
