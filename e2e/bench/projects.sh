@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Project benchmark (`make bench-projects`, issue 3): BENCH_PROJECTS (1000) Projects
 # created at once until all are Ready, against a floor client that creates the same
-# child objects directly, then BENCH_IDLE (120) idle seconds. Each phase gets a fresh
+# Projects and child objects directly, BENCH_ROUNDS (3) times each (the median
+# counts), then BENCH_IDLE (120) idle seconds. Each phase gets a fresh
 # control plane of its own (beside the e2e one, in target/bench-cluster) so neither
 # inherits the other's objects. Results go between the markers in docs/BENCHMARKS.md.
 set -euo pipefail
@@ -9,6 +10,7 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 n=${BENCH_PROJECTS:-1000}
 inflight=${BENCH_CONCURRENCY:-32}
 idle=${BENCH_IDLE:-120}
+rounds=${BENCH_ROUNDS:-3}
 state=$root/target/bench-cluster
 results=$root/target/bench-results
 mkdir -p "$results"
@@ -42,20 +44,29 @@ settle() {
 }
 trap stop EXIT
 
-echo "bench: floor phase ($n projects' children, $inflight in flight)" >&2
-fresh
-"$bench" floor --kubeconfig "$state/kubeconfig" --count "$n" --concurrency "$inflight" --out "$results/floor.json" --pids "$state/pids"
+floors=() operators=()
+for round in $(seq 1 "$rounds"); do
+  echo "bench: round $round/$rounds: floor ($n Projects and their children, $inflight in flight)" >&2
+  fresh
+  "$bench" floor --kubeconfig "$state/kubeconfig" --count "$n" --concurrency "$inflight" \
+    --out "$results/floor-$round.json" --pids "$state/pids"
+  floors+=(--floor "$results/floor-$round.json")
+
+  # Only the last round waits out the idle window.
+  wait_idle=5; [ "$round" = "$rounds" ] && wait_idle=$idle
+  echo "bench: round $round/$rounds: operator ($n Projects, then $wait_idle s idle)" >&2
+  fresh
+  "$bench" operator --kubeconfig "$state/kubeconfig" --count "$n" --concurrency "$inflight" \
+    --operator "$root/target/release/chassis-operator" --logs "$results" --idle "$wait_idle" \
+    --webhooks "${BENCH_WEBHOOKS:-true}" --out "$results/operator-$round.json" --pids "$state/pids"
+  operators+=(--operator "$results/operator-$round.json")
+done
 
 echo "bench: Projects alone ($n, no operator, no webhooks)" >&2
 fresh
-"$bench" projects-only --kubeconfig "$state/kubeconfig" --count "$n" --concurrency "$inflight" --out "$results/projects-only.json" --pids "$state/pids"
+"$bench" projects-only --kubeconfig "$state/kubeconfig" --count "$n" --concurrency "$inflight" \
+  --out "$results/projects-only.json" --pids "$state/pids"
 
-echo "bench: operator phase ($n projects, then $idle s idle)" >&2
-fresh
-"$bench" operator --kubeconfig "$state/kubeconfig" --count "$n" --concurrency "$inflight" \
-  --operator "$root/target/release/chassis-operator" --logs "$results" --idle "$idle" --webhooks "${BENCH_WEBHOOKS:-true}" \
-  --out "$results/operator.json" --pids "$state/pids"
-
-"$bench" report --floor "$results/floor.json" --operator "$results/operator.json" \
-  --projects-only "$results/projects-only.json" \
-  --doc "$root/docs/BENCHMARKS.md" --command "make bench-projects (BENCH_PROJECTS=$n BENCH_CONCURRENCY=$inflight BENCH_IDLE=$idle)"
+"$bench" report "${floors[@]}" "${operators[@]}" --projects-only "$results/projects-only.json" \
+  --doc "$root/docs/BENCHMARKS.md" \
+  --command "make bench-projects (BENCH_PROJECTS=$n BENCH_ROUNDS=$rounds BENCH_CONCURRENCY=$inflight BENCH_IDLE=$idle)"

@@ -87,10 +87,12 @@ enum Cmd {
     },
     /// Write the two results into docs/BENCHMARKS.md.
     Report {
-        #[arg(long)]
-        floor: PathBuf,
-        #[arg(long)]
-        operator: PathBuf,
+        /// One result per round (repeat the flag).
+        #[arg(long, required = true)]
+        floor: Vec<PathBuf>,
+        /// One result per round (repeat the flag); the last one holds the idle window.
+        #[arg(long, required = true)]
+        operator: Vec<PathBuf>,
         #[arg(long)]
         projects_only: PathBuf,
         #[arg(long)]
@@ -102,7 +104,7 @@ enum Cmd {
 }
 
 /// What one phase measured.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Phase {
     pub count: usize,
     pub concurrency: usize,
@@ -192,9 +194,9 @@ async fn main() -> Result<()> {
             doc,
             command,
         } => report::write(
-            &read(&floor)?,
+            &floor.iter().map(|p| read(p)).collect::<Result<Vec<_>>>()?,
             &read(&projects_only)?,
-            &read(&operator)?,
+            &operator.iter().map(|p| read(p)).collect::<Result<Vec<_>>>()?,
             &doc,
             &command,
         ),

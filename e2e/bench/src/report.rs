@@ -177,8 +177,48 @@ pub fn section(floor: &Phase, projects_only: &Phase, ours: &Phase, command: &str
     s
 }
 
-pub fn write(floor: &Phase, projects_only: &Phase, ours: &Phase, doc: &Path, command: &str) -> Result<()> {
-    let section = section(floor, projects_only, ours, command);
+/// The round with the median time (the lower middle one for an even count).
+fn median(rounds: &[Phase]) -> Option<&Phase> {
+    let mut sorted: Vec<&Phase> = rounds.iter().collect();
+    sorted.sort_by_key(|p| p.millis);
+    sorted.get(rounds.len().saturating_sub(1) / 2).copied()
+}
+
+fn times(rounds: &[Phase]) -> String {
+    rounds
+        .iter()
+        .map(|p| format!("{} ms", p.millis))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn write(
+    floors: &[Phase],
+    projects_only: &Phase,
+    rounds: &[Phase],
+    doc: &Path,
+    command: &str,
+) -> Result<()> {
+    let (Some(floor), Some(median_round), Some(last)) = (median(floors), median(rounds), rounds.last())
+    else {
+        anyhow::bail!("the report needs at least one floor and one operator result");
+    };
+    // Times and writes from the median round; the idle window from the last round;
+    // memory as the highest peak of all rounds.
+    let mut ours = median_round.clone();
+    ours.idle_writes = last.idle_writes.clone();
+    ours.idle_seconds = last.idle_seconds;
+    ours.peak_rss_kib = rounds.iter().filter_map(|p| p.peak_rss_kib).max();
+    ours.rss_kib = last.rss_kib;
+    let mut section = section(floor, projects_only, &ours, command);
+    let rounds_row = format!(
+        "| rounds (median used): operator {} / floor {} | | |\n",
+        times(rounds),
+        times(floors)
+    );
+    if let Some(at) = section.find("| floor: the same") {
+        section.insert_str(at, &rounds_row);
+    }
     let text = std::fs::read_to_string(doc).with_context(|| format!("reading {}", doc.display()))?;
     let new = match (text.find(BEGIN), text.find(END)) {
         (Some(a), Some(b)) if a < b => format!("{}{section}{}", &text[..a], &text[b + END.len()..]),

@@ -50,7 +50,7 @@ struct Args {
 
     /// Reconciles each controller runs at once (1-256). Higher finishes a burst of
     /// changes sooner at the cost of memory and API server load.
-    #[arg(long, env = "CHASSIS_CONCURRENCY", default_value_t = 16,
+    #[arg(long, env = "CHASSIS_CONCURRENCY", default_value_t = 32,
           value_parser = clap::value_parser!(u16).range(1..=256))]
     concurrency: u16,
 

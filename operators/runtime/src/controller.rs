@@ -25,7 +25,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             instance: None,
-            concurrency: 16,
+            concurrency: 32,
         }
     }
 }
