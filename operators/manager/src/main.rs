@@ -121,7 +121,7 @@ async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
             .await
             .context("finding a cluster (kubeconfig or in-cluster)")?,
     };
-    Ok(Client::try_from(config)?)
+    Ok(chassis_runtime::client::from_config(config)?)
 }
 
 fn identity() -> String {

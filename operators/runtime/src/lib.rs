@@ -7,6 +7,7 @@
 //!             health (/readyz)                 backoff, metrics, events   conditions
 //! ```
 //!
+//! - [`client`]: the shared API client, over HTTP/2 like client-go;
 //! - [`apply`]: server-side apply with one field manager per controller, a hash
 //!   annotation that skips no-op writes, owner references and pruning;
 //! - [`conditions`]: `metav1.Condition` upserts whose `lastTransitionTime` moves only
@@ -22,6 +23,7 @@
 //! It knows no Chassis kind: area crates call it, never the other way round.
 
 pub mod apply;
+pub mod client;
 pub mod backoff;
 pub mod conditions;
 pub mod context;

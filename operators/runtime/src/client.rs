@@ -1,0 +1,46 @@
+//! The API client every controller shares, speaking HTTP/2 to the API server.
+//!
+//! kube's default client offers only HTTP/1.1, so each request in flight holds its
+//! own TLS connection: a burst of reconciles opens hundreds of them, costing the API
+//! server a handshake each and the operator their buffers. client-go multiplexes
+//! everything over one HTTP/2 connection; this does the same, keeping kube's layers
+//! (base URI, authentication with token refresh, extra headers).
+
+use std::time::Duration;
+
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use kube::client::{Body, ConfigExt};
+use kube::{Client, Config};
+use tower::{BoxError, ServiceBuilder};
+
+/// How long to wait for a TCP connection to the API server.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client for `config` that negotiates HTTP/2 (and falls back to HTTP/1.1).
+pub fn from_config(config: Config) -> Result<Client, kube::Error> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config.rustls_client_config()?)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    let hyper = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        // Large LISTs would crawl through the default 64 KiB stream window.
+        .http2_adaptive_window(true)
+        .http2_keep_alive_interval(Some(Duration::from_secs(30)))
+        .http2_keep_alive_while_idle(true)
+        .build::<_, Body>(https);
+    let service = ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
+        .map_err(BoxError::from)
+        .service(hyper);
+    Ok(Client::new(service, config.default_namespace))
+}
