@@ -10,7 +10,7 @@ CARGO        ?= cargo
 E2E_THREADS  ?= 4
 
 .PHONY: help deps crds crds-check fmt fmt-check lint unit build e2e test run demo down \
-        cluster-up cluster-down bench bench-projects
+        cluster-up cluster-down bench bench-projects image
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -26,11 +26,13 @@ deps: ## Check the toolchains and install the Debian packages the scripts use
 	  echo "installing:$$missing"; $$sudo apt-get update -qq && $$sudo apt-get install -y -qq openssl procps curl python3 >/dev/null; \
 	fi
 
-crds: ## Regenerate crds/ from the Rust types
+crds: ## Regenerate crds/ and the chart's copy from the Rust types
 	$(CARGO) run -q -p chassis-api --bin crdgen -- crds/
+	$(CARGO) run -q -p chassis-api --bin crdgen -- charts/chassis/crds/
 
-crds-check: ## Fail when crds/ is stale
+crds-check: ## Fail when crds/ or the chart's copy is stale
 	$(CARGO) run -q -p chassis-api --bin crdgen -- --check crds/
+	$(CARGO) run -q -p chassis-api --bin crdgen -- --check charts/chassis/crds/
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
@@ -73,3 +75,11 @@ bench: deps build cluster-up ## Measure the foundation (see docs/BENCHMARKS.md)
 
 bench-projects: deps ## The 1000-project benchmark against its own control plane (about 10 minutes)
 	bash e2e/bench/projects.sh
+
+IMAGE_REPO ?= ghcr.io/chassis-dev
+IMAGE_TAG ?= $(shell sed -n 's/^appVersion: "\(.*\)"/\1/p' charts/chassis/Chart.yaml)
+CONTAINER_ENGINE ?= $(shell command -v podman || command -v docker)
+
+image: ## Build the chassis-operator image (needs podman or docker; not run in CI)
+	@test -n "$(CONTAINER_ENGINE)" || { echo "make image needs podman or docker"; exit 1; }
+	$(CONTAINER_ENGINE) build -f Dockerfile.operator -t $(IMAGE_REPO)/chassis-operator:$(IMAGE_TAG) .

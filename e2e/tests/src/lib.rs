@@ -7,7 +7,7 @@
 //! own runtime, so each test builds its own `kube::Client`.
 
 use std::fmt::Debug;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -48,6 +48,12 @@ impl Cluster {
         self.dir.join("kubeconfig")
     }
 
+    /// Kubeconfig with a token of the chart's ServiceAccount: what every operator the
+    /// tests start runs as, so the suite proves the chart's RBAC is enough.
+    pub fn operator_kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig-operator")
+    }
+
     pub fn kubeconfig_of(&self, user: &str) -> PathBuf {
         self.dir.join(format!("kubeconfig-{user}"))
     }
@@ -56,6 +62,18 @@ impl Cluster {
     pub fn kubectl(&self) -> Command {
         let mut cmd = Command::new(self.bin.join("kubectl"));
         cmd.arg("--kubeconfig").arg(self.kubeconfig());
+        cmd
+    }
+
+    /// A `helm` command against this cluster as cluster admin.
+    pub fn helm(&self) -> Command {
+        let mut cmd = Command::new(self.bin.join("helm"));
+        cmd.arg("--kubeconfig").arg(self.kubeconfig());
+        // Keep helm's caches and config out of the user's home.
+        let home = self.dir.join("helm");
+        cmd.env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_DATA_HOME", home.join("data"));
         cmd
     }
 
@@ -87,7 +105,8 @@ pub async fn client_from(path: &Path) -> Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
-fn run(cmd: &mut Command, what: &str) -> Result<String> {
+/// Runs `cmd` to completion; its stdout, or an error with its output.
+pub fn run(cmd: &mut Command, what: &str) -> Result<String> {
     let out = cmd.output().with_context(|| format!("starting {what}"))?;
     if !out.status.success() {
         bail!(
@@ -144,7 +163,110 @@ fn start_cluster() -> Result<Cluster> {
             .arg(root.join("crds")),
         "waiting for CRDs",
     )?;
+    chart_identity(&cluster)?;
     Ok(cluster)
+}
+
+/// Namespace and ServiceAccount the chart gives chassis-operator (release `chassis`).
+pub const CHART_NAMESPACE: &str = "chassis-system";
+pub const CHART_SERVICE_ACCOUNT: &str = "chassis-operator";
+
+/// Gives the operators the tests start exactly the chart's permissions: the chart's
+/// ServiceAccount and RBAC are installed as `helm template` renders them, and a token
+/// of that ServiceAccount goes into `kubeconfig-operator`. The webhook configurations
+/// exist before the operator registers into them (the chart installs them; the
+/// operator may only patch them).
+fn chart_identity(cluster: &Cluster) -> Result<()> {
+    let root = repo_root();
+    let mut ns = cluster.kubectl();
+    ns.args([
+        "create",
+        "namespace",
+        CHART_NAMESPACE,
+        "--dry-run=client",
+        "-o",
+        "yaml",
+    ]);
+    apply_stdin(cluster, &run(&mut ns, "rendering the chart namespace")?)?;
+    let rbac = run(
+        cluster
+            .helm()
+            .args(["template", "chassis"])
+            .arg(root.join("charts/chassis"))
+            .args(["-n", CHART_NAMESPACE])
+            .args([
+                "--show-only",
+                "templates/serviceaccount.yaml",
+                "--show-only",
+                "templates/rbac.yaml",
+            ]),
+        "rendering the chart's RBAC",
+    )?;
+    apply_stdin(cluster, &rbac)?;
+    for kind in ["MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"] {
+        let empty = format!(
+            "apiVersion: admissionregistration.k8s.io/v1\nkind: {kind}\nmetadata: {{name: chassis-tenancy}}\n"
+        );
+        let exists = cluster
+            .kubectl()
+            .args(["get", kind, "chassis-tenancy"])
+            .output()?
+            .status
+            .success();
+        if !exists {
+            apply_stdin(cluster, &empty)?;
+        }
+    }
+    let token = run(
+        cluster.kubectl().args([
+            "create",
+            "token",
+            CHART_SERVICE_ACCOUNT,
+            "-n",
+            CHART_NAMESPACE,
+            "--duration=24h",
+        ]),
+        "creating a token of the chart's ServiceAccount",
+    )?;
+    let mut kubeconfig = Kubeconfig::read_from(cluster.kubeconfig())?;
+    for named in kubeconfig.auth_infos.iter_mut() {
+        named.auth_info = Some(kube::config::AuthInfo {
+            token: Some(token.trim().to_string().into()),
+            ..Default::default()
+        });
+    }
+    let yaml = serde_norway::to_string(&kubeconfig)?;
+    let path = cluster.operator_kubeconfig();
+    std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn apply_stdin(cluster: &Cluster, yaml: &str) -> Result<()> {
+    let out = pipe(
+        cluster
+            .kubectl()
+            .args(["apply", "--server-side", "--force-conflicts", "-f", "-"]),
+        yaml,
+    )?;
+    if !out.status.success() {
+        bail!("kubectl apply failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Runs `cmd` with `input` on its stdin; its whole output, whatever the exit status.
+pub fn pipe(cmd: &mut Command, input: &str) -> Result<std::process::Output> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin of the child")?
+        .write_all(input.as_bytes())?;
+    Ok(child.wait_with_output()?)
 }
 
 /// The cluster, started or reused once per test binary, with the shared operator
@@ -203,9 +325,10 @@ fn operator_binary() -> Result<PathBuf> {
 }
 
 impl Operator {
-    /// Starts the operator against the cluster as admin, with `extra` flags.
+    /// Starts the operator against the cluster with the chart's permissions, with
+    /// `extra` flags.
     pub fn start(name: &str, extra: &[&str]) -> Result<Self> {
-        let kubeconfig = started_cluster().kubeconfig();
+        let kubeconfig = started_cluster().operator_kubeconfig();
         Self::start_with_kubeconfig(name, &kubeconfig, extra)
     }
 

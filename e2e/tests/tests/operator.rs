@@ -197,13 +197,14 @@ async fn readyz_is_503_until_the_caches_sync() -> Result<()> {
 #[tokio::test]
 async fn only_the_leader_reconciles_and_a_standby_takes_over_within_20s() -> Result<()> {
     let client = cluster().admin().await?;
+    // The lease the chart's Role allows: the operators run with its permissions.
     let lease = unique("lease");
     let flags = [
         "--leader-elect",
         "--lease-name",
-        lease.as_str(),
+        "chassis-operator",
         "--lease-namespace",
-        "default",
+        chassis_e2e::CHART_NAMESPACE,
     ];
     let first = Operator::start(&format!("{lease}-a"), &flags)?;
     first

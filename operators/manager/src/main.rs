@@ -14,6 +14,7 @@ use chassis_runtime::health::{self, Health};
 use chassis_runtime::leader::Election;
 use chassis_runtime::metrics::Metrics;
 use chassis_runtime::webhook::{self, ServingCert};
+use chassis_runtime::webhook_secret::{self, SecretCert};
 use clap::{Parser, ValueEnum};
 use kube::Client;
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -79,6 +80,28 @@ struct Args {
     #[arg(long, env = "CHASSIS_WEBHOOK_CERT_DIR")]
     webhook_cert_dir: Option<PathBuf>,
 
+    /// Keep the webhook certificate in this Secret (`NAMESPACE/NAME`): created on the
+    /// first start, renewed under the same CA 30 days before it expires, shared by
+    /// all replicas. Needs --webhook-host.
+    #[arg(long, env = "CHASSIS_WEBHOOK_CERT_SECRET", conflicts_with = "webhook_cert_dir",
+          requires = "webhook_host", value_parser = namespaced_name)]
+    webhook_cert_secret: Option<(String, String)>,
+
+    /// DNS name the webhook certificate is for (repeat for several), e.g. the Service
+    /// `chassis-webhook.chassis-system.svc`.
+    #[arg(long = "webhook-host", env = "CHASSIS_WEBHOOK_HOSTS", value_delimiter = ',')]
+    webhook_host: Vec<String>,
+
+    /// Set the webhook CA as `caBundle` in the Mutating- and
+    /// ValidatingWebhookConfigurations of this name (repeat for several), as the chart
+    /// installs them.
+    #[arg(
+        long = "webhook-inject-ca",
+        env = "CHASSIS_WEBHOOK_INJECT_CA",
+        value_delimiter = ','
+    )]
+    webhook_inject_ca: Vec<String>,
+
     /// Register the webhook configurations with the API server, pointing at
     /// https://<webhook-addr> (for development outside a cluster; the helm chart
     /// registers them in a cluster).
@@ -89,6 +112,19 @@ struct Args {
     #[arg(long, env = "CHASSIS_LOG_FORMAT", value_enum, default_value = "json")]
     log_format: LogFormat,
 }
+
+fn namespaced_name(value: &str) -> Result<(String, String), String> {
+    match value.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_string(), name.to_string()))
+        }
+        _ => Err(format!("expected NAMESPACE/NAME, got {value:?}")),
+    }
+}
+
+/// How often a replica re-reads the webhook certificate Secret (renewal, or a
+/// renewal another replica made).
+const CERT_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 fn selected_controllers(requested: &[String]) -> Result<Vec<&'static str>> {
     if requested.iter().any(|c| c == "all") {
@@ -156,6 +192,44 @@ fn build(
     }
 }
 
+/// Re-reads the certificate Secret every hour: renews it when due (or picks up another
+/// replica's renewal) and serves the new certificate without a restart.
+async fn renew_certificate(
+    secret: SecretCert,
+    mut current: ServingCert,
+    serving: std::sync::Arc<webhook::Reloadable>,
+    client: Client,
+    inject: Vec<String>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(CERT_CHECK_EVERY) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let cert = match secret.ensure().await {
+            Ok(cert) => cert,
+            Err(err) => {
+                tracing::warn!(error = %err, "could not check the webhook certificate; retrying in an hour");
+                continue;
+            }
+        };
+        if cert.cert_pem != current.cert_pem {
+            if let Err(err) = serving.replace(&cert) {
+                tracing::warn!(error = %err, "the renewed webhook certificate is unusable");
+                continue;
+            }
+            tracing::info!(not_after = ?cert.not_after, "serving the renewed webhook certificate");
+        }
+        if !inject.is_empty()
+            && let Err(err) = webhook_secret::inject_ca(&client, &inject, &cert.ca_pem).await
+        {
+            tracing::warn!(error = %err, "could not inject the webhook CA");
+        }
+        current = cert;
+    }
+}
+
 async fn run(args: Args) -> Result<()> {
     let controllers = selected_controllers(&args.controllers)?;
     let client = client(args.kubeconfig.as_ref()).await?;
@@ -183,13 +257,36 @@ async fn run(args: Args) -> Result<()> {
     tracing::info!(%addr, controllers = ?controllers, leader_elect = args.leader_elect, "chassis-operator starting");
 
     if let Some(webhook_addr) = args.webhook_addr {
-        let cert = match &args.webhook_cert_dir {
-            Some(dir) => ServingCert::from_dir(dir)?,
-            None => ServingCert::self_signed(&[webhook_addr.ip().to_string(), "localhost".to_string()])?,
+        let managed = args
+            .webhook_cert_secret
+            .as_ref()
+            .map(|(ns, name)| SecretCert::new(client.clone(), ns, name, args.webhook_host.clone()));
+        let cert = match (&args.webhook_cert_dir, &managed) {
+            (Some(dir), _) => ServingCert::from_dir(dir)?,
+            (None, Some(secret)) => secret.ensure().await.context("keeping the webhook certificate")?,
+            (None, None) => {
+                ServingCert::self_signed(&[webhook_addr.ip().to_string(), "localhost".to_string()])?
+            }
         };
+        if !args.webhook_inject_ca.is_empty() {
+            webhook_secret::inject_ca(&client, &args.webhook_inject_ca, &cert.ca_pem)
+                .await
+                .context("injecting the webhook CA into the webhook configurations")?;
+        }
+        let serving = webhook::Reloadable::new(&cert)?;
+        if let Some(secret) = managed {
+            tokio::spawn(renew_certificate(
+                secret,
+                cert.clone(),
+                serving.clone(),
+                client.clone(),
+                args.webhook_inject_ca.clone(),
+                shutdown.clone(),
+            ));
+        }
         let caches = chassis_tenancy::admission::Caches::start(&client, shutdown.clone());
         let routes = chassis_tenancy::admission::routes(client.clone(), caches);
-        let (local, _) = webhook::serve(webhook_addr, &cert, routes, shutdown.clone())
+        let (local, _) = webhook::serve(webhook_addr, serving, routes, shutdown.clone())
             .await
             .with_context(|| format!("serving webhooks on --webhook-addr {webhook_addr}"))?;
         tracing::info!(addr = %local, "serving admission webhooks");

@@ -23,8 +23,8 @@
 //! It knows no Chassis kind: area crates call it, never the other way round.
 
 pub mod apply;
-pub mod client;
 pub mod backoff;
+pub mod client;
 pub mod conditions;
 pub mod context;
 pub mod health;
@@ -35,6 +35,7 @@ pub mod pace;
 pub mod shutdown;
 pub mod telemetry;
 pub mod webhook;
+pub mod webhook_secret;
 
 pub use context::Context;
 pub mod controller;

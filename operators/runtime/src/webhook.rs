@@ -1,8 +1,10 @@
 //! HTTPS for admission webhooks: rustls on tokio, hyper connections, warp routes.
 //!
 //! The serving certificate comes from a folder (`tls.crt`, `tls.key`, as a Secret or
-//! cert-manager mounts it) or is generated at start, with its own CA, for loopback
-//! development; either way the caller gets the CA bundle to register.
+//! cert-manager mounts it), from a Secret the operator manages itself (see
+//! `webhook_secret`), or is generated at start, with its own CA, for loopback
+//! development; either way the caller gets the CA bundle to register. The
+//! certificate can be replaced while serving, for renewal.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -11,8 +13,10 @@ use std::sync::Arc;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::ServerConfig;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
@@ -44,48 +48,83 @@ pub struct ServingCert {
     pub cert_pem: String,
     pub key_pem: String,
     pub ca_pem: String,
+    /// The CA's key, kept so the serving certificate can be renewed under the same CA
+    /// (the API server's caBundle then never changes). `None` for certificates from a
+    /// folder.
+    pub ca_key_pem: Option<String>,
+    /// When the serving certificate expires.
+    pub not_after: Option<time::OffsetDateTime>,
 }
 
 impl std::fmt::Debug for ServingCert {
-    // The private key is never printed.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServingCert").finish_non_exhaustive()
+        f.debug_struct("ServingCert")
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
     }
 }
 
-impl ServingCert {
-    /// A fresh CA and a leaf for `hosts` (DNS names or IP addresses), valid for a
-    /// year from an hour ago (clock skew). The CA signs nothing but this leaf.
-    pub fn self_signed(hosts: &[String]) -> Result<Self, WebhookError> {
-        let now = time::OffsetDateTime::now_utc();
-        let (not_before, not_after) = (now - time::Duration::hours(1), now + time::Duration::days(365));
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        ca_params.not_before = not_before;
-        ca_params.not_after = not_after;
-        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "chassis webhook CA");
-        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+/// Lifetime of a generated serving certificate; renewed [`RENEW_BEFORE`] its end.
+const LEAF_LIFETIME: time::Duration = time::Duration::days(365);
+/// Lifetime of a generated CA.
+const CA_LIFETIME: time::Duration = time::Duration::days(3650);
+/// A certificate is renewed this long before it expires.
+pub const RENEW_BEFORE: time::Duration = time::Duration::days(30);
 
+/// The CA's parameters: the same every time, so a stored CA key signs new serving
+/// certificates that verify against the stored CA certificate.
+fn ca_params(not_after: time::OffsetDateTime) -> Result<CertificateParams, WebhookError> {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca_params.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+    ca_params.not_after = not_after;
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "chassis webhook CA");
+    Ok(ca_params)
+}
+
+impl ServingCert {
+    /// A new CA and a serving certificate for `hosts` (DNS names or IPs), for loopback
+    /// development or a first install.
+    pub fn self_signed(hosts: &[String]) -> Result<Self, WebhookError> {
+        Self::issue(hosts, None)
+    }
+
+    /// A serving certificate for `hosts`, signed by `ca` (certificate and key PEM) when
+    /// given, otherwise by a new CA.
+    pub fn issue(hosts: &[String], ca: Option<(&str, &str)>) -> Result<Self, WebhookError> {
+        let now = time::OffsetDateTime::now_utc();
+        let (ca_pem, ca_key) = match ca {
+            Some((pem, key)) => (pem.to_string(), KeyPair::from_pem(key)?),
+            None => {
+                let key = KeyPair::generate()?;
+                let cert = ca_params(now + CA_LIFETIME)?.self_signed(&key)?;
+                (cert.pem(), key)
+            }
+        };
+        let ca_key_pem = ca_key.serialize_pem();
+        let issuer = Issuer::new(ca_params(now + CA_LIFETIME)?, ca_key);
+
+        let not_after = now + LEAF_LIFETIME;
         let mut leaf_params = CertificateParams::new(hosts.to_vec())?;
-        leaf_params.not_before = not_before;
+        leaf_params.not_before = now - time::Duration::hours(1);
         leaf_params.not_after = not_after;
         leaf_params
             .distinguished_name
             .push(DnType::CommonName, "chassis-operator webhook");
         let leaf_key = KeyPair::generate()?;
-        let leaf = leaf_params.signed_by(&leaf_key, &ca)?;
+        let leaf = leaf_params.signed_by(&leaf_key, &issuer)?;
         Ok(Self {
             cert_pem: leaf.pem(),
             key_pem: leaf_key.serialize_pem(),
-            ca_pem: ca.pem(),
+            ca_pem,
+            ca_key_pem: Some(ca_key_pem),
+            not_after: Some(not_after),
         })
     }
 
-    /// `tls.crt` and `tls.key` from `dir`; the CA bundle is `ca.crt` when present,
-    /// else the certificate itself.
     pub fn from_dir(dir: &Path) -> Result<Self, WebhookError> {
         let read = |name: &str| {
             let path = dir.join(name);
@@ -101,27 +140,59 @@ impl ServingCert {
             cert_pem,
             key_pem,
             ca_pem,
+            ca_key_pem: None,
+            not_after: None,
         })
     }
 
-    fn server_config(&self) -> Result<ServerConfig, WebhookError> {
+    fn certified_key(&self) -> Result<CertifiedKey, WebhookError> {
         let certs =
             CertificateDer::pem_slice_iter(self.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
         let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(config)
+        let provider = rustls::crypto::ring::default_provider();
+        Ok(CertifiedKey::from_der(certs, key, &provider)?)
     }
+}
+
+/// The certificate the server presents, replaceable while it runs (renewal).
+#[derive(Debug)]
+pub struct Reloadable(std::sync::RwLock<Arc<CertifiedKey>>);
+
+impl Reloadable {
+    pub fn new(cert: &ServingCert) -> Result<Arc<Self>, WebhookError> {
+        Ok(Arc::new(Self(std::sync::RwLock::new(Arc::new(
+            cert.certified_key()?,
+        )))))
+    }
+
+    /// Serves `cert` to every new connection from now on.
+    pub fn replace(&self, cert: &ServingCert) -> Result<(), WebhookError> {
+        let key = Arc::new(cert.certified_key()?);
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = key;
+        Ok(())
+    }
+}
+
+impl ResolvesServerCert for Reloadable {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+fn server_config(cert: Arc<Reloadable>) -> Result<ServerConfig, WebhookError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(cert);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
 }
 
 /// Serves `routes` over TLS on `addr` until `shutdown` is cancelled.
 pub async fn serve<F>(
     addr: SocketAddr,
-    cert: &ServingCert,
+    cert: Arc<Reloadable>,
     routes: F,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, JoinHandle<()>), WebhookError>
@@ -129,7 +200,7 @@ where
     F: warp::Filter + Clone + Send + Sync + 'static,
     F::Extract: warp::Reply,
 {
-    let acceptor = TlsAcceptor::from(Arc::new(cert.server_config()?));
+    let acceptor = TlsAcceptor::from(Arc::new(server_config(cert)?));
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let service = warp::service(routes);

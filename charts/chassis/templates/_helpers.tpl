@@ -1,0 +1,53 @@
+{{/* Names and labels shared by every object of the chart. */}}
+
+{{- define "chassis.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "chassis.operator" -}}
+{{- printf "%s-operator" (include "chassis.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "chassis.webhookService" -}}
+{{- printf "%s-webhook" (include "chassis.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "chassis.webhookSecret" -}}
+{{- printf "%s-webhook-cert" (include "chassis.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "chassis.labels" -}}
+app.kubernetes.io/name: chassis
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "chassis.selectorLabels" -}}
+app.kubernetes.io/name: chassis
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "chassis.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* The webhook configurations' name; the operator's --webhook-inject-ca uses it. */}}
+{{- define "chassis.webhookConfiguration" -}}
+{{- printf "%s-tenancy" (include "chassis.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The admission rules of both Project webhooks. */}}
+{{- define "chassis.projectRules" -}}
+- apiGroups: [tenancy.chassis.dev]
+  apiVersions: [v1alpha1]
+  resources: [projects]
+  operations: [CREATE, UPDATE]
+  scope: Cluster
+{{- end -}}

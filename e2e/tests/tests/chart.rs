@@ -1,0 +1,329 @@
+//! The helm chart against the real API server: lint and render, a server-side dry
+//! run of every object, the values schema, no wildcard in its RBAC, and install onto
+//! kwok nodes, upgrade and uninstall.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use chassis_api::tenancy::v1alpha1::ProjectTemplate;
+use chassis_e2e::{cluster, eventually, pipe, repo_root, run, unique};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ListParams, PostParams};
+use kube::{Client, ResourceExt};
+
+fn chart() -> String {
+    repo_root().join("charts/chassis").display().to_string()
+}
+
+/// `helm template` of the chart as release `release`, with `args`.
+fn render(release: &str, args: &[&str]) -> Result<String> {
+    run(
+        cluster().helm().args(["template", release, &chart()]).args(args),
+        "helm template",
+    )
+}
+
+/// Every YAML document of `rendered` as JSON.
+fn documents(rendered: &str) -> Result<Vec<serde_json::Value>> {
+    let mut docs = Vec::new();
+    for doc in serde_norway::Deserializer::from_str(rendered) {
+        let value: serde_json::Value = serde::Deserialize::deserialize(doc)?;
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
+}
+
+#[test]
+fn the_chart_lints_strictly_and_every_object_passes_a_server_side_dry_run() -> Result<()> {
+    run(
+        cluster().helm().args(["lint", "--strict", &chart()]),
+        "helm lint --strict",
+    )?;
+    // The optional parts render too (their CRDs, cert-manager's and
+    // prometheus-operator's, are not installed here, so they are not dry-run).
+    let optional = render(
+        "chassis",
+        &[
+            "--set",
+            "webhook.certManager.enabled=true",
+            "--set",
+            "metrics.serviceMonitor.enabled=true",
+        ],
+    )?;
+    let kinds: Vec<String> = documents(&optional)?
+        .iter()
+        .filter_map(|d| d["kind"].as_str().map(str::to_string))
+        .collect();
+    for kind in ["Certificate", "Issuer", "ServiceMonitor"] {
+        assert!(kinds.iter().any(|k| k == kind), "{kind} missing from {kinds:?}");
+    }
+
+    let namespace = unique("chart-dry");
+    run(
+        cluster().kubectl().args(["create", "namespace", &namespace]),
+        "kubectl create namespace",
+    )?;
+    // Not the release name of the e2e operator, whose webhook configurations (with a
+    // URL) exist already.
+    let release = unique("dry");
+    let rendered = render(
+        &release,
+        &[
+            "-n",
+            &namespace,
+            "--set",
+            "tenancy.defaultTemplate.create=true",
+            "--set",
+            "tenancy.selfProvisioner.groups={developers}",
+        ],
+    )?;
+    let count = documents(&rendered)?.len();
+    assert!(count >= 14, "only {count} objects rendered");
+    let out = pipe(
+        cluster()
+            .kubectl()
+            .args(["apply", "--dry-run=server", "--server-side", "--force-conflicts"])
+            .args(["--field-manager", "chart-dry-run", "-n", &namespace, "-f", "-"]),
+        &rendered,
+    )?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the API server refused part of the chart:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.contains("(server dry run)")).count(),
+        count,
+        "{stdout}"
+    );
+    run(
+        cluster()
+            .kubectl()
+            .args(["delete", "namespace", &namespace, "--wait=false"]),
+        "kubectl delete namespace",
+    )?;
+    Ok(())
+}
+
+#[test]
+fn the_values_schema_rejects_a_wrong_type_naming_the_key() -> Result<()> {
+    for (set, key, want) in [
+        ("replicas=two", "/replicas", "want integer"),
+        ("webhook.port=80", "/webhook/port", "minimum"),
+        ("tenancy.bindableRoles={*}", "/tenancy/bindableRoles/0", ""),
+        ("operator.logFormat=xml", "/operator/logFormat", ""),
+    ] {
+        let out = cluster()
+            .helm()
+            .args(["template", "chassis", &chart(), "--set", set])
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--set {set} was accepted");
+        assert!(
+            stderr.contains(key) && stderr.contains(want),
+            "--set {set}: {stderr}"
+        );
+    }
+    let out = cluster()
+        .helm()
+        .args(["template", "chassis", &chart(), "--set", "tenancy.typo=true"])
+        .output()?;
+    assert!(!out.status.success(), "an unknown key was accepted");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("typo"));
+    Ok(())
+}
+
+#[test]
+fn the_chart_rbac_has_no_wildcard_and_binds_only_named_roles() -> Result<()> {
+    let rendered = render("chassis", &[])?;
+    let mut rules = 0;
+    for doc in documents(&rendered)? {
+        if !matches!(doc["kind"].as_str(), Some("ClusterRole" | "Role")) {
+            continue;
+        }
+        for rule in doc["rules"].as_array().into_iter().flatten() {
+            rules += 1;
+            for field in [
+                "apiGroups",
+                "resources",
+                "verbs",
+                "resourceNames",
+                "nonResourceURLs",
+            ] {
+                let values = rule[field].as_array().into_iter().flatten();
+                for value in values {
+                    assert_ne!(
+                        value.as_str(),
+                        Some("*"),
+                        "wildcard in {}: {rule}",
+                        doc["metadata"]["name"]
+                    );
+                }
+            }
+            let verbs: Vec<&str> = rule["verbs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str())
+                .collect();
+            for powerful in ["bind", "escalate", "impersonate"] {
+                if verbs.contains(&powerful) {
+                    assert!(
+                        rule["resourceNames"].is_array(),
+                        "{powerful} without resourceNames: {rule}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(rules >= 10, "only {rules} rules rendered");
+    Ok(())
+}
+
+async fn operator_pods(client: &Client, namespace: &str) -> Result<Vec<Pod>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let list = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=operator"))
+        .await?;
+    Ok(list.items)
+}
+
+fn running_on_kwok(pods: &[Pod]) -> bool {
+    pods.iter().all(|p| {
+        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+            && p.metadata.deletion_timestamp.is_none()
+            && p.spec
+                .as_ref()
+                .and_then(|s| s.node_name.as_deref())
+                .is_some_and(|n| n.starts_with("kwok-"))
+    })
+}
+
+fn pod_hashes(pods: &[Pod]) -> Vec<String> {
+    pods.iter()
+        .filter_map(|p| p.labels().get("pod-template-hash").cloned())
+        .collect()
+}
+
+#[tokio::test]
+async fn install_upgrade_and_uninstall_on_kwok_nodes_keep_custom_resources() -> Result<()> {
+    let admin = cluster().admin().await?;
+    let release = unique("rel");
+    let namespace = unique("chart");
+    // Release-scoped names, and admission limited to Projects labelled for this
+    // release, so parallel tests never meet this installation's (fake) pods.
+    let selector = format!("webhook.objectSelector.matchLabels.chassis-e2e={release}");
+    let install = |cmd: &mut Command| {
+        cmd.args([&release, &chart(), "-n", &namespace])
+            .args([
+                "--set",
+                "tenancy.selfProvisioner.create=false",
+                "--set",
+                &selector,
+            ])
+            .args(["--wait", "--timeout", "120s"]);
+    };
+    let mut cmd = cluster().helm();
+    cmd.args(["install", "--create-namespace"]);
+    install(&mut cmd);
+    run(&mut cmd, "helm install")?;
+
+    let pods = eventually(
+        "2 operator pods Running on kwok nodes",
+        Duration::from_secs(60),
+        || {
+            let admin = admin.clone();
+            let namespace = namespace.clone();
+            async move {
+                let pods = operator_pods(&admin, &namespace).await?;
+                Ok((pods.len() == 2 && running_on_kwok(&pods)).then_some(pods))
+            }
+        },
+    )
+    .await?;
+    let before = pod_hashes(&pods);
+
+    let mut cmd = cluster().helm();
+    cmd.args(["upgrade", "--reuse-values", "--set", "operator.logLevel=debug"]);
+    install(&mut cmd);
+    run(&mut cmd, "helm upgrade")?;
+    eventually("the upgrade rolls the pods", Duration::from_secs(90), || {
+        let (admin, namespace, before) = (admin.clone(), namespace.clone(), before.clone());
+        async move {
+            let pods = operator_pods(&admin, &namespace).await?;
+            let rolled = pods.len() == 2
+                && running_on_kwok(&pods)
+                && pod_hashes(&pods).iter().all(|h| !before.contains(h));
+            Ok(rolled.then_some(()))
+        }
+    })
+    .await?;
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &namespace);
+    let deployment = deployments.get(&format!("{release}-chassis-operator")).await?;
+    let args = deployment
+        .spec
+        .and_then(|s| s.template.spec)
+        .map(|s| s.containers[0].env.clone().unwrap_or_default())
+        .unwrap_or_default();
+    assert!(
+        args.iter()
+            .any(|e| e.name == "RUST_LOG" && e.value.as_deref() == Some("debug"))
+    );
+
+    // A custom resource made while the release is installed.
+    let template = unique("kept");
+    Api::<ProjectTemplate>::all(admin.clone())
+        .create(
+            &PostParams::default(),
+            &ProjectTemplate::new(&template, Default::default()),
+        )
+        .await?;
+    run(
+        cluster()
+            .helm()
+            .args(["uninstall", &release, "-n", &namespace, "--wait"]),
+        "helm uninstall",
+    )?;
+
+    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    assert!(
+        crds.get_opt("projects.tenancy.chassis.dev").await?.is_some(),
+        "uninstall removed a CRD"
+    );
+    assert!(
+        Api::<ProjectTemplate>::all(admin.clone())
+            .get_opt(&template)
+            .await?
+            .is_some(),
+        "uninstall removed a custom resource"
+    );
+    let webhook = format!("{release}-chassis-tenancy");
+    assert!(
+        Api::<MutatingWebhookConfiguration>::all(admin.clone())
+            .get_opt(&webhook)
+            .await?
+            .is_none(),
+        "uninstall left the webhook configuration behind"
+    );
+    if deployments
+        .get_opt(&format!("{release}-chassis-operator"))
+        .await?
+        .is_some()
+    {
+        bail!("uninstall left the Deployment behind");
+    }
+    Api::<ProjectTemplate>::all(admin.clone())
+        .delete(&template, &Default::default())
+        .await?;
+    Api::<Namespace>::all(admin)
+        .delete(&namespace, &Default::default())
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,165 @@
+//! The webhook certificate the operator keeps in a Secret (the chart's default):
+//! created once, shared by a second replica, its CA injected into the webhook
+//! configurations, and the API server then trusts the webhook with it.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use chassis_api::tenancy::v1alpha1::{Project, ProjectSpec};
+use chassis_e2e::{CHART_NAMESPACE, Operator, cluster, eventually, free_port, unique};
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::{Client, ResourceExt};
+
+const REQUESTER: &str = "tenancy.chassis.dev/requester";
+
+/// Webhook configurations like the chart's, but pointing at `url` and limited to
+/// Projects labelled `label=value`, with no caBundle yet.
+fn configurations(
+    name: &str,
+    url: &str,
+    label: &str,
+    value: &str,
+) -> Result<(MutatingWebhookConfiguration, ValidatingWebhookConfiguration)> {
+    let webhook = |path: &str, kind: &str| {
+        serde_json::json!({
+            "name": format!("{kind}.{name}.e2e.chassis.dev"),
+            "admissionReviewVersions": ["v1"],
+            "clientConfig": {"url": format!("{url}/{path}")},
+            "failurePolicy": "Fail",
+            "sideEffects": "None",
+            "timeoutSeconds": 5,
+            "objectSelector": {"matchLabels": {label: value}},
+            "rules": [{"apiGroups": ["tenancy.chassis.dev"], "apiVersions": ["v1alpha1"],
+                       "resources": ["projects"], "operations": ["CREATE", "UPDATE"], "scope": "Cluster"}],
+        })
+    };
+    let mutating = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name}, "webhooks": [webhook("mutate-projects", "mutate")]
+    }))?;
+    let validating = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name}, "webhooks": [webhook("validate-projects", "validate")]
+    }))?;
+    Ok((mutating, validating))
+}
+
+fn bundle_of(config: &MutatingWebhookConfiguration) -> Option<Vec<u8>> {
+    config
+        .webhooks
+        .as_ref()?
+        .first()?
+        .client_config
+        .ca_bundle
+        .as_ref()
+        .map(|b| b.0.clone())
+}
+
+#[tokio::test]
+async fn the_operator_keeps_its_certificate_in_a_secret_and_injects_the_ca() -> Result<()> {
+    let admin = cluster().admin().await?;
+    let id = unique("cert");
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let (mutating, validating) = configurations(&id, &format!("https://{addr}"), "chassis-e2e-cert", &id)?;
+    let mutating_api: Api<MutatingWebhookConfiguration> = Api::all(admin.clone());
+    let validating_api: Api<ValidatingWebhookConfiguration> = Api::all(admin.clone());
+    mutating_api.create(&PostParams::default(), &mutating).await?;
+    validating_api.create(&PostParams::default(), &validating).await?;
+
+    // Admin credentials: the chart's Role names its own Secret and configurations only.
+    let secret_flag = format!("{CHART_NAMESPACE}/{id}");
+    let flags = |addr: &str| -> Vec<String> {
+        [
+            "--controllers",
+            "projecttemplate",
+            "--webhook-addr",
+            addr,
+            "--webhook-cert-secret",
+            &secret_flag,
+            "--webhook-host",
+            "127.0.0.1",
+            "--webhook-inject-ca",
+            &id,
+        ]
+        .map(str::to_string)
+        .to_vec()
+    };
+    let start = |name: String, addr: &str| {
+        let owned = flags(addr);
+        let args: Vec<&str> = owned.iter().map(String::as_str).collect();
+        Operator::start_with_kubeconfig(&name, &cluster().kubeconfig(), &args)
+    };
+    let first = start(format!("{id}-a"), &addr)?;
+    first.wait_for_log("serving admission webhooks", Duration::from_secs(60))?;
+
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), CHART_NAMESPACE);
+    let secret = secrets.get(&id).await?;
+    let ca = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get("ca.crt"))
+        .map(|b| b.0.clone())
+        .context("the Secret holds ca.crt")?;
+    assert_eq!(
+        secret
+            .annotations()
+            .get("chassis.dev/webhook-hosts")
+            .map(String::as_str),
+        Some("127.0.0.1")
+    );
+    let injected = mutating_api.get(&id).await?;
+    assert_eq!(
+        bundle_of(&injected),
+        Some(ca.clone()),
+        "caBundle is the Secret's CA"
+    );
+
+    // The API server trusts the webhook with that CA: a labelled Project is admitted
+    // and mutated through it (failurePolicy Fail would refuse it otherwise).
+    let projects: Api<Project> = Api::all(admin.clone());
+    let mut project = Project::new(&unique("certp"), ProjectSpec::default());
+    project.labels_mut().insert("chassis-e2e-cert".into(), id.clone());
+    let created = projects.create(&PostParams::default(), &project).await?;
+    assert!(created.annotations().contains_key(REQUESTER));
+
+    // A second replica serves the same certificate: the Secret is not rewritten.
+    let version = secret.metadata.resource_version.clone();
+    let second = start(format!("{id}-b"), &format!("127.0.0.1:{}", free_port()?))?;
+    second.wait_for_log("serving admission webhooks", Duration::from_secs(60))?;
+    let again = secrets.get(&id).await?;
+    assert_eq!(
+        again.metadata.resource_version, version,
+        "the second replica rewrote the Secret"
+    );
+
+    cleanup(&admin, &id, &created.name_any()).await
+}
+
+async fn cleanup(admin: &Client, id: &str, project: &str) -> Result<()> {
+    Api::<Project>::all(admin.clone())
+        .delete(project, &DeleteParams::default())
+        .await?;
+    Api::<MutatingWebhookConfiguration>::all(admin.clone())
+        .delete(id, &DeleteParams::default())
+        .await?;
+    Api::<ValidatingWebhookConfiguration>::all(admin.clone())
+        .delete(id, &DeleteParams::default())
+        .await?;
+    Api::<Secret>::namespaced(admin.clone(), CHART_NAMESPACE)
+        .delete(id, &DeleteParams::default())
+        .await?;
+    eventually(
+        "the test's webhook configuration is gone",
+        Duration::from_secs(10),
+        || async {
+            let gone = Api::<MutatingWebhookConfiguration>::all(admin.clone())
+                .get_opt(id)
+                .await?
+                .is_none();
+            Ok(gone.then_some(()))
+        },
+    )
+    .await
+}

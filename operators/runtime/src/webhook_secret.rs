@@ -1,0 +1,306 @@
+//! The webhook serving certificate, kept by the operator in a Secret: created on the
+//! first start, renewed under the same CA [`RENEW_BEFORE`] it expires (so the API
+//! server's `caBundle` never changes), shared by every replica, and its CA injected
+//! into the webhook configurations the chart installs. cert-manager users mount its
+//! Secret with `--webhook-cert-dir` instead.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Client, Resource};
+
+use crate::webhook::{RENEW_BEFORE, ServingCert, WebhookError};
+
+/// Annotation listing the hosts the stored certificate is valid for.
+pub const HOSTS_ANNOTATION: &str = "chassis.dev/webhook-hosts";
+/// Annotation holding the stored certificate's expiry (RFC 3339).
+pub const NOT_AFTER_ANNOTATION: &str = "chassis.dev/not-after";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretCertError {
+    #[error("reading or writing Secret {name}: {source}")]
+    Api { name: String, source: kube::Error },
+    #[error(transparent)]
+    Certificate(#[from] WebhookError),
+    #[error("Secret {0} kept changing while this replica tried to renew it")]
+    Contended(String),
+}
+
+/// A Secret that holds the webhook certificate.
+pub struct SecretCert {
+    api: Api<Secret>,
+    name: String,
+    hosts: Vec<String>,
+}
+
+fn text(secret: &Secret, key: &str) -> Option<String> {
+    let bytes = secret.data.as_ref()?.get(key)?;
+    String::from_utf8(bytes.0.clone()).ok()
+}
+
+/// The certificate stored in `secret`, if it is complete, names exactly `hosts` and is
+/// not yet due for renewal at `now`.
+pub fn usable(secret: &Secret, hosts: &[String], now: time::OffsetDateTime) -> Option<ServingCert> {
+    let annotations = secret.metadata.annotations.as_ref()?;
+    let stored_hosts: Vec<String> = annotations
+        .get(HOSTS_ANNOTATION)?
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    let not_after = time::OffsetDateTime::parse(
+        annotations.get(NOT_AFTER_ANNOTATION)?,
+        &time::format_description::well_known::Rfc3339,
+    )
+    .ok()?;
+    if stored_hosts != hosts || not_after - now < RENEW_BEFORE {
+        return None;
+    }
+    Some(ServingCert {
+        cert_pem: text(secret, "tls.crt")?,
+        key_pem: text(secret, "tls.key")?,
+        ca_pem: text(secret, "ca.crt")?,
+        ca_key_pem: text(secret, "ca.key"),
+        not_after: Some(not_after),
+    })
+}
+
+impl SecretCert {
+    pub fn new(client: Client, namespace: &str, name: &str, hosts: Vec<String>) -> Self {
+        Self {
+            api: Api::namespaced(client, namespace),
+            name: name.to_string(),
+            hosts,
+        }
+    }
+
+    fn failed(&self, source: kube::Error) -> SecretCertError {
+        SecretCertError::Api {
+            name: self.name.clone(),
+            source,
+        }
+    }
+
+    fn secret(&self, cert: &ServingCert, resource_version: Option<String>) -> Secret {
+        let mut data = BTreeMap::from([
+            (
+                "tls.crt".to_string(),
+                ByteString(cert.cert_pem.clone().into_bytes()),
+            ),
+            (
+                "tls.key".to_string(),
+                ByteString(cert.key_pem.clone().into_bytes()),
+            ),
+            ("ca.crt".to_string(), ByteString(cert.ca_pem.clone().into_bytes())),
+        ]);
+        if let Some(key) = &cert.ca_key_pem {
+            data.insert("ca.key".into(), ByteString(key.clone().into_bytes()));
+        }
+        let not_after = cert
+            .not_after
+            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+            .unwrap_or_default();
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                resource_version,
+                annotations: Some(BTreeMap::from([
+                    (HOSTS_ANNOTATION.to_string(), self.hosts.join(",")),
+                    (NOT_AFTER_ANNOTATION.to_string(), not_after),
+                ])),
+                labels: Some(BTreeMap::from([(
+                    "app.kubernetes.io/managed-by".to_string(),
+                    "chassis".to_string(),
+                )])),
+                ..Default::default()
+            },
+            type_: Some("kubernetes.io/tls".into()),
+            data: Some(data),
+            ..Default::default()
+        }
+    }
+
+    /// The certificate to serve: the stored one while it is usable, otherwise a new
+    /// one (under the stored CA when there is one) written with a resourceVersion
+    /// precondition. Replicas that race read the winner's certificate.
+    pub async fn ensure(&self) -> Result<ServingCert, SecretCertError> {
+        for _ in 0..3 {
+            let stored = self.api.get_opt(&self.name).await.map_err(|e| self.failed(e))?;
+            let now = time::OffsetDateTime::now_utc();
+            if let Some(cert) = stored.as_ref().and_then(|s| usable(s, &self.hosts, now)) {
+                return Ok(cert);
+            }
+            let ca = stored
+                .as_ref()
+                .and_then(|s| Some((text(s, "ca.crt")?, text(s, "ca.key")?)));
+            let cert = ServingCert::issue(&self.hosts, ca.as_ref().map(|(c, k)| (c.as_str(), k.as_str())))?;
+            let written = match &stored {
+                None => {
+                    self.api
+                        .create(&PostParams::default(), &self.secret(&cert, None))
+                        .await
+                }
+                Some(old) => {
+                    let secret = self.secret(&cert, old.meta().resource_version.clone());
+                    self.api
+                        .replace(&self.name, &PostParams::default(), &secret)
+                        .await
+                }
+            };
+            match written {
+                Ok(_) => {
+                    tracing::info!(secret = %self.name, not_after = ?cert.not_after, "wrote a new webhook certificate");
+                    return Ok(cert);
+                }
+                // Another replica wrote first: read its certificate.
+                Err(kube::Error::Api(status)) if status.code == 409 => continue,
+                Err(err) => return Err(self.failed(err)),
+            }
+        }
+        Err(SecretCertError::Contended(self.name.clone()))
+    }
+}
+
+/// Sets `caBundle` on every webhook of the Mutating- and ValidatingWebhookConfigurations
+/// named `names` that exist and lack it (a strategic merge patch by webhook name, so
+/// nothing else in them changes).
+pub async fn inject_ca(client: &Client, names: &[String], ca_pem: &str) -> Result<(), kube::Error> {
+    let bundle = ByteString(ca_pem.as_bytes().to_vec());
+    let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let validating: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    let stale = |webhooks: Vec<(&String, Option<&ByteString>)>| -> Vec<String> {
+        webhooks
+            .into_iter()
+            .filter(|(_, ca)| *ca != Some(&bundle))
+            .map(|(name, _)| name.clone())
+            .collect()
+    };
+    for name in names {
+        if let Some(config) = mutating.get_opt(name).await? {
+            let webhooks = config.webhooks.iter().flatten();
+            let stale = stale(
+                webhooks
+                    .map(|w| (&w.name, w.client_config.ca_bundle.as_ref()))
+                    .collect(),
+            );
+            patch_bundles(&mutating, name, &stale, &bundle).await?;
+        }
+        if let Some(config) = validating.get_opt(name).await? {
+            let webhooks = config.webhooks.iter().flatten();
+            let stale = stale(
+                webhooks
+                    .map(|w| (&w.name, w.client_config.ca_bundle.as_ref()))
+                    .collect(),
+            );
+            patch_bundles(&validating, name, &stale, &bundle).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn patch_bundles<K>(
+    api: &Api<K>,
+    name: &str,
+    webhooks: &[String],
+    bundle: &ByteString,
+) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    if webhooks.is_empty() {
+        return Ok(());
+    }
+    let entries: Vec<serde_json::Value> = webhooks
+        .iter()
+        .map(|w| serde_json::json!({"name": w, "clientConfig": {"caBundle": bundle}}))
+        .collect();
+    let patch = serde_json::json!({ "webhooks": entries });
+    api.patch(name, &PatchParams::default(), &Patch::Strategic(&patch))
+        .await?;
+    tracing::info!(configuration = %name, webhooks = ?webhooks, "injected the webhook CA");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls_pki_types::pem::PemObject;
+
+    fn stored(hosts: &[String], cert: &ServingCert) -> Secret {
+        let store = SecretCert {
+            api: Api::namespaced(
+                Client::new(
+                    tower_test::mock::pair::<
+                        http::Request<kube::client::Body>,
+                        http::Response<kube::client::Body>,
+                    >()
+                    .0,
+                    "default",
+                ),
+                "chassis-system",
+            ),
+            name: "chassis-webhook-cert".into(),
+            hosts: hosts.to_vec(),
+        };
+        store.secret(cert, None)
+    }
+
+    #[tokio::test]
+    async fn a_stored_certificate_is_reused_until_renewal_is_due_or_the_hosts_change() -> Result<(), String> {
+        let hosts = vec!["chassis-webhook.chassis-system.svc".to_string()];
+        let cert = ServingCert::issue(&hosts, None).map_err(|e| e.to_string())?;
+        let secret = stored(&hosts, &cert);
+        let now = time::OffsetDateTime::now_utc();
+        let reused = usable(&secret, &hosts, now).ok_or("a fresh certificate must be reused")?;
+        assert_eq!(reused.cert_pem, cert.cert_pem);
+        assert!(
+            usable(&secret, &["other.svc".to_string()], now).is_none(),
+            "other hosts"
+        );
+        let late = now + time::Duration::days(340);
+        assert!(
+            usable(&secret, &hosts, late).is_none(),
+            "renewed 30 days before expiry"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_renewed_certificate_keeps_the_ca() -> Result<(), String> {
+        let hosts = vec!["chassis-webhook.chassis-system.svc".to_string()];
+        let first = ServingCert::issue(&hosts, None).map_err(|e| e.to_string())?;
+        let ca_key = first.ca_key_pem.clone().ok_or("the CA key is kept")?;
+        let renewed =
+            ServingCert::issue(&hosts, Some((&first.ca_pem, &ca_key))).map_err(|e| e.to_string())?;
+        assert_eq!(renewed.ca_pem, first.ca_pem, "the caBundle must not change");
+        assert_ne!(renewed.cert_pem, first.cert_pem);
+        // The renewed certificate verifies against the original CA.
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in rustls_pki_types::CertificateDer::pem_slice_iter(first.ca_pem.as_bytes()) {
+            roots
+                .add(ca.map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
+        }
+        let leaf = rustls_pki_types::CertificateDer::pem_slice_iter(renewed.cert_pem.as_bytes())
+            .next()
+            .ok_or("a certificate")?
+            .map_err(|e| e.to_string())?;
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .map_err(|e| e.to_string())?;
+        let name = rustls_pki_types::ServerName::try_from("chassis-webhook.chassis-system.svc")
+            .map_err(|e| e.to_string())?;
+        verifier
+            .verify_server_cert(&leaf, &[], &name, &[], rustls_pki_types::UnixTime::now())
+            .map_err(|e| format!("renewed certificate does not verify against the CA: {e}"))?;
+        Ok(())
+    }
+}
