@@ -43,11 +43,23 @@ app.kubernetes.io/component: operator
 {{- printf "%s-tenancy" (include "chassis.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* The admission rules of both Project webhooks. */}}
+{{/* Project admission rules for the given operations (mutation: CREATE and UPDATE; validation: CREATE). */}}
 {{- define "chassis.projectRules" -}}
 - apiGroups: [tenancy.chassis.dev]
   apiVersions: [v1alpha1]
   resources: [projects]
-  operations: [CREATE, UPDATE]
+  operations: {{ toJson . }}
   scope: Cluster
+{{- end -}}
+
+{{/* The controllers of the enabled areas, for --controllers. */}}
+{{- define "chassis.controllers" -}}
+{{- $controllers := list -}}
+{{- if .Values.tenancy.enabled -}}
+{{- $controllers = concat $controllers (list "project" "projecttemplate") -}}
+{{- end -}}
+{{- if not $controllers -}}
+{{- fail "chassis: every area is disabled; enable at least one (for example tenancy.enabled=true)" -}}
+{{- end -}}
+{{- join "," $controllers -}}
 {{- end -}}

@@ -452,12 +452,14 @@ pub fn routes(
     mutate.or(validate)
 }
 
-fn rules() -> Vec<RuleWithOperations> {
+/// Project admission rules for `operations`: mutation needs CREATE and UPDATE (the
+/// requester annotation is restored on updates), validation only judges creates.
+fn rules(operations: &[&str]) -> Vec<RuleWithOperations> {
     vec![RuleWithOperations {
         api_groups: Some(vec![Project::group(&()).into_owned()]),
         api_versions: Some(vec![Project::version(&()).into_owned()]),
         resources: Some(vec![Project::plural(&()).into_owned()]),
-        operations: Some(vec!["CREATE".into(), "UPDATE".into()]),
+        operations: Some(operations.iter().map(|o| o.to_string()).collect()),
         scope: Some("Cluster".into()),
     }]
 }
@@ -490,7 +492,7 @@ pub fn configurations(
             failure_policy: Some("Fail".into()),
             side_effects: "None".into(),
             timeout_seconds: Some(5),
-            rules: Some(rules()),
+            rules: Some(rules(&["CREATE", "UPDATE"])),
             reinvocation_policy: Some("IfNeeded".into()),
             ..Default::default()
         }]),
@@ -504,7 +506,7 @@ pub fn configurations(
             failure_policy: Some("Fail".into()),
             side_effects: "None".into(),
             timeout_seconds: Some(5),
-            rules: Some(rules()),
+            rules: Some(rules(&["CREATE"])),
             ..Default::default()
         }]),
     };
