@@ -9,6 +9,7 @@
 use std::fmt::Debug;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -237,7 +238,17 @@ fn chart_identity(cluster: &Cluster) -> Result<()> {
     }
     let yaml = serde_norway::to_string(&kubeconfig)?;
     let path = cluster.operator_kubeconfig();
-    std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+    // It holds a token: readable by this user only, like up.sh's kubeconfigs.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    // An older file keeps its mode on open: set it.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(yaml.as_bytes())?;
     Ok(())
 }
 
