@@ -273,10 +273,7 @@ where
 async fn floor(common: &Common) -> Result<Phase> {
     let client = client(&common.kubeconfig).await?;
     let template = template()?;
-    let before = metrics::scrape(&client).await?;
-    let cpu_before = cpu_snapshot(&common.pids, &[]);
-    let start = Instant::now();
-    futures::stream::iter(0..common.count)
+    let work = futures::stream::iter(0..common.count)
         .map(|i| {
             let (client, template) = (client.clone(), &template);
             async move {
@@ -309,11 +306,19 @@ async fn floor(common: &Common) -> Result<Phase> {
             }
         })
         .buffer_unordered(common.concurrency)
-        .try_collect::<()>()
-        .await?;
+        .try_collect::<()>();
+    timed(common, &client, work).await
+}
+
+/// Runs `work` and measures it: time, the API server's write counters, CPU seconds.
+async fn timed(common: &Common, client: &Client, work: impl Future<Output = Result<()>>) -> Result<Phase> {
+    let before = metrics::scrape(client).await?;
+    let cpu_before = cpu_snapshot(&common.pids, &[]);
+    let start = Instant::now();
+    work.await?;
     let millis = start.elapsed().as_millis();
     let cpu = cpu_delta(&cpu_before, &cpu_snapshot(&common.pids, &[]));
-    let after = metrics::scrape(&client).await?;
+    let after = metrics::scrape(client).await?;
     Ok(Phase {
         count: common.count,
         concurrency: common.concurrency,
@@ -347,25 +352,8 @@ async fn create_projects(projects: &Api<Project>, common: &Common) -> Result<()>
 
 async fn projects_only(common: &Common) -> Result<Phase> {
     let client = client(&common.kubeconfig).await?;
-    let before = metrics::scrape(&client).await?;
-    let cpu_before = cpu_snapshot(&common.pids, &[]);
-    let start = Instant::now();
-    create_projects(&Api::all(client.clone()), common).await?;
-    let millis = start.elapsed().as_millis();
-    let cpu = cpu_delta(&cpu_before, &cpu_snapshot(&common.pids, &[]));
-    let after = metrics::scrape(&client).await?;
-    Ok(Phase {
-        count: common.count,
-        concurrency: common.concurrency,
-        millis,
-        writes: after.since(&before),
-        idle_writes: None,
-        idle_seconds: None,
-        rss_kib: None,
-        peak_rss_kib: None,
-        created_millis: millis,
-        cpu_seconds: cpu,
-    })
+    let projects = Api::all(client.clone());
+    timed(common, &client, create_projects(&projects, common)).await
 }
 
 /// The operator subprocess, killed when dropped.

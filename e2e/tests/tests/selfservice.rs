@@ -118,14 +118,7 @@ async fn the_requester_cannot_be_forged_or_changed() -> Result<()> {
 #[tokio::test]
 async fn the_per_user_limit_refuses_the_third_project_with_the_numbers() -> Result<()> {
     let admin = cluster().admin().await?;
-    let tpl = unique("limited");
-    let spec = ProjectTemplateSpec {
-        max_projects_per_user: Some(2),
-        ..Default::default()
-    };
-    Api::<ProjectTemplate>::all(admin.clone())
-        .create(&PostParams::default(), &ProjectTemplate::new(&tpl, spec))
-        .await?;
+    let tpl = limited_template(&admin, "limited").await?;
     let user = unique("dev");
     let projects: Api<Project> = Api::all(cluster().developer(&user).await?);
     let spec = ProjectSpec {
@@ -169,33 +162,13 @@ async fn the_per_user_limit_refuses_the_third_project_with_the_numbers() -> Resu
         )),
         "{message}"
     );
-    let all: Api<Project> = Api::all(admin.clone());
-    for name in names {
-        all.delete(&name, &DeleteParams::default()).await?;
-    }
-    Api::<ProjectTemplate>::all(admin.clone())
-        .delete(&tpl, &DeleteParams::default())
-        .await?;
-    Api::<ClusterRoleBinding>::all(admin.clone())
-        .delete(&tpl, &DeleteParams::default())
-        .await?;
-    Api::<ClusterRole>::all(admin)
-        .delete(&tpl, &DeleteParams::default())
-        .await?;
-    Ok(())
+    remove_limited(&admin, &tpl, &names).await
 }
 
 #[tokio::test]
 async fn simultaneous_creates_cannot_exceed_the_per_user_limit() -> Result<()> {
     let admin = cluster().admin().await?;
-    let tpl = unique("burst");
-    let spec = ProjectTemplateSpec {
-        max_projects_per_user: Some(2),
-        ..Default::default()
-    };
-    Api::<ProjectTemplate>::all(admin.clone())
-        .create(&PostParams::default(), &ProjectTemplate::new(&tpl, spec))
-        .await?;
+    let tpl = limited_template(&admin, "burst").await?;
     let user = unique("dev");
     grant_use(&admin, &tpl, &user).await?;
     let projects: Api<Project> = Api::all(cluster().developer(&user).await?);
@@ -219,18 +192,36 @@ async fn simultaneous_creates_cannot_exceed_the_per_user_limit() -> Result<()> {
             .map(ToString::to_string)
             .collect::<Vec<_>>()
     );
+    remove_limited(&admin, &tpl, &admitted).await
+}
+
+/// A template allowing 2 projects per user, named `prefix-<unique>`.
+async fn limited_template(admin: &Client, prefix: &str) -> Result<String> {
+    let tpl = unique(prefix);
+    let spec = ProjectTemplateSpec {
+        max_projects_per_user: Some(2),
+        ..Default::default()
+    };
+    Api::<ProjectTemplate>::all(admin.clone())
+        .create(&PostParams::default(), &ProjectTemplate::new(&tpl, spec))
+        .await?;
+    Ok(tpl)
+}
+
+/// Deletes `projects`, the template and what `grant_use` made for it.
+async fn remove_limited(admin: &Client, tpl: &str, projects: &[String]) -> Result<()> {
     let all: Api<Project> = Api::all(admin.clone());
-    for name in admitted {
-        all.delete(&name, &DeleteParams::default()).await?;
+    for name in projects {
+        all.delete(name, &DeleteParams::default()).await?;
     }
     Api::<ProjectTemplate>::all(admin.clone())
-        .delete(&tpl, &DeleteParams::default())
+        .delete(tpl, &DeleteParams::default())
         .await?;
     Api::<ClusterRoleBinding>::all(admin.clone())
-        .delete(&tpl, &DeleteParams::default())
+        .delete(tpl, &DeleteParams::default())
         .await?;
-    Api::<ClusterRole>::all(admin)
-        .delete(&tpl, &DeleteParams::default())
+    Api::<ClusterRole>::all(admin.clone())
+        .delete(tpl, &DeleteParams::default())
         .await?;
     Ok(())
 }
