@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the local control plane (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, kwok, helm) from Go modules into a cache folder keyed
+# kube-scheduler, kubectl, kwok, helm, and the cyclonus oracle) from Go modules into a cache folder keyed
 # by every pinned version, and prints that folder. A warm run only checks files.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -37,4 +37,11 @@ for tool in "kwok sigs.k8s.io/kwok/cmd/kwok@${KWOK_VERSION}" "helm helm.sh/helm/
     GOFLAGS= GOBIN="$bin" go install -trimpath "$2"
   fi
 done
+# cyclonus (the independent NetworkPolicy evaluator the oracle test compares with).
+if [ ! -x "$bin/cyclonus-${CYCLONUS_VERSION}" ]; then
+  echo "building cyclonus" >&2
+  tmp=$(mktemp -d)
+  GOFLAGS= GOBIN="$tmp" go install -trimpath "github.com/mattfenwick/cyclonus/cmd/cyclonus@${CYCLONUS_VERSION}"
+  mv "$tmp/cyclonus" "$bin/cyclonus-${CYCLONUS_VERSION}" && rmdir "$tmp"
+fi
 echo "$bin"

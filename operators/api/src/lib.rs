@@ -1,5 +1,5 @@
 //! chassis-api owns every Chassis custom resource type, one module per API group
-//! (`tenancy` is `tenancy.chassis.dev`), plus the shared condition vocabulary.
+//! (`tenancy` is `tenancy.chassis.dev`, `network` is `network.chassis.dev`), plus the shared condition vocabulary.
 //!
 //! The Rust types are the source of truth: `crdgen` renders them into `crds/`, and
 //! the field names follow `DESIGN.md`, which is a contract with users and tools.
@@ -10,6 +10,7 @@
 #![allow(clippy::duplicated_attributes)]
 
 pub mod conditions;
+pub mod network;
 pub mod tenancy;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -20,6 +21,8 @@ pub fn all_crds() -> Vec<CustomResourceDefinition> {
     vec![
         tenancy::v1alpha1::ProjectTemplate::crd(),
         tenancy::v1alpha1::Project::crd(),
+        network::v1alpha1::NetworkProfile::crd(),
+        network::v1alpha1::EgressPolicy::crd(),
     ]
 }
 
