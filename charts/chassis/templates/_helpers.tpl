@@ -58,8 +58,11 @@ app.kubernetes.io/component: operator
 {{- if .Values.tenancy.enabled -}}
 {{- $controllers = concat $controllers (list "project" "projecttemplate") -}}
 {{- end -}}
+{{- if .Values.network.enabled -}}
+{{- $controllers = concat $controllers (list "networkprofile" "egresspolicy") -}}
+{{- end -}}
 {{- if not $controllers -}}
-{{- fail "chassis: every area is disabled; enable at least one (for example tenancy.enabled=true)" -}}
+{{- fail "chassis: every area is disabled; enable at least one (for example tenancy.enabled=true or network.enabled=true)" -}}
 {{- end -}}
 {{- join "," $controllers -}}
 {{- end -}}

@@ -24,7 +24,12 @@ use tokio_util::sync::CancellationToken;
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Every controller this binary knows, in start order.
-const ALL_CONTROLLERS: &[&str] = &[chassis_tenancy::project::NAME, chassis_tenancy::template::NAME];
+const ALL_CONTROLLERS: &[&str] = &[
+    chassis_tenancy::project::NAME,
+    chassis_tenancy::template::NAME,
+    chassis_network::profile::NAME,
+    chassis_network::egress::NAME,
+];
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
@@ -187,6 +192,12 @@ fn build(
         }
         chassis_tenancy::template::NAME => {
             chassis_tenancy::template::controller(client.clone(), metrics, settings, shutdown.clone())
+        }
+        chassis_network::profile::NAME => {
+            chassis_network::profile::controller(client.clone(), metrics, settings, shutdown.clone())
+        }
+        chassis_network::egress::NAME => {
+            chassis_network::egress::controller(client.clone(), metrics, settings, shutdown.clone())
         }
         other => unreachable!("controller {other} was validated against ALL_CONTROLLERS"),
     }

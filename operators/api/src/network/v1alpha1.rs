@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
     shortname = "nprof",
     category = "chassis",
     status = "NetworkProfileStatus",
-    validation = kube::core::Rule::new("size(self.metadata.name) <= 200")
-        .message("a NetworkProfile name is at most 200 characters: it prefixes the names of the NetworkPolicies it renders"),
+    validation = kube::core::Rule::new("size(self.metadata.name) <= 63")
+        .message("a NetworkProfile name is at most 63 characters: it is the value of the network.chassis.dev/profile label on the NetworkPolicies it renders"),
     printcolumn(
         name = "Ready",
         type_ = "string",
@@ -103,7 +103,7 @@ pub enum EgressDefault {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct AllowedPeer {
-    /// Names the rendered policy (`<profile>-allow-<name>`).
+    /// Names the rendered policy (`<profile>-from-<name>`).
     #[schemars(
         length(min = 1, max = 40),
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -121,6 +121,8 @@ pub struct AllowedPeer {
 
 /// A raw NetworkPolicy spec, stamped as `<profile>-<name>`.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = kube::core::Rule::new("!(self.name in ['isolation', 'egress']) && !self.name.startsWith('from-')")
+    .message("policy names 'isolation', 'egress' and 'from-*' are the names of the policies the profile renders itself"))]
 #[serde(rename_all = "camelCase")]
 pub struct StampedPolicy {
     #[schemars(
@@ -159,8 +161,8 @@ pub struct NetworkProfileStatus {
     category = "chassis",
     namespaced,
     status = "EgressPolicyStatus",
-    validation = kube::core::Rule::new("size(self.metadata.name) <= 200")
-        .message("an EgressPolicy name is at most 200 characters: it prefixes the name of the NetworkPolicy it renders"),
+    validation = kube::core::Rule::new("size(self.metadata.name) <= 63")
+        .message("an EgressPolicy name is at most 63 characters: it is the value of the network.chassis.dev/egress-policy label on the NetworkPolicy it renders"),
     printcolumn(
         name = "Ready",
         type_ = "string",

@@ -35,4 +35,5 @@ pub mod reason {
     pub const NO_QUOTA: &str = "NoQuota";
     pub const NO_NETWORK_PROFILES: &str = "NoNetworkProfiles";
     pub const NETWORK_PROFILES_PENDING: &str = "NetworkProfilesPending";
+    pub const NETWORK_PROFILE_NOT_FOUND: &str = "NetworkProfileNotFound";
 }

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use chassis_api::MANAGED_BY;
+use chassis_api::network::PROFILES_ANNOTATION;
 use chassis_api::tenancy::v1alpha1::{Project, ProjectTemplate};
 use chassis_api::tenancy::v1alpha1::{Subject, SubjectKind};
 use chassis_api::tenancy::{
@@ -40,6 +41,13 @@ pub fn namespace(project: &Project, template: &ProjectTemplate) -> Namespace {
     }
     if let Some(requester) = project.annotations().get(REQUESTER_ANNOTATION) {
         annotations.insert(REQUESTER_ANNOTATION.into(), requester.clone());
+    }
+    // The NetworkProfile controller applies the bound profiles to this namespace.
+    if !template.spec.network_profiles.is_empty() {
+        annotations.insert(
+            PROFILES_ANNOTATION.into(),
+            template.spec.network_profiles.join(","),
+        );
     }
 
     let mut ns = Namespace {

@@ -24,8 +24,10 @@ pub struct Parts {
     pub bindings: Vec<(String, String, usize)>,
     pub quota: bool,
     pub limits: bool,
-    /// NetworkProfiles the template binds (not rendered until the network area lands).
-    pub network_profiles: Vec<String>,
+    /// NetworkProfiles the template binds, each with whether its policies are in
+    /// place in the namespace (`None`: the profile does not exist). Filled in by the
+    /// reconcile from the profile cache.
+    pub network_profiles: Vec<(String, Option<bool>)>,
     /// Requests made (applies and deletes), for the write budget.
     pub writes: usize,
     /// Some child was judged from our own write because the cache lagged behind it.
@@ -221,7 +223,7 @@ pub async fn reconcile(
         bindings,
         quota: quota.is_some(),
         limits: limits.is_some(),
-        network_profiles: template.spec.network_profiles.clone(),
+        network_profiles: Vec::new(),
         writes,
         lagging,
     })

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chassis_api::MANAGED_BY;
+use chassis_api::network::v1alpha1::NetworkProfile;
 use chassis_api::tenancy::PROJECT_LABEL;
-use chassis_api::tenancy::reason;
 use chassis_api::tenancy::v1alpha1::{Project, ProjectTemplate};
+use chassis_api::tenancy::{condition, reason};
 use chassis_runtime::Context;
 use chassis_runtime::apply::MANAGED_BY_LABEL;
 use chassis_runtime::apply::{self, Claim};
@@ -72,6 +73,34 @@ pub struct ProjectContext {
     /// Our writes the namespace and project caches may not show yet (see `overlay`).
     pub written_namespaces: Overlay<Namespace>,
     pub written_projects: Overlay<Project>,
+    /// NetworkProfiles, for `NetworkReady`.
+    pub profiles: Store<NetworkProfile>,
+}
+
+/// Per bound profile: whether its policies are in `namespace` (`None`: no such profile).
+pub fn profile_states(
+    profiles: &Store<NetworkProfile>,
+    bound: &[String],
+    namespace: &str,
+) -> Vec<(String, Option<bool>)> {
+    bound
+        .iter()
+        .map(|name| {
+            let state = profiles
+                .get(&ObjectRef::new(name))
+                .map(|p| profile_lists(&p, namespace));
+            (name.clone(), state)
+        })
+        .collect()
+}
+
+fn profile_lists(profile: &NetworkProfile, namespace: &str) -> bool {
+    profile.status.as_ref().is_some_and(|s| {
+        s.observed_generation == profile.metadata.generation
+            && s.matched_namespaces
+                .binary_search_by(|n| n.as_str().cmp(namespace))
+                .is_ok()
+    })
 }
 
 /// What the reconcile saw for one project.
@@ -232,6 +261,15 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
             .await?,
         )
     };
+
+    let parts = parts.map(|mut p| {
+        p.network_profiles = profile_states(
+            &ctx.profiles,
+            &template.spec.network_profiles,
+            &namespace.name_any(),
+        );
+        p
+    });
 
     // Step 5: status, written only when it changes.
     let status = status::reconciled(&project, &namespace, parts.as_ref());
@@ -401,6 +439,11 @@ pub fn controller(
     );
     let limits_stream = limits_stream.touched_objects();
 
+    // Profiles, for NetworkReady; a profile wakes only the projects whose condition
+    // it would change, so its status updates during a burst do not fan out.
+    let (profiles, profile_stream) = sync.reflect(Api::<NetworkProfile>::all(client.clone()), wc.clone());
+    let profile_stream = profile_stream.touched_objects();
+
     let ctx = Arc::new(ProjectContext {
         base: Context::new(client, NAME, metrics.controller(NAME), settings.instance.clone()),
         synced: sync.flag(),
@@ -413,9 +456,12 @@ pub fn controller(
         },
         written_namespaces: Overlay::default(),
         written_projects: Overlay::default(),
+        profiles: profiles.clone(),
     });
 
     let project_index = projects.clone();
+    let profile_projects = projects.clone();
+    let profile_templates = templates.clone();
     let project_names = projects.clone();
     let mut changes = TemplateChanges::default();
     let rollout = pace::paced(
@@ -447,6 +493,20 @@ pub fn controller(
         .watches_stream(rb_stream, owning_project)
         .watches_stream(quota_stream, owning_project)
         .watches_stream(limits_stream, owning_project)
+        .watches_stream(profile_stream, move |profile: NetworkProfile| {
+            let name = profile.name_any();
+            profile_projects
+                .state()
+                .into_iter()
+                .filter(|p| {
+                    let binds = profile_templates
+                        .get(&ObjectRef::new(&p.spec.template))
+                        .is_some_and(|t| t.spec.network_profiles.contains(&name));
+                    binds && network_ready(p) != Some(profile_lists(&profile, &p.name_any()))
+                })
+                .map(|p| ObjectRef::from_obj(p.as_ref()))
+                .collect::<Vec<_>>()
+        })
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -464,3 +524,9 @@ pub fn controller(
 
 #[cfg(test)]
 mod tests;
+
+/// The project's `NetworkReady` status as a bool, if it has one.
+fn network_ready(project: &Project) -> Option<bool> {
+    let conditions = &project.status.as_ref()?.conditions;
+    chassis_runtime::conditions::find(conditions, condition::NETWORK_READY).map(|c| c.status == "True")
+}

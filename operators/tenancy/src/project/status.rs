@@ -114,24 +114,7 @@ pub fn part_conditions(parts: &Parts) -> Vec<Desired<'static>> {
             )
         }
     };
-    let network = if parts.network_profiles.is_empty() {
-        Desired::new(
-            condition::NETWORK_READY,
-            true,
-            reason::NO_NETWORK_PROFILES,
-            "no NetworkProfile is bound: traffic to and from this project is not restricted",
-        )
-    } else {
-        Desired::new(
-            condition::NETWORK_READY,
-            false,
-            reason::NETWORK_PROFILES_PENDING,
-            format!(
-                "NetworkProfiles {} are bound but not applied yet: no network controller is running",
-                parts.network_profiles.join(", ")
-            ),
-        )
-    };
+    let network = network_condition(&parts.network_profiles);
     vec![rbac, quota, network]
 }
 
@@ -151,4 +134,50 @@ pub async fn write(
         .await
         .map(Some)
         .map_err(|source| Error::WriteStatus { name, source })
+}
+
+/// `NetworkReady` from the bound profiles: each exists and lists the namespace in
+/// `status.matchedNamespaces`.
+pub fn network_condition(profiles: &[(String, Option<bool>)]) -> Desired<'static> {
+    if profiles.is_empty() {
+        return Desired::new(
+            condition::NETWORK_READY,
+            true,
+            reason::NO_NETWORK_PROFILES,
+            "no NetworkProfile is bound: traffic to and from this project is not restricted",
+        );
+    }
+    let names = |want: Option<bool>| -> Vec<&str> {
+        profiles
+            .iter()
+            .filter(|(_, s)| *s == want)
+            .map(|(n, _)| n.as_str())
+            .collect()
+    };
+    let (missing, pending, applied) = (names(None), names(Some(false)), names(Some(true)));
+    if !missing.is_empty() {
+        Desired::new(
+            condition::NETWORK_READY,
+            false,
+            reason::NETWORK_PROFILE_NOT_FOUND,
+            format!("NetworkProfile {} does not exist", missing.join(", ")),
+        )
+    } else if !pending.is_empty() {
+        Desired::new(
+            condition::NETWORK_READY,
+            false,
+            reason::NETWORK_PROFILES_PENDING,
+            format!(
+                "the policies of NetworkProfile {} are not in place yet",
+                pending.join(", ")
+            ),
+        )
+    } else {
+        Desired::new(
+            condition::NETWORK_READY,
+            true,
+            reason::APPLIED,
+            format!("NetworkProfile {} in place", applied.join(", ")),
+        )
+    }
 }

@@ -251,7 +251,7 @@ fn bound_network_profiles_keep_the_project_from_ready_until_applied() {
         bindings: vec![],
         quota: false,
         limits: false,
-        network_profiles: vec!["baseline".into()],
+        network_profiles: vec![("baseline".into(), Some(false))],
         writes: 0,
         lagging: false,
     };
@@ -260,6 +260,33 @@ fn bound_network_profiles_keep_the_project_from_ready_until_applied() {
     assert_eq!(ready.status, "False");
     assert_eq!(ready.reason, reason::NETWORK_PROFILES_PENDING);
     assert!(ready.message.contains("baseline"), "{}", ready.message);
+
+    let missing = status::network_condition(&[("baseline".into(), Some(true)), ("strict".into(), None)]);
+    assert_eq!(
+        (missing.status, missing.reason),
+        (false, reason::NETWORK_PROFILE_NOT_FOUND)
+    );
+    assert!(
+        missing.message.contains("strict") && !missing.message.contains("baseline"),
+        "{}",
+        missing.message
+    );
+    let applied = status::network_condition(&[("baseline".into(), Some(true))]);
+    assert_eq!((applied.status, applied.reason), (true, reason::APPLIED));
+
+    let mut bound = template();
+    bound.spec.network_profiles = vec!["baseline".into(), "strict".into()];
+    let ns = build::namespace(&p, &bound);
+    let annotation = ns
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("network.chassis.dev/profiles"));
+    assert_eq!(
+        annotation.map(String::as_str),
+        Some("baseline,strict"),
+        "the profile controller reads this"
+    );
     for part in ["NamespaceReady", "RBACReady", "QuotaReady", "NetworkReady"] {
         assert!(
             chassis_runtime::conditions::find(&status.conditions, part).is_some(),

@@ -1,0 +1,478 @@
+//! Network isolation and egress against the real control plane: a NetworkProfile
+//! follows namespace labels, reverts edits and leaves with its profile; a project
+//! whose template names a profile becomes NetworkReady; EgressPolicies render into
+//! NetworkPolicies that the evaluator reads back as exactly the ordered rules.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use chassis_api::network::v1alpha1::{
+    EgressAction, EgressDestination, EgressPolicy, EgressPolicySpec, EgressPort, EgressRule, NetworkProfile,
+    NetworkProfileSpec, PortProtocol,
+};
+use chassis_api::tenancy::v1alpha1::{Project, ProjectSpec, ProjectTemplate, ProjectTemplateSpec};
+use chassis_e2e::{Operator, cluster, eventually, unique, wait_for_condition, wait_until_gone};
+use chassis_netpol::eval::Evaluator;
+use chassis_netpol::model::{Model, NamespaceModel, PodModel, PortModel, Protocol};
+use chassis_netpol::policy::Policy;
+use chassis_network::egress::render::decide;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+const PROFILE_LABEL: &str = "network.chassis.dev/profile";
+
+fn namespace(name: &str, labels: &[(&str, &str)]) -> Namespace {
+    Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// Names of the NetworkPolicies `profile` has in `ns`, sorted.
+async fn profile_policies(ns: &str, profile: &str) -> Result<Vec<String>> {
+    let api: Api<NetworkPolicy> = Api::namespaced(cluster().admin().await?, ns);
+    let list = api
+        .list(&ListParams::default().labels(&format!("{PROFILE_LABEL}={profile}")))
+        .await?;
+    let mut names: Vec<String> = list.items.iter().map(ResourceExt::name_any).collect();
+    names.sort();
+    Ok(names)
+}
+
+async fn wait_for_policies(ns: &str, profile: &str, want: &[String]) -> Result<()> {
+    eventually(
+        &format!("policies of {profile} in {ns} to be {want:?}"),
+        TIMEOUT,
+        || async { Ok((profile_policies(ns, profile).await? == want).then_some(())) },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_profile_follows_namespace_labels_reverts_edits_and_leaves_with_its_profile() -> Result<()> {
+    let op = Operator::shared();
+    let client = cluster().admin().await?;
+    let profiles: Api<NetworkProfile> = Api::all(client.clone());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let team = unique("team");
+    let name = unique("isolate");
+    let mut spec = NetworkProfileSpec {
+        namespace_selector: Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([(
+                "e2e.chassis.dev/team".to_string(),
+                team.clone(),
+            )])),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    spec.egress = chassis_api::network::v1alpha1::EgressDefault::Deny;
+    profiles
+        .create(&PostParams::default(), &NetworkProfile::new(&name, spec))
+        .await?;
+    let expected = vec![format!("{name}-egress"), format!("{name}-isolation")];
+
+    // A labelled namespace that appears gets the policies within seconds.
+    let ns = unique("team-a");
+    namespaces
+        .create(
+            &PostParams::default(),
+            &namespace(&ns, &[("e2e.chassis.dev/team", &team)]),
+        )
+        .await?;
+    let started = std::time::Instant::now();
+    wait_for_policies(&ns, &name, &expected).await?;
+    eprintln!("policies in the new namespace after {:?}", started.elapsed());
+    let profile = eventually("matchedNamespaces to list the namespace", TIMEOUT, || async {
+        let p = profiles.get(&name).await?;
+        let listed = p
+            .status
+            .as_ref()
+            .is_some_and(|s| s.matched_namespaces.contains(&ns));
+        Ok(listed.then_some(p))
+    })
+    .await?;
+    ensure!(
+        chassis_e2e::condition(&profile, "Ready").is_some_and(|c| c.status == "True"),
+        "profile Ready: {:?}",
+        profile.status
+    );
+
+    // An edit to a managed policy is reverted.
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
+    let isolation = format!("{name}-isolation");
+    let widen = serde_json::json!({"spec": {"ingress": [{}]}});
+    policies
+        .patch(
+            &isolation,
+            &PatchParams {
+                field_manager: Some("kubectl-edit".into()),
+                ..Default::default()
+            },
+            &Patch::Merge(&widen),
+        )
+        .await?;
+    eventually("the edited policy to be restored", TIMEOUT, || async {
+        let np = policies.get(&isolation).await?;
+        let from = serde_json::to_value(np.spec.as_ref().and_then(|s| s.ingress.clone()))?;
+        Ok((from == serde_json::json!([{"from": [{"podSelector": {}}]}])).then_some(()))
+    })
+    .await
+    .with_context(|| op.log_tail(20))?;
+
+    // Deleting a managed policy: it comes back.
+    policies.delete(&isolation, &DeleteParams::default()).await?;
+    wait_for_policies(&ns, &name, &expected).await?;
+
+    // Removing the label removes the policies and the namespace from the status.
+    let unlabel = serde_json::json!({"metadata": {"labels": {"e2e.chassis.dev/team": null}}});
+    namespaces
+        .patch(&ns, &PatchParams::default(), &Patch::Merge(&unlabel))
+        .await?;
+    wait_for_policies(&ns, &name, &[]).await?;
+    eventually("matchedNamespaces to drop the namespace", TIMEOUT, || async {
+        let p = profiles.get(&name).await?;
+        Ok((!p.status.unwrap_or_default().matched_namespaces.contains(&ns)).then_some(()))
+    })
+    .await?;
+
+    // Labelled again, then the profile is deleted: every policy goes.
+    let other = unique("team-a");
+    namespaces
+        .create(
+            &PostParams::default(),
+            &namespace(&other, &[("e2e.chassis.dev/team", &team)]),
+        )
+        .await?;
+    let relabel = serde_json::json!({"metadata": {"labels": {"e2e.chassis.dev/team": team}}});
+    namespaces
+        .patch(&ns, &PatchParams::default(), &Patch::Merge(&relabel))
+        .await?;
+    wait_for_policies(&ns, &name, &expected).await?;
+    wait_for_policies(&other, &name, &expected).await?;
+    profiles.delete(&name, &DeleteParams::foreground()).await?;
+    wait_for_policies(&ns, &name, &[]).await?;
+    wait_for_policies(&other, &name, &[]).await?;
+    for n in [&ns, &other] {
+        namespaces.delete(n, &DeleteParams::default()).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_project_whose_template_names_a_profile_becomes_network_ready() -> Result<()> {
+    let op = Operator::shared();
+    let client = cluster().admin().await?;
+    let profiles: Api<NetworkProfile> = Api::all(client.clone());
+    let templates: Api<ProjectTemplate> = Api::all(client.clone());
+    let projects: Api<Project> = Api::all(client.clone());
+    let profile = unique("proj-net");
+    let tpl = unique("tpl-net");
+    templates
+        .create(
+            &PostParams::default(),
+            &ProjectTemplate::new(
+                &tpl,
+                ProjectTemplateSpec {
+                    network_profiles: vec![profile.clone()],
+                    ..Default::default()
+                },
+            ),
+        )
+        .await?;
+    let name = unique("netproj");
+    projects
+        .create(
+            &PostParams::default(),
+            &Project::new(
+                &name,
+                ProjectSpec {
+                    template: tpl.clone(),
+                    ..Default::default()
+                },
+            ),
+        )
+        .await?;
+
+    // The profile does not exist yet: the project says so, and recovers by itself.
+    let waiting = wait_for_condition(&projects, &name, "NetworkReady", "False", TIMEOUT, Some(op)).await?;
+    let reason = chassis_e2e::condition(&waiting, "NetworkReady")
+        .map(|c| c.reason)
+        .unwrap_or_default();
+    ensure!(reason == "NetworkProfileNotFound", "reason {reason}");
+    profiles
+        .create(
+            &PostParams::default(),
+            &NetworkProfile::new(&profile, NetworkProfileSpec::default()),
+        )
+        .await?;
+    let ready = wait_for_condition(&projects, &name, "Ready", "True", TIMEOUT, Some(op)).await?;
+    let network = chassis_e2e::condition(&ready, "NetworkReady").context("NetworkReady")?;
+    ensure!(
+        network.status == "True" && network.reason == "Applied",
+        "{network:?}"
+    );
+    ensure!(
+        profile_policies(&name, &profile).await? == vec![format!("{profile}-isolation")],
+        "the project namespace has the profile's policy"
+    );
+
+    projects.delete(&name, &DeleteParams::default()).await?;
+    wait_until_gone(&projects, &name, TIMEOUT).await?;
+    profiles.delete(&profile, &DeleteParams::default()).await?;
+    templates.delete(&tpl, &DeleteParams::default()).await?;
+    Ok(())
+}
+
+/// splitmix64, so a failing seed can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn random_rules(rng: &mut Rng) -> Vec<EgressRule> {
+    const CIDRS: [&str; 10] = [
+        "10.0.0.0/8",
+        "10.1.0.0/16",
+        "10.1.2.0/24",
+        "10.1.2.3/32",
+        "10.128.0.0/9",
+        "0.0.0.0/0",
+        "192.168.0.0/16",
+        "fd00::/8",
+        "fd00:1::/32",
+        "fd00:1::5/128",
+    ];
+    (0..2 + rng.below(6))
+        .map(|_| EgressRule {
+            action: if rng.below(2) == 0 {
+                EgressAction::Allow
+            } else {
+                EgressAction::Deny
+            },
+            to: EgressDestination {
+                cidr: CIDRS[rng.below(CIDRS.len() as u64) as usize].into(),
+            },
+            ports: (rng.below(3) == 0).then(|| {
+                vec![EgressPort {
+                    protocol: if rng.below(2) == 0 {
+                        PortProtocol::Tcp
+                    } else {
+                        PortProtocol::Udp
+                    },
+                    port: [53, 443][rng.below(2) as usize],
+                    end_port: None,
+                }]
+            }),
+        })
+        .collect()
+}
+
+fn addresses() -> Vec<IpAddr> {
+    [
+        "10.0.0.1",
+        "10.1.0.0",
+        "10.1.2.2",
+        "10.1.2.3",
+        "10.1.2.4",
+        "10.1.255.255",
+        "10.127.255.255",
+        "10.128.0.0",
+        "10.255.255.255",
+        "11.0.0.0",
+        "192.168.1.1",
+        "8.8.8.8",
+        "fd00::1",
+        "fd00:1::5",
+        "fd00:1::6",
+        "fe80::1",
+    ]
+    .iter()
+    .filter_map(|a| a.parse().ok())
+    .collect()
+}
+
+#[tokio::test]
+async fn egress_policies_render_into_exactly_what_their_ordered_rules_say() -> Result<()> {
+    let op = Operator::shared();
+    let client = cluster().admin().await?;
+    let ns = unique("egress");
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace(&ns, &[]))
+        .await?;
+    let egresses: Api<EgressPolicy> = Api::namespaced(client.clone(), &ns);
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
+    let ports: [(u16, PortProtocol); 4] = [
+        (53, PortProtocol::Udp),
+        (53, PortProtocol::Tcp),
+        (443, PortProtocol::Tcp),
+        (8080, PortProtocol::Tcp),
+    ];
+    let mut verdicts = 0;
+    for seed in 0..12u64 {
+        let mut rng = Rng(seed);
+        let spec = EgressPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([("app".to_string(), format!("s{seed}"))])),
+                ..Default::default()
+            }),
+            rules: random_rules(&mut rng),
+        };
+        let name = format!("seed-{seed}");
+        egresses
+            .create(&PostParams::default(), &EgressPolicy::new(&name, spec.clone()))
+            .await?;
+        // The policy as the API server stores it (defaults filled in) is what a CNI reads.
+        let stored = eventually(&format!("NetworkPolicy {name}-egress"), TIMEOUT, || async {
+            Ok(policies.get_opt(&format!("{name}-egress")).await?)
+        })
+        .await
+        .with_context(|| op.log_tail(20))?;
+        let parsed = Policy::parse(&stored, &ns).map_err(anyhow::Error::msg)?;
+
+        // One source pod the policy selects, one destination pod per address.
+        let serving: Vec<PortModel> = ports
+            .iter()
+            .map(|(port, p)| PortModel {
+                port: *port,
+                protocol: if *p == PortProtocol::Udp {
+                    Protocol::Udp
+                } else {
+                    Protocol::Tcp
+                },
+                name: None,
+            })
+            .collect();
+        let destinations = addresses()
+            .into_iter()
+            .enumerate()
+            .map(|(i, ip)| {
+                let pod = PodModel {
+                    labels: BTreeMap::new(),
+                    ip,
+                    ports: serving.clone(),
+                };
+                (format!("d{i}"), pod)
+            })
+            .collect();
+        let source = PodModel {
+            labels: BTreeMap::from([("app".to_string(), format!("s{seed}"))]),
+            ip: "198.51.100.7".parse()?,
+            ports: Vec::new(),
+        };
+        let model = Model {
+            namespaces: BTreeMap::from([
+                (
+                    ns.clone(),
+                    NamespaceModel {
+                        labels: BTreeMap::new(),
+                        pods: BTreeMap::from([("src".to_string(), source)]),
+                    },
+                ),
+                (
+                    "elsewhere".to_string(),
+                    NamespaceModel {
+                        labels: BTreeMap::new(),
+                        pods: destinations,
+                    },
+                ),
+            ]),
+        };
+        let parsed = vec![parsed];
+        let evaluator = Evaluator::new(&model, &parsed);
+        let from = evaluator.find(&ns, "src").context("source")?;
+        for (i, ip) in addresses().into_iter().enumerate() {
+            let to = evaluator
+                .find("elsewhere", &format!("d{i}"))
+                .context("destination")?;
+            for (port, protocol) in ports {
+                let want = decide(&spec, ip, protocol, port);
+                let proto = if protocol == PortProtocol::Udp {
+                    Protocol::Udp
+                } else {
+                    Protocol::Tcp
+                };
+                if evaluator.allowed(from, to, port, proto) != want {
+                    bail!(
+                        "seed {seed}: {ip} {}/{port}: the rules say {want}, the stored NetworkPolicy does not\nrules: {:?}\npolicy: {}",
+                        protocol.as_str(),
+                        spec.rules,
+                        serde_json::to_string(&stored.spec)?
+                    );
+                }
+                verdicts += 1;
+            }
+        }
+    }
+    eprintln!("{verdicts} verdicts agree");
+
+    // A rule with host bits is refused by name; the schema refuses a non-CIDR outright.
+    let bad = EgressPolicySpec {
+        pod_selector: None,
+        rules: vec![EgressRule {
+            action: EgressAction::Allow,
+            to: EgressDestination {
+                cidr: "10.0.0.1/8".into(),
+            },
+            ports: None,
+        }],
+    };
+    egresses
+        .create(&PostParams::default(), &EgressPolicy::new("host-bits", bad))
+        .await?;
+    let refused = wait_for_condition(&egresses, "host-bits", "Ready", "False", TIMEOUT, Some(op)).await?;
+    let message = chassis_e2e::condition(&refused, "Ready")
+        .map(|c| c.message)
+        .unwrap_or_default();
+    ensure!(
+        message.starts_with("rule 1: 10.0.0.1/8 has host bits set; write 10.0.0.0/8"),
+        "{message}"
+    );
+    let mut not_cidr = EgressPolicy::new("not-a-cidr", EgressPolicySpec::default());
+    not_cidr.spec.rules.push(EgressRule {
+        action: EgressAction::Deny,
+        to: EgressDestination {
+            cidr: "example.com".into(),
+        },
+        ports: None,
+    });
+    let err = egresses
+        .create(&PostParams::default(), &not_cidr)
+        .await
+        .err()
+        .context("a non-CIDR is refused")?;
+    ensure!(
+        err.to_string().contains("must be a CIDR such as 10.0.0.0/8"),
+        "{err}"
+    );
+
+    Api::<Namespace>::all(client)
+        .delete(&ns, &DeleteParams::default())
+        .await?;
+    Ok(())
+}

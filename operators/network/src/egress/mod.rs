@@ -1,0 +1,218 @@
+//! The EgressPolicy controller: renders the ordered rules ([`render::render`]) into
+//! one NetworkPolicy `<name>-egress` beside the EgressPolicy, owned by it, and
+//! reverts edits to it. Invalid rules leave the last rendered policy in place and
+//! say which rule is wrong; rules that can never match are named in `Ready=False`
+//! while the policy (which is still exact) is applied.
+
+pub mod render;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chassis_api::MANAGED_BY;
+use chassis_api::conditions::READY;
+use chassis_api::network::v1alpha1::EgressPolicy;
+use chassis_api::network::{EGRESS_POLICY_LABEL, reason};
+use chassis_runtime::Context;
+use chassis_runtime::apply::{
+    MANAGED_BY_LABEL, apply, controller_owner_ref, edited_by_others, metadata_matches, stamp_hash,
+};
+use chassis_runtime::conditions::{Desired, upsert};
+use chassis_runtime::controller::{InitialSync, Running, Settings, Synced};
+use chassis_runtime::metrics::Metrics;
+use futures::StreamExt;
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, predicates, watcher};
+use kube::{Client, ResourceExt};
+use tokio_util::sync::CancellationToken;
+
+/// Name of this controller in `--controllers`, metrics and its field manager.
+pub const NAME: &str = "egresspolicy";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("applying NetworkPolicy {namespace}/{name}: {source}")]
+    Apply {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
+    #[error("writing status of EgressPolicy {namespace}/{name}: {source}")]
+    WriteStatus {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
+}
+
+pub struct EgressContext {
+    pub base: Context,
+    pub synced: Synced,
+    /// NetworkPolicies carrying the egress-policy label (ours).
+    pub policies: Store<NetworkPolicy>,
+}
+
+/// The NetworkPolicy rendered for `egress` from its rendered rules.
+pub fn network_policy(egress: &EgressPolicy, rules: &render::Rendered) -> NetworkPolicy {
+    let name = egress.name_any();
+    let mut np = NetworkPolicy {
+        metadata: ObjectMeta {
+            name: Some(format!("{name}-egress")),
+            namespace: egress.namespace(),
+            labels: Some(BTreeMap::from([
+                (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+                (EGRESS_POLICY_LABEL.to_string(), name),
+            ])),
+            owner_references: controller_owner_ref(egress).map(|o| vec![o]),
+            ..Default::default()
+        },
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(egress.spec.pod_selector.clone().unwrap_or_default()),
+            policy_types: Some(vec!["Egress".into()]),
+            egress: Some(rules.rules.clone()),
+            ingress: None,
+        }),
+    };
+    stamp_hash(&mut np);
+    np
+}
+
+async fn reconcile(egress: Arc<EgressPolicy>, ctx: Arc<EgressContext>) -> Result<Action, Error> {
+    if !ctx.synced.get() {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    if egress.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let _timer = ctx.base.metrics.reconcile();
+    let name = egress.name_any();
+    let namespace = egress.namespace().unwrap_or_default();
+    let key = format!("{namespace}/{name}");
+    let ready = match render::render(&egress.spec) {
+        Err(invalid) => Desired::new(
+            READY,
+            false,
+            reason::INVALID_RULE,
+            format!("{invalid}; the NetworkPolicy rendered last is kept"),
+        ),
+        Ok(rendered) => {
+            let desired = network_policy(&egress, &rendered);
+            let policy_name = desired.name_any();
+            let observed = ctx.policies.get(&ObjectRef::new(&policy_name).within(&namespace));
+            let fm = ctx.base.field_manager.as_str();
+            let current = observed.is_some_and(|have| {
+                metadata_matches(&desired, &have) && !edited_by_others(&desired, &have, &[fm])
+            });
+            if !current {
+                let api: Api<NetworkPolicy> = Api::namespaced(ctx.base.client.clone(), &namespace);
+                apply(&api, &desired, fm).await.map_err(|source| Error::Apply {
+                    namespace: namespace.clone(),
+                    name: policy_name.clone(),
+                    source,
+                })?;
+            }
+            if rendered.shadowed.is_empty() {
+                Desired::new(
+                    READY,
+                    true,
+                    reason::APPLIED,
+                    format!(
+                        "{} rules rendered into NetworkPolicy {policy_name} ({} egress rules)",
+                        egress.spec.rules.len(),
+                        rendered.rules.len()
+                    ),
+                )
+            } else {
+                Desired::new(
+                    READY,
+                    false,
+                    reason::RULE_SHADOWED,
+                    format!(
+                        "{}; NetworkPolicy {policy_name} is applied",
+                        rendered.shadowed.join("; ")
+                    ),
+                )
+            }
+        }
+    };
+    let generation = egress.metadata.generation;
+    let mut status = egress.status.clone().unwrap_or_default();
+    status.observed_generation = generation;
+    upsert(&mut status.conditions, ready, generation, Timestamp::now());
+    if egress.status.as_ref() != Some(&status) {
+        let api: Api<EgressPolicy> = Api::namespaced(ctx.base.client.clone(), &namespace);
+        let patch = serde_json::json!({ "status": status });
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(|source| Error::WriteStatus {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                source,
+            })?;
+    }
+    Ok(ctx.base.success(&key, Duration::from_secs(600)))
+}
+
+fn error_policy(egress: Arc<EgressPolicy>, error: &Error, ctx: Arc<EgressContext>) -> Action {
+    tracing::warn!(egresspolicy = %egress.name_any(), namespace = ?egress.namespace(), error = %error, "reconcile failed");
+    let kind = match error {
+        Error::Apply { .. } => "apply_policy",
+        Error::WriteStatus { .. } => "write_status",
+    };
+    let key = format!("{}/{}", egress.namespace().unwrap_or_default(), egress.name_any());
+    ctx.base.retry_after_error(&key, kind)
+}
+
+/// Wires the EgressPolicy controller.
+pub fn controller(
+    client: Client,
+    metrics: &Arc<Metrics>,
+    settings: &Settings,
+    shutdown: CancellationToken,
+) -> Running {
+    let wc = watcher::Config::default().any_semantic();
+    let mut sync = InitialSync::default();
+    let (egresses, egress_stream) = sync.reflect(Api::<EgressPolicy>::all(client.clone()), wc.clone());
+    let egress_stream = egress_stream
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    let (policies, policy_stream) = sync.reflect(
+        Api::<NetworkPolicy>::all(client.clone()),
+        wc.labels(EGRESS_POLICY_LABEL),
+    );
+    let policy_stream = policy_stream.touched_objects();
+    let ctx = Arc::new(EgressContext {
+        base: Context::new(client, NAME, metrics.controller(NAME), settings.instance.clone()),
+        synced: sync.flag(),
+        policies,
+    });
+    let run = Controller::for_stream(egress_stream, egresses)
+        .with_config(settings.controller_config())
+        .watches_stream(policy_stream, |np: NetworkPolicy| {
+            let namespace = np.namespace()?;
+            np.labels()
+                .get(EGRESS_POLICY_LABEL)
+                .map(|name| ObjectRef::<EgressPolicy>::new(name).within(&namespace))
+        })
+        .graceful_shutdown_on(shutdown.cancelled_owned())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "egresspolicy controller event");
+            }
+        });
+    Running {
+        name: NAME,
+        synced: sync.done(),
+        run: Box::pin(run),
+    }
+}
+
+#[cfg(test)]
+mod tests;

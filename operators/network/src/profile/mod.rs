@@ -1,0 +1,312 @@
+//! The NetworkProfile controller: renders each profile into NetworkPolicies in
+//! every namespace it applies to ([`render::applies_to`]), reverts edits to them,
+//! removes them from namespaces that stop matching, and reports the namespaces in
+//! `status.matchedNamespaces`. The policies are owned by the profile, so the
+//! garbage collector removes them all when the profile is deleted.
+//!
+//! ```text
+//!  [ NetworkProfile ] ─────────────┐
+//!  [ Namespace ] (labels, binding) ├─▶ reconcile(profile) ─▶ [ NetworkPolicy ]* per namespace
+//!  [ NetworkPolicy ] (ours) ───────┘        (drift, deletion)
+//! ```
+
+pub mod render;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chassis_api::conditions::READY;
+use chassis_api::network::v1alpha1::{NetworkProfile, NetworkProfileStatus};
+use chassis_api::network::{PROFILE_LABEL, reason};
+use chassis_runtime::Context;
+use chassis_runtime::apply::{apply, edited_by_others, metadata_matches};
+use chassis_runtime::conditions::{Desired, upsert};
+use chassis_runtime::controller::{InitialSync, Running, Settings, Synced};
+use chassis_runtime::metrics::Metrics;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, predicates, watcher};
+use kube::{Client, ResourceExt};
+use tokio_util::sync::CancellationToken;
+
+/// Name of this controller in `--controllers`, metrics and its field manager.
+pub const NAME: &str = "networkprofile";
+
+/// Policy writes one reconcile runs at once.
+const WRITES_IN_FLIGHT: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("writing status of profile {name}: {source}")]
+    WriteStatus { name: String, source: kube::Error },
+    #[error("removing NetworkPolicy {namespace}/{name}: {source}")]
+    Delete {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
+}
+
+pub struct ProfileContext {
+    pub base: Context,
+    pub synced: Synced,
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
+    /// NetworkPolicies carrying the profile label (ours).
+    pub policies: Store<NetworkPolicy>,
+}
+
+/// The namespaces `profile` applies to, sorted; terminating ones are skipped
+/// (nothing can be created in them).
+pub fn matching_namespaces(
+    profile: &NetworkProfile,
+    namespaces: &[Arc<PartialObjectMeta<Namespace>>],
+) -> Vec<String> {
+    let empty = BTreeMap::new();
+    let mut out: Vec<String> = namespaces
+        .iter()
+        .filter(|ns| ns.metadata.deletion_timestamp.is_none())
+        .filter(|ns| {
+            render::applies_to(
+                profile,
+                ns.metadata.labels.as_ref().unwrap_or(&empty),
+                ns.metadata.annotations.as_ref().unwrap_or(&empty),
+            )
+        })
+        .map(|ns| ns.name_any())
+        .collect();
+    out.sort();
+    out
+}
+
+async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Result<Action, Error> {
+    if !ctx.synced.get() {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    if profile.metadata.deletion_timestamp.is_some() {
+        // The garbage collector removes the owned policies.
+        return Ok(Action::await_change());
+    }
+    let _timer = ctx.base.metrics.reconcile();
+    let name = profile.name_any();
+    let client = &ctx.base.client;
+    let fm = ctx.base.field_manager.as_str();
+
+    let matched = matching_namespaces(&profile, &ctx.namespaces.state());
+    let desired: Vec<NetworkPolicy> = matched
+        .iter()
+        .flat_map(|ns| render::policies(&profile, ns))
+        .collect();
+
+    // Write what is missing, differs, or was edited by someone else.
+    let stale: Vec<NetworkPolicy> = desired
+        .iter()
+        .filter(|want| {
+            let key = ObjectRef::new(&want.name_any()).within(&want.namespace().unwrap_or_default());
+            ctx.policies
+                .get(&key)
+                .is_none_or(|have| !metadata_matches(*want, &have) || edited_by_others(*want, &have, &[fm]))
+        })
+        .cloned()
+        .collect();
+    let failures: Vec<(String, String)> = futures::stream::iter(stale)
+        .map(|want| {
+            let client = client.clone();
+            let fm = fm.to_string();
+            async move {
+                let ns = want.namespace().unwrap_or_default();
+                let api: Api<NetworkPolicy> = Api::namespaced(client, &ns);
+                let name = want.name_any();
+                apply(&api, &want, &fm)
+                    .await
+                    .err()
+                    .map(|e| (ns.clone(), format!("{ns}/{name}: {e}")))
+            }
+        })
+        .buffer_unordered(WRITES_IN_FLIGHT)
+        .filter_map(futures::future::ready)
+        .collect()
+        .await;
+
+    // Remove ours that are no longer wanted (namespace stopped matching, entry removed).
+    let wanted: BTreeSet<(String, String)> = desired
+        .iter()
+        .map(|p| (p.namespace().unwrap_or_default(), p.name_any()))
+        .collect();
+    let extra: Vec<Arc<NetworkPolicy>> = ctx
+        .policies
+        .state()
+        .into_iter()
+        .filter(|p| p.labels().get(PROFILE_LABEL) == Some(&name))
+        .filter(|p| !wanted.contains(&(p.namespace().unwrap_or_default(), p.name_any())))
+        .collect();
+    futures::stream::iter(extra)
+        .map(Ok::<_, Error>)
+        .try_for_each_concurrent(WRITES_IN_FLIGHT, |p| {
+            let client = client.clone();
+            async move {
+                let ns = p.namespace().unwrap_or_default();
+                let api: Api<NetworkPolicy> = Api::namespaced(client, &ns);
+                match api.delete(&p.name_any(), &DeleteParams::default()).await {
+                    Ok(_) => Ok(()),
+                    Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+                    Err(source) => Err(Error::Delete {
+                        namespace: ns,
+                        name: p.name_any(),
+                        source,
+                    }),
+                }
+            }
+        })
+        .await?;
+
+    let failed: BTreeSet<&String> = failures.iter().map(|(ns, _)| ns).collect();
+    let in_place: Vec<String> = matched
+        .iter()
+        .filter(|ns| !failed.contains(ns))
+        .cloned()
+        .collect();
+    let ready = if failures.is_empty() {
+        Desired::new(
+            READY,
+            true,
+            reason::APPLIED,
+            format!("policies in place in {} namespaces", in_place.len()),
+        )
+    } else {
+        let shown: Vec<&str> = failures.iter().take(3).map(|(_, m)| m.as_str()).collect();
+        Desired::new(
+            READY,
+            false,
+            reason::APPLY_FAILED,
+            format!(
+                "{} policies could not be applied: {}",
+                failures.len(),
+                shown.join("; ")
+            ),
+        )
+    };
+    let generation = profile.metadata.generation;
+    let mut status = profile.status.clone().unwrap_or_default();
+    status.observed_generation = generation;
+    status.matched_namespaces = in_place;
+    upsert(&mut status.conditions, ready, generation, Timestamp::now());
+    if profile.status.as_ref() != Some(&status) {
+        write_status(client, &name, &status).await?;
+    }
+    if failures.is_empty() {
+        Ok(ctx.base.success(&name, Duration::from_secs(600)))
+    } else {
+        Ok(ctx.base.retry_after_error(&name, "apply_policy"))
+    }
+}
+
+/// The merge patch for `status`. An empty list is skipped when serialized, so it is
+/// set explicitly: the last namespace leaving must clear `matchedNamespaces`.
+pub fn status_patch(status: &NetworkProfileStatus) -> serde_json::Value {
+    let mut patch = serde_json::json!({ "status": status });
+    patch["status"]["matchedNamespaces"] = serde_json::json!(status.matched_namespaces);
+    patch
+}
+
+async fn write_status(client: &Client, name: &str, status: &NetworkProfileStatus) -> Result<(), Error> {
+    let api: Api<NetworkProfile> = Api::all(client.clone());
+    let patch = status_patch(status);
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
+        .map_err(|source| Error::WriteStatus {
+            name: name.to_string(),
+            source,
+        })
+}
+
+fn error_policy(profile: Arc<NetworkProfile>, error: &Error, ctx: Arc<ProfileContext>) -> Action {
+    tracing::warn!(profile = %profile.name_any(), error = %error, "reconcile failed");
+    let kind = match error {
+        Error::WriteStatus { .. } => "write_status",
+        Error::Delete { .. } => "delete_policy",
+    };
+    ctx.base.retry_after_error(&profile.name_any(), kind)
+}
+
+/// Wires the NetworkProfile controller.
+pub fn controller(
+    client: Client,
+    metrics: &Arc<Metrics>,
+    settings: &Settings,
+    shutdown: CancellationToken,
+) -> Running {
+    let wc = watcher::Config::default().any_semantic();
+    let mut sync = InitialSync::default();
+    let (profiles, profile_stream) = sync.reflect(Api::<NetworkProfile>::all(client.clone()), wc.clone());
+    let profile_stream = profile_stream
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+
+    // Labels and annotations are all a namespace contributes, so metadata suffices.
+    let (namespaces, namespace_stream) = sync.reflect(
+        Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+        wc.clone(),
+    );
+    let namespace_stream = namespace_stream.touched_objects().predicate_filter(
+        |ns: &PartialObjectMeta<Namespace>| {
+            Some(crate::hash_of(&(
+                &ns.metadata.labels,
+                &ns.metadata.annotations,
+                ns.metadata.deletion_timestamp.is_some(),
+            )))
+        },
+        Default::default(),
+    );
+
+    let (policies, policy_stream) = sync.reflect(
+        Api::<NetworkPolicy>::all(client.clone()),
+        wc.clone().labels(PROFILE_LABEL),
+    );
+    let policy_stream = policy_stream.touched_objects();
+
+    let ctx = Arc::new(ProfileContext {
+        base: Context::new(client, NAME, metrics.controller(NAME), settings.instance.clone()),
+        synced: sync.flag(),
+        namespaces,
+        policies,
+    });
+    let all_profiles = profiles.clone();
+    let run = Controller::for_stream(profile_stream, profiles)
+        .with_config(settings.controller_config())
+        // A namespace change can start or stop any profile matching; profiles are few.
+        .watches_stream(namespace_stream, move |_ns| {
+            all_profiles
+                .state()
+                .into_iter()
+                .map(|p| ObjectRef::from_obj(p.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .watches_stream(policy_stream, |np: NetworkPolicy| {
+            np.labels()
+                .get(PROFILE_LABEL)
+                .map(|p| ObjectRef::<NetworkProfile>::new(p))
+        })
+        .graceful_shutdown_on(shutdown.cancelled_owned())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "networkprofile controller event");
+            }
+        });
+    Running {
+        name: NAME,
+        synced: sync.done(),
+        run: Box::pin(run),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,207 @@
+//! What a rendered profile means, checked with the NetworkPolicy evaluator, and
+//! which namespaces a profile applies to.
+
+use std::collections::BTreeMap;
+
+use chassis_api::network::PROFILES_ANNOTATION;
+use chassis_api::network::v1alpha1::{
+    AllowedPeer, EgressDefault, Isolation, NetworkProfile, NetworkProfileSpec,
+};
+use chassis_netpol::eval::Evaluator;
+use chassis_netpol::model::{Model, NamespaceModel, PodModel, PortModel, Protocol};
+use chassis_netpol::policy::Policy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+
+use super::render::{applies_to, policies};
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn profile(spec: NetworkProfileSpec) -> NetworkProfile {
+    let mut p = NetworkProfile::new("restricted", spec);
+    p.metadata.uid = Some("uid-1".into());
+    p
+}
+
+fn pod(ip: &str, pod_labels: &[(&str, &str)]) -> PodModel {
+    PodModel {
+        labels: labels(pod_labels),
+        ip: ip.parse().expect("test ip"),
+        ports: vec![
+            PortModel {
+                port: 8080,
+                protocol: Protocol::Tcp,
+                name: Some("http".into()),
+            },
+            PortModel {
+                port: 53,
+                protocol: Protocol::Udp,
+                name: Some("dns".into()),
+            },
+        ],
+    }
+}
+
+fn cluster() -> Model {
+    let ns = |l: &[(&str, &str)], pods: Vec<(&str, PodModel)>| NamespaceModel {
+        labels: labels(l),
+        pods: pods.into_iter().map(|(n, p)| (n.to_string(), p)).collect(),
+    };
+    Model {
+        namespaces: BTreeMap::from([
+            (
+                "team-a".into(),
+                ns(
+                    &[("team", "a")],
+                    vec![
+                        ("web", pod("10.0.0.1", &[("app", "web")])),
+                        ("db", pod("10.0.0.2", &[("app", "db")])),
+                    ],
+                ),
+            ),
+            (
+                "team-b".into(),
+                ns(
+                    &[("team", "b")],
+                    vec![("web", pod("10.0.1.1", &[("app", "web")]))],
+                ),
+            ),
+            (
+                "ingress".into(),
+                ns(
+                    &[("role", "ingress")],
+                    vec![("nginx", pod("10.0.2.1", &[("app", "nginx")]))],
+                ),
+            ),
+            (
+                "kube-system".into(),
+                ns(
+                    &[],
+                    vec![("coredns", pod("10.0.3.1", &[("k8s-app", "kube-dns")]))],
+                ),
+            ),
+        ]),
+    }
+}
+
+#[test]
+fn isolation_allow_from_and_egress_deny_mean_what_they_say() -> Result<(), String> {
+    let p = profile(NetworkProfileSpec {
+        isolation: Isolation::Namespace,
+        allow_from: vec![AllowedPeer {
+            name: "ingress".into(),
+            namespace_selector: LabelSelector {
+                match_labels: Some(labels(&[("role", "ingress")])),
+                ..Default::default()
+            },
+            pod_selector: None,
+            ports: None,
+        }],
+        egress: EgressDefault::Deny,
+        ..NetworkProfileSpec::default()
+    });
+    let rendered = policies(&p, "team-a");
+    let names: Vec<String> = rendered
+        .iter()
+        .filter_map(|np| np.metadata.name.clone())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "restricted-isolation",
+            "restricted-from-ingress",
+            "restricted-egress"
+        ]
+    );
+    let parsed: Vec<Policy> = rendered
+        .iter()
+        .map(|np| Policy::parse(np, "team-a"))
+        .collect::<Result<_, _>>()?;
+    let model = cluster().with_namespace_name_labels();
+    let eval = Evaluator::new(&model, &parsed);
+    let at = |ns: &str, pod: &str| eval.find(ns, pod).ok_or(format!("{ns}/{pod}"));
+    let tcp = |from, to| eval.allowed(from, to, 8080, Protocol::Tcp);
+    let (a_web, a_db, b_web, nginx, dns) = (
+        at("team-a", "web")?,
+        at("team-a", "db")?,
+        at("team-b", "web")?,
+        at("ingress", "nginx")?,
+        at("kube-system", "coredns")?,
+    );
+    assert!(tcp(a_web, a_db), "inside the namespace");
+    assert!(!tcp(b_web, a_web), "another namespace is isolated out");
+    assert!(tcp(nginx, a_web), "allowFrom peer gets in");
+    assert!(!tcp(a_web, b_web), "egress Deny: no other namespace");
+    assert!(eval.allowed(a_web, dns, 53, Protocol::Udp), "allowDNS");
+    assert!(!tcp(a_web, dns), "DNS is port 53 only");
+    assert!(tcp(b_web, nginx), "namespaces without the profile are untouched");
+    Ok(())
+}
+
+#[test]
+fn egress_allow_renders_no_egress_policy_so_dns_is_not_isolated() {
+    let p = profile(NetworkProfileSpec {
+        isolation: Isolation::None,
+        ..NetworkProfileSpec::default()
+    });
+    assert!(
+        policies(&p, "team-a").is_empty(),
+        "None + Allow + no peers is no policy at all"
+    );
+}
+
+#[test]
+fn rendered_policies_are_labelled_and_owned_by_the_profile() {
+    let rendered = policies(&profile(NetworkProfileSpec::default()), "team-a");
+    let np = &rendered[0];
+    assert_eq!(np.metadata.namespace.as_deref(), Some("team-a"));
+    assert_eq!(
+        np.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("network.chassis.dev/profile"))
+            .map(String::as_str),
+        Some("restricted")
+    );
+    let owner = &np.metadata.owner_references.as_ref().expect("owner")[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+        ("NetworkProfile", "restricted", Some(true))
+    );
+}
+
+#[test]
+fn a_profile_applies_by_selector_or_by_project_binding() {
+    let mut p = profile(NetworkProfileSpec::default());
+    let none = BTreeMap::new();
+    assert!(
+        !applies_to(&p, &labels(&[("team", "a")]), &none),
+        "no selector: only bound namespaces"
+    );
+    let bound = labels(&[(PROFILES_ANNOTATION, "other, restricted")]);
+    assert!(applies_to(&p, &none, &bound));
+    p.spec.namespace_selector = Some(LabelSelector {
+        match_expressions: Some(vec![LabelSelectorRequirement {
+            key: "team".into(),
+            operator: "NotIn".into(),
+            values: Some(vec!["b".into()]),
+        }]),
+        ..Default::default()
+    });
+    assert!(applies_to(&p, &labels(&[("team", "a")]), &none));
+    assert!(!applies_to(&p, &labels(&[("team", "b")]), &none));
+    assert!(
+        applies_to(&p, &none, &none),
+        "NotIn matches a namespace without the label, as in Kubernetes"
+    );
+}
+
+#[test]
+fn the_status_patch_clears_matched_namespaces_when_none_is_left() {
+    let patch = super::status_patch(&chassis_api::network::v1alpha1::NetworkProfileStatus::default());
+    assert_eq!(patch["status"]["matchedNamespaces"], serde_json::json!([]));
+}
