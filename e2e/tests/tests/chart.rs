@@ -119,7 +119,16 @@ fn the_values_schema_rejects_a_wrong_type_naming_the_key() -> Result<()> {
         ("webhook.port=80", "/webhook/port", "minimum"),
         ("tenancy.bindableRoles={*}", "/tenancy/bindableRoles/0", ""),
         ("operator.logFormat=xml", "/operator/logFormat", ""),
-        ("tenancy.enabled=false", "every area is disabled", ""),
+        (
+            "network.baselineProfile.egress=Block",
+            "/network/baselineProfile/egress",
+            "",
+        ),
+        (
+            "tenancy.enabled=false,network.enabled=false",
+            "every area is disabled",
+            "",
+        ),
     ] {
         let out = cluster()
             .helm()

@@ -143,6 +143,12 @@ async fn readyz_is_503_until_the_caches_sync() -> Result<()> {
             &["get", "list", "watch"],
         ),
         rule(&["tenancy.chassis.dev"], &["projects/status"], &["patch"]),
+        // NetworkReady reads the bound NetworkProfiles.
+        rule(
+            &["network.chassis.dev"],
+            &["networkprofiles"],
+            &["get", "list", "watch"],
+        ),
         rule(
             &[""],
             &["namespaces"],

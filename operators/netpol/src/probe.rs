@@ -55,6 +55,12 @@ pub fn table(results: &Results) -> String {
     pods.sort();
     pods.dedup();
     let width = pods.iter().map(|p| p.len()).max().unwrap_or(0);
+    // One lookup per cell: a scan per cell is quadratic in the rows at 1000 pods.
+    let verdicts: std::collections::HashMap<(&str, &str, u16, Protocol), bool> = results
+        .results
+        .iter()
+        .map(|r| ((r.from.as_str(), r.to.as_str(), r.port, r.protocol), r.allowed))
+        .collect();
     let mut out = String::new();
     for (port, protocol) in ports {
         out.push_str(&format!("{}/{port}\n{:width$}", protocol.as_str(), ""));
@@ -65,11 +71,9 @@ pub fn table(results: &Results) -> String {
         for from in &pods {
             out.push_str(&format!("{from:width$}"));
             for to in &pods {
-                let cell = results
-                    .results
-                    .iter()
-                    .find(|r| r.from == *from && r.to == *to && r.port == port && r.protocol == protocol)
-                    .map_or(" ", |r| if r.allowed { "." } else { "X" });
+                let cell = verdicts
+                    .get(&(*from, *to, port, protocol))
+                    .map_or(" ", |allowed| if *allowed { "." } else { "X" });
                 out.push_str(&format!(" {cell:>3}"));
             }
             out.push('\n');

@@ -77,7 +77,14 @@ fn run(args: Args) -> Result<()> {
             let evaluator = Evaluator::new(&model, &policies);
             let results = probe(&evaluator);
             match format {
-                Format::Json => println!("{}", serde_json::to_string(&results)?),
+                Format::Json => {
+                    // Streamed: a million rows would otherwise be one string in memory.
+                    use std::io::Write;
+                    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                    serde_json::to_writer(&mut out, &results)?;
+                    writeln!(out)?;
+                    out.flush()?;
+                }
                 Format::Table => print!("{}", table(&results)),
             }
         }
