@@ -85,7 +85,10 @@ async fn a_profile_follows_namespace_labels_reverts_edits_and_leaves_with_its_pr
     profiles
         .create(&PostParams::default(), &NetworkProfile::new(&name, spec))
         .await?;
-    let expected = vec![format!("{name}-egress"), format!("{name}-isolation")];
+    let expected = vec![
+        format!("profile.{name}.egress"),
+        format!("profile.{name}.isolation"),
+    ];
 
     // A labelled namespace that appears gets the policies within seconds.
     let ns = unique("team-a");
@@ -115,7 +118,7 @@ async fn a_profile_follows_namespace_labels_reverts_edits_and_leaves_with_its_pr
 
     // An edit to a managed policy is reverted.
     let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
-    let isolation = format!("{name}-isolation");
+    let isolation = format!("profile.{name}.isolation");
     let widen = serde_json::json!({"spec": {"ingress": [{}]}});
     policies
         .patch(
@@ -228,7 +231,7 @@ async fn a_project_whose_template_names_a_profile_becomes_network_ready() -> Res
         "{network:?}"
     );
     ensure!(
-        profile_policies(&name, &profile).await? == vec![format!("{profile}-isolation")],
+        profile_policies(&name, &profile).await? == vec![format!("profile.{profile}.isolation")],
         "the project namespace has the profile's policy"
     );
 
@@ -348,8 +351,8 @@ async fn egress_policies_render_into_exactly_what_their_ordered_rules_say() -> R
             .create(&PostParams::default(), &EgressPolicy::new(&name, spec.clone()))
             .await?;
         // The policy as the API server stores it (defaults filled in) is what a CNI reads.
-        let stored = eventually(&format!("NetworkPolicy {name}-egress"), TIMEOUT, || async {
-            Ok(policies.get_opt(&format!("{name}-egress")).await?)
+        let stored = eventually(&format!("NetworkPolicy egresspolicy.{name}"), TIMEOUT, || async {
+            Ok(policies.get_opt(&format!("egresspolicy.{name}")).await?)
         })
         .await
         .with_context(|| op.log_tail(20))?;
@@ -431,44 +434,75 @@ async fn egress_policies_render_into_exactly_what_their_ordered_rules_say() -> R
     }
     eprintln!("{verdicts} verdicts agree");
 
-    // A rule with host bits is refused by name; the schema refuses a non-CIDR outright.
-    let bad = EgressPolicySpec {
-        pod_selector: None,
-        rules: vec![EgressRule {
+    // The schema refuses a non-CIDR and a CIDR with host bits outright.
+    for (name, cidr) in [("not-a-cidr", "example.com"), ("host-bits", "10.0.0.1/8")] {
+        let mut bad = EgressPolicy::new(name, EgressPolicySpec::default());
+        bad.spec.rules.push(EgressRule {
             action: EgressAction::Allow,
-            to: EgressDestination {
-                cidr: "10.0.0.1/8".into(),
-            },
+            to: EgressDestination { cidr: cidr.into() },
             ports: None,
-        }],
+        });
+        let err = egresses
+            .create(&PostParams::default(), &bad)
+            .await
+            .err()
+            .with_context(|| format!("{cidr} is refused"))?;
+        ensure!(
+            err.to_string().contains("must be a CIDR without host bits"),
+            "{err}"
+        );
+    }
+
+    // Rules the controller cannot render fail closed: the selected pods get no egress.
+    let ports: Vec<EgressPort> = (0..32)
+        .map(|i| EgressPort {
+            protocol: PortProtocol::Tcp,
+            port: 1000 + i * 3,
+            end_port: None,
+        })
+        .collect();
+    let too_many = EgressPolicySpec {
+        pod_selector: None,
+        rules: (0..80)
+            .map(|r| EgressRule {
+                action: EgressAction::Allow,
+                to: EgressDestination {
+                    cidr: "10.0.0.0/8".into(),
+                },
+                ports: Some(
+                    ports
+                        .iter()
+                        .map(|p| EgressPort {
+                            port: p.port + r * 100,
+                            ..p.clone()
+                        })
+                        .collect(),
+                ),
+            })
+            .collect(),
     };
     egresses
-        .create(&PostParams::default(), &EgressPolicy::new("host-bits", bad))
+        .create(
+            &PostParams::default(),
+            &EgressPolicy::new("too-many-ports", too_many),
+        )
         .await?;
-    let refused = wait_for_condition(&egresses, "host-bits", "Ready", "False", TIMEOUT, Some(op)).await?;
-    let message = chassis_e2e::condition(&refused, "Ready")
-        .map(|c| c.message)
-        .unwrap_or_default();
+    let refused =
+        wait_for_condition(&egresses, "too-many-ports", "Ready", "False", TIMEOUT, Some(op)).await?;
+    let ready = chassis_e2e::condition(&refused, "Ready").context("Ready")?;
+    ensure!(ready.reason == "TooLarge", "{ready:?}");
     ensure!(
-        message.starts_with("rule 1: 10.0.0.1/8 has host bits set; write 10.0.0.0/8"),
-        "{message}"
+        ready
+            .message
+            .contains("all egress of the selected pods is denied"),
+        "{}",
+        ready.message
     );
-    let mut not_cidr = EgressPolicy::new("not-a-cidr", EgressPolicySpec::default());
-    not_cidr.spec.rules.push(EgressRule {
-        action: EgressAction::Deny,
-        to: EgressDestination {
-            cidr: "example.com".into(),
-        },
-        ports: None,
-    });
-    let err = egresses
-        .create(&PostParams::default(), &not_cidr)
-        .await
-        .err()
-        .context("a non-CIDR is refused")?;
+    let deny_all = policies.get("egresspolicy.too-many-ports").await?;
+    let spec = deny_all.spec.context("spec")?;
     ensure!(
-        err.to_string().contains("must be a CIDR such as 10.0.0.0/8"),
-        "{err}"
+        spec.policy_types == Some(vec!["Egress".to_string()]) && spec.egress.unwrap_or_default().is_empty(),
+        "fail closed: egress denied"
     );
 
     Api::<Namespace>::all(client)

@@ -22,4 +22,6 @@ pub mod reason {
     pub const APPLY_FAILED: &str = "ApplyFailed";
     pub const INVALID_RULE: &str = "InvalidRule";
     pub const RULE_SHADOWED: &str = "RuleShadowed";
+    pub const CONFLICT: &str = "Conflict";
+    pub const TOO_LARGE: &str = "TooLarge";
 }

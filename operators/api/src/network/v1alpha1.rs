@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
     shortname = "nprof",
     category = "chassis",
     status = "NetworkProfileStatus",
-    validation = kube::core::Rule::new("size(self.metadata.name) <= 63")
-        .message("a NetworkProfile name is at most 63 characters: it is the value of the network.chassis.dev/profile label on the NetworkPolicies it renders"),
+    validation = kube::core::Rule::new("size(self.metadata.name) <= 63 && self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')")
+        .message("a NetworkProfile name is a DNS label (at most 63 lowercase letters, digits and '-'): it is a label value and part of the rendered policies' names"),
     printcolumn(
         name = "Ready",
         type_ = "string",
@@ -103,7 +103,7 @@ pub enum EgressDefault {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct AllowedPeer {
-    /// Names the rendered policy (`<profile>-from-<name>`).
+    /// Names the rendered policy (`profile.<profile>.from-<name>`).
     #[schemars(
         length(min = 1, max = 40),
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -119,7 +119,7 @@ pub struct AllowedPeer {
     pub ports: Option<Vec<NetworkPolicyPort>>,
 }
 
-/// A raw NetworkPolicy spec, stamped as `<profile>-<name>`.
+/// A raw NetworkPolicy spec, stamped as `profile.<profile>.<name>`.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(validation = kube::core::Rule::new("!(self.name in ['isolation', 'egress']) && !self.name.startsWith('from-')")
     .message("policy names 'isolation', 'egress' and 'from-*' are the names of the policies the profile renders itself"))]
@@ -209,8 +209,8 @@ pub enum EgressAction {
 pub struct EgressDestination {
     /// An IPv4 or IPv6 CIDR without host bits, such as `10.0.0.0/8` or `2001:db8::/32`.
     #[schemars(length(min = 1, max = 43))]
-    #[x_kube(validation = kube::core::Rule::new("isCIDR(self)")
-        .message("must be a CIDR such as 10.0.0.0/8 or 2001:db8::/32"))]
+    #[x_kube(validation = kube::core::Rule::new("isCIDR(self) && cidr(self) == cidr(self).masked()")
+        .message("must be a CIDR without host bits, such as 10.0.0.0/8 or 2001:db8::/32"))]
     pub cidr: String,
 }
 

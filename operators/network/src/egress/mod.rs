@@ -1,8 +1,10 @@
 //! The EgressPolicy controller: renders the ordered rules ([`render::render`]) into
-//! one NetworkPolicy `<name>-egress` beside the EgressPolicy, owned by it, and
-//! reverts edits to it. Invalid rules leave the last rendered policy in place and
-//! say which rule is wrong; rules that can never match are named in `Ready=False`
-//! while the policy (which is still exact) is applied.
+//! one NetworkPolicy `egresspolicy.<name>` beside the EgressPolicy, owned by it, and
+//! reverts edits to it. It fails closed: invalid rules keep the last rendered
+//! policy, or deny all egress of the selected pods when there is none yet, and say
+//! which rule is wrong; rules that can never match are named in `Ready=False` while
+//! the policy (which is still exact) is applied. A NetworkPolicy of that name that
+//! belongs to someone else is never taken over.
 
 pub mod render;
 
@@ -15,12 +17,12 @@ use chassis_api::conditions::READY;
 use chassis_api::network::v1alpha1::EgressPolicy;
 use chassis_api::network::{EGRESS_POLICY_LABEL, reason};
 use chassis_runtime::Context;
-use chassis_runtime::apply::{
-    MANAGED_BY_LABEL, apply, controller_owner_ref, edited_by_others, metadata_matches, stamp_hash,
-};
+use chassis_runtime::apply::{MANAGED_BY_LABEL, controller_owner_ref, stamp_hash};
 use chassis_runtime::conditions::{Desired, upsert};
 use chassis_runtime::controller::{InitialSync, Running, Settings, Synced};
 use chassis_runtime::metrics::Metrics;
+
+use crate::write::{Written, write_owned};
 use futures::StreamExt;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -37,12 +39,6 @@ pub const NAME: &str = "egresspolicy";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("applying NetworkPolicy {namespace}/{name}: {source}")]
-    Apply {
-        namespace: String,
-        name: String,
-        source: kube::Error,
-    },
     #[error("writing status of EgressPolicy {namespace}/{name}: {source}")]
     WriteStatus {
         namespace: String,
@@ -58,12 +54,17 @@ pub struct EgressContext {
     pub policies: Store<NetworkPolicy>,
 }
 
+/// `egresspolicy.<name>`: distinct from every NetworkProfile policy (`profile.*`).
+pub fn policy_name(egress_policy: &str) -> String {
+    format!("egresspolicy.{egress_policy}")
+}
+
 /// The NetworkPolicy rendered for `egress` from its rendered rules.
 pub fn network_policy(egress: &EgressPolicy, rules: &render::Rendered) -> NetworkPolicy {
     let name = egress.name_any();
     let mut np = NetworkPolicy {
         metadata: ObjectMeta {
-            name: Some(format!("{name}-egress")),
+            name: Some(policy_name(&name)),
             namespace: egress.namespace(),
             labels: Some(BTreeMap::from([
                 (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
@@ -94,53 +95,70 @@ async fn reconcile(egress: Arc<EgressPolicy>, ctx: Arc<EgressContext>) -> Result
     let name = egress.name_any();
     let namespace = egress.namespace().unwrap_or_default();
     let key = format!("{namespace}/{name}");
-    let ready = match render::render(&egress.spec) {
-        Err(invalid) => Desired::new(
+    let policy_name = policy_name(&name);
+    let observed = ctx.policies.get(&ObjectRef::new(&policy_name).within(&namespace));
+    let uid = egress.metadata.uid.clone().unwrap_or_default();
+    let fm = ctx.base.field_manager.as_str();
+    let api: Api<NetworkPolicy> = Api::namespaced(ctx.base.client.clone(), &namespace);
+    let (rendered, invalid) = match render::render(&egress.spec) {
+        Ok(rendered) => (Some(rendered), None),
+        Err(invalid) => (None, Some(invalid)),
+    };
+    // Fail closed: with nothing rendered yet, the selected pods get no egress at all.
+    let to_write = match (&rendered, &observed) {
+        (Some(rendered), _) => Some(network_policy(&egress, rendered)),
+        (None, None) => Some(network_policy(&egress, &render::Rendered::deny_all())),
+        (None, Some(_)) => None,
+    };
+    let written = match &to_write {
+        Some(desired) => Some(write_owned(&api, desired, observed.as_deref(), &uid, fm).await),
+        None => None,
+    };
+    let ready = match (written, invalid, rendered) {
+        (Some(Err(e)), _, _) => Desired::new(
             READY,
             false,
-            reason::INVALID_RULE,
-            format!("{invalid}; the NetworkPolicy rendered last is kept"),
+            reason::APPLY_FAILED,
+            format!("NetworkPolicy {policy_name} could not be written: {e}"),
         ),
-        Ok(rendered) => {
-            let desired = network_policy(&egress, &rendered);
-            let policy_name = desired.name_any();
-            let observed = ctx.policies.get(&ObjectRef::new(&policy_name).within(&namespace));
-            let fm = ctx.base.field_manager.as_str();
-            let current = observed.is_some_and(|have| {
-                metadata_matches(&desired, &have) && !edited_by_others(&desired, &have, &[fm])
-            });
-            if !current {
-                let api: Api<NetworkPolicy> = Api::namespaced(ctx.base.client.clone(), &namespace);
-                apply(&api, &desired, fm).await.map_err(|source| Error::Apply {
-                    namespace: namespace.clone(),
-                    name: policy_name.clone(),
-                    source,
-                })?;
-            }
-            if rendered.shadowed.is_empty() {
-                Desired::new(
-                    READY,
-                    true,
-                    reason::APPLIED,
-                    format!(
-                        "{} rules rendered into NetworkPolicy {policy_name} ({} egress rules)",
-                        egress.spec.rules.len(),
-                        rendered.rules.len()
-                    ),
-                )
+        (Some(Ok(Written::Conflict(why))), _, _) => Desired::new(READY, false, reason::CONFLICT, why),
+        (_, Some(invalid), _) => {
+            let kept = if observed.is_some() {
+                "the NetworkPolicy rendered last is kept"
             } else {
-                Desired::new(
-                    READY,
-                    false,
-                    reason::RULE_SHADOWED,
-                    format!(
-                        "{}; NetworkPolicy {policy_name} is applied",
-                        rendered.shadowed.join("; ")
-                    ),
-                )
-            }
+                "all egress of the selected pods is denied until it is fixed"
+            };
+            let why = if invalid.rule == 0 {
+                reason::TOO_LARGE
+            } else {
+                reason::INVALID_RULE
+            };
+            Desired::new(READY, false, why, format!("{invalid}; {kept}"))
         }
+        (_, None, Some(rendered)) if !rendered.shadowed.is_empty() => Desired::new(
+            READY,
+            false,
+            reason::RULE_SHADOWED,
+            format!(
+                "{}; NetworkPolicy {policy_name} is applied",
+                rendered.shadowed.join("; ")
+            ),
+        ),
+        (_, None, Some(rendered)) => {
+            let mut message = format!(
+                "{} rules rendered into NetworkPolicy {policy_name} ({} egress rules)",
+                egress.spec.rules.len(),
+                rendered.rules.len()
+            );
+            for note in &rendered.notes {
+                message.push_str("; ");
+                message.push_str(note);
+            }
+            Desired::new(READY, true, reason::APPLIED, message)
+        }
+        (_, None, None) => Desired::new(READY, false, reason::APPLY_FAILED, "nothing was rendered"),
     };
+    let failed = ready.reason == reason::APPLY_FAILED;
     let generation = egress.metadata.generation;
     let mut status = egress.status.clone().unwrap_or_default();
     status.observed_generation = generation;
@@ -156,13 +174,15 @@ async fn reconcile(egress: Arc<EgressPolicy>, ctx: Arc<EgressContext>) -> Result
                 source,
             })?;
     }
+    if failed {
+        return Ok(ctx.base.retry_after_error(&key, "apply_policy"));
+    }
     Ok(ctx.base.success(&key, Duration::from_secs(600)))
 }
 
 fn error_policy(egress: Arc<EgressPolicy>, error: &Error, ctx: Arc<EgressContext>) -> Action {
     tracing::warn!(egresspolicy = %egress.name_any(), namespace = ?egress.namespace(), error = %error, "reconcile failed");
     let kind = match error {
-        Error::Apply { .. } => "apply_policy",
         Error::WriteStatus { .. } => "write_status",
     };
     let key = format!("{}/{}", egress.namespace().unwrap_or_default(), egress.name_any());

@@ -19,14 +19,18 @@ const MAX_PORT: u32 = 65535;
 /// Why the rules cannot be rendered as written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleError {
-    /// 1-based, as users count rules.
+    /// 1-based, as users count rules; 0 when the policy as a whole is at fault.
     pub rule: usize,
     pub message: String,
 }
 
 impl std::fmt::Display for RuleError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "rule {}: {}", self.rule, self.message)
+        if self.rule == 0 {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "rule {}: {}", self.rule, self.message)
+        }
     }
 }
 
@@ -36,6 +40,19 @@ pub struct Rendered {
     pub rules: Vec<NetworkPolicyEgressRule>,
     /// Sentences naming each rule that earlier rules cover entirely.
     pub shadowed: Vec<String>,
+    /// What the rendering could not express and denied instead.
+    pub notes: Vec<String>,
+}
+
+impl Rendered {
+    /// No egress rule at all: every egress of the selected pods is denied.
+    pub fn deny_all() -> Self {
+        Self {
+            rules: Vec::new(),
+            shadowed: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
 }
 
 /// Parses a rule's CIDR, refusing host bits so the rule means what it says.
@@ -124,7 +141,59 @@ fn port_list(atoms: &[Atom]) -> Vec<NetworkPolicyPort> {
         .collect()
 }
 
+/// Most distinct port ranges (over all protocols) the rules may cut the ports into.
+pub const MAX_PORT_RANGES: usize = 2048;
+
+/// Largest rendered rule list accepted (its JSON size); etcd refuses objects
+/// over 1.5 MiB, and a policy this large is a mistake anyway.
+pub const MAX_RENDERED_BYTES: usize = 256 * 1024;
+
+/// The `ipBlock`s allowing what the ordered `applicable` rules allow: rule *i*
+/// (Allow) gives its CIDR minus every earlier applicable rule's CIDR. Also returns
+/// that set, and marks the rules that match anything.
+fn blocks(
+    spec: &EgressPolicySpec,
+    nets: &[IpNet],
+    sets: &[IpSet],
+    applicable: &[usize],
+    ever_matches: &mut [bool],
+) -> (Vec<NetworkPolicyPeer>, IpSet) {
+    let mut earlier = IpSet::default();
+    let mut allowed = IpSet::default();
+    let mut out = Vec::new();
+    for &i in applicable {
+        let effective = sets[i].difference(&earlier);
+        if !effective.is_empty() {
+            ever_matches[i] = true;
+            if spec.rules[i].action == EgressAction::Allow {
+                let except: Vec<String> = sets[i]
+                    .intersection(&earlier)
+                    .to_cidrs()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
+                out.push(NetworkPolicyPeer {
+                    ip_block: Some(IPBlock {
+                        cidr: nets[i].to_string(),
+                        except: (!except.is_empty()).then_some(except),
+                    }),
+                    ..Default::default()
+                });
+                allowed = allowed.union(&effective);
+            }
+        }
+        earlier = earlier.union(&sets[i]);
+    }
+    (out, allowed)
+}
+
 /// Renders the ordered rules. Errors name the first invalid rule.
+///
+/// TCP, UDP and SCTP are rendered exactly. Other protocols (ICMP) only match rules
+/// without ports; NetworkPolicy cannot name them, only a rule without ports reaches
+/// them, and such a rule also opens every port. So the set they may reach is
+/// rendered as a port-less rule when that does not open more on any port, and
+/// otherwise denied, which [`Rendered::notes`] says.
 pub fn render(spec: &EgressPolicySpec) -> Result<Rendered, RuleError> {
     let nets: Vec<IpNet> = spec
         .rules
@@ -148,8 +217,19 @@ pub fn render(spec: &EgressPolicySpec) -> Result<Rendered, RuleError> {
     }
     let sets: Vec<IpSet> = nets.iter().map(IpSet::from_net).collect();
     let all_atoms = atoms(spec);
+    // Bounds the work (atoms x rules) and the output before doing either.
+    if all_atoms.len() > MAX_PORT_RANGES {
+        return Err(RuleError {
+            rule: 0,
+            message: format!(
+                "the rules split the ports into {} ranges (limit {MAX_PORT_RANGES}): use fewer, wider port ranges",
+                all_atoms.len()
+            ),
+        });
+    }
+    let mut ever_matches = vec![false; spec.rules.len()];
 
-    // Atoms with the same applicable rules share one rendered rule.
+    // Atoms with the same applicable rules allow the same addresses.
     let mut groups: BTreeMap<Vec<usize>, Vec<Atom>> = BTreeMap::new();
     for atom in &all_atoms {
         let applicable: Vec<usize> = (0..spec.rules.len())
@@ -157,41 +237,71 @@ pub fn render(spec: &EgressPolicySpec) -> Result<Rendered, RuleError> {
             .collect();
         groups.entry(applicable).or_default().push(*atom);
     }
+    let rendered_groups: Vec<(Vec<NetworkPolicyPeer>, IpSet, Vec<Atom>)> = groups
+        .iter()
+        .map(|(applicable, group_atoms)| {
+            let (to, allowed) = blocks(spec, &nets, &sets, applicable, &mut ever_matches);
+            (to, allowed, group_atoms.clone())
+        })
+        .collect();
+
+    // Other protocols: only the port-less rules apply.
+    let portless: Vec<usize> = (0..spec.rules.len())
+        .filter(|&i| spec.rules[i].ports.is_none())
+        .collect();
+    let (other_to, other_allowed) = blocks(spec, &nets, &sets, &portless, &mut ever_matches);
+    let mut notes = Vec::new();
+    let portless_rule = if other_allowed.is_empty() {
+        None
+    } else if rendered_groups
+        .iter()
+        .all(|(_, allowed, _)| other_allowed.difference(allowed).is_empty())
+    {
+        Some(other_allowed.clone())
+    } else {
+        notes.push(
+            "protocols other than TCP, UDP and SCTP (such as ICMP) are denied: allowing them where the \
+             port-less rules say would also open ports that earlier port rules deny"
+                .to_string(),
+        );
+        None
+    };
 
     let mut rules = Vec::new();
-    let mut ever_matches = vec![false; spec.rules.len()];
-    for (applicable, group_atoms) in &groups {
-        let mut earlier = IpSet::default();
-        let mut blocks = Vec::new();
-        for &i in applicable {
-            let effective = sets[i].difference(&earlier);
-            if !effective.is_empty() {
-                ever_matches[i] = true;
-                if spec.rules[i].action == EgressAction::Allow {
-                    let except: Vec<String> = sets[i]
-                        .intersection(&earlier)
-                        .to_cidrs()
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect();
-                    blocks.push(NetworkPolicyPeer {
-                        ip_block: Some(IPBlock {
-                            cidr: nets[i].to_string(),
-                            except: (!except.is_empty()).then_some(except),
-                        }),
-                        ..Default::default()
-                    });
-                }
-            }
-            earlier = earlier.union(&sets[i]);
-        }
-        if blocks.is_empty() {
+    if portless_rule.is_some() {
+        rules.push(NetworkPolicyEgressRule {
+            to: Some(other_to),
+            ports: None,
+        });
+    }
+    // Groups allowing the same blocks share one rule; a group the port-less rule
+    // already covers exactly needs none.
+    let mut by_blocks: Vec<(Vec<NetworkPolicyPeer>, Vec<Atom>)> = Vec::new();
+    for (to, allowed, group_atoms) in rendered_groups {
+        if allowed.is_empty() || portless_rule.as_ref() == Some(&allowed) {
             continue;
         }
-        let every_port = group_atoms.len() == all_atoms.len();
+        match by_blocks.iter_mut().find(|(t, _)| *t == to) {
+            Some((_, atoms)) => atoms.extend(group_atoms),
+            None => by_blocks.push((to, group_atoms)),
+        }
+    }
+    for (to, mut group_atoms) in by_blocks {
+        group_atoms.sort();
         rules.push(NetworkPolicyEgressRule {
-            to: Some(blocks),
-            ports: (!every_port).then(|| port_list(group_atoms)),
+            to: Some(to),
+            ports: Some(port_list(&group_atoms)),
+        });
+    }
+    let size = serde_json::to_vec(&rules).map_or(usize::MAX, |v| v.len());
+    if size > MAX_RENDERED_BYTES {
+        return Err(RuleError {
+            rule: 0,
+            message: format!(
+                "the rendered NetworkPolicy would hold {} KiB of rules (limit {} KiB): use fewer port-specific rules",
+                size / 1024,
+                MAX_RENDERED_BYTES / 1024
+            ),
         });
     }
     let shadowed = ever_matches
@@ -208,7 +318,22 @@ pub fn render(spec: &EgressPolicySpec) -> Result<Rendered, RuleError> {
             )
         })
         .collect();
-    Ok(Rendered { rules, shadowed })
+    Ok(Rendered {
+        rules,
+        shadowed,
+        notes,
+    })
+}
+
+/// What the ordered rules say for a protocol other than TCP, UDP and SCTP: only
+/// rules without ports can match it.
+pub fn decide_other(spec: &EgressPolicySpec, ip: std::net::IpAddr) -> bool {
+    for rule in spec.rules.iter().filter(|r| r.ports.is_none()) {
+        if rule.to.cidr.parse::<IpNet>().is_ok_and(|net| net.contains(&ip)) {
+            return rule.action == EgressAction::Allow;
+        }
+    }
+    false
 }
 
 /// What the ordered rules say for one destination: the reference the rendering is

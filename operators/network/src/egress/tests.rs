@@ -215,6 +215,31 @@ fn rendered_rules_allow_exactly_what_the_ordered_rules_say() -> Result<(), Strin
         };
         let policies = vec![Policy::parse(&policy, "src").map_err(|e| format!("seed {seed}: {e}"))?];
         let addresses = probe_addresses(&spec, &mut rng);
+        // Other protocols (ICMP): only the port-less rendered rule reaches them.
+        let portless = rendered.rules.iter().find(|r| r.ports.is_none());
+        for ip in &addresses {
+            let rendered_allows = portless.is_some_and(|r| {
+                r.to.iter()
+                    .flatten()
+                    .filter_map(|p| p.ip_block.as_ref())
+                    .any(|b| {
+                        let inside = |c: &str| c.parse::<IpNet>().is_ok_and(|n| n.contains(ip));
+                        inside(&b.cidr) && !b.except.iter().flatten().any(|e| inside(e))
+                    })
+            });
+            let rules_allow = super::render::decide_other(&spec, *ip);
+            if rendered.notes.is_empty() {
+                if rendered_allows != rules_allow {
+                    return Err(format!(
+                        "seed {seed}: {ip} other protocols: rules {rules_allow}, rendered {rendered_allows}"
+                    ));
+                }
+            } else if rendered_allows {
+                return Err(format!(
+                    "seed {seed}: {ip} other protocols allowed although the note says denied"
+                ));
+            }
+        }
         let model = model(&addresses, &ports);
         let evaluator = Evaluator::new(&model, &policies);
         let from = evaluator.find("src", "p").ok_or("source pod")?;
@@ -283,17 +308,62 @@ fn port_scoped_rules_render_one_rule_per_port_group() -> Result<(), RuleError> {
     };
     let rendered = render(&spec)?;
     let json = serde_json::to_value(&rendered.rules).unwrap_or_default();
-    // 443/TCP: anywhere; every other port: only 10/8 (as ranges around 443 and the other protocols).
-    assert_eq!(json.as_array().map(Vec::len), Some(2), "{json}");
-    assert!(
-        json.to_string()
-            .contains(r#"{"endPort":442,"port":1,"protocol":"TCP"}"#),
-        "{json}"
+    // Every port and protocol (ICMP too): 10/8, as one port-less rule; 443/TCP: anywhere.
+    assert_eq!(
+        json,
+        serde_json::json!([
+            {"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]},
+            {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"port": 443, "protocol": "TCP"}]},
+        ])
     );
+    assert!(rendered.notes.is_empty());
+    Ok(())
+}
+
+#[test]
+fn other_protocols_are_denied_when_a_port_rule_denies_what_a_portless_rule_allows() -> Result<(), RuleError> {
+    let ssh = EgressPort {
+        protocol: PortProtocol::Tcp,
+        port: 22,
+        end_port: None,
+    };
+    let spec = EgressPolicySpec {
+        pod_selector: None,
+        rules: vec![
+            rule(EgressAction::Deny, "10.0.0.0/8", Some(vec![ssh])),
+            rule(EgressAction::Allow, "0.0.0.0/0", None),
+        ],
+    };
+    let rendered = render(&spec)?;
+    // A port-less rule for 0/0 would reopen 22/TCP to 10/8; ICMP is denied instead and said so.
     assert!(
-        json.to_string()
-            .contains(r#"{"endPort":65535,"port":1,"protocol":"UDP"}"#),
-        "{json}"
+        rendered.rules.iter().all(|r| r.ports.is_some()),
+        "{:?}",
+        rendered.rules
+    );
+    assert_eq!(rendered.notes.len(), 1);
+    assert!(
+        super::render::decide_other(&spec, "8.8.8.8".parse().expect("ip")),
+        "the rules would allow it"
+    );
+
+    let all_ports: Vec<EgressPort> = PROTOCOLS
+        .iter()
+        .map(|p| EgressPort {
+            protocol: *p,
+            port: 1,
+            end_port: Some(65535),
+        })
+        .collect();
+    let every_port = EgressPolicySpec {
+        pod_selector: None,
+        rules: vec![rule(EgressAction::Allow, "10.0.0.0/8", Some(all_ports))],
+    };
+    let rendered = render(&every_port)?;
+    assert!(
+        rendered.rules.iter().all(|r| r.ports.is_some()),
+        "every TCP/UDP/SCTP port is still not ICMP: {:?}",
+        rendered.rules
     );
     Ok(())
 }

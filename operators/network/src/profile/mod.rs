@@ -20,11 +20,13 @@ use chassis_api::conditions::READY;
 use chassis_api::network::v1alpha1::{NetworkProfile, NetworkProfileStatus};
 use chassis_api::network::{PROFILE_LABEL, reason};
 use chassis_runtime::Context;
-use chassis_runtime::apply::{apply, edited_by_others, metadata_matches};
+use chassis_runtime::apply::controlled_by;
 use chassis_runtime::conditions::{Desired, upsert};
 use chassis_runtime::controller::{InitialSync, Running, Settings, Synced};
 use chassis_runtime::metrics::Metrics;
-use futures::{StreamExt, TryStreamExt};
+
+use crate::write::{Written, write_owned};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::jiff::Timestamp;
@@ -46,12 +48,6 @@ const WRITES_IN_FLIGHT: usize = 16;
 pub enum Error {
     #[error("writing status of profile {name}: {source}")]
     WriteStatus { name: String, source: kube::Error },
-    #[error("removing NetworkPolicy {namespace}/{name}: {source}")]
-    Delete {
-        namespace: String,
-        name: String,
-        source: kube::Error,
-    },
 }
 
 pub struct ProfileContext {
@@ -61,6 +57,10 @@ pub struct ProfileContext {
     /// NetworkPolicies carrying the profile label (ours).
     pub policies: Store<NetworkPolicy>,
 }
+
+/// Namespaces a selector never matches (binding by name still applies): a profile
+/// with `namespaceSelector: {}` must not isolate the control plane's own namespaces.
+pub const SYSTEM_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
 
 /// The namespaces `profile` applies to, sorted; terminating ones are skipped
 /// (nothing can be created in them).
@@ -98,35 +98,30 @@ async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Re
     let client = &ctx.base.client;
     let fm = ctx.base.field_manager.as_str();
 
-    let matched = matching_namespaces(&profile, &ctx.namespaces.state());
+    let namespaces = ctx.namespaces.state();
+    let matched = matching_namespaces(&profile, &namespaces);
     let desired: Vec<NetworkPolicy> = matched
         .iter()
         .flat_map(|ns| render::policies(&profile, ns))
         .collect();
+    let uid = profile.metadata.uid.clone().unwrap_or_default();
 
-    // Write what is missing, differs, or was edited by someone else.
-    let stale: Vec<NetworkPolicy> = desired
-        .iter()
-        .filter(|want| {
-            let key = ObjectRef::new(&want.name_any()).within(&want.namespace().unwrap_or_default());
-            ctx.policies
-                .get(&key)
-                .is_none_or(|have| !metadata_matches(*want, &have) || edited_by_others(*want, &have, &[fm]))
-        })
-        .cloned()
-        .collect();
-    let failures: Vec<(String, String)> = futures::stream::iter(stale)
+    // Create what is missing, apply what differs; never touch a policy we do not own.
+    let failures: Vec<(String, String)> = futures::stream::iter(desired.iter().cloned())
         .map(|want| {
             let client = client.clone();
             let fm = fm.to_string();
+            let uid = uid.clone();
+            let ns = want.namespace().unwrap_or_default();
+            let observed = ctx.policies.get(&ObjectRef::new(&want.name_any()).within(&ns));
             async move {
-                let ns = want.namespace().unwrap_or_default();
                 let api: Api<NetworkPolicy> = Api::namespaced(client, &ns);
                 let name = want.name_any();
-                apply(&api, &want, &fm)
-                    .await
-                    .err()
-                    .map(|e| (ns.clone(), format!("{ns}/{name}: {e}")))
+                match write_owned(&api, &want, observed.as_deref(), &uid, &fm).await {
+                    Ok(Written::Conflict(why)) => Some((ns, why)),
+                    Ok(_) => None,
+                    Err(e) => Some((ns.clone(), format!("{ns}/{name}: {e}"))),
+                }
             }
         })
         .buffer_unordered(WRITES_IN_FLIGHT)
@@ -134,37 +129,43 @@ async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Re
         .collect()
         .await;
 
-    // Remove ours that are no longer wanted (namespace stopped matching, entry removed).
+    // Remove ours that are no longer wanted (namespace stopped matching, entry
+    // removed). Policies in a terminating namespace stay until the namespace goes:
+    // its pods may still run and keep their isolation.
     let wanted: BTreeSet<(String, String)> = desired
         .iter()
         .map(|p| (p.namespace().unwrap_or_default(), p.name_any()))
+        .collect();
+    let terminating: BTreeSet<String> = namespaces
+        .iter()
+        .filter(|ns| ns.metadata.deletion_timestamp.is_some())
+        .map(|ns| ns.name_any())
         .collect();
     let extra: Vec<Arc<NetworkPolicy>> = ctx
         .policies
         .state()
         .into_iter()
-        .filter(|p| p.labels().get(PROFILE_LABEL) == Some(&name))
+        .filter(|p| p.labels().get(PROFILE_LABEL) == Some(&name) && controlled_by(p.as_ref(), &uid))
+        .filter(|p| !terminating.contains(&p.namespace().unwrap_or_default()))
         .filter(|p| !wanted.contains(&(p.namespace().unwrap_or_default(), p.name_any())))
         .collect();
-    futures::stream::iter(extra)
-        .map(Ok::<_, Error>)
-        .try_for_each_concurrent(WRITES_IN_FLIGHT, |p| {
+    let delete_failures: Vec<String> = futures::stream::iter(extra)
+        .map(|p| {
             let client = client.clone();
             async move {
                 let ns = p.namespace().unwrap_or_default();
                 let api: Api<NetworkPolicy> = Api::namespaced(client, &ns);
                 match api.delete(&p.name_any(), &DeleteParams::default()).await {
-                    Ok(_) => Ok(()),
-                    Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-                    Err(source) => Err(Error::Delete {
-                        namespace: ns,
-                        name: p.name_any(),
-                        source,
-                    }),
+                    Ok(_) => None,
+                    Err(kube::Error::Api(s)) if s.code == 404 => None,
+                    Err(e) => Some(format!("removing {ns}/{}: {e}", p.name_any())),
                 }
             }
         })
-        .await?;
+        .buffer_unordered(WRITES_IN_FLIGHT)
+        .filter_map(futures::future::ready)
+        .collect()
+        .await;
 
     let failed: BTreeSet<&String> = failures.iter().map(|(ns, _)| ns).collect();
     let in_place: Vec<String> = matched
@@ -172,7 +173,18 @@ async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Re
         .filter(|ns| !failed.contains(ns))
         .cloned()
         .collect();
-    let ready = if failures.is_empty() {
+    let ready = if !delete_failures.is_empty() {
+        Desired::new(
+            READY,
+            false,
+            reason::APPLY_FAILED,
+            format!(
+                "{} stale policies could not be removed: {}",
+                delete_failures.len(),
+                delete_failures[0]
+            ),
+        )
+    } else if failures.is_empty() {
         Desired::new(
             READY,
             true,
@@ -200,7 +212,7 @@ async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Re
     if profile.status.as_ref() != Some(&status) {
         write_status(client, &name, &status).await?;
     }
-    if failures.is_empty() {
+    if failures.is_empty() && delete_failures.is_empty() {
         Ok(ctx.base.success(&name, Duration::from_secs(600)))
     } else {
         Ok(ctx.base.retry_after_error(&name, "apply_policy"))
@@ -231,7 +243,6 @@ fn error_policy(profile: Arc<NetworkProfile>, error: &Error, ctx: Arc<ProfileCon
     tracing::warn!(profile = %profile.name_any(), error = %error, "reconcile failed");
     let kind = match error {
         Error::WriteStatus { .. } => "write_status",
-        Error::Delete { .. } => "delete_policy",
     };
     ctx.base.retry_after_error(&profile.name_any(), kind)
 }

@@ -2,11 +2,11 @@
 //! profile applies to. Pure: no client.
 //!
 //! | policy                  | when                  | what it does                                   |
-//! |-------------------------|-----------------------|------------------------------------------------|
-//! | `<profile>-isolation`   | `isolation: Namespace`| ingress only from pods of the same namespace   |
-//! | `<profile>-from-<name>` | each `allowFrom`      | ingress from that peer (and ports)             |
-//! | `<profile>-egress`      | `egress: Deny`        | egress only to the namespace (and DNS)         |
-//! | `<profile>-<name>`      | each `policies` entry | the spec as given                              |
+//! |---------------------------|-----------------------|----------------------------------------------|
+//! | `profile.<p>.isolation`   | `isolation: Namespace`| ingress only from pods of the same namespace |
+//! | `profile.<p>.from-<name>` | each `allowFrom`      | ingress from that peer (and ports)           |
+//! | `profile.<p>.egress`      | `egress: Deny`        | egress only to the namespace (and DNS)       |
+//! | `profile.<p>.<name>`      | each `policies` entry | the spec as given (`policyTypes` defaulted)  |
 
 use std::collections::BTreeMap;
 
@@ -69,12 +69,15 @@ pub fn applies_to(
     annotations: &BTreeMap<String, String>,
 ) -> bool {
     let name = profile.name_any();
+    let namespace = labels.get("kubernetes.io/metadata.name").map(String::as_str);
+    let system = namespace.is_some_and(|n| super::SYSTEM_NAMESPACES.contains(&n));
     bound_profiles(annotations).any(|p| p == name)
-        || profile
-            .spec
-            .namespace_selector
-            .as_ref()
-            .is_some_and(|s| selector_matches(s, labels))
+        || (!system
+            && profile
+                .spec
+                .namespace_selector
+                .as_ref()
+                .is_some_and(|s| selector_matches(s, labels)))
 }
 
 fn everything() -> LabelSelector {
@@ -93,7 +96,7 @@ fn policy(profile: &NetworkProfile, namespace: &str, suffix: &str, spec: Network
     let name = profile.name_any();
     let mut np = NetworkPolicy {
         metadata: ObjectMeta {
-            name: Some(format!("{name}-{suffix}")),
+            name: Some(policy_name(&name, suffix)),
             namespace: Some(namespace.into()),
             labels: Some(BTreeMap::from([
                 (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
@@ -106,6 +109,25 @@ fn policy(profile: &NetworkProfile, namespace: &str, suffix: &str, spec: Network
     };
     stamp_hash(&mut np);
     np
+}
+
+/// `profile.<profile>.<suffix>`: profile names have no dots and suffixes are unique
+/// within a profile, so no two profiles (and no EgressPolicy) share a name.
+pub fn policy_name(profile: &str, suffix: &str) -> String {
+    format!("profile.{profile}.{suffix}")
+}
+
+/// The API server's defaulting of `policyTypes`, done here so the field is ours:
+/// an edit to it is then drift and is reverted.
+fn with_policy_types(mut spec: NetworkPolicySpec) -> NetworkPolicySpec {
+    if spec.policy_types.as_ref().is_none_or(Vec::is_empty) {
+        let mut types = vec!["Ingress".to_string()];
+        if spec.egress.as_ref().is_some_and(|e| !e.is_empty()) {
+            types.push("Egress".into());
+        }
+        spec.policy_types = Some(types);
+    }
+    spec
 }
 
 /// The NetworkPolicies `profile` puts into `namespace`, each with its hash stamped.
@@ -191,7 +213,12 @@ pub fn policies(profile: &NetworkProfile, namespace: &str) -> Vec<NetworkPolicy>
         ));
     }
     for stamped in &spec.policies {
-        out.push(policy(profile, namespace, &stamped.name, stamped.spec.clone()));
+        out.push(policy(
+            profile,
+            namespace,
+            &stamped.name,
+            with_policy_types(stamped.spec.clone()),
+        ));
     }
     out
 }

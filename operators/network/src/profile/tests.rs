@@ -112,9 +112,9 @@ fn isolation_allow_from_and_egress_deny_mean_what_they_say() -> Result<(), Strin
     assert_eq!(
         names,
         [
-            "restricted-isolation",
-            "restricted-from-ingress",
-            "restricted-egress"
+            "profile.restricted.isolation",
+            "profile.restricted.from-ingress",
+            "profile.restricted.egress"
         ]
     );
     let parsed: Vec<Policy> = rendered
@@ -204,4 +204,52 @@ fn a_profile_applies_by_selector_or_by_project_binding() {
 fn the_status_patch_clears_matched_namespaces_when_none_is_left() {
     let patch = super::status_patch(&chassis_api::network::v1alpha1::NetworkProfileStatus::default());
     assert_eq!(patch["status"]["matchedNamespaces"], serde_json::json!([]));
+}
+
+#[test]
+fn an_empty_selector_leaves_the_system_namespaces_alone() {
+    let mut p = profile(NetworkProfileSpec::default());
+    p.spec.namespace_selector = Some(LabelSelector::default());
+    let none = BTreeMap::new();
+    assert!(applies_to(
+        &p,
+        &labels(&[("kubernetes.io/metadata.name", "team-a")]),
+        &none
+    ));
+    assert!(!applies_to(
+        &p,
+        &labels(&[("kubernetes.io/metadata.name", "kube-system")]),
+        &none
+    ));
+    let bound = labels(&[(PROFILES_ANNOTATION, "restricted")]);
+    assert!(
+        applies_to(
+            &p,
+            &labels(&[("kubernetes.io/metadata.name", "kube-system")]),
+            &bound
+        ),
+        "binding by name is explicit and still applies"
+    );
+}
+
+#[test]
+fn raw_policies_get_the_api_servers_policy_types_so_edits_to_them_are_drift() {
+    let mut p = profile(NetworkProfileSpec {
+        isolation: Isolation::None,
+        ..NetworkProfileSpec::default()
+    });
+    p.spec.policies = vec![chassis_api::network::v1alpha1::StampedPolicy {
+        name: "deny-ingress".into(),
+        spec: k8s_openapi::api::networking::v1::NetworkPolicySpec {
+            pod_selector: Some(LabelSelector::default()),
+            ..Default::default()
+        },
+    }];
+    let rendered = policies(&p, "team-a");
+    assert_eq!(
+        rendered[0].metadata.name.as_deref(),
+        Some("profile.restricted.deny-ingress")
+    );
+    let spec = rendered[0].spec.as_ref().expect("spec");
+    assert_eq!(spec.policy_types.as_deref(), Some(&["Ingress".to_string()][..]));
 }

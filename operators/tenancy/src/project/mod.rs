@@ -462,6 +462,7 @@ pub fn controller(
     let project_index = projects.clone();
     let profile_projects = projects.clone();
     let profile_templates = templates.clone();
+    let profile_store = profiles.clone();
     let project_names = projects.clone();
     let mut changes = TemplateChanges::default();
     let rollout = pace::paced(
@@ -495,6 +496,9 @@ pub fn controller(
         .watches_stream(limits_stream, owning_project)
         .watches_stream(profile_stream, move |profile: NetworkProfile| {
             let name = profile.name_any();
+            // A deleted profile arrives with its last status: judge it as gone.
+            let gone = profile.metadata.deletion_timestamp.is_some()
+                || profile_store.get(&ObjectRef::new(&name)).is_none();
             profile_projects
                 .state()
                 .into_iter()
@@ -502,7 +506,7 @@ pub fn controller(
                     let binds = profile_templates
                         .get(&ObjectRef::new(&p.spec.template))
                         .is_some_and(|t| t.spec.network_profiles.contains(&name));
-                    binds && network_ready(p) != Some(profile_lists(&profile, &p.name_any()))
+                    binds && network_ready(p) != Some(!gone && profile_lists(&profile, &p.name_any()))
                 })
                 .map(|p| ObjectRef::from_obj(p.as_ref()))
                 .collect::<Vec<_>>()

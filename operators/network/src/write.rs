@@ -1,0 +1,61 @@
+//! Writing a rendered NetworkPolicy without ever taking over someone else's: a
+//! policy the cache does not show is created (a create fails on an existing object,
+//! where a forced apply would silently adopt it), and an existing one is only
+//! applied over when its controller owner reference is ours.
+
+use chassis_runtime::apply::{
+    Claim, apply_over, claim, controlled_by, create_manager, edited_by_others, metadata_matches,
+};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::ResourceExt;
+use kube::api::Api;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    Created,
+    Applied,
+    Unchanged,
+    /// A policy of that name exists and belongs to someone else; left alone.
+    Conflict(String),
+}
+
+/// Whether `have` already is `desired`: our hash and labels are on it and no other
+/// field manager owns a field we set.
+pub fn current(desired: &NetworkPolicy, have: &NetworkPolicy, field_manager: &str) -> bool {
+    let creator = create_manager(field_manager);
+    metadata_matches(desired, have) && !edited_by_others(desired, have, &[field_manager, creator.as_str()])
+}
+
+fn conflict(have: &NetworkPolicy) -> Written {
+    Written::Conflict(format!(
+        "NetworkPolicy {}/{} exists and is not managed by this object; rename or remove it",
+        have.namespace().unwrap_or_default(),
+        have.name_any()
+    ))
+}
+
+/// Creates, applies or leaves `desired`, given what the cache shows (`observed`).
+pub async fn write_owned(
+    api: &Api<NetworkPolicy>,
+    desired: &NetworkPolicy,
+    observed: Option<&NetworkPolicy>,
+    owner_uid: &str,
+    field_manager: &str,
+) -> Result<Written, kube::Error> {
+    let have = match observed {
+        Some(have) => have.clone(),
+        None => match claim(api, desired, owner_uid, field_manager).await? {
+            Claim::Created(_) => return Ok(Written::Created),
+            Claim::Foreign(have) => return Ok(conflict(&have)),
+            Claim::Owned(have) => have,
+        },
+    };
+    if !controlled_by(&have, owner_uid) {
+        return Ok(conflict(&have));
+    }
+    if current(desired, &have, field_manager) {
+        return Ok(Written::Unchanged);
+    }
+    apply_over(api, desired, Some(&have), field_manager).await?;
+    Ok(Written::Applied)
+}
