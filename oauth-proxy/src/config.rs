@@ -1,0 +1,484 @@
+//! Configuration: command-line flags, `CHASSIS_OAUTH_PROXY_*` environment variables
+//! and a YAML file (`--config`), in rising order of precedence file < environment <
+//! flags. Every key has the same name everywhere (`--cookie-secret`,
+//! `CHASSIS_OAUTH_PROXY_COOKIE_SECRET`, `cookie-secret:`). Unknown keys and invalid
+//! values fail at start-up with a sentence naming the key; `--config-test` stops
+//! there.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use ipnet::IpNet;
+use serde::Deserialize;
+use url::Url;
+
+/// The flags. Each is optional here so that the file can supply it; [`Config::load`]
+/// applies defaults and checks that required keys are present.
+#[derive(Parser, Debug, Default, Clone)]
+#[command(
+    name = "chassis-oauth-proxy",
+    version,
+    about = "OIDC authenticating reverse proxy"
+)]
+pub struct Flags {
+    /// YAML file with any of the keys below (flag names without the dashes).
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Check the configuration and exit (0 when valid).
+    #[arg(long)]
+    pub config_test: bool,
+
+    /// Address to serve the proxy on [default: 0.0.0.0:4180].
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_HTTP_ADDRESS")]
+    pub http_address: Option<SocketAddr>,
+    /// Address for /metrics, separate from the proxy [default: 0.0.0.0:9180].
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_METRICS_ADDRESS")]
+    pub metrics_address: Option<SocketAddr>,
+    /// The upstream every authenticated request goes to (http:// URL).
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_UPSTREAM")]
+    pub upstream: Option<String>,
+
+    /// OpenID Connect issuer URL (discovery at <issuer>/.well-known/openid-configuration).
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_OIDC_ISSUER_URL")]
+    pub oidc_issuer_url: Option<String>,
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_CLIENT_ID")]
+    pub client_id: Option<String>,
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_CLIENT_SECRET", hide_env_values = true)]
+    pub client_secret: Option<String>,
+    /// File holding the client secret (instead of --client-secret).
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_CLIENT_SECRET_FILE")]
+    pub client_secret_file: Option<PathBuf>,
+    /// The exact callback URL registered with the issuer (…/oauth2/callback).
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_REDIRECT_URL")]
+    pub redirect_url: Option<String>,
+    /// Scopes to request [default: openid email profile].
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_SCOPE")]
+    pub scope: Option<String>,
+    /// PEM bundle of CAs to trust for the issuer (in addition to the system roots).
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_PROVIDER_CA_FILE")]
+    pub provider_ca_file: Option<PathBuf>,
+    /// ID token claim holding the groups [default: groups].
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_GROUPS_CLAIM")]
+    pub groups_claim: Option<String>,
+
+    /// 32 bytes, base64: the key sessions are sealed with.
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_COOKIE_SECRET", hide_env_values = true)]
+    pub cookie_secret: Option<String>,
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_COOKIE_SECRET_FILE")]
+    pub cookie_secret_file: Option<PathBuf>,
+    /// [default: _chassis_oauth]
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_COOKIE_NAME")]
+    pub cookie_name: Option<String>,
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_COOKIE_DOMAIN")]
+    pub cookie_domain: Option<String>,
+    /// Send cookies only over HTTPS [default: true].
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_COOKIE_SECURE")]
+    pub cookie_secure: Option<bool>,
+    /// lax, strict or none [default: lax].
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_COOKIE_SAMESITE")]
+    pub cookie_samesite: Option<String>,
+    /// Session lifetime, e.g. 168h [default: 168h].
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_COOKIE_EXPIRE")]
+    pub cookie_expire: Option<String>,
+    /// Refresh the tokens when the access token has less than this left; 0 disables [default: 0].
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_COOKIE_REFRESH")]
+    pub cookie_refresh: Option<String>,
+
+    /// Only members of one of these groups get in (repeat or comma-separate).
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_ALLOWED_GROUPS", value_delimiter = ',')]
+    pub allowed_groups: Option<Vec<String>>,
+    /// Only verified emails in these domains get in; `*` allows any.
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_EMAIL_DOMAINS", value_delimiter = ',')]
+    pub email_domains: Option<Vec<String>>,
+    /// Domains a login may redirect back to: `example.com`, `.example.com`, with `:port`.
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_WHITELIST_DOMAINS", value_delimiter = ',')]
+    pub whitelist_domains: Option<Vec<String>>,
+    /// Anchored regexes of paths served without authentication (matched on the normalized path).
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_SKIP_AUTH_PATHS", value_delimiter = ',')]
+    pub skip_auth_paths: Option<Vec<String>>,
+    /// CIDRs of reverse proxies whose X-Forwarded-* headers are trusted (none by default).
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_TRUSTED_PROXY_CIDRS", value_delimiter = ',')]
+    pub trusted_proxy_cidrs: Option<Vec<String>>,
+    /// Send the access token upstream in X-Forwarded-Access-Token.
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_PASS_ACCESS_TOKEN")]
+    pub pass_access_token: Option<bool>,
+}
+
+/// The YAML file: the same keys as the flags, unknown keys refused.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct File {
+    pub http_address: Option<SocketAddr>,
+    pub metrics_address: Option<SocketAddr>,
+    pub upstream: Option<String>,
+    pub oidc_issuer_url: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<String>,
+    pub client_secret_file: Option<PathBuf>,
+    pub redirect_url: Option<String>,
+    pub scope: Option<String>,
+    pub provider_ca_file: Option<PathBuf>,
+    pub groups_claim: Option<String>,
+    pub cookie_secret: Option<String>,
+    pub cookie_secret_file: Option<PathBuf>,
+    pub cookie_name: Option<String>,
+    pub cookie_domain: Option<String>,
+    pub cookie_secure: Option<bool>,
+    pub cookie_samesite: Option<String>,
+    pub cookie_expire: Option<String>,
+    pub cookie_refresh: Option<String>,
+    pub allowed_groups: Option<Vec<String>>,
+    pub email_domains: Option<Vec<String>>,
+    pub whitelist_domains: Option<Vec<String>>,
+    pub skip_auth_paths: Option<Vec<String>>,
+    pub trusted_proxy_cidrs: Option<Vec<String>>,
+    pub pass_access_token: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameSite {
+    Lax,
+    Strict,
+    None,
+}
+
+/// The checked configuration the proxy runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub http_address: SocketAddr,
+    pub metrics_address: SocketAddr,
+    pub upstream: Url,
+    pub issuer_url: Url,
+    pub client_id: String,
+    pub client_secret: String,
+    pub redirect_url: Url,
+    pub scopes: Vec<String>,
+    pub provider_ca_file: Option<PathBuf>,
+    pub groups_claim: String,
+    pub cookie_secret: String,
+    pub cookie_name: String,
+    pub cookie_domain: Option<String>,
+    pub cookie_secure: bool,
+    pub cookie_samesite: SameSite,
+    pub cookie_expire: Duration,
+    pub cookie_refresh: Option<Duration>,
+    pub allowed_groups: Vec<String>,
+    pub email_domains: Vec<String>,
+    pub whitelist_domains: Vec<String>,
+    pub skip_auth_paths: Vec<regex::Regex>,
+    pub trusted_proxy_cidrs: Vec<IpNet>,
+    pub pass_access_token: bool,
+}
+
+/// Parses `1h30m`, `90s`, `168h`, `0` into a duration; the error names the key.
+pub fn parse_duration(key: &str, text: &str) -> Result<Duration, String> {
+    let bad = || format!("{key}: {text:?} is not a duration such as 30s, 15m, 1h30m or 168h");
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut total = 0u64;
+    let mut number = String::new();
+    let mut seen_unit = false;
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let n: u64 = number.parse().map_err(|_| bad())?;
+        number.clear();
+        let seconds = match c {
+            'h' => 3600,
+            'm' => 60,
+            's' => 1,
+            _ => return Err(bad()),
+        };
+        total = n
+            .checked_mul(seconds)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(bad)?;
+        seen_unit = true;
+    }
+    if !number.is_empty() || !seen_unit {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs(total))
+}
+
+fn read_secret(key: &str, file: &Path) -> Result<String, String> {
+    std::fs::read_to_string(file)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| format!("{key}: cannot read {}: {e}", file.display()))
+}
+
+fn url(key: &str, text: &str, schemes: &[&str]) -> Result<Url, String> {
+    let parsed = Url::parse(text).map_err(|e| format!("{key}: {text:?} is not a URL: {e}"))?;
+    if !schemes.contains(&parsed.scheme()) {
+        return Err(format!("{key}: {text:?} must be a {} URL", schemes.join(" or ")));
+    }
+    if parsed.host_str().is_none() {
+        return Err(format!("{key}: {text:?} has no host"));
+    }
+    Ok(parsed)
+}
+
+/// Flags win over the file (the environment arrives through the flags, via clap).
+macro_rules! pick {
+    ($flags:expr, $file:expr, $field:ident) => {
+        $flags.$field.clone().or_else(|| $file.$field.take())
+    };
+}
+
+impl Config {
+    /// Reads the file named by `--config` (if any) and merges it under the flags.
+    pub fn load(flags: &Flags) -> Result<Self, String> {
+        let file = match &flags.config {
+            None => File::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("config: cannot read {}: {e}", path.display()))?;
+                serde_norway::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))?
+            }
+        };
+        Self::merge(flags, file)
+    }
+
+    pub fn merge(flags: &Flags, mut file: File) -> Result<Self, String> {
+        let required = |key: &str, v: Option<String>| v.ok_or_else(|| format!("{key} is required"));
+        let client_secret = match (
+            pick!(flags, file, client_secret),
+            pick!(flags, file, client_secret_file),
+        ) {
+            (Some(_), Some(_)) => {
+                return Err("client-secret and client-secret-file are both set; use one".into());
+            }
+            (Some(s), None) => s,
+            (None, Some(f)) => read_secret("client-secret-file", &f)?,
+            (None, None) => return Err("client-secret (or client-secret-file) is required".into()),
+        };
+        let cookie_secret = match (
+            pick!(flags, file, cookie_secret),
+            pick!(flags, file, cookie_secret_file),
+        ) {
+            (Some(_), Some(_)) => {
+                return Err("cookie-secret and cookie-secret-file are both set; use one".into());
+            }
+            (Some(s), None) => s,
+            (None, Some(f)) => read_secret("cookie-secret-file", &f)?,
+            (None, None) => return Err("cookie-secret (or cookie-secret-file) is required".into()),
+        };
+        let samesite = match pick!(flags, file, cookie_samesite).as_deref().unwrap_or("lax") {
+            "lax" | "Lax" => SameSite::Lax,
+            "strict" | "Strict" => SameSite::Strict,
+            "none" | "None" => SameSite::None,
+            other => return Err(format!("cookie-samesite: {other:?} must be lax, strict or none")),
+        };
+        let cookie_secure = pick!(flags, file, cookie_secure).unwrap_or(true);
+        if samesite == SameSite::None && !cookie_secure {
+            return Err(
+                "cookie-samesite: none requires cookie-secure: true (browsers refuse it otherwise)".into(),
+            );
+        }
+        let cookie_expire = parse_duration(
+            "cookie-expire",
+            pick!(flags, file, cookie_expire).as_deref().unwrap_or("168h"),
+        )?;
+        if cookie_expire.is_zero() {
+            return Err("cookie-expire: must be more than 0".into());
+        }
+        let refresh = parse_duration(
+            "cookie-refresh",
+            pick!(flags, file, cookie_refresh).as_deref().unwrap_or("0"),
+        )?;
+        let skip_auth_paths = pick!(flags, file, skip_auth_paths)
+            .unwrap_or_default()
+            .iter()
+            .map(|p| {
+                // Anchored whatever the user wrote: a rule never matches a mere substring.
+                let anchored = format!("^(?:{})$", p.trim_start_matches('^').trim_end_matches('$'));
+                regex::Regex::new(&anchored)
+                    .map_err(|e| format!("skip-auth-paths: {p:?} is not a valid regex: {e}"))
+            })
+            .collect::<Result<_, _>>()?;
+        let trusted_proxy_cidrs = pick!(flags, file, trusted_proxy_cidrs)
+            .unwrap_or_default()
+            .iter()
+            .map(|c| {
+                c.parse::<IpNet>()
+                    .or_else(|_| c.parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map_err(|_| format!("trusted-proxy-cidrs: {c:?} is not a CIDR or an IP address"))
+            })
+            .collect::<Result<_, _>>()?;
+        let cookie_name = pick!(flags, file, cookie_name).unwrap_or_else(|| "_chassis_oauth".into());
+        if cookie_name.is_empty()
+            || !cookie_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+        {
+            return Err(format!(
+                "cookie-name: {cookie_name:?} may only hold letters, digits, '_', '-' and '.'"
+            ));
+        }
+        let issuer = required("oidc-issuer-url", pick!(flags, file, oidc_issuer_url))?;
+        let redirect = required("redirect-url", pick!(flags, file, redirect_url))?;
+        let redirect_url = url("redirect-url", &redirect, &["http", "https"])?;
+        if redirect_url.path() != "/oauth2/callback" {
+            return Err(format!(
+                "redirect-url: {redirect:?} must end in /oauth2/callback, the path the proxy serves"
+            ));
+        }
+        let upstream = required("upstream", pick!(flags, file, upstream))?;
+        let scopes: Vec<String> = pick!(flags, file, scope)
+            .unwrap_or_else(|| "openid email profile".into())
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        if !scopes.iter().any(|s| s == "openid") {
+            return Err("scope: must include openid".into());
+        }
+        let config = Self {
+            http_address: pick!(flags, file, http_address).unwrap_or_else(|| ([0, 0, 0, 0], 4180).into()),
+            metrics_address: pick!(flags, file, metrics_address)
+                .unwrap_or_else(|| ([0, 0, 0, 0], 9180).into()),
+            upstream: url("upstream", &upstream, &["http", "https"])?,
+            issuer_url: url("oidc-issuer-url", &issuer, &["http", "https"])?,
+            client_id: required("client-id", pick!(flags, file, client_id))?,
+            client_secret,
+            redirect_url,
+            scopes,
+            provider_ca_file: pick!(flags, file, provider_ca_file),
+            groups_claim: pick!(flags, file, groups_claim).unwrap_or_else(|| "groups".into()),
+            cookie_secret,
+            cookie_name,
+            cookie_domain: pick!(flags, file, cookie_domain),
+            cookie_secure,
+            cookie_samesite: samesite,
+            cookie_expire,
+            cookie_refresh: (!refresh.is_zero()).then_some(refresh),
+            allowed_groups: pick!(flags, file, allowed_groups).unwrap_or_default(),
+            email_domains: pick!(flags, file, email_domains).unwrap_or_default(),
+            whitelist_domains: pick!(flags, file, whitelist_domains).unwrap_or_default(),
+            skip_auth_paths,
+            trusted_proxy_cidrs,
+            pass_access_token: pick!(flags, file, pass_access_token).unwrap_or(false),
+        };
+        if config.http_address == config.metrics_address {
+            return Err("metrics-address: must differ from http-address".into());
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> Flags {
+        Flags {
+            upstream: Some("http://127.0.0.1:8080".into()),
+            oidc_issuer_url: Some("https://idp.example.com".into()),
+            client_id: Some("app".into()),
+            client_secret: Some("s3cret".into()),
+            redirect_url: Some("https://app.example.com/oauth2/callback".into()),
+            cookie_secret: Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into()),
+            ..Flags::default()
+        }
+    }
+
+    fn file(yaml: &str) -> Result<File, String> {
+        serde_norway::from_str(yaml).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_are_secure() -> Result<(), String> {
+        let c = Config::merge(&minimal(), File::default())?;
+        assert!(c.cookie_secure);
+        assert_eq!(c.cookie_samesite, SameSite::Lax);
+        assert_eq!(c.cookie_expire, Duration::from_secs(168 * 3600));
+        assert!(
+            c.trusted_proxy_cidrs.is_empty(),
+            "no client is trusted with X-Forwarded-* by default"
+        );
+        assert!(!c.pass_access_token);
+        Ok(())
+    }
+
+    #[test]
+    fn an_unknown_key_in_the_file_is_named() {
+        let err = file("cookie-secre: x\n").err().unwrap_or_default();
+        assert!(err.contains("unknown field `cookie-secre`"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        type Edit = Box<dyn Fn(&mut Flags)>;
+        let cases: [(&str, Edit); 6] = [
+            ("cookie-expire", Box::new(|f| f.cookie_expire = Some("7d".into()))),
+            (
+                "skip-auth-paths",
+                Box::new(|f| f.skip_auth_paths = Some(vec!["/health(".into()])),
+            ),
+            (
+                "trusted-proxy-cidrs",
+                Box::new(|f| f.trusted_proxy_cidrs = Some(vec!["10.0.0.0/33".into()])),
+            ),
+            (
+                "redirect-url",
+                Box::new(|f| f.redirect_url = Some("https://app.example.com/callback".into())),
+            ),
+            (
+                "cookie-samesite",
+                Box::new(|f| f.cookie_samesite = Some("sometimes".into())),
+            ),
+            ("upstream", Box::new(|f| f.upstream = Some("ftp://x".into()))),
+        ];
+        for (key, edit) in cases {
+            let mut flags = minimal();
+            edit(&mut flags);
+            let err = Config::merge(&flags, File::default()).err().unwrap_or_default();
+            assert!(err.starts_with(key), "{key}: {err}");
+        }
+        let mut flags = minimal();
+        flags.client_secret = None;
+        let err = Config::merge(&flags, File::default()).err().unwrap_or_default();
+        assert_eq!(err, "client-secret (or client-secret-file) is required");
+    }
+
+    #[test]
+    fn flags_win_over_the_file() -> Result<(), String> {
+        let mut flags = minimal();
+        flags.cookie_name = Some("_from_flag".into());
+        let c = Config::merge(
+            &flags,
+            file("cookie-name: _from_file\nemail-domains: [corp.example]\n")?,
+        )?;
+        assert_eq!(c.cookie_name, "_from_flag");
+        assert_eq!(c.email_domains, ["corp.example"]);
+        Ok(())
+    }
+
+    #[test]
+    fn skip_auth_paths_are_anchored() -> Result<(), String> {
+        let mut flags = minimal();
+        flags.skip_auth_paths = Some(vec!["/healthz".into(), "^/public/.*".into()]);
+        let c = Config::merge(&flags, File::default())?;
+        assert!(c.skip_auth_paths[0].is_match("/healthz"));
+        assert!(
+            !c.skip_auth_paths[0].is_match("/admin/healthz"),
+            "no substring matches"
+        );
+        assert!(!c.skip_auth_paths[0].is_match("/healthz/../admin"));
+        assert!(c.skip_auth_paths[1].is_match("/public/app.js"));
+        Ok(())
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("k", "1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("k", "90s"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("k", "90").is_err());
+        assert!(parse_duration("k", "h").is_err());
+        assert!(parse_duration("k", "99999999999999999999h").is_err());
+    }
+}

@@ -1,0 +1,86 @@
+//! `chassis-oauth-proxy`: reads the configuration, discovers the issuer (retrying
+//! until it answers; `/ready` says 503 meanwhile), serves the proxy and, on its own
+//! address, `/metrics`.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chassis_oauth_proxy::config::{Config, Flags};
+use chassis_oauth_proxy::oidc::Provider;
+use chassis_oauth_proxy::server::{self, App};
+use clap::Parser;
+use warp::Filter;
+
+async fn discover(app: Arc<App>) {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match Provider::discover(&app.config).await {
+            Ok(provider) => {
+                let _ = app.provider.set(provider);
+                tracing::info!(issuer = %app.config.issuer_url, "issuer discovered");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "issuer discovery failed");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let app = App::new(config).map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind(app.config.http_address).await?;
+    let metrics_app = app.clone();
+    let metrics = warp::path!("metrics").map(move || metrics_app.metrics.encode());
+    let metrics_listener = tokio::net::TcpListener::bind(app.config.metrics_address).await?;
+    tracing::info!(
+        address = %listener.local_addr()?,
+        metrics = %metrics_listener.local_addr()?,
+        upstream = %app.config.upstream,
+        "chassis-oauth-proxy listening"
+    );
+    tokio::spawn(discover(app.clone()));
+    tokio::spawn(warp::serve(metrics).incoming(metrics_listener).run());
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    server::serve(app, listener, shutdown).await;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let flags = Flags::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let config = match Config::load(&flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("chassis-oauth-proxy: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if flags.config_test {
+        println!("configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("chassis-oauth-proxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chassis-oauth-proxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! The OpenID Connect relying party: discovery, the authorization-code flow with
+//! PKCE (S256) and a nonce on every login, ID token verification, refresh, and
+//! RP-initiated logout. The HTTP client never follows redirects (a redirect from
+//! the token endpoint is an attack or a misconfiguration, not something to follow).
+//! Keys come from the issuer's JWKS; a token signed with a key the cache does not
+//! know triggers one refetch, at most every [`JWKS_REFETCH_INTERVAL`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openidconnect::core::{
+    CoreAuthenticationFlow, CoreClient, CoreIdToken, CoreJsonWebKeySet, CoreProviderMetadata,
+    CoreTokenResponse,
+};
+use openidconnect::{
+    AuthorizationCode, ClaimsVerificationError, ClientId, ClientSecret, CsrfToken, EndpointMaybeSet,
+    EndpointNotSet, EndpointSet, IssuerUrl, Nonce, OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier,
+    RedirectUrl, RefreshToken, Scope, SignatureVerificationError, TokenResponse, reqwest,
+};
+use serde_json::Value;
+use tokio::sync::{Mutex, RwLock};
+use url::Url;
+
+use crate::config::Config;
+
+/// Least time between two JWKS refetches caused by unknown key ids.
+pub const JWKS_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
+
+type Client = CoreClient<
+    EndpointSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointMaybeSet,
+    EndpointMaybeSet,
+>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("discovery at {issuer} failed: {message}")]
+    Discovery { issuer: String, message: String },
+    #[error("the issuer has no token endpoint")]
+    NoTokenEndpoint,
+    #[error("the token request failed: {0}")]
+    Token(String),
+    #[error("the token response has no ID token")]
+    NoIdToken,
+    #[error("the ID token is not valid: {0}")]
+    IdToken(String),
+    #[error("building the HTTP client: {0}")]
+    Http(String),
+}
+
+/// What a login or refresh established about the user.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identity {
+    pub subject: String,
+    pub email: Option<String>,
+    pub email_verified: bool,
+    pub preferred_username: Option<String>,
+    pub groups: Vec<String>,
+    pub access_token: String,
+    pub id_token: String,
+    pub refresh_token: Option<String>,
+    /// Unix seconds when the access token expires (from `expires_in`, else the ID token's `exp`).
+    pub expires_at: u64,
+}
+
+/// The browser-side secrets of one login attempt, kept in the sealed CSRF cookie.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LoginAttempt {
+    pub state: String,
+    pub nonce: String,
+    pub pkce_verifier: String,
+    /// Where to go after the login (validated again when used).
+    pub redirect: String,
+}
+
+pub struct Provider {
+    client: RwLock<Arc<Client>>,
+    http: reqwest::Client,
+    metadata: CoreProviderMetadata,
+    client_id: String,
+    client_secret: String,
+    end_session: Option<Url>,
+    scopes: Vec<String>,
+    groups_claim: String,
+    last_refetch: Mutex<Option<Instant>>,
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The IdP HTTP client: no redirects, bounded time, optional extra CA.
+pub fn http_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, Error> {
+    let mut builder = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(10));
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|e| Error::Http(format!("reading {}: {e}", path.display())))?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| Error::Http(e.to_string()))? {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build().map_err(|e| Error::Http(e.to_string()))
+}
+
+impl Provider {
+    /// Discovers the issuer and builds the client.
+    pub async fn discover(config: &Config) -> Result<Self, Error> {
+        let http = http_client(config.provider_ca_file.as_deref())?;
+        let issuer =
+            IssuerUrl::new(config.issuer_url.as_str().trim_end_matches('/').to_string()).map_err(|e| {
+                Error::Discovery {
+                    issuer: config.issuer_url.to_string(),
+                    message: e.to_string(),
+                }
+            })?;
+        let metadata = CoreProviderMetadata::discover_async(issuer.clone(), &http)
+            .await
+            .map_err(|e| Error::Discovery {
+                issuer: issuer.to_string(),
+                message: error_chain(&e),
+            })?;
+        let redirect =
+            RedirectUrl::new(config.redirect_url.to_string()).map_err(|e| Error::Http(e.to_string()))?;
+        let client = CoreClient::from_provider_metadata(
+            metadata.clone(),
+            ClientId::new(config.client_id.clone()),
+            Some(ClientSecret::new(config.client_secret.clone())),
+        )
+        .set_redirect_uri(redirect);
+        let end_session = discover_end_session(&http, &issuer).await;
+        Ok(Self {
+            client: RwLock::new(Arc::new(client)),
+            http,
+            metadata,
+            client_id: config.client_id.clone(),
+            client_secret: config.client_secret.clone(),
+            end_session,
+            scopes: config.scopes.clone(),
+            groups_claim: config.groups_claim.clone(),
+            last_refetch: Mutex::new(None),
+        })
+    }
+
+    /// The authorization URL for a new login, and the secrets to keep for the callback.
+    pub async fn start(&self, redirect: String) -> (Url, LoginAttempt) {
+        let client = self.client.read().await.clone();
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let mut request = client.authorize_url(
+            CoreAuthenticationFlow::AuthorizationCode,
+            CsrfToken::new_random,
+            Nonce::new_random,
+        );
+        for scope in self.scopes.iter().filter(|s| s.as_str() != "openid") {
+            request = request.add_scope(Scope::new(scope.clone()));
+        }
+        let (url, state, nonce) = request.set_pkce_challenge(challenge).url();
+        let attempt = LoginAttempt {
+            state: state.secret().clone(),
+            nonce: nonce.secret().clone(),
+            pkce_verifier: verifier.secret().clone(),
+            redirect,
+        };
+        (url, attempt)
+    }
+
+    /// Exchanges the code (with the PKCE verifier) and verifies the ID token against
+    /// the attempt's nonce.
+    pub async fn finish(&self, code: String, attempt: &LoginAttempt) -> Result<Identity, Error> {
+        let client = self.client.read().await.clone();
+        let response: CoreTokenResponse = client
+            .exchange_code(AuthorizationCode::new(code))
+            .map_err(|_| Error::NoTokenEndpoint)?
+            .set_pkce_verifier(PkceCodeVerifier::new(attempt.pkce_verifier.clone()))
+            .request_async(&self.http)
+            .await
+            .map_err(|e| Error::Token(error_chain(&e)))?;
+        let nonce = Nonce::new(attempt.nonce.clone());
+        self.identity(&response, Some(&nonce), None).await
+    }
+
+    /// Uses the refresh token. The new ID token (if the issuer sends one) is verified
+    /// without a nonce, as OIDC Core 12.2 says; claims missing from it keep `previous`.
+    pub async fn refresh(&self, refresh_token: &str, previous: &Identity) -> Result<Identity, Error> {
+        let client = self.client.read().await.clone();
+        let response: CoreTokenResponse = client
+            .exchange_refresh_token(&RefreshToken::new(refresh_token.to_string()))
+            .map_err(|_| Error::NoTokenEndpoint)?
+            .request_async(&self.http)
+            .await
+            .map_err(|e| Error::Token(error_chain(&e)))?;
+        self.identity(&response, None, Some(previous)).await
+    }
+
+    async fn identity(
+        &self,
+        response: &CoreTokenResponse,
+        nonce: Option<&Nonce>,
+        previous: Option<&Identity>,
+    ) -> Result<Identity, Error> {
+        let access_token = response.access_token().secret().clone();
+        let refresh_token = response
+            .refresh_token()
+            .map(|t| t.secret().clone())
+            .or_else(|| previous.and_then(|p| p.refresh_token.clone()));
+        let Some(id_token) = response.id_token() else {
+            // A refresh may omit the ID token; the identity stays what it was.
+            let previous = previous.ok_or(Error::NoIdToken)?;
+            return Ok(Identity {
+                access_token,
+                refresh_token,
+                expires_at: response
+                    .expires_in()
+                    .map_or(previous.expires_at, |d| now() + d.as_secs()),
+                ..previous.clone()
+            });
+        };
+        let payload = self.verify(id_token, nonce).await?;
+        let claim_str = |k: &str| payload.get(k).and_then(Value::as_str).map(str::to_string);
+        let subject = claim_str("sub").ok_or_else(|| Error::IdToken("no sub claim".into()))?;
+        if let Some(previous) = previous
+            && previous.subject != subject
+        {
+            return Err(Error::IdToken(
+                "the refreshed ID token names another subject".into(),
+            ));
+        }
+        let groups = match payload.get(&self.groups_claim) {
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect(),
+            Some(Value::String(one)) => vec![one.clone()],
+            _ => Vec::new(),
+        };
+        let exp = payload.get("exp").and_then(Value::as_u64).unwrap_or_else(now);
+        Ok(Identity {
+            subject,
+            email: claim_str("email"),
+            // Only a JSON `true` counts: "true" as a string is not a verified email.
+            email_verified: payload.get("email_verified") == Some(&Value::Bool(true)),
+            preferred_username: claim_str("preferred_username"),
+            groups,
+            access_token,
+            id_token: id_token.to_string(),
+            refresh_token,
+            expires_at: response.expires_in().map_or(exp, |d| now() + d.as_secs()),
+        })
+    }
+
+    /// Verifies signature, issuer, audience, expiry, nonce and `azp`; refetches the
+    /// JWKS once when the key is unknown. Returns the payload's claims.
+    async fn verify(
+        &self,
+        token: &CoreIdToken,
+        nonce: Option<&Nonce>,
+    ) -> Result<serde_json::Map<String, Value>, Error> {
+        let check = |client: &Client| -> Result<(), ClaimsVerificationError> {
+            let verifier = client.id_token_verifier();
+            match nonce {
+                Some(n) => token.claims(&verifier, n).map(|_| ()),
+                None => token.claims(&verifier, |_: Option<&Nonce>| Ok(())).map(|_| ()),
+            }
+        };
+        let client = self.client.read().await.clone();
+        let result = match check(&client) {
+            Err(ClaimsVerificationError::SignatureVerification(
+                SignatureVerificationError::NoMatchingKey,
+            )) => {
+                if self.refetch_jwks().await {
+                    let client = self.client.read().await.clone();
+                    check(&client)
+                } else {
+                    Err(ClaimsVerificationError::SignatureVerification(
+                        SignatureVerificationError::NoMatchingKey,
+                    ))
+                }
+            }
+            other => other,
+        };
+        result.map_err(|e| Error::IdToken(e.to_string()))?;
+        // The signature is verified; read the claims the library does not model.
+        let text = token.to_string();
+        let payload = text
+            .split('.')
+            .nth(1)
+            .and_then(|p| base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, p).ok())
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Map<String, Value>>(&bytes).ok())
+            .ok_or_else(|| Error::IdToken("payload is not JSON".into()))?;
+        // OIDC Core 3.1.3.7 (5): an azp, when present, must be this client.
+        if let Some(azp) = payload.get("azp")
+            && azp.as_str() != Some(self.client_id.as_str())
+        {
+            return Err(Error::IdToken(format!("azp {azp} is not this client")));
+        }
+        Ok(payload)
+    }
+
+    /// Refetches the JWKS unless that happened within [`JWKS_REFETCH_INTERVAL`].
+    async fn refetch_jwks(&self) -> bool {
+        let mut last = self.last_refetch.lock().await;
+        if last.is_some_and(|at| at.elapsed() < JWKS_REFETCH_INTERVAL) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        let jwks = match CoreJsonWebKeySet::fetch_async(self.metadata.jwks_uri(), &self.http).await {
+            Ok(jwks) => jwks,
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "refetching the issuer's JWKS failed");
+                return false;
+            }
+        };
+        let metadata = self.metadata.clone().set_jwks(jwks);
+        let current = self.client.read().await.clone();
+        let mut client = CoreClient::from_provider_metadata(
+            metadata,
+            current.client_id().clone(),
+            Some(ClientSecret::new(self.client_secret.clone())),
+        );
+        if let Some(redirect) = current.redirect_uri() {
+            client = client.set_redirect_uri(redirect.clone());
+        }
+        *self.client.write().await = Arc::new(client);
+        true
+    }
+
+    /// The issuer's end-session endpoint (RP-initiated logout), when it advertises one.
+    pub fn end_session_endpoint(&self) -> Option<&Url> {
+        self.end_session.as_ref()
+    }
+}
+
+/// `end_session_endpoint` from the discovery document (not modelled by the library's core types).
+async fn discover_end_session(http: &reqwest::Client, issuer: &IssuerUrl) -> Option<Url> {
+    let url = format!(
+        "{}/.well-known/openid-configuration",
+        issuer.as_str().trim_end_matches('/')
+    );
+    let body = http.get(url).send().await.ok()?.bytes().await.ok()?;
+    let doc: Value = serde_json::from_slice(&body).ok()?;
+    doc.get("end_session_endpoint")?
+        .as_str()
+        .and_then(|u| Url::parse(u).ok())
+}
+
+/// An error with its sources, for logs and messages.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
+}

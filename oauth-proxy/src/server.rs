@@ -1,0 +1,879 @@
+//! The request pipeline. Every request, whatever its path:
+//!
+//! 1. loses every client-supplied identity header (and all `X-Forwarded-*` unless
+//!    it comes from a trusted proxy CIDR);
+//! 2. gets its path normalized ([`crate::path`]); an ambiguous path is refused;
+//! 3. goes to the proxy's own routes (`/oauth2/*`, `/ping`, `/ready`, served by
+//!    warp), or to the upstream without a login when a skip-auth rule matches the
+//!    normalized path, or else needs a session (refreshed when due) that passes
+//!    the authorization rules, and then goes upstream with identity headers.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, COOKIE, HOST, LOCATION, SET_COOKIE};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Mutex, OnceCell};
+use warp::Filter;
+
+use crate::config::{Config, SameSite};
+use crate::headers::{self, Identity as HeaderIdentity};
+use crate::metrics::Metrics;
+use crate::oidc::{Identity, LoginAttempt, Provider};
+use crate::path;
+use crate::redirect::RedirectPolicy;
+use crate::session::{self, CookieOptions, Sealer, Session};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// How long a login attempt (the CSRF cookie) stays valid.
+const LOGIN_WINDOW: u64 = 15 * 60;
+/// Browsers cap one cookie at 4096 bytes including its attributes.
+const COOKIE_CHUNK: usize = 3800;
+
+/// The last refresh of one session: when it happened and what it gave.
+type RefreshSlot = Arc<Mutex<Option<(u64, Session)>>>;
+
+pub struct App {
+    pub config: Config,
+    pub provider: OnceCell<Provider>,
+    pub sealer: Sealer,
+    pub redirects: RedirectPolicy,
+    pub metrics: Metrics,
+    upstream: HttpClient<HttpConnector, Body>,
+    /// `state` values already redeemed, until their attempt would have expired.
+    used_states: Mutex<HashMap<String, u64>>,
+    /// Sessions signed out, until they would have expired: a copied cookie dies too.
+    revoked: Mutex<HashMap<String, u64>>,
+    /// One refresh at a time per session; waiters reuse its result.
+    refreshing: Mutex<HashMap<String, RefreshSlot>>,
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(Full::new(body.into()).map_err(|e| match e {}).boxed_unsync());
+    *response.status_mut() = status;
+    if let Ok(v) = HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(CONTENT_TYPE, v);
+    }
+    response
+}
+
+fn text(status: StatusCode, message: impl Into<String>) -> Response<Body> {
+    let mut m = message.into();
+    m.push('\n');
+    full(status, "text/plain; charset=utf-8", m)
+}
+
+fn redirect(to: &str) -> Response<Body> {
+    let mut response = text(StatusCode::FOUND, format!("redirecting to {to}"));
+    if let Ok(v) = HeaderValue::from_str(to) {
+        response.headers_mut().insert(LOCATION, v);
+    }
+    response
+}
+
+/// A session's identity for revocation: the user and the login time, which a
+/// refresh keeps, so signing out also kills cookies copied before a refresh.
+fn session_id(session: &Session) -> String {
+    let digest = Sha256::digest(format!("{}\n{}", session.user, session.created_at));
+    digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The request's cookies as (name, value) pairs, from every Cookie header.
+fn cookies(headers: &HeaderMap) -> HashMap<String, String> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            Some((k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// Why a signed-in user is refused, as a sentence; `None` lets them in.
+pub fn authorize(config: &Config, identity: &Session) -> Option<String> {
+    if !config.allowed_groups.is_empty() && !identity.groups.iter().any(|g| config.allowed_groups.contains(g))
+    {
+        return Some(format!("{} is in none of the allowed groups", identity.user));
+    }
+    if !config.email_domains.is_empty() {
+        let Some(email) = identity.email.as_deref() else {
+            return Some(format!("{} has no email address", identity.user));
+        };
+        if !identity.email_verified {
+            return Some(format!("the email address of {} is not verified", identity.user));
+        }
+        if !email_domain_allowed(email, &config.email_domains) {
+            return Some(format!("{email} is not in an allowed email domain"));
+        }
+    }
+    None
+}
+
+/// Exactly one `@`, a non-empty local part, and a domain equal (ignoring case) to
+/// an allowed one; `*` allows every domain. `a@evil.com@corp.com` has two `@`s and
+/// is refused rather than guessed at.
+pub fn email_domain_allowed(email: &str, domains: &[String]) -> bool {
+    let mut parts = email.split('@');
+    let (Some(local), Some(domain), None) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    if local.is_empty() || domain.is_empty() {
+        return false;
+    }
+    domains.iter().any(|d| d == "*" || d.eq_ignore_ascii_case(domain))
+}
+
+impl App {
+    pub fn new(config: Config) -> Result<Arc<Self>, String> {
+        let sealer = Sealer::new(&config.cookie_secret, &[])?;
+        let redirects = RedirectPolicy::new(&config.whitelist_domains)?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let upstream = HttpClient::builder(TokioExecutor::new()).build(connector);
+        Ok(Arc::new(Self {
+            config,
+            provider: OnceCell::new(),
+            sealer,
+            redirects,
+            metrics: Metrics::default(),
+            upstream,
+            used_states: Mutex::new(HashMap::new()),
+            revoked: Mutex::new(HashMap::new()),
+            refreshing: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    fn cookie_options(&self, max_age: Option<u64>) -> CookieOptions {
+        CookieOptions {
+            domain: self.config.cookie_domain.clone(),
+            path: "/".into(),
+            secure: self.config.cookie_secure,
+            http_only: true,
+            same_site: match self.config.cookie_samesite {
+                SameSite::Lax => session::SameSite::Lax,
+                SameSite::Strict => session::SameSite::Strict,
+                SameSite::None => session::SameSite::None,
+            },
+            max_age,
+        }
+    }
+
+    fn csrf_cookie(&self) -> String {
+        format!("{}_csrf", self.config.cookie_name)
+    }
+
+    /// The session from the request's cookies, if valid and not signed out.
+    async fn session(&self, headers: &HeaderMap) -> Option<Session> {
+        let jar = cookies(headers);
+        let name = &self.config.cookie_name;
+        let sealed = session::join(name, |n| jar.get(n).map(String::as_str))?;
+        let session: Session = self
+            .sealer
+            .open(name, &sealed, now(), self.config.cookie_expire.as_secs())
+            .ok()?;
+        if self.revoked.lock().await.contains_key(&session_id(&session)) {
+            return None;
+        }
+        Some(session)
+    }
+
+    /// Set-Cookie values carrying `session`, and clearing any leftover chunks.
+    fn session_cookies(&self, session: &Session, previous_chunks: usize) -> Result<Vec<String>, String> {
+        let name = &self.config.cookie_name;
+        let sealed = self.sealer.seal(name, session, now())?;
+        let options = self.cookie_options(Some(self.config.cookie_expire.as_secs()));
+        let chunks = session::split(name, &sealed, COOKIE_CHUNK);
+        let mut out = chunks
+            .iter()
+            .map(|(n, v)| session::set_cookie(n, v, &options))
+            .collect::<Result<Vec<_>, _>>()?;
+        for i in chunks.len()..previous_chunks {
+            out.push(session::clear_cookie(&format!("{name}_{i}"), &options));
+        }
+        Ok(out)
+    }
+
+    fn clear_session_cookies(&self, headers: &HeaderMap) -> Vec<String> {
+        let name = &self.config.cookie_name;
+        let options = self.cookie_options(None);
+        let jar = cookies(headers);
+        let mut out = vec![session::clear_cookie(name, &options)];
+        out.extend(
+            (1..16)
+                .map(|i| format!("{name}_{i}"))
+                .filter(|n| jar.contains_key(n))
+                .map(|n| session::clear_cookie(&n, &options)),
+        );
+        out
+    }
+
+    /// Refreshes `session` when its access token is about to expire. Concurrent
+    /// requests of one session wait for the first one's refresh and reuse it.
+    async fn maybe_refresh(&self, session: Session) -> (Session, bool) {
+        let (Some(window), Some(refresh_token)) = (self.config.cookie_refresh, session.refresh_token.clone())
+        else {
+            return (session, false);
+        };
+        if session.expires_at > now() + window.as_secs() {
+            return (session, false);
+        }
+        let Some(provider) = self.provider.get() else {
+            return (session, false);
+        };
+        let sid = session_id(&session);
+        let slot = {
+            let mut map = self.refreshing.lock().await;
+            map.retain(|_, s| {
+                Arc::strong_count(s) > 1
+                    || s.try_lock()
+                        .is_ok_and(|r| r.as_ref().is_some_and(|(at, _)| *at + 60 > now()))
+            });
+            map.entry(sid).or_default().clone()
+        };
+        let mut result = slot.lock().await;
+        if let Some((at, refreshed)) = result.as_ref()
+            && *at + 60 > now()
+        {
+            return (refreshed.clone(), true);
+        }
+        let previous = Identity {
+            subject: session.user.clone(),
+            email: session.email.clone(),
+            email_verified: session.email_verified,
+            preferred_username: session.preferred_username.clone(),
+            groups: session.groups.clone(),
+            access_token: session.access_token.clone().unwrap_or_default(),
+            id_token: session.id_token.clone().unwrap_or_default(),
+            refresh_token: Some(refresh_token.clone()),
+            expires_at: session.expires_at,
+        };
+        self.metrics.refreshes.inc();
+        match provider.refresh(&refresh_token, &previous).await {
+            Ok(identity) => {
+                let refreshed = to_session(identity, session.created_at);
+                *result = Some((now(), refreshed.clone()));
+                (refreshed, true)
+            }
+            Err(e) => {
+                tracing::info!(user = %session.user, error = %e, "refresh failed; the session stays until it expires");
+                (session, false)
+            }
+        }
+    }
+}
+
+fn to_session(identity: Identity, created_at: u64) -> Session {
+    Session {
+        user: identity.subject,
+        email: identity.email,
+        email_verified: identity.email_verified,
+        groups: identity.groups,
+        preferred_username: identity.preferred_username,
+        access_token: Some(identity.access_token),
+        id_token: Some(identity.id_token),
+        refresh_token: identity.refresh_token,
+        expires_at: identity.expires_at,
+        created_at,
+    }
+}
+
+fn header_identity(session: &Session) -> HeaderIdentity {
+    HeaderIdentity {
+        user: session.user.clone(),
+        email: session.email.clone(),
+        groups: session.groups.clone(),
+        preferred_username: session.preferred_username.clone(),
+        access_token: session.access_token.clone(),
+    }
+}
+
+/// Serves one request (see the module doc for the order of the steps).
+pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+    let (mut parts, body) = req.into_parts();
+    let trusted = app
+        .config
+        .trusted_proxy_cidrs
+        .iter()
+        .any(|c| c.contains(&remote.ip()));
+    headers::strip_identity(&mut parts.headers, !trusted);
+    if !trusted {
+        parts.headers.remove("forwarded");
+    }
+    let normalized = match path::normalize(parts.uri.path()) {
+        Ok(p) => p,
+        Err(e) => {
+            app.metrics.refused("bad_path");
+            return text(StatusCode::BAD_REQUEST, format!("refused: {e}"));
+        }
+    };
+
+    if normalized.starts_with("/oauth2/") || normalized == "/ping" || normalized == "/ready" {
+        // warp routes on the same normalized path the decision was made on.
+        let pq = match parts.uri.query() {
+            Some(q) => format!("{normalized}?{q}"),
+            None => normalized.clone(),
+        };
+        if let Ok(uri) = Uri::builder().path_and_query(pq).build() {
+            parts.uri = uri;
+        }
+        return own_routes(app, Request::from_parts(parts, body)).await;
+    }
+    if app.config.skip_auth_paths.iter().any(|r| r.is_match(&normalized)) {
+        return proxy(&app, parts, body, &normalized, remote, None).await;
+    }
+
+    let Some(session) = app.session(&parts.headers).await else {
+        app.metrics.refused("no_session");
+        return unauthenticated(&parts);
+    };
+    let previous_chunks = cookies(&parts.headers)
+        .keys()
+        .filter(|k| k.starts_with(&app.config.cookie_name))
+        .count();
+    let (session, refreshed) = app.maybe_refresh(session).await;
+    if let Some(why) = authorize(&app.config, &session) {
+        app.metrics.refused("forbidden");
+        return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
+    }
+    let mut response = proxy(&app, parts, body, &normalized, remote, Some(&session)).await;
+    if refreshed {
+        match app.session_cookies(&session, previous_chunks) {
+            Ok(set) => {
+                for c in set {
+                    if let Ok(v) = HeaderValue::from_str(&c) {
+                        response.headers_mut().append(SET_COOKIE, v);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not write the refreshed session"),
+        }
+    }
+    response
+}
+
+/// Browsers go to the login; API clients get 401.
+fn unauthenticated(parts: &http::request::Parts) -> Response<Body> {
+    let wants_html = parts
+        .headers
+        .get(ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/html"));
+    if wants_html && matches!(parts.method, Method::GET | Method::HEAD) {
+        let rd = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let target: String = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("rd", rd)
+            .finish();
+        return redirect(&format!("/oauth2/start?{target}"));
+    }
+    text(StatusCode::UNAUTHORIZED, "unauthorized: sign in at /oauth2/start")
+}
+
+/// Forwards to the upstream: hop-by-hop headers removed, X-Forwarded-* set by us,
+/// the identity set last, the body streamed both ways; WebSocket upgrades spliced.
+async fn proxy(
+    app: &App,
+    mut parts: http::request::Parts,
+    body: Incoming,
+    normalized: &str,
+    remote: SocketAddr,
+    session: Option<&Session>,
+) -> Response<Body> {
+    let upgrade = parts
+        .headers
+        .get(http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let client_upgrade =
+        upgrade.then(|| hyper::upgrade::on(Request::from_parts(parts.clone_without_body(), ())));
+    let base = &app.config.upstream;
+    let path_and_query = match parts.uri.query() {
+        Some(q) => format!("{}{normalized}?{q}", base.path().trim_end_matches('/')),
+        None => format!("{}{normalized}", base.path().trim_end_matches('/')),
+    };
+    let authority = match (base.host_str(), base.port_or_known_default()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        _ => return text(StatusCode::BAD_GATEWAY, "the upstream URL has no host"),
+    };
+    let uri = match Uri::builder()
+        .scheme(base.scheme())
+        .authority(authority)
+        .path_and_query(path_and_query)
+        .build()
+    {
+        Ok(u) => u,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("refused: {e}")),
+    };
+    let host = parts.headers.get(HOST).cloned();
+    headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+    let forwarded_for = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {}", remote.ip()),
+        None => remote.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+        parts.headers.insert("x-forwarded-for", v);
+    }
+    if !parts.headers.contains_key("x-forwarded-proto") {
+        parts
+            .headers
+            .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
+    if let Some(h) = host
+        && !parts.headers.contains_key("x-forwarded-host")
+    {
+        parts.headers.insert("x-forwarded-host", h);
+    }
+    if let Some(session) = session {
+        // The upstream trusts these: set after every client variant was removed.
+        if let Err(e) = headers::set_identity(
+            &mut parts.headers,
+            &header_identity(session),
+            app.config.pass_access_token,
+        ) {
+            return text(StatusCode::FORBIDDEN, format!("forbidden: {e}"));
+        }
+        // The session cookie stays with the proxy.
+        parts.headers.remove(AUTHORIZATION);
+    }
+    parts.uri = uri;
+    let request = Request::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
+    let started = std::time::Instant::now();
+    let mut response = match app.upstream.request(request).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "upstream request failed");
+            app.metrics.refused("upstream_error");
+            return text(StatusCode::BAD_GATEWAY, "the upstream is not reachable");
+        }
+    };
+    app.metrics
+        .upstream_seconds
+        .observe(started.elapsed().as_secs_f64());
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            match (client_upgrade.await, upstream_upgrade.await) {
+                (Ok(client), Ok(upstream)) => {
+                    let _ =
+                        tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(upstream))
+                            .await;
+                }
+                (c, u) => tracing::debug!(
+                    client = c.is_ok(),
+                    upstream = u.is_ok(),
+                    "websocket upgrade failed"
+                ),
+            }
+        });
+    } else {
+        headers::strip_hop_by_hop(response.headers_mut(), false);
+    }
+    response.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync())
+}
+
+/// Only what `hyper::upgrade::on` needs from the request: its extensions.
+trait CloneWithoutBody {
+    fn clone_without_body(&mut self) -> http::request::Parts;
+}
+
+impl CloneWithoutBody for http::request::Parts {
+    fn clone_without_body(&mut self) -> http::request::Parts {
+        let (mut parts, ()) = Request::new(()).into_parts();
+        // The pending upgrade lives in the extensions; moving them hands it over.
+        parts.extensions = std::mem::take(&mut self.extensions);
+        parts
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct OAuthQuery {
+    rd: Option<String>,
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+}
+
+#[derive(Serialize)]
+struct UserInfo<'a> {
+    user: &'a str,
+    email: Option<&'a str>,
+    groups: &'a [String],
+    #[serde(rename = "preferredUsername")]
+    preferred_username: Option<&'a str>,
+}
+
+async fn own_routes(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let with_app = {
+        let app = app.clone();
+        warp::any().map(move || app.clone())
+    };
+    let query = warp::query::<OAuthQuery>()
+        .or(warp::any().map(OAuthQuery::default))
+        .unify();
+    let routes = warp::path!("ping")
+        .map(|| warp::reply::with_status(String::from("OK"), StatusCode::OK).into_response())
+        .or(warp::path!("ready").and(with_app.clone()).map(|app: Arc<App>| {
+            if app.provider.initialized() {
+                warp::reply::with_status(String::from("OK"), StatusCode::OK).into_response()
+            } else {
+                warp::reply::with_status(
+                    String::from("the issuer has not been discovered yet"),
+                    StatusCode::SERVICE_UNAVAILABLE,
+                )
+                .into_response()
+            }
+        }))
+        .unify()
+        .or(warp::path("oauth2")
+            .and(warp::path::param::<String>())
+            .and(warp::path::end())
+            .and(warp::method())
+            .and(warp::header::headers_cloned())
+            .and(query)
+            .and(with_app)
+            .then(|endpoint, method, headers, query, app| -> RouteFuture {
+                // Boxed as `Send` here, where the compiler can prove it.
+                Box::pin(oauth2_route(endpoint, method, headers, query, app))
+            }))
+        .unify();
+    let mut service = warp::service(routes);
+    match tower_service::Service::call(&mut service, req).await {
+        Ok(response) => response.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()),
+        Err(never) => match never {},
+    }
+}
+
+use warp::Reply as _;
+
+type RouteFuture = std::pin::Pin<Box<dyn std::future::Future<Output = warp::reply::Response> + Send>>;
+
+async fn oauth2_route(
+    endpoint: String,
+    method: Method,
+    headers: HeaderMap,
+    query: OAuthQuery,
+    app: Arc<App>,
+) -> warp::reply::Response {
+    let response = match (endpoint.as_str(), method) {
+        ("start", Method::GET) => start(&app, &headers, query).await,
+        ("callback", Method::GET) => callback(&app, &headers, query).await,
+        ("sign_out", Method::GET | Method::POST) => sign_out(&app, &headers, query).await,
+        ("userinfo", Method::GET) => userinfo(&app, &headers).await,
+        ("auth", Method::GET | Method::HEAD) => auth(&app, &headers).await,
+        (_, _) => text(StatusCode::NOT_FOUND, "not found"),
+    };
+    let (parts, body) = response.into_parts();
+    let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    warp::reply::Response::from_parts(parts, bytes.into())
+}
+
+async fn start(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response<Body> {
+    let Some(provider) = app.provider.get() else {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the issuer has not been discovered yet",
+        );
+    };
+    let wanted = query
+        .rd
+        .or_else(|| {
+            headers
+                .get("x-auth-request-redirect")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "/".into());
+    let target = app.redirects.validate(&wanted);
+    let (url, attempt) = provider.start(target).await;
+    let sealed = match app.sealer.seal(&app.csrf_cookie(), &attempt, now()) {
+        Ok(s) => s,
+        Err(e) => {
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot start a login: {e}"),
+            );
+        }
+    };
+    let mut response = redirect(url.as_str());
+    // The CSRF cookie must come back on the IdP's top-level redirect: Lax at most.
+    let mut options = app.cookie_options(Some(LOGIN_WINDOW));
+    if options.same_site == session::SameSite::Strict {
+        options.same_site = session::SameSite::Lax;
+    }
+    match session::set_cookie(&app.csrf_cookie(), &sealed, &options) {
+        Ok(c) => {
+            if let Ok(v) = HeaderValue::from_str(&c) {
+                response.headers_mut().append(SET_COOKIE, v);
+            }
+            response
+        }
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot start a login: {e}"),
+        ),
+    }
+}
+
+async fn callback(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response<Body> {
+    let Some(provider) = app.provider.get() else {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the issuer has not been discovered yet",
+        );
+    };
+    if let Some(error) = query.error {
+        return text(
+            StatusCode::FORBIDDEN,
+            format!("the issuer refused the login: {error}"),
+        );
+    }
+    let (Some(code), Some(state)) = (query.code, query.state) else {
+        return text(StatusCode::BAD_REQUEST, "the callback needs code and state");
+    };
+    let jar = cookies(headers);
+    let Some(sealed) = jar.get(&app.csrf_cookie()) else {
+        app.metrics.refused("csrf");
+        return text(
+            StatusCode::FORBIDDEN,
+            "forbidden: no login is in progress in this browser (CSRF cookie missing)",
+        );
+    };
+    let attempt: LoginAttempt = match app.sealer.open(&app.csrf_cookie(), sealed, now(), LOGIN_WINDOW) {
+        Ok(a) => a,
+        Err(_) => {
+            app.metrics.refused("csrf");
+            return text(
+                StatusCode::FORBIDDEN,
+                "forbidden: the login attempt is invalid or expired",
+            );
+        }
+    };
+    if !bool::from(subtle::ConstantTimeEq::ct_eq(
+        attempt.state.as_bytes(),
+        state.as_bytes(),
+    )) {
+        app.metrics.refused("csrf");
+        return text(
+            StatusCode::FORBIDDEN,
+            "forbidden: state does not match this browser's login (CSRF)",
+        );
+    }
+    {
+        let mut used = app.used_states.lock().await;
+        let t = now();
+        used.retain(|_, expires| *expires > t);
+        if used.insert(state.clone(), t + LOGIN_WINDOW).is_some() {
+            app.metrics.refused("replay");
+            return text(
+                StatusCode::FORBIDDEN,
+                "forbidden: this login callback was already used",
+            );
+        }
+    }
+    let identity = match provider.finish(code, &attempt).await {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::info!(error = %e, "login failed");
+            app.metrics.refused("login_failed");
+            return text(StatusCode::FORBIDDEN, format!("forbidden: {e}"));
+        }
+    };
+    let session = to_session(identity, now());
+    if let Some(why) = authorize(&app.config, &session) {
+        app.metrics.refused("forbidden");
+        return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
+    }
+    let mut response = redirect(&app.redirects.validate(&attempt.redirect));
+    let mut set = match app.session_cookies(&session, 0) {
+        Ok(s) => s,
+        Err(e) => {
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot write the session: {e}"),
+            );
+        }
+    };
+    set.push(session::clear_cookie(
+        &app.csrf_cookie(),
+        &app.cookie_options(None),
+    ));
+    for c in set {
+        if let Ok(v) = HeaderValue::from_str(&c) {
+            response.headers_mut().append(SET_COOKIE, v);
+        }
+    }
+    app.metrics.logins.inc();
+    response
+}
+
+async fn sign_out(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response<Body> {
+    let session = app.session(headers).await;
+    if let Some(s) = &session {
+        let mut revoked = app.revoked.lock().await;
+        let t = now();
+        revoked.retain(|_, until| *until > t);
+        revoked.insert(session_id(s), s.created_at + app.config.cookie_expire.as_secs());
+    }
+    let target = app.redirects.validate(query.rd.as_deref().unwrap_or("/"));
+    let to = match (
+        app.provider.get().and_then(Provider::end_session_endpoint),
+        &session,
+    ) {
+        (Some(end), Some(s)) => {
+            let mut url = end.clone();
+            url.query_pairs_mut()
+                .append_pair("id_token_hint", s.id_token.as_deref().unwrap_or_default())
+                .append_pair("client_id", &app.config.client_id);
+            url.to_string()
+        }
+        _ => target,
+    };
+    let mut response = redirect(&to);
+    for c in app.clear_session_cookies(headers) {
+        if let Ok(v) = HeaderValue::from_str(&c) {
+            response.headers_mut().append(SET_COOKIE, v);
+        }
+    }
+    response
+}
+
+async fn userinfo(app: &App, headers: &HeaderMap) -> Response<Body> {
+    let Some(s) = app.session(headers).await else {
+        return text(StatusCode::UNAUTHORIZED, "unauthorized");
+    };
+    let info = UserInfo {
+        user: &s.user,
+        email: s.email.as_deref(),
+        groups: &s.groups,
+        preferred_username: s.preferred_username.as_deref(),
+    };
+    full(
+        StatusCode::OK,
+        "application/json",
+        serde_json::to_vec(&info).unwrap_or_default(),
+    )
+}
+
+/// For ingress `auth_request`: 202 with X-Auth-Request-* headers, or 401/403.
+async fn auth(app: &App, headers: &HeaderMap) -> Response<Body> {
+    let Some(s) = app.session(headers).await else {
+        return text(StatusCode::UNAUTHORIZED, "unauthorized");
+    };
+    if let Some(why) = authorize(&app.config, &s) {
+        return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
+    }
+    let mut response = text(StatusCode::ACCEPTED, "authenticated");
+    if let Err(e) = headers::set_auth_request_response(
+        response.headers_mut(),
+        &header_identity(&s),
+        app.config.pass_access_token,
+    ) {
+        return text(StatusCode::FORBIDDEN, format!("forbidden: {e}"));
+    }
+    response
+}
+
+/// Serves the proxy until `shutdown` resolves.
+pub async fn serve(
+    app: Arc<App>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(handle(app, req, remote).await) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(e) = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "connection ended");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_email_with_two_at_signs_is_refused_by_a_domain_rule() {
+        let corp = vec!["corp.com".to_string()];
+        assert!(email_domain_allowed("alice@corp.com", &corp));
+        assert!(
+            email_domain_allowed("alice@CORP.com", &corp),
+            "domains compare without case"
+        );
+        assert!(!email_domain_allowed("a@evil.com@corp.com", &corp));
+        assert!(!email_domain_allowed("alice@evilcorp.com", &corp));
+        assert!(
+            !email_domain_allowed("alice@sub.corp.com", &corp),
+            "exact domain only"
+        );
+        assert!(!email_domain_allowed("@corp.com", &corp));
+        assert!(!email_domain_allowed("alice", &corp));
+        assert!(email_domain_allowed("bob@anything.org", &["*".to_string()]));
+    }
+
+    #[test]
+    fn the_session_id_survives_a_refresh_so_sign_out_kills_copies() {
+        let mut s = Session {
+            user: "alice".into(),
+            email: None,
+            email_verified: false,
+            groups: vec![],
+            preferred_username: None,
+            access_token: Some("a1".into()),
+            id_token: Some("i1".into()),
+            refresh_token: None,
+            expires_at: 10,
+            created_at: 5,
+        };
+        let before = session_id(&s);
+        s.access_token = Some("a2".into());
+        s.id_token = Some("i2".into());
+        s.expires_at = 20;
+        assert_eq!(session_id(&s), before);
+    }
+}
