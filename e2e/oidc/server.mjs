@@ -397,14 +397,23 @@ const ttl = {
 let handler = (req, res) => { res.statusCode = 503; res.end('starting\n'); };
 const server = http.createServer((req, res) => handler(req, res));
 server.on('error', (err) => fail(`listen: ${err.message}`));
-server.listen(envPort(), '127.0.0.1', () => {
+server.listen(envPort(), '127.0.0.1', async () => {
   const { port } = server.address();
   const issuer = `http://127.0.0.1:${port}`;
   let provider;
   try {
     provider = makeProvider(issuer, cfg, ttl);
+    // oidc-provider validates static clients lazily: do it now, so a bad
+    // config fails at start and not at the first login.
+    for (const c of cfg.clients) {
+      try {
+        await provider.Client.find(c.client_id);
+      } catch (err) {
+        throw new Error(`client ${JSON.stringify(c.client_id)}: ${err.message}${err.error_description ? ` (${err.error_description})` : ''}`);
+      }
+    }
   } catch (err) {
-    fail(`provider: ${err.message}${err.error_description ? ` (${err.error_description})` : ''}`);
+    fail(`${err.message}${err.error_description ? ` (${err.error_description})` : ''}`);
   }
   handler = provider.callback();
   process.stderr.write(`oidc: issuer ${issuer}, config ${configFile}, ${cfg.clients.length} client(s), ${cfg.users.size} user(s)\n`);

@@ -9,6 +9,8 @@
 # Starts its own server on a free port (PORT=0) with example-config.json and
 # stops it on exit. Exits non-zero on the first failure.
 #   bash e2e/oidc/smoke.sh        (from the repository root, or anywhere)
+# `A && B || fail ...` is meant: fail when either check is false (fail exits).
+# shellcheck disable=SC2015
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
