@@ -18,6 +18,7 @@ help: ## List the targets
 deps: ## Check the toolchains and install the Debian packages the scripts use
 	@command -v go >/dev/null || { echo "Go is missing: the local control plane is built from Go modules (Go 1.26 or newer)."; exit 1; }
 	@go version | awk '{split($$3, v, "."); if (v[1] == "go1" && v[2] + 0 < 26) {print "Go " $$3 " is too old: the control plane needs Go 1.26 or newer."; exit 1}}'
+	@command -v node >/dev/null && command -v npm >/dev/null || { echo "Node.js and npm are missing: the e2e OpenID provider (e2e/oidc) runs on Node 20 or newer."; exit 1; }
 	@cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 	@cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 	@missing=""; for c in openssl pgrep curl python3; do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
@@ -47,7 +48,7 @@ unit: ## Unit tests (no cluster)
 	$(CARGO) test --workspace --exclude chassis-e2e
 
 build: ## Build the binaries
-	$(CARGO) build -p chassis-operator -p chassis-api
+	$(CARGO) build -p chassis-operator -p chassis-api -p chassis-oauth-proxy
 
 cluster-up: deps ## Build (cached) and start the local control plane
 	bash e2e/cluster/up.sh

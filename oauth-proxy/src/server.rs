@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, COOKIE, HOST, LOCATION, SET_COOKIE};
+use http::header::{ACCEPT, CONTENT_TYPE, COOKIE, HOST, LOCATION, SET_COOKIE};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
@@ -374,6 +374,31 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -
     response
 }
 
+/// Removes our cookies (`name`, `name_<n>` chunks, `name_csrf`) from every Cookie
+/// header, keeping the application's own cookies.
+fn strip_own_cookies(headers: &mut HeaderMap, name: &str) {
+    let chunk_prefix = format!("{name}_");
+    let kept: Vec<String> = headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|pair| {
+            let cookie = pair.split('=').next().unwrap_or_default();
+            cookie != name && !cookie.starts_with(&chunk_prefix)
+        })
+        .filter(|pair| !pair.is_empty())
+        .map(str::to_string)
+        .collect();
+    headers.remove(COOKIE);
+    if !kept.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
+    {
+        headers.insert(COOKIE, v);
+    }
+}
+
 /// Browsers go to the login; API clients get 401.
 fn unauthenticated(parts: &http::request::Parts) -> Response<Body> {
     let wants_html = parts
@@ -454,9 +479,9 @@ async fn proxy(
         ) {
             return text(StatusCode::FORBIDDEN, format!("forbidden: {e}"));
         }
-        // The session cookie stays with the proxy.
-        parts.headers.remove(AUTHORIZATION);
     }
+    // The session (sealed tokens) and CSRF cookies stay with the proxy.
+    strip_own_cookies(&mut parts.headers, &app.config.cookie_name);
     parts.uri = uri;
     let request = Request::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
     let started = std::time::Instant::now();
@@ -836,6 +861,26 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn our_cookies_never_reach_the_upstream() {
+        let mut h = HeaderMap::new();
+        h.append(
+            COOKIE,
+            HeaderValue::from_static("app=1; _chassis_oauth=sealed; _chassis_oauth_1=more"),
+        );
+        h.append(
+            COOKIE,
+            HeaderValue::from_static("_chassis_oauth_csrf=x; theme=dark; _chassis_oauthy=keep"),
+        );
+        strip_own_cookies(&mut h, "_chassis_oauth");
+        let all: Vec<_> = h.get_all(COOKIE).iter().filter_map(|v| v.to_str().ok()).collect();
+        assert_eq!(all, ["app=1; theme=dark; _chassis_oauthy=keep"]);
+        let mut only_ours = HeaderMap::new();
+        only_ours.insert(COOKIE, HeaderValue::from_static("_chassis_oauth=sealed"));
+        strip_own_cookies(&mut only_ours, "_chassis_oauth");
+        assert!(only_ours.get(COOKIE).is_none());
+    }
 
     #[test]
     fn an_email_with_two_at_signs_is_refused_by_a_domain_rule() {

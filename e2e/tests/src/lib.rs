@@ -621,3 +621,63 @@ where
         None => bail!("{what} did not happen within {timeout:?}"),
     }
 }
+
+/// A helper process (an OpenID provider, a proxy) that dies with the test binary:
+/// it runs under a shell that stops it when our end of its stdin closes, so even a
+/// test that panics leaves nothing behind.
+pub struct Background {
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Background {
+    /// Starts `program` with `args` and `envs`, output to `logs/<name>.log`.
+    pub fn start(name: &str, program: &Path, args: &[String], envs: &[(&str, String)]) -> Result<Self> {
+        let logs = state_dir().join("logs");
+        std::fs::create_dir_all(&logs)?;
+        let log = logs.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log)?;
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(r#""$@" </dev/null & pid=$!; trap 'kill -TERM $pid' TERM; while read -r _; do :; done; kill -TERM $pid 2>/dev/null; wait $pid"#)
+            .arg("sh")
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        Ok(Self { log, child })
+    }
+
+    /// Waits until the log contains `needle`; returns that line.
+    pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> Result<String> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(text) = std::fs::read_to_string(&self.log)
+                && let Some(line) = text.lines().find(|l| l.contains(needle))
+            {
+                return Ok(line.to_string());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!(
+            "{} did not log {needle:?} within {timeout:?}:\n{}",
+            self.log.display(),
+            log_tail(&self.log, 30)
+        )
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        // Closing stdin makes the wrapper stop the process and wait for it.
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,746 @@
+//! chassis-oauth-proxy against a real OpenID provider (oidc-provider, `e2e/oidc`)
+//! and a real upstream (an HTTP echo server), over HTTP the way a browser talks to
+//! them: the login form is posted, cookies are kept in a jar, redirects followed.
+//! Each attack test is named after the attack; docs/SECURITY.md lists them.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use chassis_e2e::{Background, free_port, repo_root, state_dir};
+use reqwest::cookie::{CookieStore, Jar};
+use reqwest::header::{ACCEPT, COOKIE, HeaderValue};
+use reqwest::redirect::Policy;
+use serde_json::{Value, json};
+use warp::Filter;
+
+/// 32 bytes ("0123456789abcdef" twice), base64.
+const COOKIE_SECRET: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+const OTHER_SECRET: &str = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
+const SLOTS: usize = 12;
+
+/// The provider, shared by the tests of this binary, with one registered redirect
+/// URI per proxy port slot.
+struct Idp {
+    _process: Background,
+    issuer: String,
+    free_slots: Mutex<Vec<u16>>,
+}
+
+fn idp() -> &'static Idp {
+    static IDP: OnceLock<Idp> = OnceLock::new();
+    IDP.get_or_init(|| match start_idp() {
+        Ok(idp) => idp,
+        Err(e) => panic!("could not start the OpenID provider: {e:#}"),
+    })
+}
+
+fn start_idp() -> Result<Idp> {
+    let ports: Vec<u16> = (0..SLOTS).map(|_| free_port()).collect::<Result<_>>()?;
+    let user = |sub: &str, email: &str, verified: bool, groups: &[&str]| {
+        json!({"sub": sub, "password": format!("{sub}-pass"), "email": email, "email_verified": verified,
+               "name": sub, "preferred_username": sub, "groups": groups})
+    };
+    let config = json!({
+        "offline_access_without_prompt_consent": true,
+        "clients": [{
+            "client_id": "chassis",
+            "client_secret": "chassis-secret",
+            "redirect_uris": ports.iter().map(|p| format!("http://127.0.0.1:{p}/oauth2/callback")).collect::<Vec<_>>(),
+            "post_logout_redirect_uris": ports.iter().map(|p| format!("http://127.0.0.1:{p}/")).collect::<Vec<_>>(),
+            "grant_types": ["authorization_code", "refresh_token"],
+            "response_types": ["code"],
+            "token_endpoint_auth_method": "client_secret_basic",
+        }],
+        "users": [
+            user("alice", "alice@example.com", true, &["developers"]),
+            user("bob", "bob@corp.example", false, &["qa"]),
+            user("carol", "carol@corp.example", true, &["qa"]),
+            user("mallory", "mallory@evil.com@corp.example", true, &["developers"]),
+        ],
+    });
+    let path = state_dir().join(format!("oidc-{}.json", std::process::id()));
+    std::fs::write(&path, serde_json::to_vec_pretty(&config)?)?;
+    let process = Background::start(
+        &format!("oidc-{}", std::process::id()),
+        std::path::Path::new("bash"),
+        &[repo_root().join("e2e/oidc/start.sh").display().to_string()],
+        &[
+            ("PORT", "0".into()),
+            ("OIDC_CONFIG", path.display().to_string()),
+            // Short, so the refresh test does not wait long; no other test refreshes.
+            ("ACCESS_TOKEN_TTL", "10".into()),
+        ],
+    )?;
+    // The first start installs the provider's packages (`npm ci`).
+    let line = process.wait_for_line("ready http://", Duration::from_secs(300))?;
+    let issuer = line.trim_start_matches("ready ").trim().to_string();
+    Ok(Idp {
+        _process: process,
+        issuer,
+        free_slots: Mutex::new(ports),
+    })
+}
+
+/// An upstream that answers every request with what it received, as JSON.
+async fn echo_upstream() -> Result<u16> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let route = warp::path::full()
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::header::headers_cloned())
+        .map(
+            |path: warp::path::FullPath, query: String, headers: warp::http::HeaderMap| {
+                let mut h: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                for (k, v) in &headers {
+                    h.entry(k.as_str().to_string())
+                        .or_default()
+                        .push(v.to_str().unwrap_or("<binary>").to_string());
+                }
+                warp::reply::json(&json!({"path": path.as_str(), "query": query, "headers": h}))
+            },
+        );
+    tokio::spawn(warp::serve(route).incoming(listener).run());
+    Ok(port)
+}
+
+struct Proxy {
+    process: Background,
+    base: String,
+    metrics: String,
+}
+
+impl Proxy {
+    async fn start(name: &str, upstream: u16, extra: &[&str]) -> Result<Self> {
+        let idp = idp();
+        let port = idp
+            .free_slots
+            .lock()
+            .map_err(|_| anyhow::anyhow!("slot lock"))?
+            .pop()
+            .context("no free proxy slot left; raise SLOTS")?;
+        let metrics = free_port()?;
+        let base = format!("http://127.0.0.1:{port}");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map_or_else(|| repo_root().join("target"), std::path::PathBuf::from);
+        let mut args: Vec<String> = [
+            "--http-address",
+            &format!("127.0.0.1:{port}"),
+            "--metrics-address",
+            &format!("127.0.0.1:{metrics}"),
+            "--upstream",
+            &format!("http://127.0.0.1:{upstream}"),
+            "--oidc-issuer-url",
+            &idp.issuer,
+            "--client-id",
+            "chassis",
+            "--client-secret",
+            "chassis-secret",
+            "--redirect-url",
+            &format!("{base}/oauth2/callback"),
+            "--scope",
+            "openid email profile groups offline_access",
+            "--cookie-secure",
+            "false",
+            "--whitelist-domains",
+            &format!("127.0.0.1:{port}"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if !extra.contains(&"--cookie-secret") {
+            args.extend(["--cookie-secret".to_string(), COOKIE_SECRET.to_string()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let process = Background::start(
+            &format!("oauth-proxy-{name}-{}", std::process::id()),
+            &target.join("debug/chassis-oauth-proxy"),
+            &args,
+            &[("RUST_LOG", "info".into())],
+        )?;
+        let proxy = Self {
+            process,
+            base,
+            metrics: format!("http://127.0.0.1:{metrics}/metrics"),
+        };
+        let client = reqwest::Client::new();
+        for _ in 0..150 {
+            if let Ok(r) = client.get(format!("{}/ready", proxy.base)).send().await
+                && r.status() == 200
+            {
+                return Ok(proxy);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!(
+            "the proxy did not become ready:\n{}",
+            chassis_e2e::log_tail(&proxy.process.log, 30)
+        )
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn metric(&self, name: &str) -> Result<f64> {
+        let text = reqwest::get(&self.metrics).await?.text().await?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+}
+
+/// A browser: a cookie jar, redirects followed on loopback only (a redirect to any
+/// other host stops, so an open redirect shows as the response instead of a request).
+fn browser(jar: &Arc<Jar>) -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .cookie_provider(jar.clone())
+        .redirect(Policy::custom(|attempt| {
+            if attempt.url().host_str() != Some("127.0.0.1") || attempt.previous().len() > 20 {
+                attempt.stop()
+            } else {
+                attempt.follow()
+            }
+        }))
+        .build()?)
+}
+
+/// Opens `path` on the proxy as a browser, signs in on the provider's form and
+/// returns the page it lands on.
+async fn login(
+    browser: &reqwest::Client,
+    proxy: &Proxy,
+    path: &str,
+    user: &str,
+) -> Result<reqwest::Response> {
+    let page = browser
+        .get(proxy.url(path))
+        .header(ACCEPT, "text/html")
+        .send()
+        .await?;
+    if !page.url().path().starts_with("/interaction/") {
+        // Already signed in at the provider: the flow came straight back.
+        return Ok(page);
+    }
+    let form = page.url().clone();
+    let body = page.text().await?;
+    ensure!(
+        body.contains("id=\"login-form\""),
+        "the provider shows its login form:\n{body}"
+    );
+    Ok(browser
+        .post(form)
+        .form(&[("login", user), ("password", &format!("{user}-pass"))])
+        .send()
+        .await?)
+}
+
+async fn echoed(response: reqwest::Response) -> Result<Value> {
+    let status = response.status();
+    let url = response.url().clone();
+    let text = response.text().await?;
+    ensure!(status == 200, "{url} answered {status}: {text}");
+    serde_json::from_str(&text).with_context(|| format!("{url} is not the upstream: {text}"))
+}
+
+fn header<'a>(echo: &'a Value, name: &str) -> Vec<&'a str> {
+    echo["headers"][name]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+fn cookie_header(jar: &Jar, proxy: &Proxy) -> Result<String> {
+    let url = proxy.base.parse()?;
+    jar.cookies(&url)
+        .and_then(|v| v.to_str().ok().map(str::to_string))
+        .context("the browser holds no cookie for the proxy")
+}
+
+#[tokio::test]
+async fn a_user_signs_in_on_the_providers_form_and_the_upstream_sees_who_they_are() -> Result<()> {
+    let proxy = Proxy::start("login", echo_upstream().await?, &[]).await?;
+    let jar = Arc::new(Jar::default());
+    let browser = browser(&jar)?;
+    let echo = echoed(login(&browser, &proxy, "/app?x=1", "alice").await?).await?;
+    ensure!(
+        echo["path"] == "/app" && echo["query"] == "x=1",
+        "lands where it started: {echo}"
+    );
+    ensure!(header(&echo, "x-forwarded-user") == ["alice"], "{echo}");
+    ensure!(
+        header(&echo, "x-forwarded-email") == ["alice@example.com"],
+        "{echo}"
+    );
+    ensure!(header(&echo, "x-forwarded-groups") == ["developers"], "{echo}");
+    ensure!(
+        header(&echo, "x-forwarded-preferred-username") == ["alice"],
+        "{echo}"
+    );
+    ensure!(
+        header(&echo, "x-forwarded-access-token").is_empty(),
+        "no token unless asked"
+    );
+    ensure!(
+        !header(&echo, "cookie")
+            .iter()
+            .any(|c| c.contains("_chassis_oauth")),
+        "the session cookie stays with the proxy"
+    );
+
+    // For ingress auth_request: 202 and the identity in X-Auth-Request-*.
+    let auth = browser.get(proxy.url("/oauth2/auth")).send().await?;
+    ensure!(auth.status() == 202, "auth: {}", auth.status());
+    ensure!(
+        auth.headers()
+            .get("x-auth-request-user")
+            .is_some_and(|v| v == "alice")
+    );
+    let info: Value = browser
+        .get(proxy.url("/oauth2/userinfo"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(
+        info["email"] == "alice@example.com" && info["groups"] == json!(["developers"]),
+        "{info}"
+    );
+
+    // Without a session: a browser goes to the login, an API client gets 401.
+    let anonymous = reqwest::Client::builder().redirect(Policy::none()).build()?;
+    let api = anonymous.get(proxy.url("/app")).send().await?;
+    ensure!(api.status() == 401, "API client: {}", api.status());
+    let page = anonymous
+        .get(proxy.url("/app"))
+        .header(ACCEPT, "text/html")
+        .send()
+        .await?;
+    ensure!(page.status() == 302, "browser: {}", page.status());
+    ensure!(
+        page.headers()
+            .get("location")
+            .is_some_and(|l| l == "/oauth2/start?rd=%2Fapp"),
+        "{:?}",
+        page.headers().get("location")
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn smuggled_identity_headers_are_stripped_in_every_variant() -> Result<()> {
+    let proxy = Proxy::start(
+        "smuggle",
+        echo_upstream().await?,
+        &["--skip-auth-paths", "/public/.*"],
+    )
+    .await?;
+    let jar = Arc::new(Jar::default());
+    let browser = browser(&jar)?;
+    login(&browser, &proxy, "/", "alice").await?;
+    let smuggled = [
+        ("X-Forwarded-User", "mallory"),
+        ("x_forwarded_user", "mallory"),
+        ("X-FORWARDED-EMAIL", "mallory@corp.example"),
+        ("X_Forwarded_Groups", "admins"),
+        ("x-forwarded-groups", "admins"),
+        ("X-Auth-Request-User", "mallory"),
+        ("x-forwarded-preferred-username", "mallory"),
+        ("X-Forwarded-Access-Token", "forged"),
+    ];
+    for path in ["/app", "/public/app.js"] {
+        let mut request = browser.get(proxy.url(path));
+        for (k, v) in smuggled {
+            request = request.header(k, v);
+        }
+        let echo = echoed(request.send().await?).await?;
+        let text = echo["headers"].to_string();
+        ensure!(
+            !text.contains("mallory") && !text.contains("admins") && !text.contains("forged"),
+            "{path}: {text}"
+        );
+        if path == "/app" {
+            ensure!(header(&echo, "x-forwarded-user") == ["alice"], "{echo}");
+        } else {
+            ensure!(
+                header(&echo, "x-forwarded-user").is_empty(),
+                "skipped routes carry no identity: {echo}"
+            );
+        }
+        ensure!(
+            echo["headers"].get("x_forwarded_user").is_none(),
+            "underscore variant: {echo}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn spoofed_forwarded_headers_from_an_untrusted_client_are_dropped() -> Result<()> {
+    let proxy = Proxy::start(
+        "forwarded",
+        echo_upstream().await?,
+        &["--skip-auth-paths", "/public/.*"],
+    )
+    .await?;
+    let client = reqwest::Client::new();
+    let echo = echoed(
+        client
+            .get(proxy.url("/public/x"))
+            .header("X-Forwarded-Host", "evil.com")
+            .header("X-Forwarded-Uri", "/admin")
+            .header("X-Forwarded-Proto", "https")
+            .header("X-Forwarded-For", "10.9.9.9")
+            .header("Forwarded", "for=10.9.9.9;host=evil.com")
+            .send()
+            .await?,
+    )
+    .await?;
+    let host = proxy.base.trim_start_matches("http://");
+    ensure!(header(&echo, "x-forwarded-host") == [host], "{echo}");
+    ensure!(header(&echo, "x-forwarded-uri").is_empty(), "{echo}");
+    ensure!(header(&echo, "x-forwarded-for") == ["127.0.0.1"], "{echo}");
+    ensure!(header(&echo, "x-forwarded-proto") == ["http"], "{echo}");
+    ensure!(header(&echo, "forwarded").is_empty(), "{echo}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn skip_auth_rules_cannot_be_widened_by_query_encoding_or_dot_segments() -> Result<()> {
+    let proxy = Proxy::start(
+        "skip",
+        echo_upstream().await?,
+        &["--skip-auth-paths", "/public/.*,/healthz"],
+    )
+    .await?;
+    // Raw requests: an HTTP client library would resolve dot segments and decode
+    // `%2e` itself, and then the proxy would never see the attack.
+    let address = proxy.base.trim_start_matches("http://").to_string();
+    let status = |path: &'static str| {
+        let address = address.clone();
+        async move { raw_get_status(&address, path).await }
+    };
+    ensure!(status("/public/app.js").await? == 200);
+    ensure!(status("/healthz").await? == 200);
+    for (path, want) in [
+        ("/admin?r=/public/x", 401),       // the query is not the path
+        ("/healthz/../admin", 401),        // resolved before matching: /admin
+        ("/public/../admin", 401),         // same
+        ("/admin/healthz", 401),           // anchored: no substring match
+        ("/admin#/public/x", 401),         // the fragment is not part of the path: /admin
+        ("/public%2F..%2Fadmin", 400),     // an encoded slash is ambiguous
+        ("/public/%2e%2e/admin", 400),     // encoded dot segment
+        ("/public;/../admin", 400),        // path parameters
+        ("/public/x%23/../../admin", 400), // encoded '#'
+    ] {
+        let got = status(path).await?;
+        ensure!(got == want, "{path}: {got}, want {want}");
+    }
+    Ok(())
+}
+
+/// Sends `GET <path>` byte for byte and returns the status code.
+async fn raw_get_status(address: &str, path: &str) -> Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("no status line in {text:?}"))
+}
+
+/// The redirect the login ends on, for a start with `rd` (or the header).
+async fn landing_after_start(
+    browser: &reqwest::Client,
+    proxy: &Proxy,
+    rd: &str,
+    header: bool,
+) -> Result<String> {
+    let mut request = browser.get(proxy.url("/oauth2/start"));
+    request = if header {
+        request.header("X-Auth-Request-Redirect", rd)
+    } else {
+        request.query(&[("rd", rd)])
+    };
+    let response = request.send().await?;
+    if response.status().is_redirection() {
+        // Stopped at a redirect to another host: that is the open redirect.
+        let to = response
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        return Ok(format!("redirected off-site to {to}"));
+    }
+    let url = response.url().clone();
+    let echo = echoed(response).await?;
+    ensure!(url.as_str().starts_with(&proxy.base), "ended on {url}");
+    Ok(echo["path"].as_str().unwrap_or_default().to_string())
+}
+
+#[tokio::test]
+async fn open_redirects_through_rd_and_x_auth_request_redirect_are_refused() -> Result<()> {
+    let proxy = Proxy::start("redirect", echo_upstream().await?, &[]).await?;
+    let jar = Arc::new(Jar::default());
+    let browser = browser(&jar)?;
+    login(&browser, &proxy, "/", "alice").await?;
+    let port = proxy.base.rsplit(':').next().unwrap_or_default().to_string();
+    ensure!(landing_after_start(&browser, &proxy, "/allowed?x=1", false).await? == "/allowed");
+    let absolute_ok = format!("http://127.0.0.1:{port}/absolute");
+    ensure!(landing_after_start(&browser, &proxy, &absolute_ok, false).await? == "/absolute");
+    let attacks = [
+        "//evil.com/".to_string(),
+        "/\\evil.com".to_string(),
+        "/%09/evil.com".to_string(),
+        "/%5Cevil.com".to_string(),
+        "javascript:alert(1)".to_string(),
+        "https://evil.com/".to_string(),
+        format!("http://127.0.0.1:{port}@evil.com/"),
+        format!("http://127.0.0.1.evil.com:{port}/"),
+        "http://127.0.0.1:1/".to_string(),
+        "http:evil.com".to_string(),
+    ];
+    for attack in &attacks {
+        for via_header in [false, true] {
+            let landed = landing_after_start(&browser, &proxy, attack, via_header).await?;
+            ensure!(
+                landed == "/",
+                "{attack} (header: {via_header}) landed on {landed}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs a login up to the provider's redirect back to the callback, and returns
+/// that callback URL without calling it.
+async fn callback_url(jar: &Arc<Jar>, proxy: &Proxy, user: &str) -> Result<String> {
+    let stop_at_callback = reqwest::Client::builder()
+        .cookie_provider(jar.clone())
+        .redirect(Policy::custom(|attempt| {
+            if attempt.url().path() == "/oauth2/callback" {
+                attempt.stop()
+            } else {
+                attempt.follow()
+            }
+        }))
+        .build()?;
+    let page = stop_at_callback
+        .get(proxy.url("/oauth2/start?rd=/done"))
+        .send()
+        .await?;
+    let response = if page.url().path().starts_with("/interaction/") {
+        let form = page.url().clone();
+        stop_at_callback
+            .post(form)
+            .form(&[("login", user), ("password", &format!("{user}-pass"))])
+            .send()
+            .await?
+    } else {
+        page
+    };
+    let location = response
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .context("the provider redirects to the callback")?;
+    ensure!(location.contains("/oauth2/callback?"), "{location}");
+    Ok(location.to_string())
+}
+
+#[tokio::test]
+async fn callbacks_without_the_csrf_cookie_with_a_foreign_state_or_replayed_are_refused() -> Result<()> {
+    let proxy = Proxy::start("csrf", echo_upstream().await?, &[]).await?;
+    let jar = Arc::new(Jar::default());
+    let callback = callback_url(&jar, &proxy, "alice").await?;
+    let csrf = cookie_header(&jar, &proxy)?;
+    let plain = reqwest::Client::builder().redirect(Policy::none()).build()?;
+
+    // Another browser (the victim of a login CSRF) has no login in progress.
+    let missing = plain.get(&callback).send().await?;
+    ensure!(missing.status() == 403, "no CSRF cookie: {}", missing.status());
+
+    // The right cookie with another state.
+    let mut forged = reqwest::Url::parse(&callback)?;
+    let pairs: Vec<(String, String)> = forged
+        .query_pairs()
+        .map(|(k, v)| {
+            let value = if k == "state" {
+                "forged".into()
+            } else {
+                v.into_owned()
+            };
+            (k.into_owned(), value)
+        })
+        .collect();
+    forged.query_pairs_mut().clear().extend_pairs(pairs);
+    let mismatched = plain.get(forged.as_str()).header(COOKIE, &csrf).send().await?;
+    ensure!(
+        mismatched.status() == 403,
+        "foreign state: {}",
+        mismatched.status()
+    );
+
+    // The genuine callback signs in once...
+    let first = plain.get(&callback).header(COOKIE, &csrf).send().await?;
+    ensure!(
+        first.status() == 302,
+        "genuine callback: {} {}",
+        first.status(),
+        first.text().await?
+    );
+    // ...and replaying it, even with the CSRF cookie kept, does not.
+    let replay = plain.get(&callback).header(COOKIE, &csrf).send().await?;
+    ensure!(replay.status() == 403, "replayed callback: {}", replay.status());
+    let body = replay.text().await?;
+    ensure!(body.contains("already used"), "{body}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn sign_out_ends_the_session_and_a_copied_cookie_with_it() -> Result<()> {
+    let proxy = Proxy::start("signout", echo_upstream().await?, &[]).await?;
+    let jar = Arc::new(Jar::default());
+    let browser = browser(&jar)?;
+    echoed(login(&browser, &proxy, "/", "alice").await?).await?;
+    let copied = cookie_header(&jar, &proxy)?;
+    let plain = reqwest::Client::builder().redirect(Policy::none()).build()?;
+    let before = plain
+        .get(proxy.url("/app"))
+        .header(COOKIE, &copied)
+        .send()
+        .await?;
+    ensure!(before.status() == 200, "the copied cookie works before sign-out");
+
+    let out = plain
+        .get(proxy.url("/oauth2/sign_out"))
+        .header(COOKIE, &copied)
+        .send()
+        .await?;
+    ensure!(out.status() == 302, "sign_out: {}", out.status());
+    let to = out
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    ensure!(
+        to.starts_with(&format!("{}/session/end", idp().issuer)),
+        "IdP end-session: {to}"
+    );
+    let cleared = out
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|c| c.starts_with("_chassis_oauth=;") && c.contains("Max-Age=0"));
+    ensure!(cleared, "the session cookie is cleared");
+
+    let after = plain
+        .get(proxy.url("/app"))
+        .header(COOKIE, &copied)
+        .send()
+        .await?;
+    ensure!(
+        after.status() == 401,
+        "a copy of the signed-out cookie: {}",
+        after.status()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn tampered_and_foreign_key_cookies_are_refused() -> Result<()> {
+    let upstream = echo_upstream().await?;
+    let proxy = Proxy::start("tamper", upstream, &[]).await?;
+    let other = Proxy::start("tamper-other-key", upstream, &["--cookie-secret", OTHER_SECRET]).await?;
+    let jar = Arc::new(Jar::default());
+    echoed(login(&browser(&jar)?, &proxy, "/", "alice").await?).await?;
+    let cookie = cookie_header(&jar, &proxy)?;
+    let plain = reqwest::Client::builder().redirect(Policy::none()).build()?;
+    let value_start =
+        cookie.find("_chassis_oauth=").context("session cookie")? + "_chassis_oauth=".len() + 10;
+    let mut tampered = cookie.clone().into_bytes();
+    tampered[value_start] = if tampered[value_start] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered)?;
+    for (what, target, value) in [
+        ("tampered", &proxy, tampered.as_str()),
+        ("sealed with another key", &other, cookie.as_str()),
+    ] {
+        let got = plain
+            .get(target.url("/app"))
+            .header(COOKIE, HeaderValue::from_str(value)?)
+            .send()
+            .await?;
+        ensure!(got.status() == 401, "{what}: {}", got.status());
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn email_domain_rules_parse_the_address_exactly() -> Result<()> {
+    let proxy = Proxy::start(
+        "email",
+        echo_upstream().await?,
+        &["--email-domains", "corp.example"],
+    )
+    .await?;
+    for (user, allowed) in [
+        ("carol", true),
+        ("mallory", false),
+        ("bob", false),
+        ("alice", false),
+    ] {
+        let jar = Arc::new(Jar::default());
+        // A fresh jar has no provider session either: every user signs in on the form.
+        let landed = login(&browser(&jar)?, &proxy, "/app", user).await?;
+        let status = landed.status();
+        let body = landed.text().await?;
+        if allowed {
+            ensure!(status == 200, "{user}: {status} {body}");
+        } else {
+            ensure!(status == 403, "{user} ({body}) got {status}");
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_requests_on_a_session_due_for_refresh_cause_one_refresh() -> Result<()> {
+    // Access tokens live 10 s (ACCESS_TOKEN_TTL of this binary's provider): with a
+    // 6 s refresh window a new session is not due, and is 5 s later.
+    let proxy = Proxy::start("refresh", echo_upstream().await?, &["--cookie-refresh", "6s"]).await?;
+    let jar = Arc::new(Jar::default());
+    echoed(login(&browser(&jar)?, &proxy, "/", "alice").await?).await?;
+    let cookie = cookie_header(&jar, &proxy)?;
+    ensure!(
+        proxy.metric("chassis_oauth_proxy_refreshes").await? == 0.0,
+        "not due right after the login"
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let requests = (0..12).map(|_| {
+        let cookie = cookie.clone();
+        let url = proxy.url("/app");
+        async move {
+            let client = reqwest::Client::builder().redirect(Policy::none()).build()?;
+            let response = client.get(url).header(COOKIE, cookie).send().await?;
+            Ok::<_, anyhow::Error>(response.status().as_u16())
+        }
+    });
+    let statuses = futures::future::try_join_all(requests).await?;
+    ensure!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let refreshes = proxy.metric("chassis_oauth_proxy_refreshes").await?;
+    ensure!(
+        refreshes == 1.0,
+        "12 concurrent requests made {refreshes} refreshes"
+    );
+    Ok(())
+}
