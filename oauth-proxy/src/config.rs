@@ -104,6 +104,15 @@ pub struct Flags {
     /// Send the access token upstream in X-Forwarded-Access-Token.
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_PASS_ACCESS_TOKEN")]
     pub pass_access_token: Option<bool>,
+    /// Accept `Authorization: Bearer <JWT>` from the login issuer for this client id.
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_SKIP_JWT_BEARER_TOKENS")]
+    pub skip_jwt_bearer_tokens: Option<bool>,
+    /// More issuers whose JWTs are accepted as bearer tokens: `issuer-url=audience`.
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_EXTRA_JWT_ISSUERS", value_delimiter = ',')]
+    pub extra_jwt_issuers: Option<Vec<String>>,
+    /// Clock skew allowed on bearer tokens' exp/nbf/iat [default: 30s; at most 5m].
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_BEARER_CLOCK_SKEW")]
+    pub bearer_clock_skew: Option<String>,
 }
 
 /// The YAML file: the same keys as the flags, unknown keys refused.
@@ -135,6 +144,9 @@ pub struct File {
     pub skip_auth_paths: Option<Vec<String>>,
     pub trusted_proxy_cidrs: Option<Vec<String>>,
     pub pass_access_token: Option<bool>,
+    pub skip_jwt_bearer_tokens: Option<bool>,
+    pub extra_jwt_issuers: Option<Vec<String>>,
+    pub bearer_clock_skew: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,6 +182,9 @@ pub struct Config {
     pub skip_auth_paths: Vec<regex::Regex>,
     pub trusted_proxy_cidrs: Vec<IpNet>,
     pub pass_access_token: bool,
+    /// `(issuer, audience)` pairs whose JWTs are accepted as bearer tokens.
+    pub bearer_issuers: Vec<(String, String)>,
+    pub bearer_clock_skew: Duration,
 }
 
 /// Parses `1h30m`, `90s`, `168h`, `0` into a duration; the error names the key.
@@ -337,13 +352,33 @@ impl Config {
         if !scopes.iter().any(|s| s == "openid") {
             return Err("scope: must include openid".into());
         }
+        let client_id = required("client-id", pick!(flags, file, client_id))?;
+        let mut bearer_issuers = Vec::new();
+        if pick!(flags, file, skip_jwt_bearer_tokens).unwrap_or(false) {
+            bearer_issuers.push((issuer.trim_end_matches('/').to_string(), client_id.clone()));
+        }
+        for pair in pick!(flags, file, extra_jwt_issuers).unwrap_or_default() {
+            let (iss, aud) = pair
+                .rsplit_once('=')
+                .filter(|(i, a)| !i.is_empty() && !a.is_empty())
+                .ok_or_else(|| format!("extra-jwt-issuers: {pair:?} must be issuer-url=audience"))?;
+            url("extra-jwt-issuers", iss, &["http", "https"])?;
+            bearer_issuers.push((iss.trim_end_matches('/').to_string(), aud.to_string()));
+        }
+        let bearer_clock_skew = parse_duration(
+            "bearer-clock-skew",
+            pick!(flags, file, bearer_clock_skew).as_deref().unwrap_or("30s"),
+        )?;
+        if bearer_clock_skew > Duration::from_secs(300) {
+            return Err("bearer-clock-skew: at most 5m".into());
+        }
         let config = Self {
             http_address: pick!(flags, file, http_address).unwrap_or_else(|| ([0, 0, 0, 0], 4180).into()),
             metrics_address: pick!(flags, file, metrics_address)
                 .unwrap_or_else(|| ([0, 0, 0, 0], 9180).into()),
             upstream: url("upstream", &upstream, &["http", "https"])?,
             issuer_url: url("oidc-issuer-url", &issuer, &["http", "https"])?,
-            client_id: required("client-id", pick!(flags, file, client_id))?,
+            client_id,
             client_secret,
             redirect_url,
             scopes,
@@ -362,6 +397,8 @@ impl Config {
             skip_auth_paths,
             trusted_proxy_cidrs,
             pass_access_token: pick!(flags, file, pass_access_token).unwrap_or(false),
+            bearer_issuers,
+            bearer_clock_skew,
         };
         if config.http_address == config.metrics_address {
             return Err("metrics-address: must differ from http-address".into());

@@ -15,6 +15,7 @@
 //! (the path the skip-auth rules and the upstream both see), [`headers`] (what
 //! the upstream can trust), [`session`] (the sealed cookie).
 
+pub mod bearer;
 pub mod config;
 pub mod headers;
 pub mod metrics;

@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chassis_oauth_proxy::bearer::BearerVerifier;
 use chassis_oauth_proxy::config::{Config, Flags};
-use chassis_oauth_proxy::oidc::Provider;
+use chassis_oauth_proxy::oidc::{self, Provider};
 use chassis_oauth_proxy::server::{self, App};
 use clap::Parser;
 use warp::Filter;
@@ -17,6 +18,31 @@ async fn discover(app: Arc<App>) {
     loop {
         match Provider::discover(&app.config).await {
             Ok(provider) => {
+                if !app.config.bearer_issuers.is_empty() {
+                    let bearer = match oidc::http_client(app.config.provider_ca_file.as_deref()) {
+                        Ok(http) => {
+                            BearerVerifier::discover(
+                                &app.config.bearer_issuers,
+                                http,
+                                app.config.bearer_clock_skew,
+                                app.config.groups_claim.clone(),
+                            )
+                            .await
+                        }
+                        Err(e) => Err(e.to_string()),
+                    };
+                    match bearer {
+                        Ok(b) => {
+                            let _ = app.bearer.set(b);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, retry_in = ?delay, "bearer issuer discovery failed");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(30));
+                            continue;
+                        }
+                    }
+                }
                 let _ = app.provider.set(provider);
                 tracing::info!(issuer = %app.config.issuer_url, "issuer discovered");
                 return;

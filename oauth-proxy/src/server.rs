@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, OnceCell};
 use warp::Filter;
 
+use crate::bearer::BearerVerifier;
 use crate::config::{Config, SameSite};
 use crate::headers::{self, Identity as HeaderIdentity};
 use crate::metrics::Metrics;
@@ -50,6 +51,8 @@ type RefreshSlot = Arc<Mutex<Option<(u64, Session)>>>;
 pub struct App {
     pub config: Config,
     pub provider: OnceCell<Provider>,
+    /// Bearer-token verification, when issuers are configured (see [`crate::bearer`]).
+    pub bearer: OnceCell<BearerVerifier>,
     pub sealer: Sealer,
     pub redirects: RedirectPolicy,
     pub metrics: Metrics,
@@ -156,6 +159,7 @@ impl App {
         Ok(Arc::new(Self {
             config,
             provider: OnceCell::new(),
+            bearer: OnceCell::new(),
             sealer,
             redirects,
             metrics: Metrics::default(),
@@ -346,6 +350,9 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -
     }
 
     let Some(session) = app.session(&parts.headers).await else {
+        if let Some(token) = bearer_token(&parts.headers) {
+            return bearer(&app, parts, body, &normalized, remote, &token).await;
+        }
         app.metrics.refused("no_session");
         return unauthenticated(&parts);
     };
@@ -397,6 +404,49 @@ fn strip_own_cookies(headers: &mut HeaderMap, name: &str) {
     {
         headers.insert(COOKIE, v);
     }
+}
+
+/// The token of an `Authorization: Bearer` header.
+fn bearer_token(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
+}
+
+/// A request with a bearer token and no session: verified, authorized, proxied.
+async fn bearer(
+    app: &App,
+    parts: http::request::Parts,
+    body: Incoming,
+    normalized: &str,
+    remote: SocketAddr,
+    token: &str,
+) -> Response<Body> {
+    let Some(verifier) = app.bearer.get() else {
+        app.metrics.refused("bearer_disabled");
+        return text(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized: bearer tokens are not accepted here",
+        );
+    };
+    let identity = match verifier.verify(token).await {
+        Ok(identity) => identity,
+        Err(why) => {
+            app.metrics.refused("bearer_invalid");
+            return text(
+                StatusCode::UNAUTHORIZED,
+                format!("unauthorized: bearer token {why}"),
+            );
+        }
+    };
+    let session = to_session(identity, now());
+    if let Some(why) = authorize(&app.config, &session) {
+        app.metrics.refused("forbidden");
+        return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
+    }
+    proxy(app, parts, body, normalized, remote, Some(&session)).await
 }
 
 /// Browsers go to the login; API clients get 401.

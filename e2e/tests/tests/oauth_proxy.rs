@@ -744,3 +744,179 @@ async fn concurrent_requests_on_a_session_due_for_refresh_cause_one_refresh() ->
     );
     Ok(())
 }
+
+/// An issuer of our own (discovery and JWKS served here, an RSA key from openssl),
+/// so tests can sign tokens that are valid in every way but one.
+struct TestIssuer {
+    url: String,
+    private_pem: Vec<u8>,
+    public_pem: Vec<u8>,
+}
+
+async fn test_issuer() -> Result<TestIssuer> {
+    let dir = state_dir().join(format!("jwt-issuer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let key = dir.join("key.pem");
+    let openssl = |args: &[&str]| -> Result<Vec<u8>> {
+        let out = std::process::Command::new("openssl").args(args).output()?;
+        ensure!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(out.stdout)
+    };
+    let key_path = key.display().to_string();
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        &key_path,
+    ])?;
+    let public_pem = openssl(&["rsa", "-in", &key_path, "-pubout"])?;
+    let modulus = String::from_utf8(openssl(&["rsa", "-in", &key_path, "-noout", "-modulus"])?)?;
+    let hex = modulus.trim().trim_start_matches("Modulus=");
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
+        .collect::<Result<_, _>>()?;
+    use base64::Engine;
+    let n = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://127.0.0.1:{}", listener.local_addr()?.port());
+    let jwks =
+        json!({"keys": [{"kty": "RSA", "kid": "k1", "use": "sig", "alg": "RS256", "n": n, "e": "AQAB"}]});
+    let discovery = json!({"issuer": url, "jwks_uri": format!("{url}/jwks")});
+    let routes = warp::path!(".well-known" / "openid-configuration")
+        .map(move || warp::reply::json(&discovery))
+        .or(warp::path!("jwks").map(move || warp::reply::json(&jwks)));
+    tokio::spawn(warp::serve(routes).incoming(listener).run());
+    Ok(TestIssuer {
+        url,
+        private_pem: std::fs::read(&key)?,
+        public_pem,
+    })
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl TestIssuer {
+    fn sign(&self, claims: &Value, kid: &str) -> Result<String> {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid = Some(kid.into());
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(&self.private_pem)?;
+        Ok(jsonwebtoken::encode(&header, claims, &key)?)
+    }
+
+    fn claims(&self) -> Value {
+        json!({"iss": self.url, "aud": "api", "sub": "robot", "email": "robot@example.com",
+               "email_verified": true, "groups": ["bots"], "exp": unix_now() + 300, "iat": unix_now()})
+    }
+}
+
+#[tokio::test]
+async fn bearer_tokens_are_checked_for_algorithm_key_issuer_audience_and_time() -> Result<()> {
+    let issuer = test_issuer().await?;
+    let proxy = Proxy::start(
+        "bearer",
+        echo_upstream().await?,
+        &[
+            "--extra-jwt-issuers",
+            &format!("{}=api", issuer.url),
+            "--bearer-clock-skew",
+            "30s",
+        ],
+    )
+    .await?;
+    let client = reqwest::Client::builder().redirect(Policy::none()).build()?;
+    let call = |token: String| {
+        let client = client.clone();
+        let url = proxy.url("/api/items");
+        async move {
+            let r = client.get(url).bearer_auth(token).send().await?;
+            let status = r.status().as_u16();
+            Ok::<_, anyhow::Error>((status, r.text().await?))
+        }
+    };
+    let valid = issuer.sign(&issuer.claims(), "k1")?;
+    let (status, body) = call(valid).await?;
+    ensure!(status == 200, "a valid token: {status} {body}");
+    let echo: Value = serde_json::from_str(&body)?;
+    ensure!(
+        header(&echo, "x-forwarded-user") == ["robot"] && header(&echo, "x-forwarded-groups") == ["bots"],
+        "{echo}"
+    );
+
+    let with = |edit: &dyn Fn(&mut Value)| -> Result<String> {
+        let mut claims = issuer.claims();
+        edit(&mut claims);
+        issuer.sign(&claims, "k1")
+    };
+    use base64::Engine;
+    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let alg_none = format!(
+        "{}.{}.",
+        b64(&json!({"alg": "none", "typ": "JWT"})),
+        b64(&issuer.claims())
+    );
+    let hs256_with_the_public_key = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &issuer.claims(),
+        &jsonwebtoken::EncodingKey::from_secret(&issuer.public_pem),
+    )?;
+    let attacks: Vec<(&str, String)> = vec![
+        ("alg=none", alg_none),
+        ("HS256 signed with the RSA public key", hs256_with_the_public_key),
+        ("wrong iss", with(&|c| c["iss"] = json!("http://127.0.0.1:1"))?),
+        ("wrong aud", with(&|c| c["aud"] = json!("another-api"))?),
+        ("expired", with(&|c| c["exp"] = json!(unix_now() - 120))?),
+        (
+            "nbf in the future",
+            with(&|c| c["nbf"] = json!(unix_now() + 120))?,
+        ),
+        (
+            "string exp",
+            with(&|c| c["exp"] = json!((unix_now() + 300).to_string()))?,
+        ),
+        (
+            "no exp",
+            with(&|c| {
+                if let Some(m) = c.as_object_mut() {
+                    m.remove("exp");
+                }
+            })?,
+        ),
+        ("unknown kid", issuer.sign(&issuer.claims(), "k2")?),
+        ("tampered payload", {
+            let token = issuer.sign(&issuer.claims(), "k1")?;
+            let parts: Vec<&str> = token.split('.').collect();
+            let forged = b64(&with_sub(&issuer.claims(), "admin"));
+            format!(
+                "{}.{forged}.{}",
+                parts[0],
+                parts.get(2).copied().unwrap_or_default()
+            )
+        }),
+    ];
+    for (attack, token) in attacks {
+        let (status, body) = call(token).await?;
+        ensure!(status == 401, "{attack}: {status} {body}");
+    }
+    // Within the bounded skew, a just-expired token still passes.
+    let (status, body) = call(with(&|c| c["exp"] = json!(unix_now() - 10))?).await?;
+    ensure!(status == 200, "10 s past exp with 30 s skew: {status} {body}");
+    Ok(())
+}
+
+fn with_sub(claims: &Value, sub: &str) -> Value {
+    let mut c = claims.clone();
+    c["sub"] = json!(sub);
+    c
+}

@@ -1,0 +1,271 @@
+//! Bearer mode for API clients: `Authorization: Bearer <JWT>` is accepted without a
+//! session when an allowed issuer signed it for an allowed audience. The checks, in
+//! order: the header names an asymmetric algorithm from the allow-list (never
+//! `none`, never HMAC: a public key must not become a shared secret); `iss` is a
+//! configured issuer exactly; the key is that issuer's, by `kid` (unknown ids
+//! refetch its JWKS at most every [`JWKS_REFETCH_INTERVAL`]) and of the algorithm's
+//! family; the signature; `exp` (required), `nbf` and `iat` are JSON numbers and in
+//! range with a bounded clock skew; `aud` holds the issuer's configured audience.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+use tokio::sync::{Mutex, RwLock};
+
+use crate::oidc::Identity;
+
+/// Least time between two JWKS refetches of one issuer.
+pub const JWKS_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
+/// Largest clock skew a configuration may allow.
+pub const MAX_SKEW: Duration = Duration::from_secs(300);
+
+/// Asymmetric algorithms only.
+pub const ALLOWED_ALGORITHMS: [Algorithm; 8] = [
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+];
+
+pub struct Issuer {
+    pub issuer: String,
+    pub audience: String,
+    jwks_uri: String,
+    keys: RwLock<JwkSet>,
+    last_fetch: Mutex<Option<Instant>>,
+}
+
+pub struct BearerVerifier {
+    issuers: Vec<Arc<Issuer>>,
+    http: openidconnect::reqwest::Client,
+    skew: Duration,
+    groups_claim: String,
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn fetch_json(http: &openidconnect::reqwest::Client, url: &str) -> Result<Value, String> {
+    let response = http.get(url).send().await.map_err(|e| format!("{url}: {e}"))?;
+    if !response.status().is_success() {
+        return Err(format!("{url}: HTTP {}", response.status()));
+    }
+    let bytes = response.bytes().await.map_err(|e| format!("{url}: {e}"))?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("{url}: not JSON: {e}"))
+}
+
+/// The claims of a JWT without verifying it (to pick the issuer); `None` if the
+/// token is not three base64url parts with a JSON payload.
+fn unverified_payload(token: &str) -> Option<serde_json::Map<String, Value>> {
+    let mut parts = token.split('.');
+    let (_, payload, _, None) = (parts.next()?, parts.next()?, parts.next()?, parts.next()) else {
+        return None;
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+impl BearerVerifier {
+    /// Discovers each `(issuer, audience)` pair's JWKS.
+    pub async fn discover(
+        pairs: &[(String, String)],
+        http: openidconnect::reqwest::Client,
+        skew: Duration,
+        groups_claim: String,
+    ) -> Result<Self, String> {
+        if skew > MAX_SKEW {
+            return Err(format!(
+                "bearer clock skew {skew:?} is over the limit of {MAX_SKEW:?}"
+            ));
+        }
+        let mut issuers = Vec::new();
+        for (issuer, audience) in pairs {
+            let url = format!(
+                "{}/.well-known/openid-configuration",
+                issuer.trim_end_matches('/')
+            );
+            let doc = fetch_json(&http, &url).await?;
+            if doc.get("issuer").and_then(Value::as_str) != Some(issuer.as_str()) {
+                return Err(format!("{url} names another issuer than {issuer}"));
+            }
+            let jwks_uri = doc
+                .get("jwks_uri")
+                .and_then(Value::as_str)
+                .ok_or_else(|| format!("{url} has no jwks_uri"))?
+                .to_string();
+            let keys: JwkSet = serde_json::from_value(fetch_json(&http, &jwks_uri).await?)
+                .map_err(|e| format!("{jwks_uri}: not a JWK set: {e}"))?;
+            issuers.push(Arc::new(Issuer {
+                issuer: issuer.clone(),
+                audience: audience.clone(),
+                jwks_uri,
+                keys: RwLock::new(keys),
+                last_fetch: Mutex::new(Some(Instant::now())),
+            }));
+        }
+        Ok(Self {
+            issuers,
+            http,
+            skew,
+            groups_claim,
+        })
+    }
+
+    async fn refetch(&self, issuer: &Issuer) -> bool {
+        let mut last = issuer.last_fetch.lock().await;
+        if last.is_some_and(|at| at.elapsed() < JWKS_REFETCH_INTERVAL) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        match fetch_json(&self.http, &issuer.jwks_uri)
+            .await
+            .and_then(|v| serde_json::from_value::<JwkSet>(v).map_err(|e| e.to_string()))
+        {
+            Ok(keys) => {
+                *issuer.keys.write().await = keys;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(issuer = %issuer.issuer, error = %e, "refetching the JWKS failed");
+                false
+            }
+        }
+    }
+
+    /// Verifies `token`; the error says why it is refused.
+    pub async fn verify(&self, token: &str) -> Result<Identity, String> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| format!("not a JWT: {e}"))?;
+        if !ALLOWED_ALGORITHMS.contains(&header.alg) {
+            return Err(format!("algorithm {:?} is not allowed", header.alg));
+        }
+        let claims = unverified_payload(token).ok_or("not a JWT: the payload is not JSON")?;
+        let iss = claims.get("iss").and_then(Value::as_str).ok_or("no iss claim")?;
+        let issuer = self
+            .issuers
+            .iter()
+            .find(|i| i.issuer == iss)
+            .ok_or_else(|| format!("issuer {iss} is not allowed"))?;
+        // Numbers only: a string `exp` would be read as absent by lenient parsers.
+        for claim in ["exp", "nbf", "iat"] {
+            if let Some(v) = claims.get(claim)
+                && !v.is_number()
+            {
+                return Err(format!("{claim} is not a number"));
+            }
+        }
+        if claims.get("exp").is_none() {
+            return Err("no exp claim".into());
+        }
+        let kid = header.kid.as_deref();
+        let mut key = self.key_for(issuer, kid, header.alg).await;
+        if key.is_none() && self.refetch(issuer).await {
+            key = self.key_for(issuer, kid, header.alg).await;
+        }
+        let key = key.ok_or_else(|| format!("no key of {iss} matches kid {kid:?} and {:?}", header.alg))?;
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = self.skew.as_secs();
+        validation.validate_nbf = true;
+        validation.set_issuer(&[&issuer.issuer]);
+        validation.set_audience(&[&issuer.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        let verified = jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, &key, &validation)
+            .map_err(|e| format!("refused: {e}"))?
+            .claims;
+        if let Some(iat) = verified.get("iat").and_then(Value::as_u64)
+            && iat > now() + self.skew.as_secs()
+        {
+            return Err("issued in the future".into());
+        }
+        let s = |k: &str| verified.get(k).and_then(Value::as_str).map(str::to_string);
+        let groups = match verified.get(&self.groups_claim) {
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect(),
+            Some(Value::String(one)) => vec![one.clone()],
+            _ => Vec::new(),
+        };
+        Ok(Identity {
+            subject: s("sub").ok_or("no sub claim")?,
+            email: s("email"),
+            email_verified: verified.get("email_verified") == Some(&Value::Bool(true)),
+            preferred_username: s("preferred_username"),
+            groups,
+            access_token: token.to_string(),
+            id_token: String::new(),
+            refresh_token: None,
+            expires_at: verified.get("exp").and_then(Value::as_u64).unwrap_or(0),
+        })
+    }
+
+    /// The issuer's key with `kid` (or its only key without one), if its type fits `alg`.
+    async fn key_for(&self, issuer: &Issuer, kid: Option<&str>, alg: Algorithm) -> Option<DecodingKey> {
+        let keys = issuer.keys.read().await;
+        let candidates: Vec<_> = keys
+            .keys
+            .iter()
+            .filter(|k| match kid {
+                Some(kid) => k.common.key_id.as_deref() == Some(kid),
+                None => true,
+            })
+            .collect();
+        let jwk = match (kid, candidates.as_slice()) {
+            (Some(_), [one, ..]) | (None, [one]) => *one,
+            _ => return None,
+        };
+        let family_fits = matches!(
+            (&jwk.algorithm, alg),
+            (
+                jsonwebtoken::jwk::AlgorithmParameters::RSA(_),
+                Algorithm::RS256
+                    | Algorithm::RS384
+                    | Algorithm::RS512
+                    | Algorithm::PS256
+                    | Algorithm::PS384
+                    | Algorithm::PS512
+            ) | (
+                jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_),
+                Algorithm::ES256 | Algorithm::ES384
+            )
+        );
+        if !family_fits {
+            return None;
+        }
+        DecodingKey::from_jwk(jwk).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_that_is_not_three_parts_has_no_payload() {
+        assert!(unverified_payload("a.b").is_none());
+        assert!(unverified_payload("a.b.c.d").is_none());
+        assert!(
+            unverified_payload("e30.e30.").is_some(),
+            "{{}} . {{}} . empty signature"
+        );
+    }
+
+    #[test]
+    fn hmac_and_none_are_not_allowed() {
+        assert!(!ALLOWED_ALGORITHMS.contains(&Algorithm::HS256));
+        assert!(!ALLOWED_ALGORITHMS.contains(&Algorithm::HS512));
+    }
+}
