@@ -113,6 +113,14 @@ pub struct Flags {
     /// Clock skew allowed on bearer tokens' exp/nbf/iat [default: 30s; at most 5m].
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_BEARER_CLOCK_SKEW")]
     pub bearer_clock_skew: Option<String>,
+    /// Kubernetes RBAC decides who gets in: a SubjectAccessReview with these resource
+    /// attributes (JSON, e.g. {"namespace":"a","verb":"get","resource":"services","name":"web"})
+    /// for the signed-in user and groups.
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_SAR_RESOURCE_ATTRIBUTES")]
+    pub sar_resource_attributes: Option<String>,
+    /// Kubeconfig for SubjectAccessReviews (in-cluster configuration when unset).
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// The YAML file: the same keys as the flags, unknown keys refused.
@@ -147,6 +155,8 @@ pub struct File {
     pub skip_jwt_bearer_tokens: Option<bool>,
     pub extra_jwt_issuers: Option<Vec<String>>,
     pub bearer_clock_skew: Option<String>,
+    pub sar_resource_attributes: Option<serde_json::Value>,
+    pub kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,6 +195,9 @@ pub struct Config {
     /// `(issuer, audience)` pairs whose JWTs are accepted as bearer tokens.
     pub bearer_issuers: Vec<(String, String)>,
     pub bearer_clock_skew: Duration,
+    /// SubjectAccessReview resource attributes every user must be allowed.
+    pub sar: Option<k8s_openapi::api::authorization::v1::ResourceAttributes>,
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// Parses `1h30m`, `90s`, `168h`, `0` into a duration; the error names the key.
@@ -372,6 +385,26 @@ impl Config {
         if bearer_clock_skew > Duration::from_secs(300) {
             return Err("bearer-clock-skew: at most 5m".into());
         }
+        let sar_text = flags
+            .sar_resource_attributes
+            .as_ref()
+            .map(|t| serde_json::from_str::<serde_json::Value>(t).map_err(|e| e.to_string()))
+            .or_else(|| file.sar_resource_attributes.take().map(Ok))
+            .transpose()
+            .map_err(|e| format!("sar-resource-attributes: not JSON: {e}"))?;
+        let sar = sar_text
+            .map(|v| {
+                let attrs: k8s_openapi::api::authorization::v1::ResourceAttributes =
+                    serde_json::from_value(v).map_err(|e| format!("sar-resource-attributes: {e}"))?;
+                if attrs.verb.as_deref().is_none_or(str::is_empty) {
+                    return Err("sar-resource-attributes: verb is required".to_string());
+                }
+                if attrs.resource.as_deref().is_none_or(str::is_empty) {
+                    return Err("sar-resource-attributes: resource is required".to_string());
+                }
+                Ok(attrs)
+            })
+            .transpose()?;
         let config = Self {
             http_address: pick!(flags, file, http_address).unwrap_or_else(|| ([0, 0, 0, 0], 4180).into()),
             metrics_address: pick!(flags, file, metrics_address)
@@ -399,6 +432,8 @@ impl Config {
             pass_access_token: pick!(flags, file, pass_access_token).unwrap_or(false),
             bearer_issuers,
             bearer_clock_skew,
+            sar,
+            kubeconfig: pick!(flags, file, kubeconfig),
         };
         if config.http_address == config.metrics_address {
             return Err("metrics-address: must differ from http-address".into());
@@ -450,7 +485,7 @@ mod tests {
     #[test]
     fn invalid_values_name_their_key() {
         type Edit = Box<dyn Fn(&mut Flags)>;
-        let cases: [(&str, Edit); 6] = [
+        let cases: [(&str, Edit); 10] = [
             ("cookie-expire", Box::new(|f| f.cookie_expire = Some("7d".into()))),
             (
                 "skip-auth-paths",
@@ -469,6 +504,22 @@ mod tests {
                 Box::new(|f| f.cookie_samesite = Some("sometimes".into())),
             ),
             ("upstream", Box::new(|f| f.upstream = Some("ftp://x".into()))),
+            (
+                "sar-resource-attributes",
+                Box::new(|f| f.sar_resource_attributes = Some("{verb: get".into())),
+            ),
+            (
+                "sar-resource-attributes",
+                Box::new(|f| f.sar_resource_attributes = Some(r#"{"verb":"get"}"#.into())),
+            ),
+            (
+                "extra-jwt-issuers",
+                Box::new(|f| f.extra_jwt_issuers = Some(vec!["https://idp".into()])),
+            ),
+            (
+                "bearer-clock-skew",
+                Box::new(|f| f.bearer_clock_skew = Some("1h".into())),
+            ),
         ];
         for (key, edit) in cases {
             let mut flags = minimal();

@@ -56,8 +56,26 @@ async fn discover(app: Arc<App>) {
     }
 }
 
+/// The Kubernetes client for SubjectAccessReviews: the kubeconfig given, else the
+/// in-cluster (or `KUBECONFIG`) configuration.
+async fn kube_client(path: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match path {
+        Some(p) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(p)?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+                .await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
 async fn run(config: Config) -> anyhow::Result<()> {
     let app = App::new(config).map_err(anyhow::Error::msg)?;
+    if app.config.sar.is_some() {
+        let client = kube_client(app.config.kubeconfig.as_deref()).await?;
+        let _ = app.kube.set(client);
+    }
     let listener = tokio::net::TcpListener::bind(app.config.http_address).await?;
     let metrics_app = app.clone();
     let metrics = warp::path!("metrics").map(move || metrics_app.metrics.encode());

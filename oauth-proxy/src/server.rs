@@ -53,6 +53,10 @@ pub struct App {
     pub provider: OnceCell<Provider>,
     /// Bearer-token verification, when issuers are configured (see [`crate::bearer`]).
     pub bearer: OnceCell<BearerVerifier>,
+    /// The Kubernetes client for SubjectAccessReviews, when they are configured.
+    pub kube: OnceCell<kube::Client>,
+    /// Allowed SubjectAccessReviews per user and groups, reused for [`SAR_TTL`].
+    sar_allowed: Mutex<HashMap<String, u64>>,
     pub sealer: Sealer,
     pub redirects: RedirectPolicy,
     pub metrics: Metrics,
@@ -115,6 +119,72 @@ fn cookies(headers: &HeaderMap) -> HashMap<String, String> {
         .collect()
 }
 
+/// How long an allowed SubjectAccessReview is reused (refusals are never reused).
+const SAR_TTL: u64 = 30;
+
+impl App {
+    /// Every authorization rule: groups, email domains, then Kubernetes RBAC.
+    async fn authorized(&self, session: &Session) -> Option<String> {
+        if let Some(why) = authorize(&self.config, session) {
+            return Some(why);
+        }
+        let attrs = self.config.sar.as_ref()?;
+        let key = format!("{}\n{}", session.user, session.groups.join(","));
+        if self
+            .sar_allowed
+            .lock()
+            .await
+            .get(&key)
+            .is_some_and(|until| *until > now())
+        {
+            return None;
+        }
+        let Some(client) = self.kube.get() else {
+            return Some("the Kubernetes API is not reachable yet".into());
+        };
+        let mut groups = session.groups.clone();
+        groups.push("system:authenticated".into());
+        let review = k8s_openapi::api::authorization::v1::SubjectAccessReview {
+            spec: k8s_openapi::api::authorization::v1::SubjectAccessReviewSpec {
+                user: Some(session.user.clone()),
+                groups: Some(groups),
+                resource_attributes: Some(attrs.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let api: kube::Api<k8s_openapi::api::authorization::v1::SubjectAccessReview> =
+            kube::Api::all(client.clone());
+        match api.create(&kube::api::PostParams::default(), &review).await {
+            Ok(answer) if answer.status.as_ref().is_some_and(|s| s.allowed) => {
+                let mut cache = self.sar_allowed.lock().await;
+                let t = now();
+                cache.retain(|_, until| *until > t);
+                cache.insert(key, t + SAR_TTL);
+                None
+            }
+            Ok(answer) => {
+                let reason = answer.status.and_then(|s| s.reason).unwrap_or_default();
+                Some(format!(
+                    "RBAC does not allow {} to {} {}{}",
+                    session.user,
+                    attrs.verb.as_deref().unwrap_or_default(),
+                    attrs.resource.as_deref().unwrap_or_default(),
+                    if reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({reason})")
+                    }
+                ))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "SubjectAccessReview failed");
+                Some("the access review could not be made".into())
+            }
+        }
+    }
+}
+
 /// Why a signed-in user is refused, as a sentence; `None` lets them in.
 pub fn authorize(config: &Config, identity: &Session) -> Option<String> {
     if !config.allowed_groups.is_empty() && !identity.groups.iter().any(|g| config.allowed_groups.contains(g))
@@ -160,6 +230,8 @@ impl App {
             config,
             provider: OnceCell::new(),
             bearer: OnceCell::new(),
+            kube: OnceCell::new(),
+            sar_allowed: Mutex::new(HashMap::new()),
             sealer,
             redirects,
             metrics: Metrics::default(),
@@ -361,7 +433,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -
         .filter(|k| k.starts_with(&app.config.cookie_name))
         .count();
     let (session, refreshed) = app.maybe_refresh(session).await;
-    if let Some(why) = authorize(&app.config, &session) {
+    if let Some(why) = app.authorized(&session).await {
         app.metrics.refused("forbidden");
         return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
     }
@@ -442,7 +514,7 @@ async fn bearer(
         }
     };
     let session = to_session(identity, now());
-    if let Some(why) = authorize(&app.config, &session) {
+    if let Some(why) = app.authorized(&session).await {
         app.metrics.refused("forbidden");
         return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
     }
@@ -778,7 +850,7 @@ async fn callback(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
         }
     };
     let session = to_session(identity, now());
-    if let Some(why) = authorize(&app.config, &session) {
+    if let Some(why) = app.authorized(&session).await {
         app.metrics.refused("forbidden");
         return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
     }
@@ -858,7 +930,7 @@ async fn auth(app: &App, headers: &HeaderMap) -> Response<Body> {
     let Some(s) = app.session(headers).await else {
         return text(StatusCode::UNAUTHORIZED, "unauthorized");
     };
-    if let Some(why) = authorize(&app.config, &s) {
+    if let Some(why) = app.authorized(&s).await {
         return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
     }
     let mut response = text(StatusCode::ACCEPTED, "authenticated");

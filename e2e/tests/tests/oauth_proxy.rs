@@ -920,3 +920,91 @@ fn with_sub(claims: &Value, sub: &str) -> Value {
     c["sub"] = json!(sub);
     c
 }
+
+#[tokio::test]
+async fn subject_access_review_lets_in_the_user_rbac_allows_and_refuses_the_other() -> Result<()> {
+    use k8s_openapi::api::core::v1::Namespace;
+    use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+    use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+    let cluster = chassis_e2e::cluster();
+    let client = cluster.admin().await?;
+    let ns = chassis_e2e::unique("sar");
+    let meta = |name: &str| ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(ns.clone()),
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &Namespace {
+                metadata: ObjectMeta {
+                    name: Some(ns.clone()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await?;
+    Api::<Role>::namespaced(client.clone(), &ns)
+        .create(
+            &PostParams::default(),
+            &Role {
+                metadata: meta("open-app"),
+                rules: Some(vec![PolicyRule {
+                    api_groups: Some(vec![String::new()]),
+                    resources: Some(vec!["services".into()]),
+                    resource_names: Some(vec!["app".into()]),
+                    verbs: vec!["get".into()],
+                    ..Default::default()
+                }]),
+            },
+        )
+        .await?;
+    Api::<RoleBinding>::namespaced(client.clone(), &ns)
+        .create(
+            &PostParams::default(),
+            &RoleBinding {
+                metadata: meta("alice-opens-app"),
+                role_ref: RoleRef {
+                    api_group: "rbac.authorization.k8s.io".into(),
+                    kind: "Role".into(),
+                    name: "open-app".into(),
+                },
+                subjects: Some(vec![Subject {
+                    kind: "User".into(),
+                    name: "alice".into(),
+                    api_group: Some("rbac.authorization.k8s.io".into()),
+                    ..Default::default()
+                }]),
+            },
+        )
+        .await?;
+    let attributes =
+        json!({"namespace": ns, "verb": "get", "resource": "services", "name": "app"}).to_string();
+    let kubeconfig = cluster.kubeconfig().display().to_string();
+    let proxy = Proxy::start(
+        "sar",
+        echo_upstream().await?,
+        &[
+            "--sar-resource-attributes",
+            &attributes,
+            "--kubeconfig",
+            &kubeconfig,
+        ],
+    )
+    .await?;
+    let alice = login(&browser(&Arc::new(Jar::default()))?, &proxy, "/app", "alice").await?;
+    ensure!(header(&echoed(alice).await?, "x-forwarded-user") == ["alice"]);
+    let carol = login(&browser(&Arc::new(Jar::default()))?, &proxy, "/app", "carol").await?;
+    let status = carol.status();
+    let body = carol.text().await?;
+    ensure!(
+        status == 403 && body.contains("RBAC does not allow carol to get services"),
+        "carol: {status} {body}"
+    );
+    Api::<Namespace>::all(client)
+        .delete(&ns, &DeleteParams::default())
+        .await?;
+    Ok(())
+}
