@@ -1008,3 +1008,62 @@ async fn subject_access_review_lets_in_the_user_rbac_allows_and_refuses_the_othe
         .await?;
     Ok(())
 }
+
+/// An upstream serving a WebSocket echo at /ws (and the HTTP echo elsewhere).
+async fn websocket_upstream() -> Result<u16> {
+    use futures::StreamExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let ws = warp::path!("ws").and(warp::ws()).map(|ws: warp::ws::Ws| {
+        ws.on_upgrade(|socket| async move {
+            let (tx, rx) = socket.split();
+            let _ = rx.forward(tx).await;
+        })
+    });
+    tokio::spawn(warp::serve(ws).incoming(listener).run());
+    Ok(port)
+}
+
+#[tokio::test]
+async fn websockets_pass_through_for_a_session_and_not_without_one() -> Result<()> {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let proxy = Proxy::start("websocket", websocket_upstream().await?, &[]).await?;
+    let jar = Arc::new(Jar::default());
+    // Signing in ends on /ws over plain HTTP, which the upstream refuses; the session is what counts.
+    login(&browser(&jar)?, &proxy, "/ws", "alice").await?;
+    let cookie = cookie_header(&jar, &proxy)?;
+    let url = proxy.url("/ws").replace("http://", "ws://");
+
+    let mut request = url.as_str().into_client_request()?;
+    request
+        .headers_mut()
+        .insert(COOKIE, HeaderValue::from_str(&cookie)?);
+    let (mut socket, response) = tokio_tungstenite::connect_async(request).await?;
+    ensure!(response.status() == 101, "upgrade: {}", response.status());
+    for text in ["hello", "through the proxy"] {
+        socket.send(Message::text(text)).await?;
+        let echoed = tokio::time::timeout(Duration::from_secs(5), socket.next())
+            .await?
+            .context("the socket closed")??;
+        ensure!(echoed.to_text()? == text, "echo: {echoed:?}");
+    }
+    socket.close(None).await?;
+
+    let anonymous = tokio_tungstenite::connect_async(url.as_str()).await;
+    match anonymous {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            ensure!(
+                response.status() == 401,
+                "without a session: {}",
+                response.status()
+            );
+        }
+        other => bail!(
+            "a WebSocket without a session must be refused, got {:?}",
+            other.map(|(_, r)| r.status())
+        ),
+    }
+    Ok(())
+}
