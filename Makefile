@@ -21,10 +21,10 @@ deps: ## Check the toolchains and install the Debian packages the scripts use
 	@command -v node >/dev/null && command -v npm >/dev/null || { echo "Node.js and npm are missing: the e2e OpenID provider (e2e/oidc) runs on Node 20 or newer."; exit 1; }
 	@cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 	@cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
-	@missing=""; for c in openssl pgrep curl python3; do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+	@missing=""; for c in openssl pgrep curl python3 chromium; do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
 	if [ -n "$$missing" ]; then \
 	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
-	  echo "installing:$$missing"; $$sudo apt-get update -qq && $$sudo apt-get install -y -qq openssl procps curl python3 >/dev/null; \
+	  echo "installing:$$missing"; $$sudo apt-get update -qq && $$sudo apt-get install -y -qq openssl procps curl python3 chromium >/dev/null; \
 	fi
 
 crds: ## Regenerate crds/ and the chart's copy from the Rust types

@@ -1067,3 +1067,49 @@ async fn websockets_pass_through_for_a_session_and_not_without_one() -> Result<(
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn in_headless_chromium_a_user_signs_in_sees_the_upstream_and_signs_out() -> Result<()> {
+    let proxy = Proxy::start("chromium", echo_upstream().await?, &[]).await?;
+    let out = tokio::process::Command::new("bash")
+        .arg(repo_root().join("e2e/browser/run.sh"))
+        .args([
+            "--url",
+            &proxy.url("/app"),
+            "--user",
+            "alice",
+            "--password",
+            "alice-pass",
+        ])
+        .args(["--sign-out", &proxy.url("/oauth2/sign_out")])
+        .output()
+        .await
+        .context("running e2e/browser/run.sh (headless Chromium)")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "the browser run failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("PAGE "))
+        .context("no PAGE line")?;
+    let (url, body) = page.split_once(' ').context("PAGE <url> <text>")?;
+    ensure!(url == proxy.url("/app"), "landed on {url}");
+    let echo: Value = serde_json::from_str(body).with_context(|| format!("the upstream page: {body}"))?;
+    ensure!(header(&echo, "x-forwarded-user") == ["alice"], "{echo}");
+    ensure!(
+        header(&echo, "x-forwarded-email") == ["alice@example.com"],
+        "{echo}"
+    );
+    let after = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("AFTER "))
+        .context("no AFTER line")?;
+    ensure!(
+        after.starts_with(&format!("{}/interaction/", idp().issuer)),
+        "after sign-out the page asks for a login again, not {after}"
+    );
+    Ok(())
+}
