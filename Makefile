@@ -10,7 +10,7 @@ CARGO        ?= cargo
 E2E_THREADS  ?= 4
 
 .PHONY: help deps crds crds-check fmt fmt-check lint unit build e2e test run demo down \
-        cluster-up cluster-down bench bench-projects bench-netpol image
+        cluster-up cluster-down bench bench-projects bench-netpol bench-proxy image
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -81,6 +81,9 @@ bench-netpol: deps ## chassis-netpol probe against cyclonus, three sizes (about 
 	$(CARGO) build -q --release -p chassis-netpol
 	python3 e2e/bench/netpol.py --netpol target/release/chassis-netpol \
 	  --cyclonus "$$(bash e2e/cluster/build.sh | tail -n 1)/cyclonus-$$(sed -n 's/^CYCLONUS_VERSION=//p' e2e/cluster/versions.env)"
+
+bench-proxy: deps ## chassis-oauth-proxy against oauth2-proxy and the bare upstream (about 5 minutes)
+	bash e2e/bench/proxy.sh
 
 IMAGE_REPO ?= ghcr.io/chassis-dev
 IMAGE_TAG ?= $(shell sed -n 's/^appVersion: "\(.*\)"/\1/p' charts/chassis/Chart.yaml)

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# `make bench-proxy`: the same upstream reached directly, through chassis-oauth-proxy
+# and through oauth2-proxy v7 (built from Go modules), each with a valid session
+# cookie from a real login at the same OpenID provider (e2e/oidc). Closed-loop load
+# at two concurrencies, alternating rounds; writes the `proxy` section of
+# docs/BENCHMARKS.md. Env: BENCH_ROUNDS (3), BENCH_SECONDS (10).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+. e2e/cluster/versions.env
+ROUNDS=${BENCH_ROUNDS:-3}
+SECONDS_PER_RUN=${BENCH_SECONDS:-10}
+OAUTH2_PROXY_VERSION=v7.15.6
+
+cargo build -q --release -p chassis-oauth-proxy -p chassis-bench
+load=target/release/proxy-load
+cache=${CHASSIS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/chassis}/tools-$(go env GOVERSION)
+mkdir -p "$cache"
+if [ ! -x "$cache/oauth2-proxy-$OAUTH2_PROXY_VERSION" ]; then
+  echo "building oauth2-proxy $OAUTH2_PROXY_VERSION from Go modules" >&2
+  tmp=$(mktemp -d)
+  GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS= GOBIN="$tmp" \
+    go install -trimpath "github.com/oauth2-proxy/oauth2-proxy/v7@$OAUTH2_PROXY_VERSION"
+  mv "$tmp/oauth2-proxy" "$cache/oauth2-proxy-$OAUTH2_PROXY_VERSION" && rmdir "$tmp"
+fi
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+up=$(free_port); chassis=$(free_port); chassis_metrics=$(free_port); o2p=$(free_port)
+
+cat >"$work/oidc.json" <<EOF
+{"offline_access_without_prompt_consent": true,
+ "clients": [{"client_id": "chassis", "client_secret": "chassis-secret",
+   "redirect_uris": ["http://127.0.0.1:$chassis/oauth2/callback", "http://127.0.0.1:$o2p/oauth2/callback"],
+   "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"],
+   "token_endpoint_auth_method": "client_secret_basic"}],
+ "users": [{"sub": "alice", "password": "alice-pass", "email": "alice@example.com", "email_verified": true,
+   "name": "Alice", "preferred_username": "alice", "groups": ["developers"]}]}
+EOF
+PORT=0 OIDC_CONFIG="$work/oidc.json" ACCESS_TOKEN_TTL=3600 ID_TOKEN_TTL=3600 \
+  bash e2e/oidc/start.sh >"$work/oidc.out" 2>"$work/oidc.err" &
+pids+=($!)
+for _ in $(seq 1 600); do grep -q '^ready ' "$work/oidc.out" 2>/dev/null && break; sleep 0.2; done
+issuer=$(sed -n 's/^ready //p' "$work/oidc.out")
+[ -n "$issuer" ] || { echo "the OpenID provider did not start:"; cat "$work/oidc.err"; exit 1; }
+
+"$load" upstream --port "$up" & pids+=($!)
+target/release/chassis-oauth-proxy --http-address "127.0.0.1:$chassis" --metrics-address "127.0.0.1:$chassis_metrics" \
+  --upstream "http://127.0.0.1:$up" --oidc-issuer-url "$issuer" --client-id chassis --client-secret chassis-secret \
+  --redirect-url "http://127.0.0.1:$chassis/oauth2/callback" --cookie-secure false \
+  --cookie-secret MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY= >"$work/chassis.log" 2>&1 &
+chassis_pid=$!; pids+=($chassis_pid)
+"$cache/oauth2-proxy-$OAUTH2_PROXY_VERSION" --provider oidc --oidc-issuer-url "$issuer" \
+  --client-id chassis --client-secret chassis-secret --redirect-url "http://127.0.0.1:$o2p/oauth2/callback" \
+  --upstream "http://127.0.0.1:$up" --http-address "127.0.0.1:$o2p" --cookie-secure=false \
+  --cookie-secret 0123456789abcdef0123456789abcdef --email-domain '*' --skip-provider-button \
+  --code-challenge-method S256 --scope "openid email profile" >"$work/o2p.log" 2>&1 &
+o2p_pid=$!; pids+=($o2p_pid)
+for port in $chassis $o2p; do
+  for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$port/ping" >/dev/null && break; sleep 0.2; done
+done
+for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$chassis/ready" >/dev/null && break; sleep 0.2; done
+
+chassis_cookie=$("$load" login --proxy "http://127.0.0.1:$chassis" --user alice --password alice-pass)
+o2p_cookie=$("$load" login --proxy "http://127.0.0.1:$o2p" --user alice --password alice-pass)
+
+results="$work/results.jsonl"
+for round in $(seq 1 "$ROUNDS"); do
+  for c in 16 64; do
+    for target in direct chassis oauth2-proxy; do
+      case $target in
+        direct) args=(--url "http://127.0.0.1:$up/") ;;
+        chassis) args=(--url "http://127.0.0.1:$chassis/" --cookie "$chassis_cookie") ;;
+        oauth2-proxy) args=(--url "http://127.0.0.1:$o2p/" --cookie "$o2p_cookie") ;;
+      esac
+      out=$("$load" load "${args[@]}" --concurrency "$c" --seconds "$SECONDS_PER_RUN")
+      echo "{\"round\": $round, \"target\": \"$target\", \"result\": $out}" | tee -a "$results"
+    done
+  done
+done
+rss() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
+python3 - "$results" "$(rss "$chassis_pid")" "$(rss "$o2p_pid")" "$OAUTH2_PROXY_VERSION" "$SECONDS_PER_RUN" "$ROUNDS" <<'PY'
+import json, re, statistics, sys, datetime, os
+path, chassis_rss, o2p_rss, version, seconds, rounds = sys.argv[1:7]
+rows = [json.loads(l) for l in open(path)]
+def med(target, c, key):
+    return statistics.median(r["result"][key] for r in rows if r["target"] == target and r["result"]["concurrency"] == c)
+cores = os.cpu_count(); mem = int(open("/proc/meminfo").readline().split()[1]) / 1024 / 1024
+lines = ["<!-- proxy:begin -->",
+ f"### Proxy run of {datetime.date.today()} ({cores} cores, {mem:.0f} GiB)", "",
+ "Command: `make bench-proxy` (`e2e/bench/proxy.sh`). One tiny upstream (`ok`), reached directly, through",
+ f"chassis-oauth-proxy (release build) and through oauth2-proxy {version} (built from Go modules), each with the",
+ "session cookie of a real login at the same OpenID provider; closed-loop load from `proxy-load` (HTTP/1.1",
+ f"keep-alive) on the same machine; {seconds} s per run, median of {rounds} alternating rounds; RSS is each proxy's",
+ "peak (VmHWM) over the whole run.", "",
+ "| concurrency | target | requests/s | p50 ms | p99 ms |", "| --- | --- | --- | --- | --- |"]
+for c in (16, 64):
+    for t in ("direct", "chassis", "oauth2-proxy"):
+        lines.append(f"| {c} | {t} | {med(t, c, 'rps'):.0f} | {med(t, c, 'p50_ms'):.2f} | {med(t, c, 'p99_ms'):.2f} |")
+lines.append("")
+for c in (16, 64):
+    ch, o2, d = med("chassis", c, "rps"), med("oauth2-proxy", c, "rps"), med("direct", c, "rps")
+    added = med("chassis", c, "p99_ms") - med("direct", c, "p99_ms")
+    lines.append(f"- concurrency {c}: chassis / oauth2-proxy throughput **{ch / o2:.2f}x** (goal 2x); chassis / direct "
+                 f"**{100 * ch / d:.0f} %** (goal 80 %); added p99 **{added:.2f} ms** (goal 1 ms at moderate load)")
+lines.append(f"- peak RSS: chassis-oauth-proxy **{int(chassis_rss) / 1024:.1f} MiB**, oauth2-proxy **{int(o2p_rss) / 1024:.1f} MiB** "
+             f"(ratio {int(chassis_rss) / int(o2p_rss):.2f}, goal at most 0.33)")
+lines.append("<!-- proxy:end -->")
+section = "\n".join(lines)
+doc = open("docs/BENCHMARKS.md").read()
+if "<!-- proxy:begin -->" in doc:
+    doc = re.sub(r"<!-- proxy:begin -->.*<!-- proxy:end -->", lambda _: section, doc, flags=re.S)
+else:
+    doc = doc.rstrip("\n") + "\n\n## Authenticating proxy (issue 5)\n\n" + section + "\n"
+open("docs/BENCHMARKS.md", "w").write(doc)
+print(section)
+PY
