@@ -147,9 +147,23 @@ async fn a_profile_follows_namespace_labels_reverts_edits_and_leaves_with_its_pr
     let versions = || async {
         let mut v: Vec<String> = Vec::new();
         for p in &expected {
-            v.push(policies.get(p).await?.metadata.resource_version.unwrap_or_default());
+            v.push(
+                policies
+                    .get(p)
+                    .await?
+                    .metadata
+                    .resource_version
+                    .unwrap_or_default(),
+            );
         }
-        v.push(profiles.get(&name).await?.metadata.resource_version.unwrap_or_default());
+        v.push(
+            profiles
+                .get(&name)
+                .await?
+                .metadata
+                .resource_version
+                .unwrap_or_default(),
+        );
         Ok::<_, anyhow::Error>(v)
     };
     let before = eventually("the status to settle", TIMEOUT, || async {
@@ -159,9 +173,14 @@ async fn a_profile_follows_namespace_labels_reverts_edits_and_leaves_with_its_pr
     })
     .await?;
     let touch = serde_json::json!({"metadata": {"labels": {"e2e.chassis.dev/unrelated": "x"}}});
-    namespaces.patch(&ns, &PatchParams::default(), &Patch::Merge(&touch)).await?;
+    namespaces
+        .patch(&ns, &PatchParams::default(), &Patch::Merge(&touch))
+        .await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    ensure!(versions().await? == before, "an unrelated label change caused writes");
+    ensure!(
+        versions().await? == before,
+        "an unrelated label change caused writes"
+    );
 
     // Removing the label removes the policies and the namespace from the status.
     let unlabel = serde_json::json!({"metadata": {"labels": {"e2e.chassis.dev/team": null}}});

@@ -123,10 +123,20 @@ async fn reconcile(egress: Arc<EgressPolicy>, ctx: Arc<EgressContext>) -> Result
         ),
         (Some(Ok(Written::Conflict(why))), _, _) => Desired::new(READY, false, reason::CONFLICT, why),
         (_, Some(invalid), _) => {
-            let kept = if observed.is_some() {
-                "the NetworkPolicy rendered last is kept"
-            } else {
+            // What is in force: a policy without egress rules (the fail-closed one
+            // written for a new EgressPolicy) denies all egress.
+            let denies_all = match &observed {
+                None => true,
+                Some(have) => have
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.egress.as_ref())
+                    .is_none_or(Vec::is_empty),
+            };
+            let kept = if denies_all {
                 "all egress of the selected pods is denied until it is fixed"
+            } else {
+                "the NetworkPolicy rendered last is kept"
             };
             let why = if invalid.rule == 0 {
                 reason::TOO_LARGE
