@@ -18,7 +18,8 @@ use warp::Filter;
 /// 32 bytes ("0123456789abcdef" twice), base64.
 const COOKIE_SECRET: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 const OTHER_SECRET: &str = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
-const SLOTS: usize = 12;
+/// Proxies this binary starts at most (one test starts two).
+const SLOTS: usize = 24;
 
 /// The provider, shared by the tests of this binary, with one registered redirect
 /// URI per proxy port slot.
