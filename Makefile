@@ -10,7 +10,7 @@ CARGO        ?= cargo
 E2E_THREADS  ?= 4
 
 .PHONY: help deps crds crds-check fmt fmt-check lint unit build e2e test run demo down \
-        cluster-up cluster-down bench bench-projects bench-netpol bench-proxy image
+        cluster-up cluster-down bench bench-projects bench-netpol bench-proxy fuzz image
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -84,6 +84,12 @@ bench-netpol: deps ## chassis-netpol probe against cyclonus, three sizes (about 
 
 bench-proxy: deps ## chassis-oauth-proxy against oauth2-proxy and the bare upstream (about 5 minutes)
 	bash e2e/bench/proxy.sh
+
+FUZZ_SECONDS ?= 100
+fuzz: ## Fuzz the proxy's redirect check, cookie opening and path normalization (cargo-fuzz)
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	cd oauth-proxy && for t in redirect session_cookie path; do \
+	  RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; done
 
 IMAGE_REPO ?= ghcr.io/chassis-dev
 IMAGE_TAG ?= $(shell sed -n 's/^appVersion: "\(.*\)"/\1/p' charts/chassis/Chart.yaml)
