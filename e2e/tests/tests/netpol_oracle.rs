@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail, ensure};
-use chassis_e2e::{cluster, repo_root};
+use chassis_e2e::{Rng, cluster, repo_root};
 use chassis_netpol::eval::Evaluator;
 use chassis_netpol::model::Model;
 use chassis_netpol::probe::{Row, load_model, load_policies, probe};
@@ -23,28 +23,6 @@ const RANDOM_CASES: u64 = 500;
 
 fn fixtures() -> PathBuf {
     repo_root().join("e2e/tests/fixtures/netpol")
-}
-
-/// splitmix64: small, seeded and the same everywhere, so a seed names a case.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
 }
 
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];

@@ -13,7 +13,7 @@ use chassis_api::network::v1alpha1::{
     NetworkProfileSpec, PortProtocol,
 };
 use chassis_api::tenancy::v1alpha1::{Project, ProjectSpec, ProjectTemplate, ProjectTemplateSpec};
-use chassis_e2e::{Operator, cluster, eventually, unique, wait_for_condition, wait_until_gone};
+use chassis_e2e::{Operator, Rng, cluster, eventually, unique, wait_for_condition, wait_until_gone};
 use chassis_netpol::eval::Evaluator;
 use chassis_netpol::model::{Model, NamespaceModel, PodModel, PortModel, Protocol};
 use chassis_netpol::policy::Policy;
@@ -282,22 +282,6 @@ async fn a_project_whose_template_names_a_profile_becomes_network_ready() -> Res
     Ok(())
 }
 
-/// splitmix64, so a failing seed can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn random_rules(rng: &mut Rng) -> Vec<EgressRule> {
     const CIDRS: [&str; 10] = [
         "10.0.0.0/8",
@@ -319,7 +303,7 @@ fn random_rules(rng: &mut Rng) -> Vec<EgressRule> {
                 EgressAction::Deny
             },
             to: EgressDestination {
-                cidr: CIDRS[rng.below(CIDRS.len() as u64) as usize].into(),
+                cidr: rng.pick(&CIDRS).to_string(),
             },
             ports: (rng.below(3) == 0).then(|| {
                 vec![EgressPort {
@@ -328,7 +312,7 @@ fn random_rules(rng: &mut Rng) -> Vec<EgressRule> {
                     } else {
                         PortProtocol::Udp
                     },
-                    port: [53, 443][rng.below(2) as usize],
+                    port: *rng.pick(&[53, 443]),
                     end_port: None,
                 }]
             }),

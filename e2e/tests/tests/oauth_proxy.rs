@@ -114,6 +114,11 @@ struct Proxy {
 
 impl Proxy {
     async fn start(name: &str, upstream: u16, extra: &[&str]) -> Result<Self> {
+        Self::start_at(name, upstream, &idp().issuer, extra).await
+    }
+
+    /// A proxy signing in at `issuer` (the shared provider, or a [`TestIssuer`]).
+    async fn start_at(name: &str, upstream: u16, issuer: &str, extra: &[&str]) -> Result<Self> {
         let idp = idp();
         let port = idp
             .free_slots
@@ -133,7 +138,7 @@ impl Proxy {
             "--upstream",
             &format!("http://127.0.0.1:{upstream}"),
             "--oidc-issuer-url",
-            &idp.issuer,
+            issuer,
             "--client-id",
             "chassis",
             "--client-secret",
@@ -746,12 +751,45 @@ async fn concurrent_requests_on_a_session_due_for_refresh_cause_one_refresh() ->
     Ok(())
 }
 
-/// An issuer of our own (discovery and JWKS served here, an RSA key from openssl),
-/// so tests can sign tokens that are valid in every way but one.
+/// An issuer of our own, so tests can make it do one thing wrong at a time: discovery
+/// and JWKS for bearer tokens, and an authorization server (`/authorize` redirects
+/// straight back with a code, `/token` checks PKCE like a real provider and signs an
+/// ID token) whose mistakes `misbehave` chooses.
 struct TestIssuer {
     url: String,
     private_pem: Vec<u8>,
     public_pem: Vec<u8>,
+    misbehave: Arc<Mutex<Misbehaviour>>,
+    exchanges: Arc<Mutex<Vec<Exchange>>>,
+}
+
+/// What the test issuer's token endpoint gets wrong on purpose.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Misbehaviour {
+    Nothing,
+    /// The ID token carries a nonce other than the one of the login.
+    WrongNonce,
+    /// The ID token carries no nonce at all.
+    NoNonce,
+    /// `azp` names another client.
+    ForeignAzp,
+    /// `aud` lists another client beside ours.
+    ExtraAudience,
+}
+
+/// One token request as the issuer saw it.
+#[derive(Clone, Debug)]
+struct Exchange {
+    challenge_method: String,
+    /// The code_verifier hashes to the login's code_challenge (RFC 7636 4.6).
+    verifier_matches: bool,
+}
+
+/// A login the issuer's `/authorize` saw: what the ID token must echo and PKCE check.
+struct Authorization {
+    nonce: String,
+    challenge: String,
+    challenge_method: String,
 }
 
 async fn test_issuer() -> Result<TestIssuer> {
@@ -788,18 +826,128 @@ async fn test_issuer() -> Result<TestIssuer> {
     let n = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://127.0.0.1:{}", listener.local_addr()?.port());
+    let private_pem = std::fs::read(&key)?;
     let jwks =
         json!({"keys": [{"kty": "RSA", "kid": "k1", "use": "sig", "alg": "RS256", "n": n, "e": "AQAB"}]});
-    let discovery = json!({"issuer": url, "jwks_uri": format!("{url}/jwks")});
+    let discovery = json!({
+        "issuer": url,
+        "jwks_uri": format!("{url}/jwks"),
+        "authorization_endpoint": format!("{url}/authorize"),
+        "token_endpoint": format!("{url}/token"),
+        "response_types_supported": ["code"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+        "code_challenge_methods_supported": ["S256"],
+    });
+    let misbehave = Arc::new(Mutex::new(Misbehaviour::Nothing));
+    let exchanges = Arc::new(Mutex::new(Vec::new()));
+    let logins: Arc<Mutex<BTreeMap<String, Authorization>>> = Arc::default();
+
+    let authorize_logins = logins.clone();
+    let authorize = warp::path!("authorize")
+        .and(warp::query::<BTreeMap<String, String>>())
+        .map(move |q: BTreeMap<String, String>| {
+            let field = |k: &str| q.get(k).cloned().unwrap_or_default();
+            let code = format!("code-{}", chassis_e2e::unique("c"));
+            if let Ok(mut logins) = authorize_logins.lock() {
+                logins.insert(
+                    code.clone(),
+                    Authorization {
+                        nonce: field("nonce"),
+                        challenge: field("code_challenge"),
+                        challenge_method: field("code_challenge_method"),
+                    },
+                );
+            }
+            let mut back = reqwest::Url::parse(&field("redirect_uri"))
+                .unwrap_or_else(|_| reqwest::Url::parse("http://127.0.0.1:9/").expect("literal URL"));
+            back.query_pairs_mut()
+                .append_pair("code", &code)
+                .append_pair("state", &field("state"));
+            warp::http::Response::builder()
+                .status(302)
+                .header("location", back.as_str())
+                .body(String::new())
+        });
+
+    let signing_key = jsonwebtoken::EncodingKey::from_rsa_pem(&private_pem)?;
+    let (token_issuer, token_mode, token_exchanges) = (url.clone(), misbehave.clone(), exchanges.clone());
+    let token = warp::path!("token")
+        .and(warp::post())
+        .and(warp::body::form::<BTreeMap<String, String>>())
+        .map(move |form: BTreeMap<String, String>| {
+            let refuse = |error: &str| {
+                warp::reply::with_status(
+                    warp::reply::json(&json!({"error": error})),
+                    warp::http::StatusCode::BAD_REQUEST,
+                )
+            };
+            let login = form.get("code").and_then(|c| authorize_logins_take(&logins, c));
+            let Some(login) = login else {
+                return refuse("invalid_grant");
+            };
+            let verifier = form.get("code_verifier").cloned().unwrap_or_default();
+            let hashed = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(<sha2::Sha256 as sha2::Digest>::digest(verifier.as_bytes()));
+            let verifier_matches = login.challenge_method == "S256" && hashed == login.challenge;
+            if let Ok(mut seen) = token_exchanges.lock() {
+                seen.push(Exchange {
+                    challenge_method: login.challenge_method.clone(),
+                    verifier_matches,
+                });
+            }
+            if !verifier_matches {
+                return refuse("invalid_grant");
+            }
+            let mode = token_mode.lock().map_or(Misbehaviour::Nothing, |m| *m);
+            let mut claims = json!({
+                "iss": token_issuer, "aud": "chassis", "sub": "carol", "email": "carol@example.com",
+                "email_verified": true, "exp": unix_now() + 300, "iat": unix_now(), "nonce": login.nonce,
+            });
+            match mode {
+                Misbehaviour::Nothing => {}
+                Misbehaviour::WrongNonce => claims["nonce"] = json!("a-nonce-from-another-login"),
+                Misbehaviour::NoNonce => {
+                    if let Some(c) = claims.as_object_mut() {
+                        c.remove("nonce");
+                    }
+                }
+                Misbehaviour::ForeignAzp => claims["azp"] = json!("someone-else"),
+                Misbehaviour::ExtraAudience => claims["aud"] = json!(["chassis", "someone-else"]),
+            }
+            let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+            header.kid = Some("k1".into());
+            match jsonwebtoken::encode(&header, &claims, &signing_key) {
+                Ok(id_token) => warp::reply::with_status(
+                    warp::reply::json(&json!({"access_token": "at", "token_type": "Bearer",
+                                              "expires_in": 300, "id_token": id_token})),
+                    warp::http::StatusCode::OK,
+                ),
+                Err(_) => refuse("server_error"),
+            }
+        });
+
     let routes = warp::path!(".well-known" / "openid-configuration")
         .map(move || warp::reply::json(&discovery))
-        .or(warp::path!("jwks").map(move || warp::reply::json(&jwks)));
+        .or(warp::path!("jwks").map(move || warp::reply::json(&jwks)))
+        .or(authorize)
+        .or(token);
     tokio::spawn(warp::serve(routes).incoming(listener).run());
     Ok(TestIssuer {
         url,
-        private_pem: std::fs::read(&key)?,
+        private_pem,
         public_pem,
+        misbehave,
+        exchanges,
     })
+}
+
+/// A code is good for one token request, as with a real provider.
+fn authorize_logins_take(
+    logins: &Mutex<BTreeMap<String, Authorization>>,
+    code: &str,
+) -> Option<Authorization> {
+    logins.lock().ok()?.remove(code)
 }
 
 fn unix_now() -> i64 {
@@ -820,6 +968,144 @@ impl TestIssuer {
         json!({"iss": self.url, "aud": "api", "sub": "robot", "email": "robot@example.com",
                "email_verified": true, "groups": ["bots"], "exp": unix_now() + 300, "iat": unix_now()})
     }
+}
+
+/// Opens a page through `proxy` in a fresh browser that signs in at a [`TestIssuer`]
+/// (no form: its `/authorize` answers at once). Returns where the flow ended (status
+/// and body) and whether the browser's cookies then pass the proxy.
+async fn sign_in_at_test_issuer(proxy: &Proxy) -> Result<(u16, String, bool)> {
+    let jar = Arc::new(Jar::default());
+    let response = browser(&jar)?
+        .get(proxy.url("/landing"))
+        .header(ACCEPT, "text/html")
+        .send()
+        .await?;
+    let status = response.status().as_u16();
+    let body = response.text().await?;
+    let cookies = cookie_header(&jar, proxy).unwrap_or_default();
+    let after = reqwest::Client::builder()
+        .redirect(Policy::none())
+        .build()?
+        .get(proxy.url("/after"))
+        .header(COOKIE, cookies)
+        .send()
+        .await?;
+    Ok((status, body, after.status() == 200))
+}
+
+#[tokio::test]
+async fn id_tokens_with_a_bad_nonce_a_foreign_azp_or_an_extra_audience_are_refused() -> Result<()> {
+    let issuer = test_issuer().await?;
+    let proxy = Proxy::start_at("rogue-issuer", echo_upstream().await?, &issuer.url, &[]).await?;
+    let set = |mode| -> Result<()> {
+        *issuer.misbehave.lock().map_err(|_| anyhow::anyhow!("lock"))? = mode;
+        Ok(())
+    };
+
+    // The issuer behaving: the login works, so each refusal below is the mistake's.
+    let (status, body, session) = sign_in_at_test_issuer(&proxy).await?;
+    ensure!(status == 200 && session, "honest issuer: {status} {body}");
+    ensure!(
+        body.contains("carol@example.com"),
+        "the upstream sees carol: {body}"
+    );
+
+    for (mode, says) in [
+        (Misbehaviour::WrongNonce, "nonce"),
+        (Misbehaviour::NoNonce, "nonce"),
+        (Misbehaviour::ForeignAzp, "azp"),
+        (Misbehaviour::ExtraAudience, "aud"),
+    ] {
+        set(mode)?;
+        let (status, body, session) = sign_in_at_test_issuer(&proxy).await?;
+        ensure!(
+            status == 403 && body.to_lowercase().contains(says),
+            "{mode:?}: the callback answered {status}: {body}"
+        );
+        ensure!(!session, "{mode:?}: the refused login left a working session");
+    }
+
+    // Every token request proved the login's PKCE S256 challenge.
+    let exchanges = issuer
+        .exchanges
+        .lock()
+        .map_err(|_| anyhow::anyhow!("lock"))?
+        .clone();
+    ensure!(exchanges.len() == 5, "token requests: {exchanges:?}");
+    ensure!(
+        exchanges
+            .iter()
+            .all(|e| e.challenge_method == "S256" && e.verifier_matches),
+        "PKCE: {exchanges:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_authorization_code_injected_into_another_login_fails_pkce() -> Result<()> {
+    let proxy = Proxy::start("pkce", echo_upstream().await?, &[]).await?;
+    let code_of = |callback: &str| -> Result<String> {
+        reqwest::Url::parse(callback)?
+            .query_pairs()
+            .find(|(k, _)| k == "code")
+            .map(|(_, v)| v.into_owned())
+            .context("the callback carries a code")
+    };
+    // bob signs in up to the callback and keeps his code instead of using it.
+    let bob = Arc::new(Jar::default());
+    let bob_callback = callback_url(&bob, &proxy, "bob").await?;
+    let stolen = code_of(&bob_callback)?;
+    // alice's browser is mid-login: her state, CSRF cookie and PKCE verifier.
+    let alice = Arc::new(Jar::default());
+    let alice_callback = callback_url(&alice, &proxy, "alice").await?;
+    let mut injected = reqwest::Url::parse(&alice_callback)?;
+    let pairs: Vec<(String, String)> = injected
+        .query_pairs()
+        .map(|(k, v)| {
+            let value = if k == "code" {
+                stolen.clone()
+            } else {
+                v.into_owned()
+            };
+            (k.into_owned(), value)
+        })
+        .collect();
+    injected.query_pairs_mut().clear().extend_pairs(pairs);
+
+    let plain = reqwest::Client::builder().redirect(Policy::none()).build()?;
+    let response = plain
+        .get(injected.as_str())
+        .header(COOKIE, cookie_header(&alice, &proxy)?)
+        .send()
+        .await?;
+    let status = response.status();
+    let sets_session = response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|c| c.starts_with("_chassis_oauth=") && !c.starts_with("_chassis_oauth=;"));
+    let body = response.text().await?;
+    ensure!(
+        status == 403,
+        "the injected code signed alice's browser in: {status} {body}"
+    );
+    // oidc-provider does not say why (its "PKCE verification failed" stays in its log);
+    // bob's own callback below shows the code was good, so the verifier made the difference.
+    ensure!(
+        body.contains("invalid_grant"),
+        "the provider refused the grant: {body}"
+    );
+    ensure!(!sets_session, "a session cookie was set");
+
+    // The code itself was good: with bob's own login (his verifier) it signs in.
+    let own = plain
+        .get(&bob_callback)
+        .header(COOKIE, cookie_header(&bob, &proxy)?)
+        .send()
+        .await?;
+    ensure!(own.status() == 302, "bob's own callback: {}", own.status());
+    Ok(())
 }
 
 #[tokio::test]

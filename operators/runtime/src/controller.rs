@@ -47,6 +47,30 @@ pub struct Running {
     pub run: BoxFuture<'static, ()>,
 }
 
+impl Running {
+    /// Drives a kube-runtime controller's result stream (after `graceful_shutdown_on`
+    /// and `run`) to its end. The error policy has already logged and counted each
+    /// failed reconcile, so the stream's errors are only traced at debug here.
+    pub fn drive<S, T, E>(name: &'static str, synced: BoxFuture<'static, ()>, results: S) -> Self
+    where
+        S: futures::Stream<Item = Result<T, E>> + Send + 'static,
+        T: Send + 'static,
+        E: std::fmt::Display + Send + 'static,
+    {
+        use futures::StreamExt;
+        let run = results.for_each(move |result| async move {
+            if let Err(err) = result {
+                tracing::debug!(controller = name, error = %err, "controller event");
+            }
+        });
+        Self {
+            name,
+            synced,
+            run: Box::pin(run),
+        }
+    }
+}
+
 /// Collects one flag per watch stream; [`InitialSync::done`] resolves when all are set.
 #[derive(Default)]
 pub struct InitialSync {

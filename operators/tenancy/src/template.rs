@@ -10,7 +10,6 @@ use chassis_runtime::Context;
 use chassis_runtime::conditions::{Desired, upsert};
 use chassis_runtime::controller::{InitialSync, Running, Settings, Synced};
 use chassis_runtime::metrics::Metrics;
-use futures::StreamExt;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
@@ -127,7 +126,7 @@ pub fn controller(
         cluster_roles: roles.clone(),
     });
     let index = templates.clone();
-    let run = Controller::for_stream(template_stream, templates)
+    let results = Controller::for_stream(template_stream, templates)
         .with_config(settings.controller_config())
         .watches_stream(role_stream, move |role: PartialObjectMeta<ClusterRole>| {
             let name = role.name_any();
@@ -139,17 +138,8 @@ pub fn controller(
                 .collect::<Vec<_>>()
         })
         .graceful_shutdown_on(shutdown.cancelled_owned())
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(err) = result {
-                tracing::debug!(error = %err, "projecttemplate controller event");
-            }
-        });
-    Running {
-        name: NAME,
-        synced: sync.done(),
-        run: Box::pin(run),
-    }
+        .run(reconcile, error_policy, ctx);
+    Running::drive(NAME, sync.done(), results)
 }
 
 #[cfg(test)]

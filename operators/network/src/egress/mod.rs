@@ -23,7 +23,6 @@ use chassis_runtime::controller::{InitialSync, Running, Settings, Synced};
 use chassis_runtime::metrics::Metrics;
 
 use crate::write::{Written, write_owned};
-use futures::StreamExt;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
@@ -222,7 +221,7 @@ pub fn controller(
         synced: sync.flag(),
         policies,
     });
-    let run = Controller::for_stream(egress_stream, egresses)
+    let results = Controller::for_stream(egress_stream, egresses)
         .with_config(settings.controller_config())
         .watches_stream(policy_stream, |np: NetworkPolicy| {
             let namespace = np.namespace()?;
@@ -231,17 +230,8 @@ pub fn controller(
                 .map(|name| ObjectRef::<EgressPolicy>::new(name).within(&namespace))
         })
         .graceful_shutdown_on(shutdown.cancelled_owned())
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(err) = result {
-                tracing::debug!(error = %err, "egresspolicy controller event");
-            }
-        });
-    Running {
-        name: NAME,
-        synced: sync.done(),
-        run: Box::pin(run),
-    }
+        .run(reconcile, error_policy, ctx);
+    Running::drive(NAME, sync.done(), results)
 }
 
 #[cfg(test)]

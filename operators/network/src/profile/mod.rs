@@ -290,7 +290,7 @@ pub fn controller(
         policies,
     });
     let all_profiles = profiles.clone();
-    let run = Controller::for_stream(profile_stream, profiles)
+    let results = Controller::for_stream(profile_stream, profiles)
         .with_config(settings.controller_config())
         // A namespace change can start or stop any profile matching; profiles are few.
         .watches_stream(namespace_stream, move |_ns| {
@@ -306,17 +306,8 @@ pub fn controller(
                 .map(|p| ObjectRef::<NetworkProfile>::new(p))
         })
         .graceful_shutdown_on(shutdown.cancelled_owned())
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(err) = result {
-                tracing::debug!(error = %err, "networkprofile controller event");
-            }
-        });
-    Running {
-        name: NAME,
-        synced: sync.done(),
-        run: Box::pin(run),
-    }
+        .run(reconcile, error_policy, ctx);
+    Running::drive(NAME, sync.done(), results)
 }
 
 #[cfg(test)]

@@ -19,7 +19,6 @@ use chassis_runtime::controller::{InitialSync, Running, Settings, Synced};
 use chassis_runtime::metrics::Metrics;
 use chassis_runtime::overlay::{Overlay, Source};
 use chassis_runtime::pace;
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{LimitRange, Namespace, ResourceQuota};
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::Api;
@@ -480,7 +479,7 @@ pub fn controller(
         },
         pace::Bucket::new(ROLLOUT_PER_SECOND, ROLLOUT_PER_SECOND),
     );
-    let run = Controller::for_stream(project_stream, projects)
+    let results = Controller::for_stream(project_stream, projects)
         .with_config(settings.controller_config())
         // A template change reaches its projects at a steady pace (see `pace`).
         .reconcile_on(rollout)
@@ -512,18 +511,8 @@ pub fn controller(
                 .collect::<Vec<_>>()
         })
         .graceful_shutdown_on(shutdown.cancelled_owned())
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(err) = result {
-                tracing::debug!(error = %err, "project controller event");
-            }
-        });
-
-    Running {
-        name: NAME,
-        synced: sync.done(),
-        run: Box::pin(run),
-    }
+        .run(reconcile, error_policy, ctx);
+    Running::drive(NAME, sync.done(), results)
 }
 
 #[cfg(test)]
