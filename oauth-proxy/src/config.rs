@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use ipnet::IpNet;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use serde::Deserialize;
 use url::Url;
 
@@ -36,9 +38,12 @@ pub struct Flags {
     /// Address for /metrics, separate from the proxy [default: 0.0.0.0:9180].
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_METRICS_ADDRESS")]
     pub metrics_address: Option<SocketAddr>,
-    /// The upstream every authenticated request goes to (http:// URL).
+    /// The upstream every authenticated request goes to (http:// or https:// URL).
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_UPSTREAM")]
     pub upstream: Option<String>,
+    /// PEM bundle of CAs to trust for an https:// upstream (in addition to the Mozilla roots).
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_UPSTREAM_CA_FILE")]
+    pub upstream_ca_file: Option<PathBuf>,
 
     /// OpenID Connect issuer URL (discovery at <issuer>/.well-known/openid-configuration).
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_OIDC_ISSUER_URL")]
@@ -130,6 +135,7 @@ pub struct File {
     pub http_address: Option<SocketAddr>,
     pub metrics_address: Option<SocketAddr>,
     pub upstream: Option<String>,
+    pub upstream_ca_file: Option<PathBuf>,
     pub oidc_issuer_url: Option<String>,
     pub client_id: Option<String>,
     pub client_secret: Option<String>,
@@ -172,6 +178,8 @@ pub struct Config {
     pub http_address: SocketAddr,
     pub metrics_address: SocketAddr,
     pub upstream: Url,
+    /// Extra CAs for an https:// upstream, read and parsed at start-up.
+    pub upstream_ca: Vec<CertificateDer<'static>>,
     pub issuer_url: Url,
     pub client_id: String,
     pub client_secret: String,
@@ -238,6 +246,19 @@ fn read_secret(key: &str, file: &Path) -> Result<String, String> {
     std::fs::read_to_string(file)
         .map(|s| s.trim().to_string())
         .map_err(|e| format!("{key}: cannot read {}: {e}", file.display()))
+}
+
+/// Every certificate of a PEM bundle; a file without one is an error, not "no extra CA".
+fn pem_certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let what = |e: &dyn std::fmt::Display| format!("{key}: {}: {e}", path.display());
+    let pem = std::fs::read(path).map_err(|e| what(&e))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| what(&e))?;
+    if certs.is_empty() {
+        return Err(what(&"holds no PEM certificate"));
+    }
+    Ok(certs)
 }
 
 fn url(key: &str, text: &str, schemes: &[&str]) -> Result<Url, String> {
@@ -410,6 +431,10 @@ impl Config {
             metrics_address: pick!(flags, file, metrics_address)
                 .unwrap_or_else(|| ([0, 0, 0, 0], 9180).into()),
             upstream: url("upstream", &upstream, &["http", "https"])?,
+            upstream_ca: pick!(flags, file, upstream_ca_file)
+                .map(|path| pem_certificates("upstream-ca-file", &path))
+                .transpose()?
+                .unwrap_or_default(),
             issuer_url: url("oidc-issuer-url", &issuer, &["http", "https"])?,
             client_id,
             client_secret,
@@ -485,7 +510,17 @@ mod tests {
     #[test]
     fn invalid_values_name_their_key() {
         type Edit = Box<dyn Fn(&mut Flags)>;
-        let cases: [(&str, Edit); 10] = [
+        let not_pem = std::env::temp_dir().join(format!("chassis-not-pem-{}", std::process::id()));
+        let _ = std::fs::write(&not_pem, "not a certificate\n");
+        let cases: [(&str, Edit); 12] = [
+            (
+                "upstream-ca-file",
+                Box::new(move |f| f.upstream_ca_file = Some(not_pem.clone())),
+            ),
+            (
+                "upstream-ca-file",
+                Box::new(|f| f.upstream_ca_file = Some("/nonexistent/ca.pem".into())),
+            ),
             ("cookie-expire", Box::new(|f| f.cookie_expire = Some("7d".into()))),
             (
                 "skip-auth-paths",

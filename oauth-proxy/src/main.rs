@@ -98,6 +98,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let flags = Flags::parse();
     tracing_subscriber::fmt()
+        // Colour codes only for a terminal, never into files or log collectors.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )

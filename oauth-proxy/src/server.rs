@@ -20,6 +20,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -60,7 +61,7 @@ pub struct App {
     pub sealer: Sealer,
     pub redirects: RedirectPolicy,
     pub metrics: Metrics,
-    upstream: HttpClient<HttpConnector, Body>,
+    upstream: HttpClient<HttpsConnector<HttpConnector>, Body>,
     /// `state` values already redeemed, until their attempt would have expired.
     used_states: Mutex<HashMap<String, u64>>,
     /// Sessions signed out, until they would have expired: a copied cookie dies too.
@@ -219,13 +220,38 @@ pub fn email_domain_allowed(email: &str, domains: &[String]) -> bool {
     domains.iter().any(|d| d == "*" || d.eq_ignore_ascii_case(domain))
 }
 
+/// The upstream client: plain HTTP, or TLS verified against the Mozilla roots plus
+/// `upstream-ca-file` (never unverified). HTTP/1.1 only, so WebSocket upgrades pass
+/// through unchanged.
+fn upstream_client(config: &Config) -> Result<HttpClient<HttpsConnector<HttpConnector>, Body>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for cert in &config.upstream_ca {
+        roots
+            .add(cert.clone())
+            .map_err(|e| format!("upstream-ca-file: {e}"))?;
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("upstream TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(HttpClient::builder(TokioExecutor::new()).build(connector))
+}
+
 impl App {
     pub fn new(config: Config) -> Result<Arc<Self>, String> {
         let sealer = Sealer::new(&config.cookie_secret, &[])?;
         let redirects = RedirectPolicy::new(&config.whitelist_domains)?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let upstream = HttpClient::builder(TokioExecutor::new()).build(connector);
+        let upstream = upstream_client(&config)?;
         Ok(Arc::new(Self {
             config,
             provider: OnceCell::new(),
@@ -610,7 +636,8 @@ async fn proxy(
     let mut response = match app.upstream.request(request).await {
         Ok(r) => r,
         Err(e) => {
-            tracing::warn!(error = %e, "upstream request failed");
+            // The chain says why (refused, TLS verification, ...); the top error does not.
+            tracing::warn!(error = %crate::oidc::error_chain(&e), "upstream request failed");
             app.metrics.refused("upstream_error");
             return text(StatusCode::BAD_GATEWAY, "the upstream is not reachable");
         }

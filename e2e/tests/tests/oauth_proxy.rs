@@ -114,11 +114,13 @@ struct Proxy {
 
 impl Proxy {
     async fn start(name: &str, upstream: u16, extra: &[&str]) -> Result<Self> {
-        Self::start_at(name, upstream, &idp().issuer, extra).await
+        let upstream = format!("http://127.0.0.1:{upstream}");
+        Self::start_at(name, &upstream, &idp().issuer, extra).await
     }
 
-    /// A proxy signing in at `issuer` (the shared provider, or a [`TestIssuer`]).
-    async fn start_at(name: &str, upstream: u16, issuer: &str, extra: &[&str]) -> Result<Self> {
+    /// A proxy for `upstream` (a URL) signing in at `issuer` (the shared provider, or
+    /// a [`TestIssuer`]).
+    async fn start_at(name: &str, upstream: &str, issuer: &str, extra: &[&str]) -> Result<Self> {
         let idp = idp();
         let port = idp
             .free_slots
@@ -136,7 +138,7 @@ impl Proxy {
             "--metrics-address",
             &format!("127.0.0.1:{metrics}"),
             "--upstream",
-            &format!("http://127.0.0.1:{upstream}"),
+            upstream,
             "--oidc-issuer-url",
             issuer,
             "--client-id",
@@ -751,6 +753,153 @@ async fn concurrent_requests_on_a_session_due_for_refresh_cause_one_refresh() ->
     Ok(())
 }
 
+/// An HTTPS echo server (Python's http.server behind its ssl module): answers every
+/// GET with the request's path and headers as JSON, like [`echo_upstream`].
+const TLS_ECHO: &str = r#"
+import http.server, json, ssl, sys
+class Echo(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        headers = {}
+        for k, v in self.headers.items():
+            headers.setdefault(k.lower(), []).append(v)
+        path, _, query = self.path.partition("?")
+        body = json.dumps({"path": path, "query": query, "headers": headers}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Echo)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(sys.argv[2], sys.argv[3])
+server.socket = context.wrap_socket(server.socket, server_side=True)
+print("ready", flush=True)
+server.serve_forever()
+"#;
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, made with openssl.
+/// Returns (CA file, certificate file, key file).
+fn tls_material(dir: &std::path::Path) -> Result<(String, String, String)> {
+    std::fs::create_dir_all(dir)?;
+    let path = |f: &str| dir.join(f).display().to_string();
+    let (ca_key, ca, key, csr, cert, ext) = (
+        path("ca.key"),
+        path("ca.pem"),
+        path("server.key"),
+        path("server.csr"),
+        path("server.pem"),
+        path("san.ext"),
+    );
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\n")?;
+    let steps: [&[&str]; 3] = [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &ca_key,
+            "-out",
+            &ca,
+            "-days",
+            "1",
+            "-subj",
+            "/CN=chassis e2e upstream CA",
+        ],
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &cert,
+            "-days",
+            "1",
+            "-extfile",
+            &ext,
+        ],
+    ];
+    for args in steps {
+        let out = std::process::Command::new("openssl").args(args).output()?;
+        ensure!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok((ca, cert, key))
+}
+
+#[tokio::test]
+async fn https_upstreams_are_reached_only_with_a_verified_certificate() -> Result<()> {
+    let dir = state_dir().join(format!("tls-upstream-{}", std::process::id()));
+    let (ca, cert, key) = tls_material(&dir)?;
+    let port = free_port()?;
+    let upstream = Background::start(
+        &format!("tls-upstream-{}", std::process::id()),
+        std::path::Path::new("python3"),
+        &[
+            "-c".to_string(),
+            TLS_ECHO.to_string(),
+            port.to_string(),
+            cert,
+            key,
+        ],
+        &[],
+    )?;
+    upstream.wait_for_line("ready", Duration::from_secs(20))?;
+    let url = format!("https://127.0.0.1:{port}");
+
+    // Trusted through --upstream-ca-file: a signed-in user gets through, over TLS.
+    let trusted = Proxy::start_at("tls-ca", &url, &idp().issuer, &["--upstream-ca-file", &ca]).await?;
+    let jar = Arc::new(Jar::default());
+    let echo = echoed(login(&browser(&jar)?, &trusted, "/over-tls", "alice").await?).await?;
+    ensure!(echo["path"] == "/over-tls", "{echo}");
+    ensure!(header(&echo, "x-forwarded-user") == ["alice"], "{echo}");
+
+    // The same session through a proxy that does not trust that CA: the certificate
+    // is refused and nothing is sent.
+    let untrusting = Proxy::start_at("tls-no-ca", &url, &idp().issuer, &[]).await?;
+    let refused = reqwest::Client::builder()
+        .redirect(Policy::none())
+        .build()?
+        .get(untrusting.url("/over-tls"))
+        .header(COOKIE, cookie_header(&jar, &trusted)?)
+        .send()
+        .await?;
+    ensure!(
+        refused.status() == 502,
+        "unverified upstream: {}",
+        refused.status()
+    );
+    ensure!(
+        chassis_e2e::log_tail(&untrusting.process.log, 20).contains("certificate"),
+        "the proxy says why: {}",
+        chassis_e2e::log_tail(&untrusting.process.log, 20)
+    );
+    Ok(())
+}
+
 /// An issuer of our own, so tests can make it do one thing wrong at a time: discovery
 /// and JWKS for bearer tokens, and an authorization server (`/authorize` redirects
 /// straight back with a code, `/token` checks PKCE like a real provider and signs an
@@ -996,7 +1145,8 @@ async fn sign_in_at_test_issuer(proxy: &Proxy) -> Result<(u16, String, bool)> {
 #[tokio::test]
 async fn id_tokens_with_a_bad_nonce_a_foreign_azp_or_an_extra_audience_are_refused() -> Result<()> {
     let issuer = test_issuer().await?;
-    let proxy = Proxy::start_at("rogue-issuer", echo_upstream().await?, &issuer.url, &[]).await?;
+    let upstream = format!("http://127.0.0.1:{}", echo_upstream().await?);
+    let proxy = Proxy::start_at("rogue-issuer", &upstream, &issuer.url, &[]).await?;
     let set = |mode| -> Result<()> {
         *issuer.misbehave.lock().map_err(|_| anyhow::anyhow!("lock"))? = mode;
         Ok(())
