@@ -47,7 +47,7 @@ for _ in $(seq 1 600); do grep -q '^ready ' "$work/oidc.out" 2>/dev/null && brea
 issuer=$(sed -n 's/^ready //p' "$work/oidc.out")
 [ -n "$issuer" ] || { echo "the OpenID provider did not start:"; cat "$work/oidc.err"; exit 1; }
 
-"$load" upstream --port "$up" & pids+=($!)
+"$load" upstream --port "$up" & up_pid=$!; pids+=($up_pid)
 target/release/chassis-oauth-proxy --http-address "127.0.0.1:$chassis" --metrics-address "127.0.0.1:$chassis_metrics" \
   --upstream "http://127.0.0.1:$up" --oidc-issuer-url "$issuer" --client-id chassis --client-secret chassis-secret \
   --redirect-url "http://127.0.0.1:$chassis/oauth2/callback" --cookie-secure false \
@@ -68,6 +68,8 @@ chassis_cookie=$("$load" login --proxy "http://127.0.0.1:$chassis" --user alice 
 o2p_cookie=$("$load" login --proxy "http://127.0.0.1:$o2p" --user alice --password alice-pass)
 
 results="$work/results.jsonl"
+# CPU time (user + system, clock ticks) of a process so far: every process's share of the shared cores.
+cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 for round in $(seq 1 "$ROUNDS"); do
   for c in 16 64; do
     for target in direct chassis oauth2-proxy; do
@@ -76,8 +78,10 @@ for round in $(seq 1 "$ROUNDS"); do
         chassis) args=(--url "http://127.0.0.1:$chassis/" --cookie "$chassis_cookie") ;;
         oauth2-proxy) args=(--url "http://127.0.0.1:$o2p/" --cookie "$o2p_cookie") ;;
       esac
+      c0=$(cpu "$chassis_pid"); o0=$(cpu "$o2p_pid"); u0=$(cpu "$up_pid")
       out=$("$load" load "${args[@]}" --concurrency "$c" --seconds "$SECONDS_PER_RUN")
-      echo "{\"round\": $round, \"target\": \"$target\", \"result\": $out}" | tee -a "$results"
+      ticks="{\"chassis\": $(( $(cpu "$chassis_pid") - c0 )), \"oauth2-proxy\": $(( $(cpu "$o2p_pid") - o0 )), \"upstream\": $(( $(cpu "$up_pid") - u0 ))}"
+      echo "{\"round\": $round, \"target\": \"$target\", \"result\": $out, \"ticks\": $ticks}" | tee -a "$results"
     done
   done
 done
@@ -108,6 +112,24 @@ for c in (16, 64):
                  f"**{100 * ch / d:.0f} %** (goal 80 %); added p99 **{added:.2f} ms** (goal 1 ms at moderate load)")
 lines.append(f"- peak RSS: chassis-oauth-proxy **{int(chassis_rss) / 1024:.1f} MiB**, oauth2-proxy **{int(o2p_rss) / 1024:.1f} MiB** "
              f"(ratio {int(chassis_rss) / int(o2p_rss):.2f}, goal at most 0.33)")
+tck = os.sysconf("SC_CLK_TCK")
+def cpu_us(target, c, who):
+    vals = [(r["result"]["cpu_ticks"] if who == "generator" else r["ticks"][who]) / tck / r["result"]["requests"] * 1e6
+            for r in rows if r["target"] == target and r["result"]["concurrency"] == c and r["result"]["requests"]]
+    return statistics.median(vals)
+lines += ["", "CPU time per request in microseconds (user + system from `/proc`, median of the rounds):", "",
+          "| concurrency | target | generator | upstream | proxy | total |", "| --- | --- | --- | --- | --- | --- |"]
+for c in (16, 64):
+    for t in ("direct", "chassis", "oauth2-proxy"):
+        g, u = cpu_us(t, c, "generator"), cpu_us(t, c, "upstream")
+        p = 0 if t == "direct" else cpu_us(t, c, t)
+        lines.append(f"| {c} | {t} | {g:.0f} | {u:.0f} | {'-' if t == 'direct' else f'{p:.0f}'} | {g + u + p:.0f} |")
+lines.append("")
+for c in (16, 64):
+    g, u, p = cpu_us("direct", c, "generator"), cpu_us("direct", c, "upstream"), cpu_us("chassis", c, "chassis")
+    lines.append(f"- concurrency {c}: 80 % of direct on shared cores needs a proxy that costs at most a quarter of "
+                 f"generator + upstream, **{(g + u) / 4:.0f} µs** per request; chassis-oauth-proxy costs **{p:.0f} µs** "
+                 f"(two HTTP exchanges, one of them to the upstream)")
 lines.append("<!-- proxy:end -->")
 section = "\n".join(lines)
 doc = open("docs/BENCHMARKS.md").read()

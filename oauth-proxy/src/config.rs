@@ -109,6 +109,9 @@ pub struct Flags {
     /// Send the access token upstream in X-Forwarded-Access-Token.
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_PASS_ACCESS_TOKEN")]
     pub pass_access_token: Option<bool>,
+    /// Threads serving requests; 1 runs everything on one thread [default: the CPUs available].
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     /// Accept `Authorization: Bearer <JWT>` from the login issuer for this client id.
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_SKIP_JWT_BEARER_TOKENS")]
     pub skip_jwt_bearer_tokens: Option<bool>,
@@ -158,6 +161,7 @@ pub struct File {
     pub skip_auth_paths: Option<Vec<String>>,
     pub trusted_proxy_cidrs: Option<Vec<String>>,
     pub pass_access_token: Option<bool>,
+    pub worker_threads: Option<usize>,
     pub skip_jwt_bearer_tokens: Option<bool>,
     pub extra_jwt_issuers: Option<Vec<String>>,
     pub bearer_clock_skew: Option<String>,
@@ -200,6 +204,7 @@ pub struct Config {
     pub skip_auth_paths: Vec<regex::Regex>,
     pub trusted_proxy_cidrs: Vec<IpNet>,
     pub pass_access_token: bool,
+    pub worker_threads: usize,
     /// `(issuer, audience)` pairs whose JWTs are accepted as bearer tokens.
     pub bearer_issuers: Vec<(String, String)>,
     pub bearer_clock_skew: Duration,
@@ -455,6 +460,12 @@ impl Config {
             skip_auth_paths,
             trusted_proxy_cidrs,
             pass_access_token: pick!(flags, file, pass_access_token).unwrap_or(false),
+            worker_threads: match pick!(flags, file, worker_threads) {
+                Some(0) => return Err("worker-threads: must be at least 1".into()),
+                Some(n) if n > 1024 => return Err(format!("worker-threads: {n} is more than 1024")),
+                Some(n) => n,
+                None => std::thread::available_parallelism().map_or(1, usize::from),
+            },
             bearer_issuers,
             bearer_clock_skew,
             sar,
@@ -512,7 +523,8 @@ mod tests {
         type Edit = Box<dyn Fn(&mut Flags)>;
         let not_pem = std::env::temp_dir().join(format!("chassis-not-pem-{}", std::process::id()));
         let _ = std::fs::write(&not_pem, "not a certificate\n");
-        let cases: [(&str, Edit); 12] = [
+        let cases: [(&str, Edit); 13] = [
+            ("worker-threads", Box::new(|f| f.worker_threads = Some(0))),
             (
                 "upstream-ca-file",
                 Box::new(move |f| f.upstream_ca_file = Some(not_pem.clone())),

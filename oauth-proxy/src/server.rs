@@ -296,9 +296,12 @@ impl App {
             .sealer
             .open(name, &sealed, now(), self.config.cookie_expire.as_secs())
             .ok()?;
-        if self.revoked.lock().await.contains_key(&session_id(&session)) {
+        let revoked = self.revoked.lock().await;
+        // The id costs a hash; most of the time nobody has signed out.
+        if !revoked.is_empty() && revoked.contains_key(&session_id(&session)) {
             return None;
         }
+        drop(revoked);
         Some(session)
     }
 
@@ -454,11 +457,16 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -
         app.metrics.refused("no_session");
         return unauthenticated(&parts);
     };
-    let previous_chunks = cookies(&parts.headers)
-        .keys()
-        .filter(|k| k.starts_with(&app.config.cookie_name))
-        .count();
     let (session, refreshed) = app.maybe_refresh(session).await;
+    // Only a refreshed session is written back, over however many chunks it had.
+    let previous_chunks = if refreshed {
+        cookies(&parts.headers)
+            .keys()
+            .filter(|k| k.starts_with(&app.config.cookie_name))
+            .count()
+    } else {
+        0
+    };
     if let Some(why) = app.authorized(&session).await {
         app.metrics.refused("forbidden");
         return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));

@@ -1466,7 +1466,13 @@ async fn websockets_pass_through_for_a_session_and_not_without_one() -> Result<(
     use futures::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let proxy = Proxy::start("websocket", websocket_upstream().await?, &[]).await?;
+    // On one thread (the sidecar setting): upgrades are spliced by spawned tasks there too.
+    let proxy = Proxy::start(
+        "websocket",
+        websocket_upstream().await?,
+        &["--worker-threads", "1"],
+    )
+    .await?;
     let jar = Arc::new(Jar::default());
     // Signing in ends on /ws over plain HTTP, which the upstream refuses; the session is what counts.
     login(&browser(&jar)?, &proxy, "/ws", "alice").await?;

@@ -105,6 +105,17 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[index.min(sorted.len() - 1)] as f64 / 1000.0
 }
 
+/// This process's user + system CPU time in clock ticks (`/proc/self/stat` fields
+/// 14 and 15), so the generator's own share of the shared cores is reported.
+fn own_cpu_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state), so fields 14 and 15 are at 11 and 12.
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
 async fn load(
     url: &str,
     cookie: Option<&str>,
@@ -126,6 +137,7 @@ async fn load(
     }
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
+    let cpu_before = own_cpu_ticks();
     let workers = (0..concurrency).map(|_| {
         let client = client.clone();
         let uri = uri.clone();
@@ -161,8 +173,12 @@ async fn load(
         errors += e;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu_ticks = own_cpu_ticks()
+        .zip(cpu_before)
+        .map(|(after, before)| after - before);
     all.sort_unstable();
     Ok(serde_json::json!({
+        "cpu_ticks": cpu_ticks,
         "requests": all.len(),
         "errors": errors,
         "rps": all.len() as f64 / elapsed,
