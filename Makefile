@@ -95,6 +95,7 @@ IMAGE_REPO ?= ghcr.io/chassis-dev
 IMAGE_TAG ?= $(shell sed -n 's/^appVersion: "\(.*\)"/\1/p' charts/chassis/Chart.yaml)
 CONTAINER_ENGINE ?= $(shell command -v podman || command -v docker)
 
-image: ## Build the chassis-operator image (needs podman or docker; not run in CI)
+image: ## Build the chassis-operator and chassis-oauth-proxy images (needs podman or docker; not run in CI)
 	@test -n "$(CONTAINER_ENGINE)" || { echo "make image needs podman or docker"; exit 1; }
 	$(CONTAINER_ENGINE) build -f Dockerfile.operator -t $(IMAGE_REPO)/chassis-operator:$(IMAGE_TAG) .
+	$(CONTAINER_ENGINE) build -f Dockerfile.oauth-proxy -t $(IMAGE_REPO)/chassis-oauth-proxy:$(IMAGE_TAG) .

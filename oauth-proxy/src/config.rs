@@ -292,7 +292,7 @@ impl Config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| format!("config: cannot read {}: {e}", path.display()))?;
-                serde_norway::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))?
+                serde_saphyr::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))?
             }
         };
         Self::merge(flags, file)
@@ -495,7 +495,7 @@ mod tests {
     }
 
     fn file(yaml: &str) -> Result<File, String> {
-        serde_norway::from_str(yaml).map_err(|e| e.to_string())
+        serde_saphyr::from_str(yaml).map_err(|e| e.to_string())
     }
 
     #[test]
