@@ -79,6 +79,8 @@ cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 placements="shared"
 if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then placements="shared split"; fi
 place() {
+  gen=()
+  command -v taskset >/dev/null || return 0
   local all="0-$(( $(nproc) - 1 ))" up_cpus proxy_cpus
   if [ "$1" = split ]; then up_cpus=0; proxy_cpus=1; gen=(taskset -c 0); else up_cpus=$all; proxy_cpus=$all; gen=(); fi
   taskset -a -pc "$up_cpus" "$up_pid" >/dev/null

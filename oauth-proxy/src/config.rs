@@ -263,6 +263,11 @@ fn pem_certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static
     if certs.is_empty() {
         return Err(what(&"holds no PEM certificate"));
     }
+    // Parse each as a trust anchor now, so --config-test refuses what TLS would.
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in &certs {
+        roots.add(cert.clone()).map_err(|e| what(&e))?;
+    }
     Ok(certs)
 }
 

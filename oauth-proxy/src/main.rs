@@ -88,8 +88,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
     );
     tokio::spawn(discover(app.clone()));
     tokio::spawn(warp::serve(metrics).incoming(metrics_listener).run());
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+    // SIGTERM is how Kubernetes stops a pod: as PID 1 without a handler the proxy would
+    // ignore it and be killed only after the grace period.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        tracing::info!("shutting down");
     };
     server::serve(app, listener, shutdown).await;
     Ok(())

@@ -656,6 +656,23 @@ impl Background {
     }
 
     /// Waits until the log contains `needle`; returns that line.
+    /// Sends SIGTERM (as Kubernetes does to stop a pod) and waits up to `timeout` for
+    /// the process to exit; returns whether it did.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<bool> {
+        run(
+            Command::new("kill").args(["-TERM", &self.child.id().to_string()]),
+            "kill -TERM",
+        )?;
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if self.child.try_wait()?.is_some() {
+                return Ok(true);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(false)
+    }
+
     pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> Result<String> {
         let start = Instant::now();
         while start.elapsed() < timeout {

@@ -18,8 +18,8 @@ use warp::Filter;
 /// 32 bytes ("0123456789abcdef" twice), base64.
 const COOKIE_SECRET: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 const OTHER_SECRET: &str = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
-/// Proxies this binary starts at most (one test starts two).
-const SLOTS: usize = 24;
+/// Proxies this binary starts at most (a few tests start two or three).
+const SLOTS: usize = 28;
 
 /// The provider, shared by the tests of this binary, with one registered redirect
 /// URI per proxy port slot.
@@ -753,6 +753,23 @@ async fn concurrent_requests_on_a_session_due_for_refresh_cause_one_refresh() ->
     Ok(())
 }
 
+#[tokio::test]
+async fn sigterm_stops_the_proxy_at_once() -> Result<()> {
+    // PID 1 in a container ignores signals it has no handler for: without one, every
+    // pod stop would wait out the grace period and end in SIGKILL.
+    let mut proxy = Proxy::start("sigterm", echo_upstream().await?, &[]).await?;
+    ensure!(
+        proxy.process.terminate(Duration::from_secs(5))?,
+        "the proxy was still running 5 s after SIGTERM:\n{}",
+        chassis_e2e::log_tail(&proxy.process.log, 10)
+    );
+    ensure!(
+        chassis_e2e::log_tail(&proxy.process.log, 5).contains("shutting down"),
+        "it says so"
+    );
+    Ok(())
+}
+
 /// An HTTPS echo server (Python's http.server behind its ssl module): answers every
 /// GET with the request's path and headers as JSON, like [`echo_upstream`].
 const TLS_ECHO: &str = r#"
@@ -771,11 +788,11 @@ class Echo(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
     def log_message(self, *args):
         pass
-server = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Echo)
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
 context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-context.load_cert_chain(sys.argv[2], sys.argv[3])
+context.load_cert_chain(sys.argv[1], sys.argv[2])
 server.socket = context.wrap_socket(server.socket, server_side=True)
-print("ready", flush=True)
+print("ready", server.server_address[1], flush=True)
 server.serve_forever()
 "#;
 
@@ -854,20 +871,19 @@ fn tls_material(dir: &std::path::Path) -> Result<(String, String, String)> {
 async fn https_upstreams_are_reached_only_with_a_verified_certificate() -> Result<()> {
     let dir = state_dir().join(format!("tls-upstream-{}", std::process::id()));
     let (ca, cert, key) = tls_material(&dir)?;
-    let port = free_port()?;
+    // The server picks its port and says it, so no other test can take it meanwhile.
     let upstream = Background::start(
         &format!("tls-upstream-{}", std::process::id()),
         std::path::Path::new("python3"),
-        &[
-            "-c".to_string(),
-            TLS_ECHO.to_string(),
-            port.to_string(),
-            cert,
-            key,
-        ],
+        &["-c".to_string(), TLS_ECHO.to_string(), cert, key],
         &[],
     )?;
-    upstream.wait_for_line("ready", Duration::from_secs(20))?;
+    let ready = upstream.wait_for_line("ready ", Duration::from_secs(20))?;
+    let port: u16 = ready
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("the TLS upstream did not say its port: {ready}"))?;
     let url = format!("https://127.0.0.1:{port}");
 
     // Trusted through --upstream-ca-file: a signed-in user gets through, over TLS.
@@ -877,26 +893,33 @@ async fn https_upstreams_are_reached_only_with_a_verified_certificate() -> Resul
     ensure!(echo["path"] == "/over-tls", "{echo}");
     ensure!(header(&echo, "x-forwarded-user") == ["alice"], "{echo}");
 
-    // The same session through a proxy that does not trust that CA: the certificate
-    // is refused and nothing is sent.
-    let untrusting = Proxy::start_at("tls-no-ca", &url, &idp().issuer, &[]).await?;
-    let refused = reqwest::Client::builder()
-        .redirect(Policy::none())
-        .build()?
-        .get(untrusting.url("/over-tls"))
-        .header(COOKIE, cookie_header(&jar, &trusted)?)
-        .send()
-        .await?;
-    ensure!(
-        refused.status() == 502,
-        "unverified upstream: {}",
-        refused.status()
-    );
-    ensure!(
-        chassis_e2e::log_tail(&untrusting.process.log, 20).contains("certificate"),
-        "the proxy says why: {}",
-        chassis_e2e::log_tail(&untrusting.process.log, 20)
-    );
+    // The same session through proxies that must refuse the certificate: 502, nothing
+    // sent, and the log says why.
+    let session = cookie_header(&jar, &trusted)?;
+    let wrong_name_url = format!("https://localhost:{port}");
+    for (name, upstream, extra, why) in [
+        // A CA the proxy does not trust.
+        ("tls-no-ca", url.as_str(), &[][..], "UnknownIssuer"),
+        // The trusted CA but another name: the certificate is for 127.0.0.1 only.
+        (
+            "tls-wrong-name",
+            wrong_name_url.as_str(),
+            &["--upstream-ca-file", ca.as_str()][..],
+            "not valid for name",
+        ),
+    ] {
+        let proxy = Proxy::start_at(name, upstream, &idp().issuer, extra).await?;
+        let refused = reqwest::Client::builder()
+            .redirect(Policy::none())
+            .build()?
+            .get(proxy.url("/over-tls"))
+            .header(COOKIE, &session)
+            .send()
+            .await?;
+        ensure!(refused.status() == 502, "{name}: {}", refused.status());
+        let log = chassis_e2e::log_tail(&proxy.process.log, 20);
+        ensure!(log.contains(why), "{name}: the proxy says why: {log}");
+    }
     Ok(())
 }
 
@@ -1463,16 +1486,17 @@ async fn websocket_upstream() -> Result<u16> {
 
 #[tokio::test]
 async fn websockets_pass_through_for_a_session_and_not_without_one() -> Result<()> {
+    // On the default runtime and on one thread (the sidecar setting), where the
+    // upgraded connections are spliced by tasks spawned on that one thread.
+    websockets_through("websocket", &[]).await?;
+    websockets_through("websocket-1", &["--worker-threads", "1"]).await
+}
+
+async fn websockets_through(name: &str, extra: &[&str]) -> Result<()> {
     use futures::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    // On one thread (the sidecar setting): upgrades are spliced by spawned tasks there too.
-    let proxy = Proxy::start(
-        "websocket",
-        websocket_upstream().await?,
-        &["--worker-threads", "1"],
-    )
-    .await?;
+    let proxy = Proxy::start(name, websocket_upstream().await?, extra).await?;
     let jar = Arc::new(Jar::default());
     // Signing in ends on /ws over plain HTTP, which the upstream refuses; the session is what counts.
     login(&browser(&jar)?, &proxy, "/ws", "alice").await?;
