@@ -182,8 +182,9 @@ pub struct Config {
     pub http_address: SocketAddr,
     pub metrics_address: SocketAddr,
     pub upstream: Url,
-    /// Extra CAs for an https:// upstream, read and parsed at start-up.
-    pub upstream_ca: Vec<CertificateDer<'static>>,
+    /// Trust anchors for an https:// upstream: the Mozilla roots plus `upstream-ca-file`,
+    /// read and parsed at start-up so `--config-test` refuses what TLS would.
+    pub upstream_roots: rustls::RootCertStore,
     pub issuer_url: Url,
     pub client_id: String,
     pub client_secret: String,
@@ -253,8 +254,14 @@ fn read_secret(key: &str, file: &Path) -> Result<String, String> {
         .map_err(|e| format!("{key}: cannot read {}: {e}", file.display()))
 }
 
-/// Every certificate of a PEM bundle; a file without one is an error, not "no extra CA".
-fn pem_certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+/// The Mozilla roots plus every certificate of a PEM bundle; a file without one is an
+/// error, not "no extra CA".
+fn trust_anchors(key: &str, path: Option<&Path>) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let Some(path) = path else {
+        return Ok(roots);
+    };
     let what = |e: &dyn std::fmt::Display| format!("{key}: {}: {e}", path.display());
     let pem = std::fs::read(path).map_err(|e| what(&e))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
@@ -263,12 +270,10 @@ fn pem_certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static
     if certs.is_empty() {
         return Err(what(&"holds no PEM certificate"));
     }
-    // Parse each as a trust anchor now, so --config-test refuses what TLS would.
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in &certs {
-        roots.add(cert.clone()).map_err(|e| what(&e))?;
+    for cert in certs {
+        roots.add(cert).map_err(|e| what(&e))?;
     }
-    Ok(certs)
+    Ok(roots)
 }
 
 fn url(key: &str, text: &str, schemes: &[&str]) -> Result<Url, String> {
@@ -441,10 +446,10 @@ impl Config {
             metrics_address: pick!(flags, file, metrics_address)
                 .unwrap_or_else(|| ([0, 0, 0, 0], 9180).into()),
             upstream: url("upstream", &upstream, &["http", "https"])?,
-            upstream_ca: pick!(flags, file, upstream_ca_file)
-                .map(|path| pem_certificates("upstream-ca-file", &path))
-                .transpose()?
-                .unwrap_or_default(),
+            upstream_roots: trust_anchors(
+                "upstream-ca-file",
+                pick!(flags, file, upstream_ca_file).as_deref(),
+            )?,
             issuer_url: url("oidc-issuer-url", &issuer, &["http", "https"])?,
             client_id,
             client_secret,

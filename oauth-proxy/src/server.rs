@@ -224,17 +224,10 @@ pub fn email_domain_allowed(email: &str, domains: &[String]) -> bool {
 /// `upstream-ca-file` (never unverified). HTTP/1.1 only, so WebSocket upgrades pass
 /// through unchanged.
 fn upstream_client(config: &Config) -> Result<HttpClient<HttpsConnector<HttpConnector>, Body>, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    for cert in &config.upstream_ca {
-        roots
-            .add(cert.clone())
-            .map_err(|e| format!("upstream-ca-file: {e}"))?;
-    }
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("upstream TLS: {e}"))?
-        .with_root_certificates(roots)
+        .with_root_certificates(config.upstream_roots.clone())
         .with_no_client_auth();
     let mut http = HttpConnector::new();
     http.set_nodelay(true);

@@ -1031,8 +1031,11 @@ async fn test_issuer() -> Result<TestIssuer> {
                     },
                 );
             }
-            let mut back = reqwest::Url::parse(&field("redirect_uri"))
-                .unwrap_or_else(|_| reqwest::Url::parse("http://127.0.0.1:9/").expect("literal URL"));
+            let Ok(mut back) = reqwest::Url::parse(&field("redirect_uri")) else {
+                return warp::http::Response::builder()
+                    .status(400)
+                    .body("redirect_uri is not a URL".to_string());
+            };
             back.query_pairs_mut()
                 .append_pair("code", &code)
                 .append_pair("state", &field("state"));
@@ -1054,7 +1057,7 @@ async fn test_issuer() -> Result<TestIssuer> {
                     warp::http::StatusCode::BAD_REQUEST,
                 )
             };
-            let login = form.get("code").and_then(|c| authorize_logins_take(&logins, c));
+            let login = form.get("code").and_then(|c| take_code(&logins, c));
             let Some(login) = login else {
                 return refuse("invalid_grant");
             };
@@ -1115,10 +1118,7 @@ async fn test_issuer() -> Result<TestIssuer> {
 }
 
 /// A code is good for one token request, as with a real provider.
-fn authorize_logins_take(
-    logins: &Mutex<BTreeMap<String, Authorization>>,
-    code: &str,
-) -> Option<Authorization> {
+fn take_code(logins: &Mutex<BTreeMap<String, Authorization>>, code: &str) -> Option<Authorization> {
     logins.lock().ok()?.remove(code)
 }
 
