@@ -82,14 +82,18 @@ where
     api.patch(&name, &params, &Patch::Apply(desired)).await
 }
 
-/// Drops what a cached child never needs: the field sets of our own entries, the
-/// bulk of managedFields. [`edited_by_others`] reads only the other managers'
-/// entries; [`apply_over`] reads the live object before it folds a create entry.
+/// Drops what a cached child never needs: the field sets of our own entries and of
+/// status writers (a quota's controller-manager entry), the bulk of managedFields.
+/// [`edited_by_others`] reads only the other managers' entries outside status;
+/// [`apply_over`] reads the live object before it folds a create entry.
 pub fn trim_own_fields<K: Resource>(object: &mut K, field_manager: &str) {
     let creator = create_manager(field_manager);
     for entry in object.meta_mut().managed_fields.iter_mut().flatten() {
         let manager = entry.manager.as_deref();
-        if manager == Some(field_manager) || manager == Some(creator.as_str()) {
+        if manager == Some(field_manager)
+            || manager == Some(creator.as_str())
+            || entry.subresource.as_deref() == Some("status")
+        {
             entry.fields_v1 = None;
         }
     }

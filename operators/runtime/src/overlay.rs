@@ -4,9 +4,12 @@
 //! wrote (a child's event wakes the parent while its siblings are still in flight).
 //! Judged from the cache alone, those siblings look missing and would be written a
 //! second time. The overlay keeps each write's response until the cache holds that
-//! version or a newer one; only when the cache stays behind for [`Overlay::ttl`] is it
-//! trusted again. This is the "expectations" idea of kube-controller-manager, keyed
-//! by resourceVersion instead of counts.
+//! version or a newer one. When the cache is still behind after [`Overlay::ttl`] (an
+//! overloaded API server can delay watch events by that much, or the object was
+//! deleted before the cache saw it), neither copy is trusted: the caller reads the
+//! API server ([`Source::Unconfirmed`]), which costs one read instead of a second
+//! create that fails and an apply. This is the "expectations" idea of
+//! kube-controller-manager, keyed by resourceVersion instead of counts.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,8 +21,9 @@ use tokio::time::Instant;
 /// How long a write's response may stand in for a cache that has not caught up.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
 
-/// Above this many entries, a write first drops expired ones.
-const PRUNE_ABOVE: usize = 1024;
+/// How long a write is remembered at all (by its resourceVersion only, once its
+/// object has expired), so that a cache lagging even longer is still noticed.
+const REMEMBER: Duration = Duration::from_secs(300);
 
 /// Which copy [`Overlay::observe`] chose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,18 +33,44 @@ pub enum Source {
     /// Our own write is newer than the cache; the caller should look again after the
     /// TTL in case the cache never catches up (the object was deleted meanwhile).
     Written,
+    /// Our write is older than the TTL and the cache still has not shown it: the
+    /// returned cached copy is stale, so read the object from the API server.
+    Unconfirmed,
+}
+
+struct Entry<K> {
+    /// The response, while it may stand in for the cache (dropped after the TTL).
+    object: Option<Arc<K>>,
+    version: Option<String>,
+    at: Instant,
 }
 
 pub struct Overlay<K> {
     ttl: Duration,
-    written: Mutex<HashMap<String, (Arc<K>, Instant)>>,
+    written: Mutex<Written<K>>,
+}
+
+struct Written<K> {
+    entries: HashMap<String, Entry<K>>,
+    /// When expired objects were last dropped (at most once per TTL, so a burst of
+    /// writes costs no repeated scans, and an idle overlay keeps no objects).
+    pruned_at: Instant,
 }
 
 impl<K> Default for Overlay<K> {
     fn default() -> Self {
+        Self::with_ttl(DEFAULT_TTL)
+    }
+}
+
+impl<K> Overlay<K> {
+    fn with_ttl(ttl: Duration) -> Self {
         Self {
-            ttl: DEFAULT_TTL,
-            written: Mutex::new(HashMap::new()),
+            ttl,
+            written: Mutex::new(Written {
+                entries: HashMap::new(),
+                pruned_at: Instant::now(),
+            }),
         }
     }
 }
@@ -60,10 +90,7 @@ fn later(a: Option<&str>, b: Option<&str>) -> bool {
 
 impl<K: Resource> Overlay<K> {
     pub fn new(ttl: Duration) -> Self {
-        Self {
-            ttl,
-            written: Mutex::new(HashMap::new()),
-        }
+        Self::with_ttl(ttl)
     }
 
     pub fn ttl(&self) -> Duration {
@@ -74,15 +101,35 @@ impl<K: Resource> Overlay<K> {
     pub fn record(&self, key: &str, object: K) {
         let now = Instant::now();
         let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
-        if written.len() > PRUNE_ABOVE {
-            written.retain(|_, (_, at)| now.saturating_duration_since(*at) < self.ttl);
+        if now.saturating_duration_since(written.pruned_at) >= self.ttl {
+            written.pruned_at = now;
+            written
+                .entries
+                .retain(|_, e| now.saturating_duration_since(e.at) < REMEMBER);
+            for entry in written.entries.values_mut() {
+                if now.saturating_duration_since(entry.at) >= self.ttl {
+                    entry.object = None;
+                }
+            }
         }
-        written.insert(key.to_string(), (Arc::new(object), now));
+        let version = object.meta().resource_version.clone();
+        written.entries.insert(
+            key.to_string(),
+            Entry {
+                object: Some(Arc::new(object)),
+                version,
+                at: now,
+            },
+        );
     }
 
     /// Drops what we remember of `key` (after deleting it).
     pub fn forget(&self, key: &str) {
-        self.written.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+        self.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entries
+            .remove(key);
     }
 
     /// The newer of the cache's copy of `key` and our last write of it.
@@ -92,22 +139,26 @@ impl<K: Resource> Overlay<K> {
 
     fn observe_at(&self, key: &str, cached: Option<Arc<K>>, now: Instant) -> (Option<Arc<K>>, Source) {
         let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
-        let Some((ours, at)) = written.get(key).cloned() else {
+        let Some(entry) = written.entries.get(key) else {
             return (cached, Source::Cache);
         };
-        let fresh = now.saturating_duration_since(at) < self.ttl;
         let cache_behind = match &cached {
-            Some(c) => later(
-                ours.meta().resource_version.as_deref(),
-                c.meta().resource_version.as_deref(),
-            ),
+            Some(c) => later(entry.version.as_deref(), c.meta().resource_version.as_deref()),
             None => true,
         };
-        if fresh && cache_behind {
-            return (Some(ours), Source::Written);
+        let fresh = now.saturating_duration_since(entry.at) < self.ttl;
+        match (&entry.object, fresh, cache_behind) {
+            (Some(ours), true, true) => (Some(ours.clone()), Source::Written),
+            (_, _, true) => {
+                // Read once; the caller's live copy settles it.
+                written.entries.remove(key);
+                (cached, Source::Unconfirmed)
+            }
+            (_, _, false) => {
+                written.entries.remove(key);
+                (cached, Source::Cache)
+            }
         }
-        written.remove(key);
-        (cached, Source::Cache)
     }
 }
 
@@ -145,16 +196,35 @@ mod tests {
     }
 
     #[test]
-    fn a_cache_that_stays_behind_is_trusted_after_the_ttl() {
+    fn a_cache_still_behind_after_the_ttl_is_unconfirmed() {
         let overlay = Overlay::new(Duration::from_secs(10));
         let t0 = Instant::now();
         overlay.record("ns/a", cm("7"));
+        // Deleted meanwhile, or a watch more than the TTL behind: neither copy is
+        // trusted, the caller must read the API server (and it does so once).
         let (seen, source) = overlay.observe_at("ns/a", None, t0 + Duration::from_secs(11));
-        assert_eq!(
-            (seen, source),
-            (None, Source::Cache),
-            "deleted meanwhile: write it again"
-        );
+        assert_eq!((seen, source), (None, Source::Unconfirmed));
+        let (_, source) = overlay.observe_at("ns/a", None, t0 + Duration::from_secs(12));
+        assert_eq!(source, Source::Cache);
+        overlay.record("ns/b", cm("9"));
+        let (seen, source) =
+            overlay.observe_at("ns/b", Some(Arc::new(cm("8"))), t0 + Duration::from_secs(11));
+        assert_eq!((rv(&seen), source), (Some("8".into()), Source::Unconfirmed));
+    }
+
+    #[test]
+    fn pruning_drops_expired_objects_but_keeps_their_versions() {
+        let overlay = Overlay::new(Duration::from_millis(0));
+        overlay.record("ns/0", cm("7"));
+        overlay.record("ns/1", cm("8"));
+        let objects = |o: &Overlay<ConfigMap>| {
+            let written = o.written.lock().unwrap_or_else(|e| e.into_inner());
+            written.entries.values().filter(|e| e.object.is_some()).count()
+        };
+        assert_eq!(objects(&overlay), 1, "the older object was dropped");
+        // A cache that never showed the pruned write is still noticed.
+        let (seen, source) = overlay.observe("ns/0", None);
+        assert_eq!((seen, source), (None, Source::Unconfirmed));
     }
 
     #[test]

@@ -261,10 +261,16 @@ pub fn controller(
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
 
-    // Labels and annotations are all a namespace contributes, so metadata suffices.
-    let (namespaces, namespace_stream) = sync.reflect(
+    // Labels and annotations are all a namespace contributes, so metadata suffices,
+    // without field managers and owners (they were most of a cached namespace: with
+    // 1000 project namespaces, 8 MiB of the operator's memory).
+    let (namespaces, namespace_stream) = sync.reflect_trimmed(
         Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
         wc.clone(),
+        |ns: &mut PartialObjectMeta<Namespace>| {
+            ns.metadata.managed_fields = None;
+            ns.metadata.owner_references = None;
+        },
     );
     let namespace_stream = namespace_stream.touched_objects().predicate_filter(
         |ns: &PartialObjectMeta<Namespace>| {

@@ -34,6 +34,27 @@ pub struct Parts {
     pub lagging: bool,
 }
 
+/// What a namespaced child kind needs to be observed and ensured.
+pub trait Child:
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Clone
+    + Serialize
+    + DeserializeOwned
+    + std::fmt::Debug
+    + 'static
+{
+}
+
+impl<K> Child for K where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + std::fmt::Debug
+        + 'static
+{
+}
+
 /// A watch cache of one child kind with our recent writes laid over it.
 pub struct Cached<K: Resource<DynamicType = ()> + 'static> {
     pub store: Store<K>,
@@ -51,31 +72,53 @@ where
         }
     }
 
-    fn get(&self, namespace: &str, name: &str) -> (Option<Arc<K>>, Source) {
+    /// The cache's copy laid under our last write; the API server's when the cache
+    /// has not confirmed a write of ours for too long (see [`Source::Unconfirmed`]).
+    async fn observe(
+        &self,
+        client: &Client,
+        namespace: &str,
+        name: &str,
+        field_manager: &str,
+    ) -> Result<(Option<Arc<K>>, Source), Error>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + DeserializeOwned + std::fmt::Debug,
+    {
         let cached = self.store.get(&ObjectRef::new(name).within(namespace));
-        self.written.observe(&format!("{namespace}/{name}"), cached)
+        let (seen, source) = self.written.observe(&format!("{namespace}/{name}"), cached);
+        if source != Source::Unconfirmed {
+            return Ok((seen, source));
+        }
+        let api: Api<K> = Api::namespaced(client.clone(), namespace);
+        let live = api.get_opt(name).await.map_err(|source| Error::Read {
+            kind: K::kind(&()).into_owned(),
+            name: format!("{namespace}/{name}"),
+            source,
+        })?;
+        let live = live.map(|mut object| {
+            apply::trim_own_fields(&mut object, field_manager);
+            Arc::new(object)
+        });
+        Ok((live, source))
     }
 }
 
+/// [`ensure`](apply::ensure) for one child, given what [`Cached::observe`] saw of it.
+#[allow(clippy::too_many_arguments)]
 async fn ensure_one<K>(
     client: &Client,
     cache: &Cached<K>,
     namespace: &str,
     name: &str,
+    (observed, source): (Option<Arc<K>>, Source),
     desired: Option<&K>,
     owner_uid: &str,
     field_manager: &str,
 ) -> Result<(Outcome, Source), Error>
 where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + Serialize
-        + DeserializeOwned
-        + std::fmt::Debug
-        + 'static,
+    K: Child,
 {
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
-    let (observed, source) = cache.get(namespace, name);
     let (outcome, applied) =
         apply::ensure(&api, name, desired, observed.as_deref(), owner_uid, field_manager)
             .await
@@ -96,6 +139,33 @@ where
     Ok((outcome, source))
 }
 
+/// [`ensure_one`] after [`Cached::observe`].
+async fn ensure_cached<K>(
+    client: &Client,
+    cache: &Cached<K>,
+    namespace: &str,
+    name: &str,
+    desired: Option<&K>,
+    owner_uid: &str,
+    field_manager: &str,
+) -> Result<(Outcome, Source), Error>
+where
+    K: Child,
+{
+    let seen = cache.observe(client, namespace, name, field_manager).await?;
+    ensure_one(
+        client,
+        cache,
+        namespace,
+        name,
+        seen,
+        desired,
+        owner_uid,
+        field_manager,
+    )
+    .await
+}
+
 /// The caches of the children, read instead of the API server.
 pub struct ChildStores {
     pub role_bindings: Cached<RoleBinding>,
@@ -114,7 +184,10 @@ async fn binding(
     uid: &str,
     field_manager: &str,
 ) -> Result<Vec<(Outcome, Source)>, Error> {
-    let (have, source) = stores.role_bindings.get(namespace, name);
+    let (have, source) = stores
+        .role_bindings
+        .observe(client, namespace, name, field_manager)
+        .await?;
     let replace = matches!((desired, &have), (Some(want), Some(have))
         if want.role_ref != have.role_ref && apply::controlled_by(have.as_ref(), uid));
     let Some(want) = desired.filter(|_| replace) else {
@@ -123,6 +196,7 @@ async fn binding(
             &stores.role_bindings,
             namespace,
             name,
+            (have, source),
             desired,
             uid,
             field_manager,
@@ -179,7 +253,7 @@ pub async fn reconcile(
             field_manager,
         )
     }));
-    let quota_done = ensure_one(
+    let quota_done = ensure_cached(
         client,
         &stores.quotas,
         &namespace,
@@ -188,7 +262,7 @@ pub async fn reconcile(
         &uid,
         field_manager,
     );
-    let limits_done = ensure_one(
+    let limits_done = ensure_cached(
         client,
         &stores.limits,
         &namespace,

@@ -40,6 +40,12 @@ const RESYNC: Duration = Duration::from_secs(600);
 pub enum Error {
     #[error("applying namespace {name}: {source}")]
     ApplyNamespace { name: String, source: kube::Error },
+    #[error("reading {kind} {name}: {source}")]
+    Read {
+        kind: String,
+        name: String,
+        source: kube::Error,
+    },
     #[error("applying {kind} {name}: {source}")]
     ApplyChild {
         kind: String,
@@ -55,6 +61,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Self::ApplyNamespace { .. } => "apply_namespace",
+            Self::Read { .. } => "read",
             Self::ApplyChild { .. } => "apply_child",
             Self::WriteStatus { .. } => "write_status",
         }
@@ -179,14 +186,33 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
     }
     let _timer = ctx.base.metrics.reconcile();
     let name = project.name_any();
+    let api: Api<Project> = Api::all(ctx.base.client.clone());
     // Our last status write, when the project cache has not delivered it yet.
-    let (project, _) = ctx.written_projects.observe(&name, Some(project));
+    let (project, source) = ctx.written_projects.observe(&name, Some(project));
+    let project = match source {
+        Source::Unconfirmed => api
+            .get_opt(&name)
+            .await
+            .map_err(read_failed("Project", &name))?
+            .map(Arc::new),
+        _ => project,
+    };
     let Some(project) = project else {
         return Ok(Action::await_change());
     };
     let key = project.uid().unwrap_or_else(|| name.clone());
-    let api: Api<Project> = Api::all(ctx.base.client.clone());
-    let observed = observe(&project, &ctx);
+    let ns_api: Api<Namespace> = Api::all(ctx.base.client.clone());
+    let mut observed = observe(&project, &ctx);
+    if observed.namespace_source == Source::Unconfirmed {
+        observed.namespace = ns_api
+            .get_opt(&name)
+            .await
+            .map_err(read_failed("Namespace", &name))?
+            .map(|mut ns| {
+                apply::trim_own_fields(&mut ns, &ctx.base.field_manager);
+                Arc::new(ns)
+            });
+    }
 
     let template = match validate(&project, &observed) {
         Ok(template) => template,
@@ -203,7 +229,6 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
 
     // Step 3: build (pure); step 4: apply, skipped when the child already matches.
     let desired = build::namespace(&project, &template);
-    let ns_api: Api<Namespace> = Api::all(ctx.base.client.clone());
     let mut current = observed.namespace.as_deref().cloned();
     if current.is_none() {
         let claimed = apply::claim(&ns_api, &desired, &key, &ctx.base.field_manager)
@@ -216,7 +241,9 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
             // No Event for the creation: the status says it, and at scale one Event
             // per project costs as much as a child object.
             Claim::Created(ns) => {
-                ctx.written_namespaces.record(&name, ns.clone());
+                let mut trimmed = ns.clone();
+                apply::trim_own_fields(&mut trimmed, &ctx.base.field_manager);
+                ctx.written_namespaces.record(&name, trimmed);
                 current = Some(ns);
             }
             Claim::Owned(ns) => current = Some(ns),
@@ -239,7 +266,9 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
                     name: name.clone(),
                     source,
                 })?;
-            ctx.written_namespaces.record(&name, applied.clone());
+            let mut trimmed = applied.clone();
+            apply::trim_own_fields(&mut trimmed, &ctx.base.field_manager);
+            ctx.written_namespaces.record(&name, trimmed);
             applied
         }
     };
@@ -284,13 +313,25 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
     Ok(ctx.base.success(&key, after))
 }
 
+/// Maps a failed read of `kind` `name` to [`Error::Read`].
+fn read_failed(kind: &'static str, name: &str) -> impl FnOnce(kube::Error) -> Error {
+    let name = name.to_string();
+    move |source| Error::Read {
+        kind: kind.into(),
+        name,
+        source,
+    }
+}
+
 async fn write_status(
     ctx: &ProjectContext,
     api: &Api<Project>,
     project: &Project,
     status: chassis_api::tenancy::v1alpha1::ProjectStatus,
 ) -> Result<(), Error> {
-    if let Some(written) = status::write(api, project, status).await? {
+    if let Some(mut written) = status::write(api, project, status).await? {
+        // As trimmed as the project cache's copies.
+        written.metadata.managed_fields = None;
         ctx.written_projects.record(&project.name_any(), written);
     }
     Ok(())

@@ -317,3 +317,117 @@ fn a_child_wakes_its_project_under_the_projects_own_key() {
     );
     assert_eq!(woken.namespace, None);
 }
+
+/// Children we created whose watch events still had not arrived after the overlay's
+/// TTL (an overloaded API server delays watches by that much): each is read from the
+/// API server once, and nothing is created a second time.
+#[tokio::test]
+async fn children_the_cache_never_confirmed_are_read_not_created_again() -> Result<(), String> {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use chassis_runtime::overlay::Overlay;
+    use http::{Request, Response};
+    use kube::client::Body;
+    use kube::runtime::reflector;
+
+    use super::children::{Cached, ChildStores, reconcile};
+
+    let mut p = project("payments");
+    p.spec.admins = vec![member(SubjectKind::User, "alice", None)];
+    p.spec.viewers = vec![member(SubjectKind::Group, "auditors", None)];
+    let t = template_with_quota();
+    let mut live: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    let stores = ChildStores {
+        role_bindings: Cached {
+            store: reflector::store().0,
+            written: Overlay::new(Duration::ZERO),
+        },
+        quotas: Cached {
+            store: reflector::store().0,
+            written: Overlay::new(Duration::ZERO),
+        },
+        limits: Cached {
+            store: reflector::store().0,
+            written: Overlay::new(Duration::ZERO),
+        },
+    };
+    // What the API server holds is exactly what we wrote earlier, at version `rv`.
+    fn wrote<K: super::children::Child>(
+        cache: &Cached<K>,
+        live: &mut BTreeMap<String, serde_json::Value>,
+        path: String,
+        mut object: K,
+        rv: &str,
+    ) -> Result<(), String> {
+        object.meta_mut().resource_version = Some(rv.into());
+        let name = object.meta().name.clone().unwrap_or_default();
+        live.insert(path, serde_json::to_value(&object).map_err(|e| e.to_string())?);
+        cache.written.record(&format!("payments/{name}"), object);
+        Ok(())
+    }
+    for (name, binding) in build::role_bindings(&p, &t) {
+        if let Some(binding) = binding {
+            wrote(
+                &stores.role_bindings,
+                &mut live,
+                format!("rolebindings/{name}"),
+                binding,
+                "5",
+            )?;
+        }
+    }
+    let quota = build::resource_quota(&p, &t).ok_or("the template has a quota")?;
+    wrote(
+        &stores.quotas,
+        &mut live,
+        format!("resourcequotas/{}", build::QUOTA_NAME),
+        quota,
+        "6",
+    )?;
+    let limits = build::limit_range(&p, &t).ok_or("the template has limits")?;
+    wrote(
+        &stores.limits,
+        &mut live,
+        format!("limitranges/{}", build::LIMITS_NAME),
+        limits,
+        "7",
+    )?;
+
+    let children = live.len();
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let server = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Some((request, send)) = handle.next_request().await {
+            let path = request.uri().path().to_string();
+            seen.push(format!("{} {path}", request.method()));
+            let found = live
+                .iter()
+                .find(|(suffix, _)| path.ends_with(&format!("/namespaces/payments/{suffix}")))
+                .map(|(_, object)| object.clone());
+            let (status, body) = match (request.method().as_str(), found) {
+                ("GET", Some(object)) => (200, object),
+                _ => (
+                    500,
+                    serde_json::json!({"kind": "Status", "code": 500, "message": "unexpected"}),
+                ),
+            };
+            let body = serde_json::to_vec(&body).unwrap_or_default();
+            if let Ok(response) = Response::builder().status(status).body(Body::from(body)) {
+                send.send_response(response);
+            }
+        }
+        seen
+    });
+    let client = kube::Client::new(service, "default");
+    let parts = reconcile(&client, &stores, &p, &t, "chassis")
+        .await
+        .map_err(|e| e.to_string())?;
+    drop(client);
+    let mut seen = server.await.map_err(|e| e.to_string())?;
+    seen.sort();
+    assert_eq!(parts.writes, 0, "nothing is written again: {seen:?}");
+    assert_eq!(seen.len(), children, "one read per child: {seen:?}");
+    assert!(seen.iter().all(|r| r.starts_with("GET ")), "{seen:?}");
+    Ok(())
+}
