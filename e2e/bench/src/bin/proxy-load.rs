@@ -23,7 +23,7 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Serve `ok` on every path.
+    /// Serve `ok` on every path; on `/app` after waiting [`APP_WAIT`].
     Upstream {
         #[arg(long)]
         port: u16,
@@ -50,14 +50,22 @@ enum Cmd {
     },
 }
 
+/// How long `/app` waits before it answers: no CPU, like a database round trip.
+const APP_WAIT: Duration = Duration::from_millis(2);
+
 async fn upstream(port: u16) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     loop {
         let (stream, _) = listener.accept().await?;
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(|_req| async {
-                Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(b"ok\n"))))
-            });
+            let service =
+                hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    // `/app` stands for an application that waits on its database before it answers.
+                    if req.uri().path() == "/app" {
+                        tokio::time::sleep(APP_WAIT).await;
+                    }
+                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(b"ok\n"))))
+                });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
@@ -138,33 +146,36 @@ async fn load(
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let cpu_before = own_cpu_ticks();
-    let workers = (0..concurrency).map(|_| {
-        let client = client.clone();
-        let uri = uri.clone();
-        let cookie = cookie.map(str::to_string);
-        tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut errors = 0u64;
-            while Instant::now() < deadline {
-                let mut request = hyper::Request::get(uri.clone());
-                if let Some(c) = &cookie {
-                    request = request.header("cookie", c);
-                }
-                let Ok(request) = request.body(Empty::new()) else {
-                    break;
-                };
-                let sent = Instant::now();
-                match client.request(request).await {
-                    Ok(response) if response.status() == 200 => {
-                        let _ = response.into_body().collect().await;
-                        latencies.push(sent.elapsed().as_micros() as u64);
+    // Collected, so that every worker is spawned before the first is awaited.
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let client = client.clone();
+            let uri = uri.clone();
+            let cookie = cookie.map(str::to_string);
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut errors = 0u64;
+                while Instant::now() < deadline {
+                    let mut request = hyper::Request::get(uri.clone());
+                    if let Some(c) = &cookie {
+                        request = request.header("cookie", c);
                     }
-                    _ => errors += 1,
+                    let Ok(request) = request.body(Empty::new()) else {
+                        break;
+                    };
+                    let sent = Instant::now();
+                    match client.request(request).await {
+                        Ok(response) if response.status() == 200 => {
+                            let _ = response.into_body().collect().await;
+                            latencies.push(sent.elapsed().as_micros() as u64);
+                        }
+                        _ => errors += 1,
+                    }
                 }
-            }
-            (latencies, errors)
+                (latencies, errors)
+            })
         })
-    });
+        .collect();
     let mut all = Vec::new();
     let mut errors = 0;
     for worker in workers {
