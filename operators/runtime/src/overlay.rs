@@ -52,8 +52,9 @@ pub struct Overlay<K> {
 
 struct Written<K> {
     entries: HashMap<String, Entry<K>>,
-    /// When expired objects were last dropped (at most once per TTL, so a burst of
-    /// writes costs no repeated scans, and an idle overlay keeps no objects).
+    /// When expired objects were last dropped (on a write, at most once per TTL, so a
+    /// burst of writes costs no repeated scans; the objects of the last TTL before
+    /// writes stop stay until the next write or until they are observed).
     pruned_at: Instant,
 }
 

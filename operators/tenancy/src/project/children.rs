@@ -95,8 +95,11 @@ where
             name: format!("{namespace}/{name}"),
             source,
         })?;
+        // The live copy stands in for the lagging cache from now on, like a write.
         let live = live.map(|mut object| {
             apply::trim_own_fields(&mut object, field_manager);
+            self.written
+                .record(&format!("{namespace}/{name}"), object.clone());
             Arc::new(object)
         });
         Ok((live, source))
@@ -133,7 +136,7 @@ where
             apply::trim_own_fields(&mut object, field_manager);
             cache.written.record(&key, object);
         }
-        None if outcome == Outcome::Deleted => cache.written.forget(&key),
+        None if matches!(outcome, Outcome::Deleted | Outcome::Absent) => cache.written.forget(&key),
         None => {}
     }
     Ok((outcome, source))
@@ -283,7 +286,9 @@ pub async fn reconcile(
         .iter()
         .filter(|(o, _)| matches!(o, Outcome::Applied | Outcome::Deleted))
         .count();
-    let lagging = outcomes.iter().any(|(_, source)| *source == Source::Written);
+    let lagging = outcomes
+        .iter()
+        .any(|(_, source)| matches!(source, Source::Written | Source::Unconfirmed));
     let bindings = wanted_bindings
         .iter()
         .filter_map(|(name, desired)| {

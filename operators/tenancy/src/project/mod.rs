@@ -190,11 +190,16 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
     // Our last status write, when the project cache has not delivered it yet.
     let (project, source) = ctx.written_projects.observe(&name, Some(project));
     let project = match source {
+        // The live copy stands in for the lagging cache from now on, like a write.
         Source::Unconfirmed => api
             .get_opt(&name)
             .await
             .map_err(read_failed("Project", &name))?
-            .map(Arc::new),
+            .map(|mut live| {
+                live.metadata.managed_fields = None;
+                ctx.written_projects.record(&name, live.clone());
+                Arc::new(live)
+            }),
         _ => project,
     };
     let Some(project) = project else {
@@ -210,6 +215,7 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
             .map_err(read_failed("Namespace", &name))?
             .map(|mut ns| {
                 apply::trim_own_fields(&mut ns, &ctx.base.field_manager);
+                ctx.written_namespaces.record(&name, ns.clone());
                 Arc::new(ns)
             });
     }
@@ -302,7 +308,8 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
     // Step 5: status, written only when it changes.
     let status = status::reconciled(&project, &namespace, parts.as_ref());
     write_status(&ctx, &api, &project, status).await?;
-    let lagging = observed.namespace_source == Source::Written || parts.is_some_and(|p| p.lagging);
+    let lagging = matches!(observed.namespace_source, Source::Written | Source::Unconfirmed)
+        || parts.is_some_and(|p| p.lagging);
     // A cache that lags our writes is normally caught up by the next watch event; the
     // short requeue covers a child deleted before the cache ever saw it.
     let after = if lagging {
