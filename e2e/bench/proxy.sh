@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # `make bench-proxy`: the same upstream reached directly, through chassis-oauth-proxy
 # and through oauth2-proxy v7 (built from Go modules), each with a valid session
-# cookie from a real login at the same OpenID provider (e2e/oidc). Closed-loop load
-# at two concurrencies, alternating rounds; writes the `proxy` section of
-# docs/BENCHMARKS.md. Env: BENCH_ROUNDS (3), BENCH_SECONDS (10).
+# cookie from a real login at the same OpenID provider (e2e/oidc). Open-loop load at
+# moderate rates first (latency, RSS), then closed-loop load at two concurrencies
+# (throughput); writes the `proxy` section of docs/BENCHMARKS.md.
+# Env: BENCH_ROUNDS (3), BENCH_SECONDS (10).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
@@ -87,16 +88,35 @@ place() {
   taskset -a -pc "$proxy_cpus" "$chassis_pid" >/dev/null
   taskset -a -pc "$proxy_cpus" "$o2p_pid" >/dev/null
 }
+target_args() { # target route -> proxy-load arguments
+  case $1 in
+    direct) args=(--url "http://127.0.0.1:$up$2") ;;
+    chassis) args=(--url "http://127.0.0.1:$chassis$2" --cookie "$chassis_cookie") ;;
+    oauth2-proxy) args=(--url "http://127.0.0.1:$o2p$2" --cookie "$o2p_cookie") ;;
+  esac
+}
+rss() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
+# Moderate load first, on fresh processes: open loop (requests sent on a fixed schedule,
+# latency counted from the scheduled time) at rates far below what the proxies sustain,
+# on `/` and on `/app`; the peak RSS of this phase is recorded before the saturating runs.
+place shared
+for round in $(seq 1 "$ROUNDS"); do
+  for spec in "/ 1000" "/ 2000" "/app 1000"; do
+    set -- $spec
+    for target in direct chassis oauth2-proxy; do
+      target_args "$target" "$1"
+      out=$("$load" load "${args[@]}" --rate "$2" --concurrency 64 --seconds "$SECONDS_PER_RUN")
+      echo "{\"round\": $round, \"placement\": \"shared\", \"route\": \"$1\", \"target\": \"$target\", \"result\": $out, \"ticks\": {}}" | tee -a "$results"
+    done
+  done
+done
+moderate_rss="$(rss "$chassis_pid") $(rss "$o2p_pid")"
 for round in $(seq 1 "$ROUNDS"); do
   for placement in $placements; do
     place "$placement"
     for c in 16 64; do
       for target in direct chassis oauth2-proxy; do
-        case $target in
-          direct) args=(--url "http://127.0.0.1:$up/") ;;
-          chassis) args=(--url "http://127.0.0.1:$chassis/" --cookie "$chassis_cookie") ;;
-          oauth2-proxy) args=(--url "http://127.0.0.1:$o2p/" --cookie "$o2p_cookie") ;;
-        esac
+        target_args "$target" /
         c0=$(cpu "$chassis_pid"); o0=$(cpu "$o2p_pid"); u0=$(cpu "$up_pid")
         out=$("${gen[@]}" "$load" load "${args[@]}" --concurrency "$c" --seconds "$SECONDS_PER_RUN")
         ticks="{\"chassis\": $(( $(cpu "$chassis_pid") - c0 )), \"oauth2-proxy\": $(( $(cpu "$o2p_pid") - o0 )), \"upstream\": $(( $(cpu "$up_pid") - u0 ))}"
@@ -108,20 +128,17 @@ for round in $(seq 1 "$ROUNDS"); do
   # proxy in front of a real application costs it.
   place shared
   for target in direct chassis oauth2-proxy; do
-    case $target in
-      direct) args=(--url "http://127.0.0.1:$up/app") ;;
-      chassis) args=(--url "http://127.0.0.1:$chassis/app" --cookie "$chassis_cookie") ;;
-      oauth2-proxy) args=(--url "http://127.0.0.1:$o2p/app" --cookie "$o2p_cookie") ;;
-    esac
+    target_args "$target" /app
     out=$("$load" load "${args[@]}" --concurrency 16 --seconds "$SECONDS_PER_RUN")
     echo "{\"round\": $round, \"placement\": \"shared\", \"route\": \"app\", \"target\": \"$target\", \"result\": $out, \"ticks\": {}}" | tee -a "$results"
   done
 done
-rss() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
-python3 - "$results" "$(rss "$chassis_pid")" "$(rss "$o2p_pid")" "$OAUTH2_PROXY_VERSION" "$SECONDS_PER_RUN" "$ROUNDS" <<'PY'
+python3 - "$results" "$(rss "$chassis_pid")" "$(rss "$o2p_pid")" "$OAUTH2_PROXY_VERSION" "$SECONDS_PER_RUN" "$ROUNDS" $moderate_rss <<'PY'
 import json, re, statistics, sys, datetime, os
-path, chassis_rss, o2p_rss, version, seconds, rounds = sys.argv[1:7]
+path, chassis_rss, o2p_rss, version, seconds, rounds, chassis_rss_moderate, o2p_rss_moderate = sys.argv[1:9]
 rows = [json.loads(l) for l in open(path)]
+opened = [r for r in rows if r["result"].get("rate")]
+rows = [r for r in rows if not r["result"].get("rate")]
 placements = [p for p in ("shared", "split") if any(r["placement"] == p for r in rows)]
 def sel(target, c, placement, route="ok"):
     return [r for r in rows if r["target"] == target and r["result"]["concurrency"] == c
@@ -137,10 +154,31 @@ lines = ["<!-- proxy:begin -->",
  f"### Proxy run of {datetime.date.today()} ({cores} cores, {mem:.0f} GiB)", "",
  "Command: `make bench-proxy` (`e2e/bench/proxy.sh`). One tiny upstream (`ok`), reached directly, through",
  f"chassis-oauth-proxy (profile release-small, as shipped) and through oauth2-proxy {version} (built from Go modules),",
- "each with the session cookie of a real login at the same OpenID provider; closed-loop load from `proxy-load`",
- f"(HTTP/1.1 keep-alive) on the same machine; {seconds} s per run, median of {rounds} alternating rounds; RSS is each",
- "proxy's peak (VmHWM) over the whole run. Placement **shared**: every process may use both cores; **split**",
- "(`taskset`): generator and upstream on core 0, the proxy on core 1, as when the proxy has a pod of its own.", "",
+ "each with the session cookie of a real login at the same OpenID provider; load from `proxy-load` (HTTP/1.1",
+ f"keep-alive) on the same machine; {seconds} s per run, median of {rounds} rounds. RSS is each proxy's peak (VmHWM).",
+ "", "**Moderate load** first, on fresh processes: open loop (requests sent on a fixed schedule from a thread of",
+ "their own, up to 64 connections, latency counted from the scheduled time so that waiting behind a slow answer",
+ "counts), all processes on both cores. `/app` is the upstream waiting 2 ms before it answers (no CPU, like an",
+ "application waiting on its database; tokio's 1 ms timer makes it about 3 ms).", "",
+ "| route | requests/s | target | p50 ms | p99 ms | p99.9 ms |", "| --- | --- | --- | --- | --- | --- |"]
+def omed(target, route, rate, key):
+    return statistics.median(r["result"][key] for r in opened
+                             if r["target"] == target and r["route"] == route and r["result"]["rate"] == rate)
+specs = sorted({(r["route"], r["result"]["rate"]) for r in opened})
+for route, rate in specs:
+    for t in ("direct", "chassis", "oauth2-proxy"):
+        lines.append(f"| `{route}` | {rate} | {t} | {omed(t, route, rate, 'p50_ms'):.2f} | {omed(t, route, rate, 'p99_ms'):.2f} | "
+                     f"{omed(t, route, rate, 'p999_ms'):.2f} |")
+lines.append("")
+for route, rate in specs:
+    d = omed("direct", route, rate, "p99_ms")
+    lines.append(f"- `{route}` at {rate} requests/s: added p99 chassis-oauth-proxy **{omed('chassis', route, rate, 'p99_ms') - d:.2f} ms** "
+                 f"(goal at most 1 ms), oauth2-proxy {omed('oauth2-proxy', route, rate, 'p99_ms') - d:.2f} ms")
+lines.append(f"- peak RSS after the moderate runs: chassis-oauth-proxy **{int(chassis_rss_moderate) / 1024:.1f} MiB**, oauth2-proxy "
+             f"**{int(o2p_rss_moderate) / 1024:.1f} MiB** (ratio {int(chassis_rss_moderate) / int(o2p_rss_moderate):.2f}, goal at most 0.33)")
+lines += ["", "**Saturating load** next: closed loop (each connection sends its next request when the last one answered).",
+ "Placement **shared**: every process may use both cores; **split** (`taskset`): generator and upstream on core 0,",
+ "the proxy on core 1, as when the proxy has a pod of its own.", "",
  "| placement | concurrency | target | requests/s | p50 ms | p99 ms |", "| --- | --- | --- | --- | --- | --- |"]
 for pl in placements:
     for c in (16, 64):
@@ -154,8 +192,7 @@ for pl in placements:
         added = med("chassis", c, "p99_ms", pl) - med("direct", c, "p99_ms", pl)
         lines.append(f"- {pl}, concurrency {c}: chassis / oauth2-proxy throughput **{ch / o2:.2f}x** (goal 2x); "
                      f"chassis / direct **{100 * ch / d:.0f} %** (goal 80 %); added p99 **{added:.2f} ms** (goal 1 ms)")
-lines += ["", "The same at concurrency 16 on `/app`, where the upstream waits 2 ms before it answers (no CPU, like an",
-          "application waiting on its database), shared placement:", "",
+lines += ["", "The same at concurrency 16 on `/app` (closed loop, shared placement):", "",
           "| target | requests/s | p50 ms | p99 ms |", "| --- | --- | --- | --- |"]
 for t in ("direct", "chassis", "oauth2-proxy"):
     lines.append(f"| {t} | {med(t, 16, 'rps', route='app'):.0f} | {med(t, 16, 'p50_ms', route='app'):.2f} | "
@@ -164,7 +201,7 @@ ch, o2, d = (med(t, 16, "rps", route="app") for t in ("chassis", "oauth2-proxy",
 added = med("chassis", 16, "p99_ms", route="app") - med("direct", 16, "p99_ms", route="app")
 lines += ["", f"- `/app`, concurrency 16: chassis / oauth2-proxy **{ch / o2:.2f}x**; chassis / direct **{100 * ch / d:.0f} %**; "
           f"added p99 **{added:.2f} ms**", ""]
-lines.append(f"- peak RSS: chassis-oauth-proxy **{int(chassis_rss) / 1024:.1f} MiB**, oauth2-proxy "
+lines.append(f"- peak RSS over the whole run, saturating runs included: chassis-oauth-proxy **{int(chassis_rss) / 1024:.1f} MiB**, oauth2-proxy "
              f"**{int(o2p_rss) / 1024:.1f} MiB** (ratio {int(chassis_rss) / int(o2p_rss):.2f}, goal at most 0.33)")
 lines += ["", "CPU time per request in microseconds, shared placement (user + system from `/proc`, median of the rounds):",
           "", "| concurrency | target | generator | upstream | proxy | total |", "| --- | --- | --- | --- | --- | --- |"]

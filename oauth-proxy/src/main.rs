@@ -11,7 +11,6 @@ use chassis_oauth_proxy::config::{Config, Flags};
 use chassis_oauth_proxy::oidc::{self, Provider};
 use chassis_oauth_proxy::server::{self, App};
 use clap::Parser;
-use warp::Filter;
 
 async fn discover(app: Arc<App>) {
     let mut delay = Duration::from_millis(500);
@@ -77,8 +76,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let _ = app.kube.set(client);
     }
     let listener = tokio::net::TcpListener::bind(app.config.http_address).await?;
-    let metrics_app = app.clone();
-    let metrics = warp::path!("metrics").map(move || metrics_app.metrics.encode());
     let metrics_listener = tokio::net::TcpListener::bind(app.config.metrics_address).await?;
     tracing::info!(
         address = %listener.local_addr()?,
@@ -87,7 +84,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         "chassis-oauth-proxy listening"
     );
     tokio::spawn(discover(app.clone()));
-    tokio::spawn(warp::serve(metrics).incoming(metrics_listener).run());
+    tokio::spawn(server::serve_metrics(app.clone(), metrics_listener));
     // SIGTERM is how Kubernetes stops a pod: as PID 1 without a handler the proxy would
     // ignore it and be killed only after the grace period.
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -978,6 +978,42 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    accept(listener, shutdown, move |req, remote| {
+        handle(app.clone(), req, remote)
+    })
+    .await;
+}
+
+/// Serves `GET /metrics` (Prometheus text format) on the metrics address, for good.
+pub async fn serve_metrics(app: Arc<App>, listener: tokio::net::TcpListener) {
+    accept(listener, std::future::pending(), move |req, _| {
+        let response = if req.uri().path() != "/metrics" {
+            text(StatusCode::NOT_FOUND, "not found")
+        } else if req.method() != Method::GET && req.method() != Method::HEAD {
+            text(StatusCode::METHOD_NOT_ALLOWED, "use GET")
+        } else {
+            full(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                app.metrics.encode(),
+            )
+        };
+        std::future::ready(response)
+    })
+    .await;
+}
+
+/// Accepts connections until `shutdown` resolves and answers each request with
+/// `handler`. HTTP/1.1 only (WebSocket upgrades included), like oauth2-proxy, which
+/// offers HTTP/2 only over TLS; ingress controllers speak HTTP/1.1 to their backends.
+async fn accept<H, F>(
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+    handler: H,
+) where
+    H: Fn(Request<Incoming>, std::net::SocketAddr) -> F + Clone + Send + 'static,
+    F: std::future::Future<Output = Response<Body>> + Send + 'static,
+{
     tokio::pin!(shutdown);
     loop {
         let (stream, remote) = tokio::select! {
@@ -991,17 +1027,16 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let app = app.clone();
+        let handler = handler.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let app = app.clone();
-                async move { Ok::<_, Infallible>(handle(app, req, remote).await) }
+                let answer = handler(req, remote);
+                async move { Ok::<_, Infallible>(answer.await) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .await
-            {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "connection ended");
             }
         });

@@ -1,7 +1,9 @@
 //! The pieces of the proxy benchmark (`e2e/bench/proxy.sh`): a minimal upstream, a
-//! scripted browser login that prints the session cookie a proxy set, and a
-//! closed-loop load generator (N connections, each sending its next request when the
-//! last one answered) that prints requests/s and latency percentiles as JSON.
+//! scripted browser login that prints the session cookie a proxy set, and a load
+//! generator that prints requests/s and latency percentiles as JSON: closed-loop (N
+//! connections, each sending its next request when the last one answered) or, with
+//! `--rate`, open-loop (requests sent on a fixed schedule whatever the answers do,
+//! latency counted from the scheduled time, so a stall is not hidden).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -37,7 +39,8 @@ enum Cmd {
         #[arg(long)]
         password: String,
     },
-    /// Closed-loop load: `concurrency` connections for `seconds`.
+    /// Closed-loop load: `concurrency` connections for `seconds`; with `rate`,
+    /// open-loop: `rate` requests per second spread over up to `concurrency` connections.
     Load {
         #[arg(long)]
         url: String,
@@ -47,6 +50,8 @@ enum Cmd {
         concurrency: usize,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        #[arg(long)]
+        rate: Option<u32>,
     },
 }
 
@@ -124,52 +129,90 @@ fn own_cpu_ticks() -> Option<u64> {
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
+/// Sends one GET; true when it answered 200 and its body was read.
+async fn get(client: &LoadClient, uri: &hyper::Uri, cookie: Option<&str>) -> bool {
+    let mut request = hyper::Request::get(uri.clone());
+    if let Some(c) = cookie {
+        request = request.header("cookie", c);
+    }
+    let Ok(request) = request.body(Empty::new()) else {
+        return false;
+    };
+    match client.request(request).await {
+        Ok(response) if response.status() == 200 => response.into_body().collect().await.is_ok(),
+        _ => false,
+    }
+}
+
+type LoadClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
+
+/// When each request of an open-loop run is due: `rate` per second from `start`. A
+/// thread of its own hands each out at its time (a thread's sleep overshoots by tens
+/// of microseconds, tokio's timer by up to a millisecond); the due time is what
+/// latency counts from, so a late hand-out or a slow answer is never hidden.
+fn schedule(start: Instant, rate: u32, seconds: u64) -> tokio::sync::mpsc::UnboundedReceiver<Instant> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let gap = Duration::from_secs(1) / rate.max(1);
+    let total = u64::from(rate) * seconds;
+    std::thread::spawn(move || {
+        for n in 0..total {
+            let due = start + gap * u32::try_from(n).unwrap_or(u32::MAX);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if tx.send(due).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 async fn load(
     url: &str,
     cookie: Option<&str>,
     concurrency: usize,
     seconds: u64,
+    rate: Option<u32>,
 ) -> Result<serde_json::Value> {
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+    let client: LoadClient = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(concurrency)
         .build_http();
     let uri: hyper::Uri = url.parse()?;
     // One warm-up request checks that the target answers 200 (a login page would not).
-    let mut warm = hyper::Request::get(uri.clone());
-    if let Some(c) = cookie {
-        warm = warm.header("cookie", c);
+    if !get(&client, &uri, cookie).await {
+        bail!("{url} did not answer the warm-up request with 200");
     }
-    let response = client.request(warm.body(Empty::new())?).await?;
-    if response.status() != 200 {
-        bail!("{url} answered {} to the warm-up request", response.status());
-    }
-    let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
+    let deadline = started + Duration::from_secs(seconds);
     let cpu_before = own_cpu_ticks();
+    let due = rate.map(|r| Arc::new(tokio::sync::Mutex::new(schedule(started, r, seconds))));
     // Collected, so that every worker is spawned before the first is awaited.
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
             let client = client.clone();
             let uri = uri.clone();
             let cookie = cookie.map(str::to_string);
+            let due = due.clone();
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 let mut errors = 0u64;
-                while Instant::now() < deadline {
-                    let mut request = hyper::Request::get(uri.clone());
-                    if let Some(c) = &cookie {
-                        request = request.header("cookie", c);
-                    }
-                    let Ok(request) = request.body(Empty::new()) else {
-                        break;
+                loop {
+                    // Closed loop: now, until the deadline. Open loop: the next scheduled
+                    // time, until the schedule is done (late requests still count).
+                    let sent = match &due {
+                        None if Instant::now() < deadline => Instant::now(),
+                        None => break,
+                        Some(due) => match due.lock().await.recv().await {
+                            Some(at) => at,
+                            None => break,
+                        },
                     };
-                    let sent = Instant::now();
-                    match client.request(request).await {
-                        Ok(response) if response.status() == 200 => {
-                            let _ = response.into_body().collect().await;
-                            latencies.push(sent.elapsed().as_micros() as u64);
-                        }
-                        _ => errors += 1,
+                    if get(&client, &uri, cookie.as_deref()).await {
+                        latencies.push(sent.elapsed().as_micros() as u64);
+                    } else {
+                        errors += 1;
                     }
                 }
                 (latencies, errors)
@@ -195,7 +238,9 @@ async fn load(
         "rps": all.len() as f64 / elapsed,
         "p50_ms": percentile(&all, 0.50),
         "p99_ms": percentile(&all, 0.99),
+        "p999_ms": percentile(&all, 0.999),
         "concurrency": concurrency,
+        "rate": rate,
         "seconds": seconds,
     }))
 }
@@ -217,8 +262,12 @@ async fn main() -> Result<()> {
             cookie,
             concurrency,
             seconds,
+            rate,
         } => {
-            println!("{}", load(&url, cookie.as_deref(), concurrency, seconds).await?);
+            println!(
+                "{}",
+                load(&url, cookie.as_deref(), concurrency, seconds, rate).await?
+            );
             Ok(())
         }
     }
