@@ -192,6 +192,17 @@ fn times(rounds: &[Phase]) -> String {
         .join(", ")
 }
 
+/// The ratio round by round: floor and operator phases alternate, so a round's pair
+/// saw the same machine.
+fn ratio_rows(floors: &[Phase], rounds: &[Phase]) -> String {
+    let per_round: Vec<String> = rounds
+        .iter()
+        .zip(floors)
+        .map(|(o, f)| format!("{:.2}", o.millis as f64 / f.millis.max(1) as f64))
+        .collect();
+    format!("| ratio round by round | {} | |\n", per_round.join(", "))
+}
+
 pub fn write(
     floors: &[Phase],
     projects_only: &Phase,
@@ -218,6 +229,9 @@ pub fn write(
     );
     if let Some(at) = section.find("| floor: the same") {
         section.insert_str(at, &rounds_row);
+    }
+    if let Some(at) = section.find("| operator writes to child objects") {
+        section.insert_str(at, &ratio_rows(floors, rounds));
     }
     let text = std::fs::read_to_string(doc).with_context(|| format!("reading {}", doc.display()))?;
     let new = match (text.find(BEGIN), text.find(END)) {

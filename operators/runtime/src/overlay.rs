@@ -98,8 +98,8 @@ impl<K: Resource> Overlay<K> {
         self.ttl
     }
 
-    /// Remembers the API server's answer to a write of `key`.
-    pub fn record(&self, key: &str, object: K) {
+    /// Remembers the API server's answer to a write of `key`; returns it shared.
+    pub fn record(&self, key: &str, object: K) -> Arc<K> {
         let now = Instant::now();
         let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
         if now.saturating_duration_since(written.pruned_at) >= self.ttl {
@@ -114,14 +114,32 @@ impl<K: Resource> Overlay<K> {
             }
         }
         let version = object.meta().resource_version.clone();
+        let object = Arc::new(object);
         written.entries.insert(
             key.to_string(),
             Entry {
-                object: Some(Arc::new(object)),
+                object: Some(object.clone()),
                 version,
                 at: now,
             },
         );
+        object
+    }
+
+    /// Settles a [`Source::Unconfirmed`] key: `read` fetches the object from the API
+    /// server; trimmed, it is recorded so that it stands in for the lagging cache from
+    /// now on, like a write (the next reconcile must not trust the stale cache again).
+    pub async fn read_through<E>(
+        &self,
+        key: &str,
+        read: impl std::future::Future<Output = Result<Option<K>, E>>,
+        trim: impl FnOnce(&mut K),
+    ) -> Result<Option<Arc<K>>, E> {
+        let Some(mut live) = read.await? else {
+            return Ok(None);
+        };
+        trim(&mut live);
+        Ok(Some(self.record(key, live)))
     }
 
     /// Drops what we remember of `key` (after deleting it).
@@ -211,6 +229,32 @@ mod tests {
         let (seen, source) =
             overlay.observe_at("ns/b", Some(Arc::new(cm("8"))), t0 + Duration::from_secs(11));
         assert_eq!((rv(&seen), source), (Some("8".into()), Source::Unconfirmed));
+    }
+
+    #[tokio::test]
+    async fn a_live_copy_read_through_stands_in_for_the_lagging_cache() {
+        let overlay = Overlay::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        overlay.record("ns/a", cm("7"));
+        let stale = Some(Arc::new(cm("5")));
+        let (_, source) = overlay.observe_at("ns/a", stale.clone(), t0 + Duration::from_secs(11));
+        assert_eq!(source, Source::Unconfirmed);
+        let live = overlay
+            .read_through("ns/a", async { Ok::<_, ()>(Some(cm("8"))) }, |c| {
+                c.metadata.labels = None;
+            })
+            .await;
+        assert_eq!(live.map(|l| rv(&l)), Ok(Some("8".into())));
+        // The cache is still at 5: the live copy, not the stale cache, is what counts.
+        let (seen, source) = overlay.observe("ns/a", stale);
+        assert_eq!((rv(&seen), source), (Some("8".into()), Source::Written));
+        // Gone on the server: nothing is recorded and the stale cache is not revived.
+        let (_, source) = overlay.observe_at("ns/b", None, t0);
+        assert_eq!(source, Source::Cache);
+        let gone = overlay
+            .read_through("ns/b", async { Ok::<_, ()>(None) }, |_| {})
+            .await;
+        assert_eq!(gone, Ok(None));
     }
 
     #[test]

@@ -84,24 +84,24 @@ where
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + DeserializeOwned + std::fmt::Debug,
     {
+        let key = format!("{namespace}/{name}");
         let cached = self.store.get(&ObjectRef::new(name).within(namespace));
-        let (seen, source) = self.written.observe(&format!("{namespace}/{name}"), cached);
+        let (seen, source) = self.written.observe(&key, cached);
         if source != Source::Unconfirmed {
             return Ok((seen, source));
         }
         let api: Api<K> = Api::namespaced(client.clone(), namespace);
-        let live = api.get_opt(name).await.map_err(|source| Error::Read {
-            kind: K::kind(&()).into_owned(),
-            name: format!("{namespace}/{name}"),
-            source,
-        })?;
-        // The live copy stands in for the lagging cache from now on, like a write.
-        let live = live.map(|mut object| {
-            apply::trim_own_fields(&mut object, field_manager);
-            self.written
-                .record(&format!("{namespace}/{name}"), object.clone());
-            Arc::new(object)
-        });
+        let live = self
+            .written
+            .read_through(&key, api.get_opt(name), |o| {
+                apply::trim_own_fields(o, field_manager)
+            })
+            .await
+            .map_err(|source| Error::Read {
+                kind: K::kind(&()).into_owned(),
+                name: key.clone(),
+                source,
+            })?;
         Ok((live, source))
     }
 }

@@ -190,16 +190,13 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
     // Our last status write, when the project cache has not delivered it yet.
     let (project, source) = ctx.written_projects.observe(&name, Some(project));
     let project = match source {
-        // The live copy stands in for the lagging cache from now on, like a write.
-        Source::Unconfirmed => api
-            .get_opt(&name)
+        Source::Unconfirmed => ctx
+            .written_projects
+            .read_through(&name, api.get_opt(&name), |live| {
+                live.metadata.managed_fields = None
+            })
             .await
-            .map_err(read_failed("Project", &name))?
-            .map(|mut live| {
-                live.metadata.managed_fields = None;
-                ctx.written_projects.record(&name, live.clone());
-                Arc::new(live)
-            }),
+            .map_err(read_failed("Project", &name))?,
         _ => project,
     };
     let Some(project) = project else {
@@ -209,15 +206,13 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
     let ns_api: Api<Namespace> = Api::all(ctx.base.client.clone());
     let mut observed = observe(&project, &ctx);
     if observed.namespace_source == Source::Unconfirmed {
-        observed.namespace = ns_api
-            .get_opt(&name)
+        observed.namespace = ctx
+            .written_namespaces
+            .read_through(&name, ns_api.get_opt(&name), |ns| {
+                apply::trim_own_fields(ns, &ctx.base.field_manager)
+            })
             .await
-            .map_err(read_failed("Namespace", &name))?
-            .map(|mut ns| {
-                apply::trim_own_fields(&mut ns, &ctx.base.field_manager);
-                ctx.written_namespaces.record(&name, ns.clone());
-                Arc::new(ns)
-            });
+            .map_err(read_failed("Namespace", &name))?;
     }
 
     let template = match validate(&project, &observed) {
