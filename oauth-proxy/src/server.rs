@@ -990,11 +990,16 @@ pub async fn serve_metrics(app: Arc<App>, listener: tokio::net::TcpListener) {
         let response = if req.uri().path() != "/metrics" {
             text(StatusCode::NOT_FOUND, "not found")
         } else if req.method() != Method::GET && req.method() != Method::HEAD {
-            text(StatusCode::METHOD_NOT_ALLOWED, "use GET")
+            let mut refused = text(StatusCode::METHOD_NOT_ALLOWED, "use GET");
+            refused
+                .headers_mut()
+                .insert(http::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            refused
         } else {
+            // prometheus-client writes the OpenMetrics text format.
             full(
                 StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 app.metrics.encode(),
             )
         };
@@ -1003,13 +1008,31 @@ pub async fn serve_metrics(app: Arc<App>, listener: tokio::net::TcpListener) {
     .await;
 }
 
+/// How long a client may take to send a request's headers, and how long a kept-alive
+/// connection may sit idle before its next request: without it a client could hold
+/// connections (and their buffers) open for good by sending nothing (slowloris).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Accepts connections until `shutdown` resolves and answers each request with
 /// `handler`. HTTP/1.1 only (WebSocket upgrades included), like oauth2-proxy, which
-/// offers HTTP/2 only over TLS; ingress controllers speak HTTP/1.1 to their backends.
+/// offers HTTP/2 only over TLS; ingress controllers speak HTTP/1.1 to their backends
+/// unless told otherwise.
 async fn accept<H, F>(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
     handler: H,
+) where
+    H: Fn(Request<Incoming>, std::net::SocketAddr) -> F + Clone + Send + 'static,
+    F: std::future::Future<Output = Response<Body>> + Send + 'static,
+{
+    accept_with(listener, shutdown, handler, HEADER_READ_TIMEOUT).await;
+}
+
+async fn accept_with<H, F>(
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+    handler: H,
+    header_read_timeout: Duration,
 ) where
     H: Fn(Request<Incoming>, std::net::SocketAddr) -> F + Clone + Send + 'static,
     F: std::future::Future<Output = Response<Body>> + Send + 'static,
@@ -1033,7 +1056,10 @@ async fn accept<H, F>(
                 let answer = handler(req, remote);
                 async move { Ok::<_, Infallible>(answer.await) }
             });
+            // hyper enforces the header timeout only when it has a timer.
             let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             if let Err(e) = connection.await {
@@ -1046,6 +1072,42 @@ async fn accept<H, F>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let handler = |_, _| std::future::ready(text(StatusCode::OK, "ok"));
+        tokio::spawn(accept_with(
+            listener,
+            std::future::pending(),
+            handler,
+            Duration::from_millis(200),
+        ));
+        let mut slow = tokio::net::TcpStream::connect(address).await.expect("connect");
+        slow.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n")
+            .await
+            .expect("write");
+        // The server gives up on the unfinished head: it answers 408 or just closes.
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "the connection was still open after 5 s");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+            "{answer}"
+        );
+        // A client that sends its request in time is served.
+        let mut quick = tokio::net::TcpStream::connect(address).await.expect("connect");
+        quick
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut answer = Vec::new();
+        quick.read_to_end(&mut answer).await.expect("read");
+        assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    }
 
     #[test]
     fn our_cookies_never_reach_the_upstream() {

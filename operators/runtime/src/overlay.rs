@@ -246,15 +246,18 @@ mod tests {
             .await;
         assert_eq!(live.map(|l| rv(&l)), Ok(Some("8".into())));
         // The cache is still at 5: the live copy, not the stale cache, is what counts.
-        let (seen, source) = overlay.observe("ns/a", stale);
+        let (seen, source) = overlay.observe("ns/a", stale.clone());
         assert_eq!((rv(&seen), source), (Some("8".into()), Source::Written));
-        // Gone on the server: nothing is recorded and the stale cache is not revived.
-        let (_, source) = overlay.observe_at("ns/b", None, t0);
-        assert_eq!(source, Source::Cache);
+        // Gone on the server: nothing is recorded, so the write is settled.
+        overlay.record("ns/b", cm("9"));
+        let (_, source) = overlay.observe_at("ns/b", stale.clone(), t0 + Duration::from_secs(11));
+        assert_eq!(source, Source::Unconfirmed);
         let gone = overlay
             .read_through("ns/b", async { Ok::<_, ()>(None) }, |_| {})
             .await;
         assert_eq!(gone, Ok(None));
+        let (seen, source) = overlay.observe("ns/b", stale);
+        assert_eq!((rv(&seen), source), (Some("5".into()), Source::Cache));
     }
 
     #[test]

@@ -152,11 +152,12 @@ type LoadClient = Client<hyper_util::client::legacy::connect::HttpConnector, Emp
 /// latency counts from, so a late hand-out or a slow answer is never hidden.
 fn schedule(start: Instant, rate: u32, seconds: u64) -> tokio::sync::mpsc::UnboundedReceiver<Instant> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let gap = Duration::from_secs(1) / rate.max(1);
     let total = u64::from(rate) * seconds;
+    let rate = u64::from(rate.max(1));
     std::thread::spawn(move || {
         for n in 0..total {
-            let due = start + gap * u32::try_from(n).unwrap_or(u32::MAX);
+            // Exact for any rate (a gap of 1 s / rate would drift when it does not divide).
+            let due = start + Duration::from_nanos(n * 1_000_000_000 / rate);
             let now = Instant::now();
             if due > now {
                 std::thread::sleep(due - now);
