@@ -74,27 +74,21 @@ where
 
     /// The cache's copy laid under our last write; the API server's when the cache
     /// has not confirmed a write of ours for too long (see [`Source::Unconfirmed`]).
-    async fn observe(
-        &self,
-        client: &Client,
-        namespace: &str,
-        name: &str,
-        field_manager: &str,
-    ) -> Result<(Option<Arc<K>>, Source), Error>
+    async fn observe(&self, at: Scope<'_>, name: &str) -> Result<(Option<Arc<K>>, Source), Error>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + DeserializeOwned + std::fmt::Debug,
     {
-        let key = format!("{namespace}/{name}");
-        let cached = self.store.get(&ObjectRef::new(name).within(namespace));
+        let key = format!("{}/{name}", at.namespace);
+        let cached = self.store.get(&ObjectRef::new(name).within(at.namespace));
         let (seen, source) = self.written.observe(&key, cached);
         if source != Source::Unconfirmed {
             return Ok((seen, source));
         }
-        let api: Api<K> = Api::namespaced(client.clone(), namespace);
+        let api: Api<K> = Api::namespaced(at.client.clone(), at.namespace);
         let live = self
             .written
             .read_through(&key, api.get_opt(name), |o| {
-                apply::trim_own_fields(o, field_manager)
+                apply::trim_own_fields(o, at.field_manager)
             })
             .await
             .map_err(|source| Error::Read {
@@ -106,34 +100,47 @@ where
     }
 }
 
+/// Where one project's children live and who writes them.
+#[derive(Clone, Copy)]
+struct Scope<'a> {
+    client: &'a Client,
+    /// The project's namespace.
+    namespace: &'a str,
+    /// The Project's uid: children it controls carry it as owner.
+    owner_uid: &'a str,
+    field_manager: &'a str,
+}
+
 /// [`ensure`](apply::ensure) for one child, given what [`Cached::observe`] saw of it.
-#[allow(clippy::too_many_arguments)]
 async fn ensure_one<K>(
-    client: &Client,
+    at: Scope<'_>,
     cache: &Cached<K>,
-    namespace: &str,
     name: &str,
     (observed, source): (Option<Arc<K>>, Source),
     desired: Option<&K>,
-    owner_uid: &str,
-    field_manager: &str,
 ) -> Result<(Outcome, Source), Error>
 where
     K: Child,
 {
-    let api: Api<K> = Api::namespaced(client.clone(), namespace);
-    let (outcome, applied) =
-        apply::ensure(&api, name, desired, observed.as_deref(), owner_uid, field_manager)
-            .await
-            .map_err(|source| Error::ApplyChild {
-                kind: K::kind(&()).into_owned(),
-                name: format!("{namespace}/{name}"),
-                source,
-            })?;
-    let key = format!("{namespace}/{name}");
+    let key = format!("{}/{name}", at.namespace);
+    let api: Api<K> = Api::namespaced(at.client.clone(), at.namespace);
+    let (outcome, applied) = apply::ensure(
+        &api,
+        name,
+        desired,
+        observed.as_deref(),
+        at.owner_uid,
+        at.field_manager,
+    )
+    .await
+    .map_err(|source| Error::ApplyChild {
+        kind: K::kind(&()).into_owned(),
+        name: key.clone(),
+        source,
+    })?;
     match applied {
         Some(mut object) => {
-            apply::trim_own_fields(&mut object, field_manager);
+            apply::trim_own_fields(&mut object, at.field_manager);
             cache.written.record(&key, object);
         }
         None if matches!(outcome, Outcome::Deleted | Outcome::Absent) => cache.written.forget(&key),
@@ -144,29 +151,16 @@ where
 
 /// [`ensure_one`] after [`Cached::observe`].
 async fn ensure_cached<K>(
-    client: &Client,
+    at: Scope<'_>,
     cache: &Cached<K>,
-    namespace: &str,
     name: &str,
     desired: Option<&K>,
-    owner_uid: &str,
-    field_manager: &str,
 ) -> Result<(Outcome, Source), Error>
 where
     K: Child,
 {
-    let seen = cache.observe(client, namespace, name, field_manager).await?;
-    ensure_one(
-        client,
-        cache,
-        namespace,
-        name,
-        seen,
-        desired,
-        owner_uid,
-        field_manager,
-    )
-    .await
+    let seen = cache.observe(at, name).await?;
+    ensure_one(at, cache, name, seen, desired).await
 }
 
 /// The caches of the children, read instead of the API server.
@@ -179,52 +173,34 @@ pub struct ChildStores {
 /// One binding: `ensure`, except that a binding whose roleRef must change is
 /// replaced (roleRef cannot change in place). Returns each request's outcome.
 async fn binding(
-    client: &Client,
+    at: Scope<'_>,
     stores: &ChildStores,
-    namespace: &str,
     name: &str,
     desired: Option<&RoleBinding>,
-    uid: &str,
-    field_manager: &str,
 ) -> Result<Vec<(Outcome, Source)>, Error> {
-    let (have, source) = stores
-        .role_bindings
-        .observe(client, namespace, name, field_manager)
-        .await?;
+    let (have, source) = stores.role_bindings.observe(at, name).await?;
     let replace = matches!((desired, &have), (Some(want), Some(have))
-        if want.role_ref != have.role_ref && apply::controlled_by(have.as_ref(), uid));
+        if want.role_ref != have.role_ref && apply::controlled_by(have.as_ref(), at.owner_uid));
     let Some(want) = desired.filter(|_| replace) else {
-        let outcome = ensure_one(
-            client,
-            &stores.role_bindings,
-            namespace,
-            name,
-            (have, source),
-            desired,
-            uid,
-            field_manager,
-        )
-        .await?;
+        let outcome = ensure_one(at, &stores.role_bindings, name, (have, source), desired).await?;
         return Ok(vec![outcome]);
     };
+    let key = format!("{}/{name}", at.namespace);
     let failed = |source| Error::ApplyChild {
         kind: "RoleBinding".into(),
-        name: format!("{namespace}/{name}"),
+        name: key.clone(),
         source,
     };
-    let api: Api<RoleBinding> = Api::namespaced(client.clone(), namespace);
+    let api: Api<RoleBinding> = Api::namespaced(at.client.clone(), at.namespace);
     let mut outcomes = Vec::new();
     match api.delete(name, &DeleteParams::background()).await {
         Ok(_) => outcomes.push((Outcome::Deleted, source)),
         Err(kube::Error::Api(s)) if s.code == 404 => {}
         Err(err) => return Err(failed(err)),
     }
-    let mut applied = apply::apply(&api, want, field_manager).await.map_err(failed)?;
-    apply::trim_own_fields(&mut applied, field_manager);
-    stores
-        .role_bindings
-        .written
-        .record(&format!("{namespace}/{name}"), applied);
+    let mut applied = apply::apply(&api, want, at.field_manager).await.map_err(failed)?;
+    apply::trim_own_fields(&mut applied, at.field_manager);
+    stores.role_bindings.written.record(&key, applied);
     outcomes.push((Outcome::Applied, source));
     Ok(outcomes)
 }
@@ -245,35 +221,19 @@ pub async fn reconcile(
     let quota = build::resource_quota(project, template);
     let limits = build::limit_range(project, template);
 
-    let bindings_done = futures::future::try_join_all(wanted_bindings.iter().map(|(name, desired)| {
-        binding(
-            client,
-            stores,
-            &namespace,
-            name,
-            desired.as_ref(),
-            &uid,
-            field_manager,
-        )
-    }));
-    let quota_done = ensure_cached(
+    let at = Scope {
         client,
-        &stores.quotas,
-        &namespace,
-        build::QUOTA_NAME,
-        quota.as_ref(),
-        &uid,
+        namespace: &namespace,
+        owner_uid: &uid,
         field_manager,
+    };
+    let bindings_done = futures::future::try_join_all(
+        wanted_bindings
+            .iter()
+            .map(|(name, desired)| binding(at, stores, name, desired.as_ref())),
     );
-    let limits_done = ensure_cached(
-        client,
-        &stores.limits,
-        &namespace,
-        build::LIMITS_NAME,
-        limits.as_ref(),
-        &uid,
-        field_manager,
-    );
+    let quota_done = ensure_cached(at, &stores.quotas, build::QUOTA_NAME, quota.as_ref());
+    let limits_done = ensure_cached(at, &stores.limits, build::LIMITS_NAME, limits.as_ref());
     let (binding_outcomes, quota_outcome, limits_outcome) =
         futures::future::try_join3(bindings_done, quota_done, limits_done).await?;
 
