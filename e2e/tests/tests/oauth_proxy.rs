@@ -119,8 +119,23 @@ impl Proxy {
     }
 
     /// A proxy for `upstream` (a URL) signing in at `issuer` (the shared provider, or
-    /// a [`TestIssuer`]).
+    /// a [`TestIssuer`]). The ports were free when chosen, but another process (an
+    /// outgoing connection's ephemeral port, say) may have taken one since: then the
+    /// proxy is started again on other ports.
     async fn start_at(name: &str, upstream: &str, issuer: &str, extra: &[&str]) -> Result<Self> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start_once(name, upstream, issuer, extra).await {
+                Err(e) if attempt < 3 && format!("{e:#}").contains("Address already in use") => {
+                    eprintln!("{name}: a port was taken meanwhile, starting again on others: {e:#}");
+                }
+                started => return started,
+            }
+        }
+    }
+
+    async fn start_once(name: &str, upstream: &str, issuer: &str, extra: &[&str]) -> Result<Self> {
         let idp = idp();
         let port = idp
             .free_slots
