@@ -978,15 +978,13 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    accept(listener, shutdown, move |req, remote| {
-        handle(app.clone(), req, remote)
-    })
-    .await;
+    let handler = move |req, remote| handle(app.clone(), req, remote);
+    accept(listener, shutdown, handler, HEADER_READ_TIMEOUT).await;
 }
 
-/// Serves `GET /metrics` (Prometheus text format) on the metrics address, for good.
+/// Serves `GET /metrics` (OpenMetrics text) on the metrics address, for good.
 pub async fn serve_metrics(app: Arc<App>, listener: tokio::net::TcpListener) {
-    accept(listener, std::future::pending(), move |req, _| {
+    let handler = move |req: Request<Incoming>, _| {
         let response = if req.uri().path() != "/metrics" {
             text(StatusCode::NOT_FOUND, "not found")
         } else if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -1004,8 +1002,8 @@ pub async fn serve_metrics(app: Arc<App>, listener: tokio::net::TcpListener) {
             )
         };
         std::future::ready(response)
-    })
-    .await;
+    };
+    accept(listener, std::future::pending(), handler, HEADER_READ_TIMEOUT).await;
 }
 
 /// How long a client may take to send a request's headers, and how long a kept-alive
@@ -1018,17 +1016,6 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// offers HTTP/2 only over TLS; ingress controllers speak HTTP/1.1 to their backends
 /// unless told otherwise.
 async fn accept<H, F>(
-    listener: tokio::net::TcpListener,
-    shutdown: impl std::future::Future<Output = ()>,
-    handler: H,
-) where
-    H: Fn(Request<Incoming>, std::net::SocketAddr) -> F + Clone + Send + 'static,
-    F: std::future::Future<Output = Response<Body>> + Send + 'static,
-{
-    accept_with(listener, shutdown, handler, HEADER_READ_TIMEOUT).await;
-}
-
-async fn accept_with<H, F>(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
     handler: H,
@@ -1079,7 +1066,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
         let handler = |_, _| std::future::ready(text(StatusCode::OK, "ok"));
-        tokio::spawn(accept_with(
+        tokio::spawn(accept(
             listener,
             std::future::pending(),
             handler,

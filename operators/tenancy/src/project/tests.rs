@@ -326,7 +326,6 @@ async fn children_the_cache_never_confirmed_are_read_not_created_again() -> Resu
     use std::collections::BTreeMap;
     use std::time::Duration;
 
-    use chassis_runtime::overlay::Overlay;
     use http::{Request, Response};
     use kube::client::Body;
     use kube::runtime::reflector;
@@ -338,19 +337,11 @@ async fn children_the_cache_never_confirmed_are_read_not_created_again() -> Resu
     p.spec.viewers = vec![member(SubjectKind::Group, "auditors", None)];
     let t = template_with_quota();
     let mut live: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    // Empty caches with the operator's overlay (TTL 10 s).
     let stores = ChildStores {
-        role_bindings: Cached {
-            store: reflector::store().0,
-            written: Overlay::new(Duration::from_secs(10)),
-        },
-        quotas: Cached {
-            store: reflector::store().0,
-            written: Overlay::new(Duration::from_secs(10)),
-        },
-        limits: Cached {
-            store: reflector::store().0,
-            written: Overlay::new(Duration::from_secs(10)),
-        },
+        role_bindings: Cached::new(reflector::store().0),
+        quotas: Cached::new(reflector::store().0),
+        limits: Cached::new(reflector::store().0),
     };
     // What the API server holds is exactly what we wrote earlier, at version `rv`.
     fn wrote<K: super::children::Child>(
@@ -394,8 +385,8 @@ async fn children_the_cache_never_confirmed_are_read_not_created_again() -> Resu
         "7",
     )?;
 
-    // Ten seconds later the caches still have not shown any of them.
-    tokio::time::advance(Duration::from_secs(11)).await;
+    // Past the overlay's TTL the caches still have not shown any of them.
+    tokio::time::advance(chassis_runtime::overlay::DEFAULT_TTL + Duration::from_secs(1)).await;
     let children = live.len();
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let server = tokio::spawn(async move {
