@@ -112,6 +112,13 @@ pub struct Phase {
     pub millis: u128,
     /// Write requests the API server served during the phase, by resource and verb.
     pub writes: metrics::Writes,
+    /// Single-object reads (GET) the API server served during the phase.
+    #[serde(default)]
+    pub reads: metrics::Writes,
+    /// Watches the API server closed during the phase because their client fell
+    /// behind (by resource); each makes its client watch again and lag meanwhile.
+    #[serde(default)]
+    pub closed_watches: metrics::Writes,
     /// Writes while idle (operator phase only).
     pub idle_writes: Option<metrics::Writes>,
     pub idle_seconds: Option<u64>,
@@ -324,6 +331,8 @@ async fn timed(common: &Common, client: &Client, work: impl Future<Output = Resu
         concurrency: common.concurrency,
         millis,
         writes: after.since(&before),
+        reads: after.reads_since(&before),
+        closed_watches: after.closed_watches_since(&before),
         idle_writes: None,
         idle_seconds: None,
         rss_kib: None,
@@ -395,7 +404,10 @@ async fn start_operator(binary: &Path, common: &Common, logs: &Path, webhooks: b
         command.args(["--webhook-addr", &webhook, "--webhook-register"]);
     }
     let child = command
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -542,6 +554,8 @@ async fn with_operator(
         concurrency: common.concurrency,
         millis,
         writes: settled.since(&before),
+        reads: settled.reads_since(&before),
+        closed_watches: settled.closed_watches_since(&before),
         idle_writes: Some(idle_end.since(&settled)),
         idle_seconds: Some(idle),
         rss_kib: status_kib(pid, "VmRSS"),

@@ -142,6 +142,16 @@ pub fn section(floor: &Phase, projects_only: &Phase, ours: &Phase, command: &str
         operator_writes(&ours.writes) as f64 / n as f64
     ));
     s.push_str(&format!(
+        "| object reads (GET) during creation: operator phase / floor | {} / {} | |\n",
+        by_resource(&ours.reads),
+        by_resource(&floor.reads)
+    ));
+    s.push_str(&format!(
+        "| watches the API server closed because their client fell behind: operator phase / floor | {} / {} | |\n",
+        by_resource(&ours.closed_watches),
+        by_resource(&floor.closed_watches)
+    ));
+    s.push_str(&format!(
         "| operator writes in {} idle seconds with all Ready | {idle_ours} | 0: {} |\n",
         ours.idle_seconds.unwrap_or(0),
         verdict(idle_ours == 0)
@@ -175,6 +185,18 @@ pub fn section(floor: &Phase, projects_only: &Phase, ours: &Phase, command: &str
     }
     s.push_str(END);
     s
+}
+
+/// `total (key n, ...)`, largest first: one cell for a handful of counters.
+fn by_resource(counts: &Writes) -> String {
+    let total: u64 = counts.values().sum();
+    if total == 0 {
+        return "0".into();
+    }
+    let mut parts: Vec<(&String, &u64)> = counts.iter().collect();
+    parts.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let parts: Vec<String> = parts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    format!("{total} ({})", parts.join(", "))
 }
 
 /// The round with the median time (the lower middle one for an even count).
