@@ -33,6 +33,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -r
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 up=$(free_port); chassis=$(free_port); chassis_metrics=$(free_port); o2p=$(free_port)
+chassis_split=$(free_port); chassis_split_metrics=$(free_port); o2p_split=$(free_port)
 
 cat >"$work/oidc.json" <<EOF
 {"offline_access_without_prompt_consent": true,
@@ -51,18 +52,35 @@ issuer=$(sed -n 's/^ready //p' "$work/oidc.out")
 [ -n "$issuer" ] || { echo "the OpenID provider did not start:"; cat "$work/oidc.err"; exit 1; }
 
 "$load" upstream --port "$up" & up_pid=$!; pids+=($up_pid)
-target/release-small/chassis-oauth-proxy --http-address "127.0.0.1:$chassis" --metrics-address "127.0.0.1:$chassis_metrics" \
-  --upstream "http://127.0.0.1:$up" --oidc-issuer-url "$issuer" --client-id chassis --client-secret chassis-secret \
-  --redirect-url "http://127.0.0.1:$chassis/oauth2/callback" --cookie-secure false \
-  --cookie-secret MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY= >"$work/chassis.log" 2>&1 &
-chassis_pid=$!; pids+=($chassis_pid)
-"$cache/oauth2-proxy-$OAUTH2_PROXY_VERSION" --provider oidc --oidc-issuer-url "$issuer" \
-  --client-id chassis --client-secret chassis-secret --redirect-url "http://127.0.0.1:$o2p/oauth2/callback" \
-  --upstream "http://127.0.0.1:$up" --http-address "127.0.0.1:$o2p" --cookie-secure=false \
-  --cookie-secret 0123456789abcdef0123456789abcdef --email-domain '*' --skip-provider-button \
-  --code-challenge-method S256 --scope "openid email profile" >"$work/o2p.log" 2>&1 &
-o2p_pid=$!; pids+=($o2p_pid)
-for port in $chassis $o2p; do
+# PORT METRICS-PORT [launcher...]: the proxy as a process of its own (pid in $!).
+launch_chassis() {
+  local port=$1 metrics=$2; shift 2
+  "$@" target/release-small/chassis-oauth-proxy --http-address "127.0.0.1:$port" --metrics-address "127.0.0.1:$metrics" \
+    --upstream "http://127.0.0.1:$up" --oidc-issuer-url "$issuer" --client-id chassis --client-secret chassis-secret \
+    --redirect-url "http://127.0.0.1:$chassis/oauth2/callback" --cookie-secure false \
+    --cookie-secret MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY= >>"$work/chassis.log" 2>&1 &
+}
+launch_o2p() {
+  local port=$1; shift
+  "$@" "$cache/oauth2-proxy-$OAUTH2_PROXY_VERSION" --provider oidc --oidc-issuer-url "$issuer" \
+    --client-id chassis --client-secret chassis-secret --redirect-url "http://127.0.0.1:$o2p/oauth2/callback" \
+    --upstream "http://127.0.0.1:$up" --http-address "127.0.0.1:$port" --cookie-secure=false \
+    --cookie-secret 0123456789abcdef0123456789abcdef --email-domain '*' --skip-provider-button \
+    --code-challenge-method S256 --scope "openid email profile" >>"$work/o2p.log" 2>&1 &
+}
+launch_chassis "$chassis" "$chassis_metrics"; chassis_pid=$!; pids+=($chassis_pid)
+launch_o2p "$o2p"; o2p_pid=$!; pids+=($o2p_pid)
+# For the split placement, a second pair started on core 1 alone, as in a pod with one
+# CPU: each sizes itself to what it may use at start (tokio: one thread, Go: GOMAXPROCS
+# 1), which moving a running process to one core would not do. Sessions are sealed
+# with the same secrets, so the cookies of the logins below work for both pairs.
+split_ok=false
+if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
+  split_ok=true
+  launch_chassis "$chassis_split" "$chassis_split_metrics" taskset -c 1; chassis_split_pid=$!; pids+=($chassis_split_pid)
+  launch_o2p "$o2p_split" taskset -c 1; o2p_split_pid=$!; pids+=($o2p_split_pid)
+fi
+for port in $chassis $o2p $( $split_ok && echo "$chassis_split $o2p_split"); do
   for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$port/ping" >/dev/null && break; sleep 0.2; done
 done
 for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$chassis/ready" >/dev/null && break; sleep 0.2; done
@@ -74,25 +92,27 @@ results="$work/results.jsonl"
 # CPU time (user + system, clock ticks) of a process so far: every process's share of the cores.
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # Two placements. shared: every process may run on every core (generator, upstream and
-# proxy compete). split: generator and upstream on core 0, the proxies on core 1, so a
-# proxy gets a core of its own as it would in its own pod; direct runs then have the
-# generator and upstream on core 0 as well.
+# proxy compete). split: generator and upstream on core 0, the proxies (the pair started
+# on core 1) on core 1, so a proxy gets a core of its own as it would in its own pod;
+# direct runs then have the generator and upstream on core 0 as well.
 placements="shared"
-if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then placements="shared split"; fi
+$split_ok && placements="shared split"
+# Sets the generator's launcher, the upstream's cores and which proxy pair is measured.
 place() {
-  gen=()
+  gen=(); cur_chassis=$chassis; cur_chassis_pid=$chassis_pid; cur_o2p=$o2p; cur_o2p_pid=$o2p_pid
   command -v taskset >/dev/null || return 0
-  local all="0-$(( $(nproc) - 1 ))" up_cpus proxy_cpus
-  if [ "$1" = split ]; then up_cpus=0; proxy_cpus=1; gen=(taskset -c 0); else up_cpus=$all; proxy_cpus=$all; gen=(); fi
-  taskset -a -pc "$up_cpus" "$up_pid" >/dev/null
-  taskset -a -pc "$proxy_cpus" "$chassis_pid" >/dev/null
-  taskset -a -pc "$proxy_cpus" "$o2p_pid" >/dev/null
+  if [ "$1" = split ]; then
+    gen=(taskset -c 0); taskset -a -pc 0 "$up_pid" >/dev/null
+    cur_chassis=$chassis_split; cur_chassis_pid=$chassis_split_pid; cur_o2p=$o2p_split; cur_o2p_pid=$o2p_split_pid
+  else
+    taskset -a -pc "0-$(( $(nproc) - 1 ))" "$up_pid" >/dev/null
+  fi
 }
 target_args() { # target route -> proxy-load arguments
   case $1 in
     direct) args=(--url "http://127.0.0.1:$up$2") ;;
-    chassis) args=(--url "http://127.0.0.1:$chassis$2" --cookie "$chassis_cookie") ;;
-    oauth2-proxy) args=(--url "http://127.0.0.1:$o2p$2" --cookie "$o2p_cookie") ;;
+    chassis) args=(--url "http://127.0.0.1:$cur_chassis$2" --cookie "$chassis_cookie") ;;
+    oauth2-proxy) args=(--url "http://127.0.0.1:$cur_o2p$2" --cookie "$o2p_cookie") ;;
   esac
 }
 rss() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
@@ -117,9 +137,9 @@ for round in $(seq 1 "$ROUNDS"); do
     for c in 16 64; do
       for target in direct chassis oauth2-proxy; do
         target_args "$target" /
-        c0=$(cpu "$chassis_pid"); o0=$(cpu "$o2p_pid"); u0=$(cpu "$up_pid")
+        c0=$(cpu "$cur_chassis_pid"); o0=$(cpu "$cur_o2p_pid"); u0=$(cpu "$up_pid")
         out=$("${gen[@]}" "$load" load "${args[@]}" --concurrency "$c" --seconds "$SECONDS_PER_RUN")
-        ticks="{\"chassis\": $(( $(cpu "$chassis_pid") - c0 )), \"oauth2-proxy\": $(( $(cpu "$o2p_pid") - o0 )), \"upstream\": $(( $(cpu "$up_pid") - u0 ))}"
+        ticks="{\"chassis\": $(( $(cpu "$cur_chassis_pid") - c0 )), \"oauth2-proxy\": $(( $(cpu "$cur_o2p_pid") - o0 )), \"upstream\": $(( $(cpu "$up_pid") - u0 ))}"
         echo "{\"round\": $round, \"placement\": \"$placement\", \"route\": \"ok\", \"target\": \"$target\", \"result\": $out, \"ticks\": $ticks}" | tee -a "$results"
       done
     done
@@ -133,7 +153,9 @@ for round in $(seq 1 "$ROUNDS"); do
     echo "{\"round\": $round, \"placement\": \"shared\", \"route\": \"app\", \"target\": \"$target\", \"result\": $out, \"ticks\": {}}" | tee -a "$results"
   done
 done
-python3 - "$results" "$(rss "$chassis_pid")" "$(rss "$o2p_pid")" "$OAUTH2_PROXY_VERSION" "$SECONDS_PER_RUN" "$ROUNDS" $moderate_rss <<'PY'
+# The higher peak of each proxy's two processes (shared and split placement).
+peak() { local m=0 v p; for p in "$@"; do v=$(rss "$p"); [ "$v" -gt "$m" ] && m=$v; done; echo "$m"; }
+python3 - "$results" "$(peak "$chassis_pid" ${chassis_split_pid:-})" "$(peak "$o2p_pid" ${o2p_split_pid:-})" "$OAUTH2_PROXY_VERSION" "$SECONDS_PER_RUN" "$ROUNDS" $moderate_rss <<'PY'
 import json, re, statistics, sys, datetime, os
 path, chassis_rss, o2p_rss, version, seconds, rounds, chassis_rss_moderate, o2p_rss_moderate = sys.argv[1:9]
 rows = [json.loads(l) for l in open(path)]
@@ -191,7 +213,8 @@ lines.append(f"- peak RSS after the moderate runs: chassis-oauth-proxy **{int(ch
              f"**{int(o2p_rss_moderate) / 1024:.1f} MiB** (ratio {int(chassis_rss_moderate) / int(o2p_rss_moderate):.2f}, goal at most 0.33)")
 lines += ["", "**Saturating load** next: closed loop (each connection sends its next request when the last one answered).",
  "Placement **shared**: every process may use both cores; **split** (`taskset`): generator and upstream on core 0,",
- "the proxy on core 1, as when the proxy has a pod of its own.", "",
+ "the proxy on core 1, as when the proxy has a pod of its own with one CPU: a second chassis-oauth-proxy and",
+ "oauth2-proxy started on core 1 alone, so each sizes itself to one core (tokio: one thread; Go: GOMAXPROCS 1).", "",
  "| placement | concurrency | target | requests/s | p50 ms | p99 ms |", "| --- | --- | --- | --- | --- | --- |"]
 for pl in placements:
     for c in (16, 64):

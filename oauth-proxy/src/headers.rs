@@ -59,9 +59,15 @@ const HOP_BY_HOP: &[&str] = &[
 ];
 
 /// The name an upstream may read this header as: lowercase with `_` as `-`.
-fn canonical(name: &HeaderName) -> String {
-    // HeaderName is already lowercase; only the underscore needs folding.
-    name.as_str().replace('_', "-")
+fn canonical(name: &HeaderName) -> std::borrow::Cow<'_, str> {
+    // HeaderName is already lowercase; only the underscore needs folding (rarely:
+    // most requests have none, and this runs for every header of every request).
+    let name = name.as_str();
+    if name.contains('_') {
+        name.replace('_', "-").into()
+    } else {
+        name.into()
+    }
 }
 
 /// Removes every header whose canonical name is one of [`IDENTITY_HEADERS`]
@@ -75,7 +81,7 @@ pub fn strip_identity(headers: &mut HeaderMap, strip_all_forwarded: bool) -> usi
         .keys()
         .filter(|name| {
             let c = canonical(name);
-            IDENTITY_HEADERS.contains(&c.as_str())
+            IDENTITY_HEADERS.contains(&c.as_ref())
                 || (strip_all_forwarded
                     && (c.starts_with("x-forwarded-") || c.starts_with("x-auth-request-")))
         })
