@@ -5,6 +5,7 @@
 # counts), then BENCH_IDLE (120) idle seconds. Each phase gets a fresh
 # control plane of its own (beside the e2e one, in target/bench-cluster) so neither
 # inherits the other's objects. Results go between the markers in docs/BENCHMARKS.md.
+# BENCH_RUST_LOG sets the operator's RUST_LOG (default info), e.g. to see its watches.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 n=${BENCH_PROJECTS:-1000}

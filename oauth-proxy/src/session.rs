@@ -499,6 +499,33 @@ mod tests {
         base64::engine::general_purpose::STANDARD.encode([byte; 32])
     }
 
+    /// Sealed outside this code (Python's `cryptography` AESGCM, from the format in the
+    /// module docs: key, associated data, fixed nonce), so a change of the format or of
+    /// the AES-GCM implementation that would strand existing cookies fails here.
+    const KNOWN_SEALED: &str = "AQAAAABlU_EAAQIDBAUGBwgJCgsMdkx5DPYQZS7FBWcHhcHTp-sd_HQ6UxaYjwaVe2ArdQF9qs-hN5Nn82r0H60RQKKIouev1LIameIoI_T4D97stmOVdY4EIt2-p4lB-1Beoe-A7utMPiyBpFJM1l3QKn-2-VgESDgLa1CgBb6bO4EVUiIKgu6JDrhSZr6FcvrOru2LRsSx-4PAbaEs3Nc9Fpd81hcHYIRMeCc6bI5ixHxT5FHJSonJk-xL2FuDRq4IYvd4oTPDI1nnDDbQ4Jkqt1hH1mdjJlA5IG2SoUa0VZJDHMKxNbmTqtOijlvg-rfr819KYYDErf-0145Im14w3kAK";
+
+    #[test]
+    fn a_cookie_sealed_by_another_implementation_of_the_format_opens() {
+        let sealer = Sealer::new(&secret(7), &[]).expect("a valid secret");
+        let session: Session = sealer
+            .open(NAME, KNOWN_SEALED, NOW + 10, DAY)
+            .expect("the known cookie opens");
+        assert_eq!(
+            (
+                session.user.as_str(),
+                session.groups.as_slice(),
+                session.refresh_token.as_deref()
+            ),
+            ("alice", ["developers".to_string()].as_slice(), Some("rt"))
+        );
+        assert_eq!((session.created_at, session.expires_at), (NOW, NOW + 3600));
+        assert!(
+            sealer
+                .open::<Session>("_other", KNOWN_SEALED, NOW + 10, DAY)
+                .is_err()
+        );
+    }
+
     fn sealer() -> Sealer {
         Sealer::new(&secret(7), &[]).expect("valid secret")
     }

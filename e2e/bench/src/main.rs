@@ -111,16 +111,16 @@ pub struct Phase {
     /// From the first create until the last project is Ready (floor: created).
     pub millis: u128,
     /// Write requests the API server served during the phase, by resource and verb.
-    pub writes: metrics::Writes,
+    pub writes: metrics::Counts,
     /// Single-object reads (GET) the API server served during the phase.
     #[serde(default)]
-    pub reads: metrics::Writes,
+    pub reads: metrics::Counts,
     /// Watches the API server closed during the phase because their client fell
     /// behind (by resource); each makes its client watch again and lag meanwhile.
     #[serde(default)]
-    pub closed_watches: metrics::Writes,
+    pub closed_watches: metrics::Counts,
     /// Writes while idle (operator phase only).
-    pub idle_writes: Option<metrics::Writes>,
+    pub idle_writes: Option<metrics::Counts>,
     pub idle_seconds: Option<u64>,
     pub rss_kib: Option<u64>,
     pub peak_rss_kib: Option<u64>,
@@ -330,7 +330,7 @@ async fn timed(common: &Common, client: &Client, work: impl Future<Output = Resu
         count: common.count,
         concurrency: common.concurrency,
         millis,
-        writes: after.since(&before),
+        writes: after.writes_since(&before),
         reads: after.reads_since(&before),
         closed_watches: after.closed_watches_since(&before),
         idle_writes: None,
@@ -553,10 +553,10 @@ async fn with_operator(
         count: common.count,
         concurrency: common.concurrency,
         millis,
-        writes: settled.since(&before),
+        writes: settled.writes_since(&before),
         reads: settled.reads_since(&before),
         closed_watches: settled.closed_watches_since(&before),
-        idle_writes: Some(idle_end.since(&settled)),
+        idle_writes: Some(idle_end.writes_since(&settled)),
         idle_seconds: Some(idle),
         rss_kib: status_kib(pid, "VmRSS"),
         peak_rss_kib: status_kib(pid, "VmHWM"),

@@ -11,20 +11,20 @@ const WRITE_VERBS: [&str; 6] = ["POST", "PUT", "PATCH", "APPLY", "DELETE", "DELE
 
 /// Counters keyed `"VERB resource[/subresource]"` (closed watches: `"resource"`),
 /// summed over groups, versions, scopes and response codes.
-pub type Writes = BTreeMap<String, u64>;
+pub type Counts = BTreeMap<String, u64>;
 
 /// One scrape of the counters.
 #[derive(Default)]
 pub struct Snapshot {
-    writes: Writes,
+    writes: Counts,
     /// Single-object reads (GET; lists and watches are not counted).
-    reads: Writes,
+    reads: Counts,
     /// Watches the API server closed as unresponsive: its buffer for the watcher
     /// filled up, so the client falls behind and has to watch again.
-    closed_watches: Writes,
+    closed_watches: Counts,
 }
 
-fn delta(now: &Writes, earlier: &Writes) -> Writes {
+fn delta(now: &Counts, earlier: &Counts) -> Counts {
     now.iter()
         .filter_map(|(key, now)| {
             let delta = now.saturating_sub(earlier.get(key).copied().unwrap_or(0));
@@ -35,17 +35,17 @@ fn delta(now: &Writes, earlier: &Writes) -> Writes {
 
 impl Snapshot {
     /// The writes counted between `earlier` and this scrape.
-    pub fn since(&self, earlier: &Snapshot) -> Writes {
+    pub fn writes_since(&self, earlier: &Snapshot) -> Counts {
         delta(&self.writes, &earlier.writes)
     }
 
     /// The single-object reads counted between `earlier` and this scrape.
-    pub fn reads_since(&self, earlier: &Snapshot) -> Writes {
+    pub fn reads_since(&self, earlier: &Snapshot) -> Counts {
         delta(&self.reads, &earlier.reads)
     }
 
     /// The watches closed as unresponsive between `earlier` and this scrape.
-    pub fn closed_watches_since(&self, earlier: &Snapshot) -> Writes {
+    pub fn closed_watches_since(&self, earlier: &Snapshot) -> Counts {
         delta(&self.closed_watches, &earlier.closed_watches)
     }
 }
@@ -129,7 +129,7 @@ apiserver_terminated_watchers_total{group="rbac.authorization.k8s.io",resource="
         assert_eq!(writes.get("APPLY projects/status"), Some(&5));
         assert_eq!(writes.len(), 2, "{writes:?}");
         let later = parse(&TEXT.replace("} 3", "} 10"));
-        assert_eq!(later.since(&parse(TEXT)).get("POST namespaces"), Some(&7));
+        assert_eq!(later.writes_since(&parse(TEXT)).get("POST namespaces"), Some(&7));
     }
 
     #[test]

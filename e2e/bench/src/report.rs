@@ -6,7 +6,7 @@ use std::process::Command;
 use anyhow::{Context, Result};
 
 use crate::Phase;
-use crate::metrics::Writes;
+use crate::metrics::Counts;
 
 const BEGIN: &str = "<!-- projects:begin -->";
 const END: &str = "<!-- projects:end -->";
@@ -29,7 +29,7 @@ fn class(key: &str) -> &'static str {
     }
 }
 
-fn sum(writes: &Writes, wanted: impl Fn(&str) -> bool) -> u64 {
+fn sum(writes: &Counts, wanted: impl Fn(&str) -> bool) -> u64 {
     writes
         .iter()
         .filter(|(k, _)| wanted(class(k)))
@@ -37,16 +37,16 @@ fn sum(writes: &Writes, wanted: impl Fn(&str) -> bool) -> u64 {
         .sum()
 }
 
-fn children(writes: &Writes) -> u64 {
+fn children(writes: &Counts) -> u64 {
     sum(writes, |c| c == "child objects")
 }
 
 /// Stored writes the operator makes: its children, Project status and Events.
-fn operator_writes(writes: &Writes) -> u64 {
+fn operator_writes(writes: &Counts) -> u64 {
     sum(writes, |c| c == "child objects" || c.ends_with("(operator)"))
 }
 
-fn table(writes: &Writes) -> String {
+fn table(writes: &Counts) -> String {
     let mut out = String::from("| requests | count | made by |\n| --- | --- | --- |\n");
     for (key, count) in writes {
         out.push_str(&format!("| `{key}` | {count} | {} |\n", class(key)));
@@ -188,7 +188,7 @@ pub fn section(floor: &Phase, projects_only: &Phase, ours: &Phase, command: &str
 }
 
 /// `total (key n, ...)`, largest first: one cell for a handful of counters.
-fn by_resource(counts: &Writes) -> String {
+fn by_resource(counts: &Counts) -> String {
     let total: u64 = counts.values().sum();
     if total == 0 {
         return "0".into();
@@ -263,4 +263,26 @@ pub fn write(
     std::fs::write(doc, new).with_context(|| format!("writing {}", doc.display()))?;
     println!("{section}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cell_gives_the_total_and_the_largest_counts_first() {
+        let counts: Counts = [
+            ("GET rolebindings", 6),
+            ("GET namespaces", 9),
+            ("GET limitranges", 2),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        assert_eq!(
+            by_resource(&counts),
+            "17 (GET namespaces 9, GET rolebindings 6, GET limitranges 2)"
+        );
+        assert_eq!(by_resource(&Counts::new()), "0");
+    }
 }
