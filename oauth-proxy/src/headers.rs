@@ -23,8 +23,13 @@
 //! `"admin"`), or a group containing the `,` separator (`"x,admins"` would read
 //! as two groups) is refused, never passed on or silently mended.
 
+use std::borrow::Cow;
+
 use http::HeaderMap;
-use http::header::{CONNECTION, HeaderName, HeaderValue, UPGRADE};
+use http::header::{
+    CONNECTION, HeaderName, HeaderValue, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE,
+};
 
 /// Identity headers the proxy sets, in canonical form (lowercase, `-`):
 /// `X-Forwarded-{User,Email,Groups,Preferred-Username,Access-Token}` and
@@ -45,17 +50,17 @@ pub const IDENTITY_HEADERS: &[&str] = &[
 
 /// Hop-by-hop headers (RFC 9110 7.6.1, RFC 9112, plus the non-standard
 /// `Proxy-Connection` and h2c's `HTTP2-Settings`, which is connection-specific).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-connection",
-    "http2-settings",
+static HOP_BY_HOP: [HeaderName; 10] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("http2-settings"),
 ];
 
 /// The name an upstream may read this header as: lowercase with `_` as `-`.
@@ -130,8 +135,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             headers.remove(&name);
         }
     }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
+    // One pass over the request's few names instead of a lookup per hop-by-hop name.
+    let present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| HOP_BY_HOP.contains(name))
+        .cloned()
+        .collect();
+    for name in &present {
+        headers.remove(name);
     }
 
     if let Some(value) = kept_upgrade {
@@ -192,7 +203,7 @@ pub fn set_identity(
     identity: &Identity,
     pass_access_token: bool,
 ) -> Result<(), String> {
-    set_with_prefix(headers, identity, pass_access_token, "X-Forwarded-")
+    set_with_prefix(headers, identity, pass_access_token, &FORWARDED)
 }
 
 /// Sets the `X-Auth-Request-*` response headers that `/oauth2/auth` answers an
@@ -203,51 +214,88 @@ pub fn set_auth_request_response(
     identity: &Identity,
     pass_access_token: bool,
 ) -> Result<(), String> {
-    set_with_prefix(headers, identity, pass_access_token, "X-Auth-Request-")
+    set_with_prefix(headers, identity, pass_access_token, &AUTH_REQUEST)
 }
+
+/// The names one family of identity headers is set under, as displayed in errors
+/// and as parsed once (these are set on every proxied request).
+struct Names {
+    display: [&'static str; 5],
+    parsed: [HeaderName; 5],
+}
+
+/// User, Email, Groups, Preferred-Username, Access-Token.
+static FORWARDED: Names = Names {
+    display: [
+        "X-Forwarded-User",
+        "X-Forwarded-Email",
+        "X-Forwarded-Groups",
+        "X-Forwarded-Preferred-Username",
+        "X-Forwarded-Access-Token",
+    ],
+    parsed: [
+        HeaderName::from_static("x-forwarded-user"),
+        HeaderName::from_static("x-forwarded-email"),
+        HeaderName::from_static("x-forwarded-groups"),
+        HeaderName::from_static("x-forwarded-preferred-username"),
+        HeaderName::from_static("x-forwarded-access-token"),
+    ],
+};
+
+static AUTH_REQUEST: Names = Names {
+    display: [
+        "X-Auth-Request-User",
+        "X-Auth-Request-Email",
+        "X-Auth-Request-Groups",
+        "X-Auth-Request-Preferred-Username",
+        "X-Auth-Request-Access-Token",
+    ],
+    parsed: [
+        HeaderName::from_static("x-auth-request-user"),
+        HeaderName::from_static("x-auth-request-email"),
+        HeaderName::from_static("x-auth-request-groups"),
+        HeaderName::from_static("x-auth-request-preferred-username"),
+        HeaderName::from_static("x-auth-request-access-token"),
+    ],
+};
 
 fn set_with_prefix(
     headers: &mut HeaderMap,
     identity: &Identity,
     pass_access_token: bool,
-    prefix: &str,
+    names: &Names,
 ) -> Result<(), String> {
     strip_identity(headers, false);
 
     let mut bad = Vec::new();
     // Empty optional claims are simply absent; the user is always set.
-    let present = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
+    fn present(v: &Option<String>) -> Option<Cow<'_, str>> {
+        v.as_deref().filter(|v| !v.is_empty()).map(Cow::Borrowed)
+    }
     let groups = if identity.groups.is_empty() {
         None
     } else if identity.groups.iter().all(|g| safe_value(g) && !g.contains(',')) {
-        Some(identity.groups.join(","))
+        Some(Cow::Owned(identity.groups.join(",")))
     } else {
         // Refused whole: dropping one group would change what the set means.
-        bad.push(format!("{prefix}Groups"));
+        bad.push(names.display[2]);
         None
     };
-    let fields = [
-        ("User", Some(identity.user.clone())),
-        ("Email", present(&identity.email)),
-        ("Groups", groups),
-        ("Preferred-Username", present(&identity.preferred_username)),
-        (
-            "Access-Token",
-            present(&identity.access_token).filter(|_| pass_access_token),
-        ),
+    let values = [
+        Some(Cow::Borrowed(identity.user.as_str())),
+        present(&identity.email),
+        groups,
+        present(&identity.preferred_username),
+        present(&identity.access_token).filter(|_| pass_access_token),
     ];
 
-    for (suffix, value) in fields {
+    for (i, value) in values.into_iter().enumerate() {
         let Some(value) = value else { continue };
-        let display = format!("{prefix}{suffix}");
-        let parsed = HeaderName::from_bytes(display.to_ascii_lowercase().as_bytes())
-            .ok()
-            .zip(checked_value(&value));
-        match parsed {
-            Some((name, value)) => {
-                headers.insert(name, value);
+        match checked_value(&value) {
+            Some(value) => {
+                headers.insert(names.parsed[i].clone(), value);
             }
-            None => bad.push(display),
+            None => bad.push(names.display[i]),
         }
     }
     if bad.is_empty() {

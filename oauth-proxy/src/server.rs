@@ -36,7 +36,7 @@ use crate::metrics::Metrics;
 use crate::oidc::{Identity, LoginAttempt, Provider};
 use crate::path;
 use crate::redirect::RedirectPolicy;
-use crate::session::{self, CookieOptions, Sealer, Session};
+use crate::session::{self, CookieOptions, OpenedSessions, Sealer, Session};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -47,7 +47,7 @@ const LOGIN_WINDOW: u64 = 15 * 60;
 const COOKIE_CHUNK: usize = 3800;
 
 /// The last refresh of one session: when it happened and what it gave.
-type RefreshSlot = Arc<Mutex<Option<(u64, Session)>>>;
+type RefreshSlot = Arc<Mutex<Option<(u64, Arc<Session>)>>>;
 
 pub struct App {
     pub config: Config,
@@ -59,9 +59,12 @@ pub struct App {
     /// Allowed SubjectAccessReviews per user and groups, reused for [`SAR_TTL`].
     sar_allowed: Mutex<HashMap<String, u64>>,
     pub sealer: Sealer,
+    /// Session cookies opened lately (see [`OpenedSessions`]).
+    opened: OpenedSessions,
     pub redirects: RedirectPolicy,
     pub metrics: Metrics,
     upstream: HttpClient<HttpsConnector<HttpConnector>, Body>,
+    upstream_base: UpstreamBase,
     /// `state` values already redeemed, until their attempt would have expired.
     used_states: Mutex<HashMap<String, u64>>,
     /// Sessions signed out, until they would have expired: a copied cookie dies too.
@@ -265,21 +268,66 @@ fn upstream_client(config: &Config) -> Result<HttpClient<HttpsConnector<HttpConn
     Ok(HttpClient::builder(TokioExecutor::new()).build(connector))
 }
 
+/// The parts of the upstream URL every proxied request's URI starts with, parsed
+/// once rather than per request.
+struct UpstreamBase {
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    /// The URL's path without its trailing `/`, put before the request's path.
+    path: String,
+}
+
+impl UpstreamBase {
+    fn new(url: &url::Url) -> Result<Self, String> {
+        let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
+            return Err(format!("upstream {url}: no host"));
+        };
+        Ok(Self {
+            scheme: url.scheme().parse().map_err(|e| format!("upstream {url}: {e}"))?,
+            authority: format!("{host}:{port}")
+                .parse()
+                .map_err(|e| format!("upstream {url}: {e}"))?,
+            path: url.path().trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// The upstream URI for a request's normalized path and its query.
+    fn uri(&self, normalized: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+        let mut path_and_query =
+            String::with_capacity(self.path.len() + normalized.len() + query.map_or(0, |q| q.len() + 1));
+        path_and_query.push_str(&self.path);
+        path_and_query.push_str(normalized);
+        if let Some(q) = query {
+            path_and_query.push('?');
+            path_and_query.push_str(q);
+        }
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+    }
+}
+
 impl App {
     pub fn new(config: Config) -> Result<Arc<Self>, String> {
         let sealer = Sealer::new(&config.cookie_secret, &[])?;
         let redirects = RedirectPolicy::new(&config.whitelist_domains)?;
         let upstream = upstream_client(&config)?;
+        let upstream_base = UpstreamBase::new(&config.upstream)?;
+        let opened = OpenedSessions::new(&config.cookie_name);
         Ok(Arc::new(Self {
             config,
             provider: OnceCell::new(),
             bearer: OnceCell::new(),
             kube: OnceCell::new(),
             sar_allowed: Mutex::new(HashMap::new()),
+            opened,
             sealer,
             redirects,
             metrics: Metrics::default(),
             upstream,
+            upstream_base,
             used_states: Mutex::new(HashMap::new()),
             revoked: Mutex::new(HashMap::new()),
             refreshing: Mutex::new(HashMap::new()),
@@ -306,13 +354,12 @@ impl App {
     }
 
     /// The session from the request's cookies, if valid and not signed out.
-    async fn session(&self, headers: &HeaderMap) -> Option<Session> {
+    async fn session(&self, headers: &HeaderMap) -> Option<Arc<Session>> {
         let jar = cookies(headers);
-        let name = &self.config.cookie_name;
-        let sealed = session::join(name, |n| jar.get(n))?;
-        let session: Session = self
-            .sealer
-            .open(name, &sealed, now(), self.config.cookie_expire.as_secs())
+        let sealed = session::join(&self.config.cookie_name, |n| jar.get(n))?;
+        let session = self
+            .opened
+            .open(&self.sealer, &sealed, now(), self.config.cookie_expire.as_secs())
             .ok()?;
         let revoked = self.revoked.lock().await;
         // The id costs a hash; most of the time nobody has signed out.
@@ -355,7 +402,7 @@ impl App {
 
     /// Refreshes `session` when its access token is about to expire. Concurrent
     /// requests of one session wait for the first one's refresh and reuse it.
-    async fn maybe_refresh(&self, session: Session) -> (Session, bool) {
+    async fn maybe_refresh(&self, session: Arc<Session>) -> (Arc<Session>, bool) {
         let (Some(window), Some(refresh_token)) = (self.config.cookie_refresh, session.refresh_token.clone())
         else {
             return (session, false);
@@ -396,7 +443,7 @@ impl App {
         self.metrics.refreshes.inc();
         match provider.refresh(&refresh_token, &previous).await {
             Ok(identity) => {
-                let refreshed = to_session(identity, session.created_at);
+                let refreshed = Arc::new(to_session(identity, session.created_at));
                 *result = Some((now(), refreshed.clone()));
                 (refreshed, true)
             }
@@ -423,13 +470,14 @@ fn to_session(identity: Identity, created_at: u64) -> Session {
     }
 }
 
-fn header_identity(session: &Session) -> HeaderIdentity {
+/// `with_token`: copy the access token too (only when it is passed on).
+fn header_identity(session: &Session, with_token: bool) -> HeaderIdentity {
     HeaderIdentity {
         user: session.user.clone(),
         email: session.email.clone(),
         groups: session.groups.clone(),
         preferred_username: session.preferred_username.clone(),
-        access_token: session.access_token.clone(),
+        access_token: session.access_token.clone().filter(|_| with_token),
     }
 }
 
@@ -490,7 +538,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -
         app.metrics.refused("forbidden");
         return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
     }
-    let mut response = proxy(&app, parts, body, &normalized, remote, Some(&session)).await;
+    let mut response = proxy(&app, parts, body, &normalized, remote, Some(session.as_ref())).await;
     if refreshed {
         match app.session_cookies(&session, previous_chunks) {
             Ok(set) => {
@@ -605,21 +653,7 @@ async fn proxy(
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     let client_upgrade =
         upgrade.then(|| hyper::upgrade::on(Request::from_parts(parts.clone_without_body(), ())));
-    let base = &app.config.upstream;
-    let path_and_query = match parts.uri.query() {
-        Some(q) => format!("{}{normalized}?{q}", base.path().trim_end_matches('/')),
-        None => format!("{}{normalized}", base.path().trim_end_matches('/')),
-    };
-    let authority = match (base.host_str(), base.port_or_known_default()) {
-        (Some(h), Some(p)) => format!("{h}:{p}"),
-        _ => return text(StatusCode::BAD_GATEWAY, "the upstream URL has no host"),
-    };
-    let uri = match Uri::builder()
-        .scheme(base.scheme())
-        .authority(authority)
-        .path_and_query(path_and_query)
-        .build()
-    {
+    let uri = match app.upstream_base.uri(normalized, parts.uri.query()) {
         Ok(u) => u,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("refused: {e}")),
     };
@@ -646,7 +680,7 @@ async fn proxy(
         // The upstream trusts these: set after every client variant was removed.
         if let Err(e) = headers::set_identity(
             &mut parts.headers,
-            &header_identity(session),
+            &header_identity(session, app.config.pass_access_token),
             app.config.pass_access_token,
         ) {
             return text(StatusCode::FORBIDDEN, format!("forbidden: {e}"));
@@ -987,7 +1021,7 @@ async fn auth(app: &App, headers: &HeaderMap) -> Response<Body> {
     let mut response = text(StatusCode::ACCEPTED, "authenticated");
     if let Err(e) = headers::set_auth_request_response(
         response.headers_mut(),
-        &header_identity(&s),
+        &header_identity(&s, app.config.pass_access_token),
         app.config.pass_access_token,
     ) {
         return text(StatusCode::FORBIDDEN, format!("forbidden: {e}"));
