@@ -3,7 +3,9 @@
 # and through oauth2-proxy v7 (built from Go modules), each with a valid session
 # cookie from a real login at the same OpenID provider (e2e/oidc). Open-loop load at
 # moderate rates first (latency, RSS), then closed-loop load at two concurrencies
-# (throughput); writes the `proxy` section of docs/BENCHMARKS.md.
+# (throughput), where HAProxy (Debian's package, no login, nothing but the hop) shows
+# what any reverse proxy costs on this machine; writes the `proxy` section of
+# docs/BENCHMARKS.md.
 # Env: BENCH_ROUNDS (3), BENCH_SECONDS (10).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -27,6 +29,12 @@ if [ ! -x "$cache/oauth2-proxy-$OAUTH2_PROXY_VERSION" ]; then
   mv "$tmp/oauth2-proxy" "$cache/oauth2-proxy-$OAUTH2_PROXY_VERSION" && rmdir "$tmp"
 fi
 
+if ! command -v haproxy >/dev/null; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  echo "installing Debian's haproxy (the plain-proxy peer)" >&2
+  $sudo apt-get install -y -qq haproxy >/dev/null
+fi
+
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
@@ -34,6 +42,7 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 up=$(free_port); chassis=$(free_port); chassis_metrics=$(free_port); o2p=$(free_port)
 chassis_split=$(free_port); chassis_split_metrics=$(free_port); o2p_split=$(free_port)
+hap=$(free_port); hap_split=$(free_port)
 
 cat >"$work/oidc.json" <<EOF
 {"offline_access_without_prompt_consent": true,
@@ -70,8 +79,30 @@ launch_o2p() {
     --cookie-secret 0123456789abcdef0123456789abcdef --email-domain '*' --skip-provider-button \
     --code-challenge-method S256 --scope "openid email profile" >"$work/o2p-$port.log" 2>&1 &
 }
+# PORT [launcher...]: HAProxy forwarding to the upstream over kept-alive connections,
+# threads as many as the cores it may use (its default), no logging.
+launch_haproxy() {
+  local port=$1; shift
+  cat >"$work/haproxy-$port.cfg" <<EOF
+global
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend bench
+  bind 127.0.0.1:$port
+  default_backend upstream
+backend upstream
+  server up 127.0.0.1:$up
+EOF
+  "$@" haproxy -db -f "$work/haproxy-$port.cfg" >"$work/haproxy-$port.log" 2>&1 &
+}
 launch_chassis "$chassis" "$chassis_metrics"; chassis_pid=$!; pids+=($chassis_pid)
 launch_o2p "$o2p"; o2p_pid=$!; pids+=($o2p_pid)
+launch_haproxy "$hap"; hap_pid=$!; pids+=($hap_pid)
 # For the split placement, a second pair started on core 1 alone, as in a pod with one
 # CPU: each sizes itself to what it may use at start (tokio: one thread, Go: GOMAXPROCS
 # 1), which moving a running process to one core would not do. Sessions are sealed
@@ -81,14 +112,15 @@ if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
   split_ok=true
   launch_chassis "$chassis_split" "$chassis_split_metrics" taskset -c 1; chassis_split_pid=$!; pids+=($chassis_split_pid)
   launch_o2p "$o2p_split" taskset -c 1; o2p_split_pid=$!; pids+=($o2p_split_pid)
+  launch_haproxy "$hap_split" taskset -c 1; hap_split_pid=$!; pids+=($hap_split_pid)
 fi
 # URL: waits up to 20 s for it to answer, or stops the benchmark with the logs.
 await() {
   for _ in $(seq 1 100); do curl -fs "$1" >/dev/null && return 0; sleep 0.2; done
-  echo "no answer from $1 after 20 s; logs:"; tail -n 20 "$work"/chassis-*.log "$work"/o2p-*.log; exit 1
+  echo "no answer from $1 after 20 s; logs:"; tail -n 20 "$work"/chassis-*.log "$work"/o2p-*.log "$work"/haproxy-*.log; exit 1
 }
-proxies=("$chassis" "$o2p"); ready=("$chassis")
-if $split_ok; then proxies+=("$chassis_split" "$o2p_split"); ready+=("$chassis_split"); fi
+proxies=("$chassis" "$o2p" "$hap"); ready=("$chassis")
+if $split_ok; then proxies+=("$chassis_split" "$o2p_split" "$hap_split"); ready+=("$chassis_split"); fi
 for port in "${proxies[@]}"; do await "http://127.0.0.1:$port/ping"; done
 for port in "${ready[@]}"; do await "http://127.0.0.1:$port/ready"; done
 
@@ -107,10 +139,12 @@ $split_ok && placements="shared split"
 # Sets the generator's launcher, the upstream's cores and which proxy pair is measured.
 place() {
   gen=(); cur_chassis=$chassis; cur_chassis_pid=$chassis_pid; cur_o2p=$o2p; cur_o2p_pid=$o2p_pid
+  cur_hap=$hap; cur_hap_pid=$hap_pid
   command -v taskset >/dev/null || return 0
   if [ "$1" = split ]; then
     gen=(taskset -c 0); taskset -a -pc 0 "$up_pid" >/dev/null
     cur_chassis=$chassis_split; cur_chassis_pid=$chassis_split_pid; cur_o2p=$o2p_split; cur_o2p_pid=$o2p_split_pid
+    cur_hap=$hap_split; cur_hap_pid=$hap_split_pid
   else
     taskset -a -pc "0-$(( $(nproc) - 1 ))" "$up_pid" >/dev/null
   fi
@@ -120,6 +154,7 @@ target_args() { # target route -> proxy-load arguments
     direct) args=(--url "http://127.0.0.1:$up$2") ;;
     chassis) args=(--url "http://127.0.0.1:$cur_chassis$2" --cookie "$chassis_cookie") ;;
     oauth2-proxy) args=(--url "http://127.0.0.1:$cur_o2p$2" --cookie "$o2p_cookie") ;;
+    haproxy) args=(--url "http://127.0.0.1:$cur_hap$2") ;;
   esac
 }
 rss() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
@@ -142,11 +177,11 @@ for round in $(seq 1 "$ROUNDS"); do
   for placement in $placements; do
     place "$placement"
     for c in 16 64; do
-      for target in direct chassis oauth2-proxy; do
+      for target in direct chassis oauth2-proxy haproxy; do
         target_args "$target" /
-        c0=$(cpu "$cur_chassis_pid"); o0=$(cpu "$cur_o2p_pid"); u0=$(cpu "$up_pid")
+        c0=$(cpu "$cur_chassis_pid"); o0=$(cpu "$cur_o2p_pid"); h0=$(cpu "$cur_hap_pid"); u0=$(cpu "$up_pid")
         out=$("${gen[@]}" "$load" load "${args[@]}" --concurrency "$c" --seconds "$SECONDS_PER_RUN")
-        ticks="{\"chassis\": $(( $(cpu "$cur_chassis_pid") - c0 )), \"oauth2-proxy\": $(( $(cpu "$cur_o2p_pid") - o0 )), \"upstream\": $(( $(cpu "$up_pid") - u0 ))}"
+        ticks="{\"chassis\": $(( $(cpu "$cur_chassis_pid") - c0 )), \"oauth2-proxy\": $(( $(cpu "$cur_o2p_pid") - o0 )), \"haproxy\": $(( $(cpu "$cur_hap_pid") - h0 )), \"upstream\": $(( $(cpu "$up_pid") - u0 ))}"
         echo "{\"round\": $round, \"placement\": \"$placement\", \"route\": \"ok\", \"target\": \"$target\", \"result\": $out, \"ticks\": $ticks}" | tee -a "$results"
       done
     done
@@ -220,21 +255,25 @@ lines.append(f"- peak RSS after the moderate runs: chassis-oauth-proxy **{int(ch
              f"**{int(o2p_rss_moderate) / 1024:.1f} MiB** (ratio {int(chassis_rss_moderate) / int(o2p_rss_moderate):.2f}, goal at most 0.33)")
 lines += ["", "**Saturating load** next: closed loop (each connection sends its next request when the last one answered).",
  "Placement **shared**: every process may use both cores; **split** (`taskset`): generator and upstream on core 0,",
- "the proxy on core 1, as when the proxy has a pod of its own with one CPU: a second chassis-oauth-proxy and",
- "oauth2-proxy started on core 1 alone, so each sizes itself to one core (tokio: one thread; Go: GOMAXPROCS 1).", "",
+ "the proxy on core 1, as when the proxy has a pod of its own with one CPU: a second chassis-oauth-proxy,",
+ "oauth2-proxy and HAProxy started on core 1 alone, so each sizes itself to one core (tokio: one thread; Go:",
+ "GOMAXPROCS 1; HAProxy: one thread). HAProxy (Debian's package, no login: it only forwards, over kept-alive",
+ "upstream connections) is the peer for what one extra hop costs any proxy here.", "",
  "| placement | concurrency | target | requests/s | p50 ms | p99 ms |", "| --- | --- | --- | --- | --- | --- |"]
 for pl in placements:
     for c in (16, 64):
-        for t in ("direct", "chassis", "oauth2-proxy"):
+        for t in ("direct", "chassis", "oauth2-proxy", "haproxy"):
             lines.append(f"| {pl} | {c} | {t} | {med(t, c, 'rps', pl):.0f} | {med(t, c, 'p50_ms', pl):.2f} | "
                          f"{med(t, c, 'p99_ms', pl):.2f} |")
 lines.append("")
 for pl in placements:
     for c in (16, 64):
         ch, o2, d = med("chassis", c, "rps", pl), med("oauth2-proxy", c, "rps", pl), med("direct", c, "rps", pl)
+        hp = med("haproxy", c, "rps", pl)
         added = med("chassis", c, "p99_ms", pl) - med("direct", c, "p99_ms", pl)
         lines.append(f"- {pl}, concurrency {c}: chassis / oauth2-proxy throughput **{ch / o2:.2f}x** (goal 2x); "
-                     f"chassis / direct **{100 * ch / d:.0f} %** (goal 80 %); added p99 **{added:.2f} ms** (goal 1 ms)")
+                     f"chassis / direct **{100 * ch / d:.0f} %** (goal 80 %; HAProxy, which only forwards: "
+                     f"{100 * hp / d:.0f} %); added p99 **{added:.2f} ms** (goal 1 ms)")
 lines += ["", "The same at concurrency 16 on `/app` (closed loop, shared placement):", "",
           "| target | requests/s | p50 ms | p99 ms |", "| --- | --- | --- | --- |"]
 for t in ("direct", "chassis", "oauth2-proxy"):
@@ -249,7 +288,7 @@ lines.append(f"- peak RSS over the whole run, saturating runs included (the high
 lines += ["", "CPU time per request in microseconds, shared placement (user + system from `/proc`, median of the rounds):",
           "", "| concurrency | target | generator | upstream | proxy | total |", "| --- | --- | --- | --- | --- | --- |"]
 for c in (16, 64):
-    for t in ("direct", "chassis", "oauth2-proxy"):
+    for t in ("direct", "chassis", "oauth2-proxy", "haproxy"):
         g, u = cpu_us(t, c, "generator"), cpu_us(t, c, "upstream")
         p = 0 if t == "direct" else cpu_us(t, c, t)
         lines.append(f"| {c} | {t} | {g:.0f} | {u:.0f} | {'-' if t == 'direct' else f'{p:.0f}'} | {g + u + p:.0f} |")
@@ -257,8 +296,8 @@ lines.append("")
 for c in (16, 64):
     g, u, p = cpu_us("direct", c, "generator"), cpu_us("direct", c, "upstream"), cpu_us("chassis", c, "chassis")
     lines.append(f"- concurrency {c}: on shared cores, 80 % of direct needs a proxy costing at most a quarter of "
-                 f"generator + upstream, **{(g + u) / 4:.0f} µs** per request; chassis-oauth-proxy costs **{p:.0f} µs** "
-                 f"(it makes two HTTP exchanges where the upstream makes one)")
+                 f"generator + upstream, **{(g + u) / 4:.0f} µs** per request; chassis-oauth-proxy costs **{p:.0f} µs**, "
+                 f"HAProxy {cpu_us('haproxy', c, 'haproxy'):.0f} µs (a proxy makes two HTTP exchanges where the upstream makes one)")
 lines.append("<!-- proxy:end -->")
 section = "\n".join(lines)
 doc = open("docs/BENCHMARKS.md").read()

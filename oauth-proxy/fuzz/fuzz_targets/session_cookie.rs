@@ -1,18 +1,55 @@
-//! Any cookie value: opening never panics, and nothing but a sealed session opens.
+//! Any cookie value: opening never panics, and nothing but a sealed session opens,
+//! neither directly nor through the cache of opened sessions.
 #![no_main]
-use chassis_oauth_proxy::session::{Sealer, Session};
+use std::sync::OnceLock;
+
+use chassis_oauth_proxy::session::{OpenedSessions, Sealer, Session};
 use libfuzzer_sys::fuzz_target;
+
+const NAME: &str = "_chassis_oauth";
+const NOW: u64 = 1_800_000_000;
+const MAX_AGE: u64 = 3600;
+
+/// The sealer (with a rotated-out key too, so every value is tried against two keys
+/// in turn), and a cache that already holds one real session and its sealed text.
+fn kept() -> &'static (Sealer, OpenedSessions, String) {
+    static KEPT: OnceLock<(Sealer, OpenedSessions, String)> = OnceLock::new();
+    KEPT.get_or_init(|| {
+        let previous = ["ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=".to_string()];
+        let sealer = Sealer::new("MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=", &previous)
+            .expect("the fixed secrets are valid");
+        let session = Session {
+            user: "alice".into(),
+            email: None,
+            email_verified: false,
+            groups: vec![],
+            preferred_username: None,
+            access_token: None,
+            id_token: None,
+            refresh_token: None,
+            expires_at: NOW + MAX_AGE,
+            created_at: NOW,
+        };
+        let sealed = sealer.seal(NAME, &session, NOW).expect("seals");
+        let cache = OpenedSessions::new(NAME);
+        cache.open(&sealer, &sealed, NOW, MAX_AGE).expect("opens");
+        (sealer, cache, sealed)
+    })
+}
 
 fuzz_target!(|data: &[u8]| {
     let Ok(value) = std::str::from_utf8(data) else {
         return;
     };
-    // A rotated-out key too, so every value is tried against two keys in turn.
-    let previous = ["ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=".to_string()];
-    let Ok(sealer) = Sealer::new("MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=", &previous) else {
-        return;
-    };
-    let opened: Result<Session, String> = sealer.open("_chassis_oauth", value, 1_800_000_000, 3600);
+    let (sealer, cache, sealed) = kept();
+    let opened: Result<Session, String> = sealer.open(NAME, value, NOW, MAX_AGE);
     // Random bytes must never authenticate (a forgery would need the key).
     assert!(opened.is_err(), "opened a cookie nobody sealed: {value:?}");
+    // The cache answers only for the kept session's exact sealed text.
+    if value != sealed {
+        assert!(
+            cache.open(sealer, value, NOW, MAX_AGE).is_err(),
+            "the cache opened a cookie nobody sealed: {value:?}"
+        );
+    }
 });
