@@ -32,7 +32,7 @@ fi
 if ! command -v haproxy >/dev/null; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   echo "installing Debian's haproxy (the plain-proxy peer)" >&2
-  $sudo apt-get install -y -qq haproxy >/dev/null
+  $sudo apt-get update -qq && $sudo apt-get install -y -qq haproxy >/dev/null
 fi
 
 work=$(mktemp -d)
@@ -103,10 +103,11 @@ EOF
 launch_chassis "$chassis" "$chassis_metrics"; chassis_pid=$!; pids+=($chassis_pid)
 launch_o2p "$o2p"; o2p_pid=$!; pids+=($o2p_pid)
 launch_haproxy "$hap"; hap_pid=$!; pids+=($hap_pid)
-# For the split placement, a second pair started on core 1 alone, as in a pod with one
-# CPU: each sizes itself to what it may use at start (tokio: one thread, Go: GOMAXPROCS
-# 1), which moving a running process to one core would not do. Sessions are sealed
-# with the same secrets, so the cookies of the logins below work for both pairs.
+# For the split placement, a second set of proxies started on core 1 alone, as in a pod
+# with one CPU: each sizes itself to what it may use at start (tokio: one thread, Go:
+# GOMAXPROCS 1, HAProxy: one thread), which moving a running process to one core would
+# not do. Sessions are sealed with the same secrets, so the cookies of the logins below
+# work for both sets.
 split_ok=false
 if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
   split_ok=true
@@ -131,7 +132,7 @@ results="$work/results.jsonl"
 # CPU time (user + system, clock ticks) of a process so far: every process's share of the cores.
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # Two placements. shared: every process may run on every core (generator, upstream and
-# proxy compete). split: generator and upstream on core 0, the proxies (the pair started
+# proxy compete). split: generator and upstream on core 0, the proxies (the set started
 # on core 1) on core 1, so a proxy gets a core of its own as it would in its own pod;
 # direct runs then have the generator and upstream on core 0 as well.
 placements="shared"
@@ -195,7 +196,7 @@ for round in $(seq 1 "$ROUNDS"); do
     echo "{\"round\": $round, \"placement\": \"shared\", \"route\": \"app\", \"target\": \"$target\", \"result\": $out, \"ticks\": {}}" | tee -a "$results"
   done
 done
-# The higher peak of each proxy's two processes (shared and split placement).
+# The higher peak of chassis' and oauth2-proxy's two processes each (shared and split).
 peak() { local m=0 v p; for p in "$@"; do v=$(rss "$p" 2>/dev/null || true); [ "${v:-0}" -gt "$m" ] && m=$v; done; echo "$m"; }
 python3 - "$results" "$(peak "$chassis_pid" ${chassis_split_pid:-})" "$(peak "$o2p_pid" ${o2p_split_pid:-})" "$OAUTH2_PROXY_VERSION" "$SECONDS_PER_RUN" "$ROUNDS" $moderate_rss <<'PY'
 import json, re, statistics, sys, datetime, os

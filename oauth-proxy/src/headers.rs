@@ -203,7 +203,7 @@ pub fn set_identity(
     identity: &Identity,
     pass_access_token: bool,
 ) -> Result<(), String> {
-    set_with_prefix(headers, identity, pass_access_token, &FORWARDED)
+    set_names(headers, identity, pass_access_token, &FORWARDED)
 }
 
 /// Sets the `X-Auth-Request-*` response headers that `/oauth2/auth` answers an
@@ -214,7 +214,7 @@ pub fn set_auth_request_response(
     identity: &Identity,
     pass_access_token: bool,
 ) -> Result<(), String> {
-    set_with_prefix(headers, identity, pass_access_token, &AUTH_REQUEST)
+    set_names(headers, identity, pass_access_token, &AUTH_REQUEST)
 }
 
 /// The names one family of identity headers is set under, as displayed in errors
@@ -223,6 +223,9 @@ struct Names {
     display: [&'static str; 5],
     parsed: [HeaderName; 5],
 }
+
+/// Where Groups is in [`Names`] (the one value that is joined, so checked as a whole).
+const GROUPS: usize = 2;
 
 /// User, Email, Groups, Preferred-Username, Access-Token.
 static FORWARDED: Names = Names {
@@ -259,7 +262,7 @@ static AUTH_REQUEST: Names = Names {
     ],
 };
 
-fn set_with_prefix(
+fn set_names(
     headers: &mut HeaderMap,
     identity: &Identity,
     pass_access_token: bool,
@@ -278,7 +281,7 @@ fn set_with_prefix(
         Some(Cow::Owned(identity.groups.join(",")))
     } else {
         // Refused whole: dropping one group would change what the set means.
-        bad.push(names.display[2]);
+        bad.push(names.display[GROUPS]);
         None
     };
     let values = [
@@ -341,6 +344,20 @@ mod tests {
             h.append(name(n), HeaderValue::from_str(v).expect("valid header value"));
         }
         h
+    }
+
+    #[test]
+    fn identity_header_names_are_parsed_as_displayed_and_all_stripped() {
+        for names in [&FORWARDED, &AUTH_REQUEST] {
+            for (display, parsed) in names.display.iter().zip(&names.parsed) {
+                assert_eq!(parsed.as_str(), display.to_ascii_lowercase());
+                assert!(
+                    IDENTITY_HEADERS.contains(&parsed.as_str()),
+                    "{display} is not stripped"
+                );
+            }
+            assert!(names.display[GROUPS].ends_with("-Groups"));
+        }
     }
 
     fn alice() -> Identity {

@@ -67,8 +67,8 @@ pub struct App {
     upstream_base: UpstreamBase,
     /// `state` values already redeemed, until their attempt would have expired.
     used_states: Mutex<HashMap<String, u64>>,
-    /// Sessions signed out, until they would have expired: a copied cookie dies too.
-    revoked: Mutex<HashMap<String, u64>>,
+    /// Sessions signed out, until every cookie of theirs has expired: a copied cookie dies too.
+    revoked: Mutex<SignedOut>,
     /// One refresh at a time per session; waiters reuse its result.
     refreshing: Mutex<HashMap<String, RefreshSlot>>,
 }
@@ -106,7 +106,47 @@ fn redirect(to: &str) -> Response<Body> {
 /// refresh keeps, so signing out also kills cookies copied before a refresh.
 fn session_id(session: &Session) -> String {
     let digest = Sha256::digest(format!("{}\n{}", session.user, session.created_at));
-    digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+    // Hex of the first 16 bytes, without a formatter per byte (this runs on every
+    // request once anyone has signed out).
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    digest
+        .iter()
+        .take(16)
+        .flat_map(|b| [HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]])
+        .map(char::from)
+        .collect()
+}
+
+/// How long after sign-out a refresh that was already running may still seal a
+/// cookie of the session.
+const REFRESH_IN_FLIGHT: u64 = 60;
+
+/// Sessions signed out in this process, by [`session_id`], each until the last of
+/// its cookies has expired. That is counted from the sign-out, not from the login:
+/// a refresh reseals the cookie with a new issue time, so a copy taken after a
+/// refresh outlives the login time plus the cookie lifetime. A signed-out session
+/// is never refreshed again (it does not open), so the sign-out time plus one
+/// cookie lifetime (and a refresh that was in flight) covers every copy.
+#[derive(Default)]
+struct SignedOut {
+    until: HashMap<String, u64>,
+}
+
+impl SignedOut {
+    /// Session `id` signed out at `now`; its cookies live `max_age` after their issue time.
+    fn insert(&mut self, id: String, now: u64, max_age: u64) {
+        self.until.retain(|_, until| *until > now);
+        self.until
+            .insert(id, now.saturating_add(max_age).saturating_add(REFRESH_IN_FLIGHT));
+    }
+
+    fn contains(&self, id: &str, now: u64) -> bool {
+        self.until.get(id).is_some_and(|until| *until > now)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.until.is_empty()
+    }
 }
 
 /// The text of every Cookie header that is ASCII (others are ignored as a whole, and
@@ -329,7 +369,7 @@ impl App {
             upstream,
             upstream_base,
             used_states: Mutex::new(HashMap::new()),
-            revoked: Mutex::new(HashMap::new()),
+            revoked: Mutex::new(SignedOut::default()),
             refreshing: Mutex::new(HashMap::new()),
         }))
     }
@@ -363,7 +403,7 @@ impl App {
             .ok()?;
         let revoked = self.revoked.lock().await;
         // The id costs a hash; most of the time nobody has signed out.
-        if !revoked.is_empty() && revoked.contains_key(&session_id(&session)) {
+        if !revoked.is_empty() && revoked.contains(&session_id(&session), now()) {
             return None;
         }
         drop(revoked);
@@ -965,10 +1005,15 @@ async fn callback(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
 async fn sign_out(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response<Body> {
     let session = app.session(headers).await;
     if let Some(s) = &session {
-        let mut revoked = app.revoked.lock().await;
-        let t = now();
-        revoked.retain(|_, until| *until > t);
-        revoked.insert(session_id(s), s.created_at + app.config.cookie_expire.as_secs());
+        app.revoked
+            .lock()
+            .await
+            .insert(session_id(s), now(), app.config.cookie_expire.as_secs());
+        // Its tokens need not stay in memory either.
+        let jar = cookies(headers);
+        if let Some(sealed) = session::join(&app.config.cookie_name, |n| jar.get(n)) {
+            app.opened.forget(&sealed);
+        }
     }
     let target = app.redirects.validate(query.rd.as_deref().unwrap_or("/"));
     let to = match (
@@ -1221,6 +1266,38 @@ mod tests {
         assert!(!email_domain_allowed("@corp.com", &corp));
         assert!(!email_domain_allowed("alice", &corp));
         assert!(email_domain_allowed("bob@anything.org", &["*".to_string()]));
+    }
+
+    #[test]
+    fn the_upstream_uri_keeps_the_upstream_path_and_the_request_query() {
+        let cases = [
+            ("http://up", "/a", None, "http://up:80/a"),
+            ("http://up/", "/a", Some("x=1"), "http://up:80/a?x=1"),
+            ("https://up/base/", "/a/b", None, "https://up:443/base/a/b"),
+            ("http://up:8080/base", "/", Some("q"), "http://up:8080/base/?q"),
+            ("http://[::1]:8080/?ignored=1", "/a", None, "http://[::1]:8080/a"),
+        ];
+        for (upstream, path, query, want) in cases {
+            let url = url::Url::parse(upstream).expect("a valid URL");
+            let base = UpstreamBase::new(&url).expect("has a host");
+            let uri = base.uri(path, query).expect("a valid URI");
+            assert_eq!(uri.to_string(), want, "{upstream} + {path} {query:?}");
+        }
+    }
+
+    #[test]
+    fn a_cookie_refreshed_before_sign_out_stays_dead_until_it_expires() {
+        const DAY: u64 = 86_400;
+        // Logged in at 0, refreshed at 1000 (that cookie is valid until 1000 + DAY),
+        // copied, then signed out at 2000.
+        let mut out = SignedOut::default();
+        out.insert("alice".into(), 2000, DAY);
+        assert!(out.contains("alice", 1000 + DAY));
+        // Someone else signing out later prunes what has expired, not this one.
+        out.insert("bob".into(), 1000 + DAY - 1, DAY);
+        assert!(out.contains("alice", 1000 + DAY));
+        assert!(!out.contains("alice", 2000 + DAY + REFRESH_IN_FLIGHT));
+        assert!(!out.contains("carol", 2000));
     }
 
     #[test]

@@ -226,8 +226,8 @@ impl Sealer {
 
 /// How many opened sessions [`OpenedSessions`] keeps.
 const OPENED_CAPACITY: usize = 512;
-/// Bytes of the sealed text's end that index [`OpenedSessions`]: the GCM tag,
-/// different for every seal (each has a fresh random nonce).
+/// Bytes of the sealed text's end that index [`OpenedSessions`]: mostly the base64
+/// of the GCM tag, different for every seal (each has a fresh random nonce).
 const OPENED_KEY_LEN: usize = 24;
 
 /// Sessions opened lately, by their sealed text. A browser sends the same cookie
@@ -235,7 +235,8 @@ const OPENED_KEY_LEN: usize = 24;
 /// was about a tenth of the proxy's CPU per request. Only a value that opened is
 /// kept; a hit needs the whole sealed text to be equal and is checked against the
 /// expiry again. Bounded: when full, everything is dropped at once (no bookkeeping
-/// per hit; a busy proxy refills it within its next requests).
+/// per hit; a busy proxy refills it within its next requests). One cache belongs
+/// to one [`Sealer`]: a hit does not ask the sealer again.
 pub struct OpenedSessions {
     /// The one cookie name these sessions were sealed for.
     cookie_name: String,
@@ -244,7 +245,8 @@ pub struct OpenedSessions {
 
 struct Opened {
     sealed: Box<str>,
-    expires_at: u64,
+    /// The sealed issue time (unix s), for the expiry check on a hit.
+    issued_at: u64,
     session: Arc<Session>,
 }
 
@@ -273,7 +275,7 @@ impl OpenedSessions {
             let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
             entries
                 .get(&key)
-                .filter(|o| *o.sealed == *sealed && now <= o.expires_at)
+                .filter(|o| *o.sealed == *sealed && now <= o.issued_at.saturating_add(max_age))
                 .map(|o| o.session.clone())
         };
         if let Some(session) = hit {
@@ -289,11 +291,23 @@ impl OpenedSessions {
             key,
             Opened {
                 sealed: sealed.into(),
-                expires_at: issued_at.saturating_add(max_age),
+                issued_at,
                 session: session.clone(),
             },
         );
         Ok(session)
+    }
+
+    /// Drops the session sealed in `sealed`, if kept: on sign-out, so its tokens
+    /// do not stay in memory after it.
+    pub fn forget(&self, sealed: &str) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries
+            .get(&opened_key(sealed))
+            .is_some_and(|o| *o.sealed == *sealed)
+        {
+            entries.remove(&opened_key(sealed));
+        }
     }
 
     /// How many sessions are kept.
@@ -678,6 +692,10 @@ mod tests {
             cache.open(&s, &sealed, NOW + DAY + 1, DAY).err().as_deref(),
             Some("cookie expired")
         );
+        // The caller's max age counts on a hit, not the one of the first open.
+        assert!(cache.open(&s, &sealed, NOW + 61, 60).is_err());
+        cache.forget(&sealed);
+        assert!(cache.is_empty());
     }
 
     #[test]

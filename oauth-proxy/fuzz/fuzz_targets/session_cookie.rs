@@ -43,13 +43,14 @@ fuzz_target!(|data: &[u8]| {
     };
     let (sealer, cache, sealed) = kept();
     let opened: Result<Session, String> = sealer.open(NAME, value, NOW, MAX_AGE);
-    // Random bytes must never authenticate (a forgery would need the key).
-    assert!(opened.is_err(), "opened a cookie nobody sealed: {value:?}");
-    // The cache answers only for the kept session's exact sealed text.
-    if value != sealed {
-        assert!(
-            cache.open(sealer, value, NOW, MAX_AGE).is_err(),
-            "the cache opened a cookie nobody sealed: {value:?}"
-        );
+    let cached = cache.open(sealer, value, NOW, MAX_AGE);
+    if value == sealed {
+        // libFuzzer learns compared bytes, so it may find the kept cookie's text:
+        // that one opens, both ways, to the kept session.
+        assert!(opened.is_ok() && cached.is_ok(), "the kept session did not open");
+    } else {
+        // Random bytes must never authenticate (a forgery would need the key).
+        assert!(opened.is_err(), "opened a cookie nobody sealed: {value:?}");
+        assert!(cached.is_err(), "the cache opened a cookie nobody sealed: {value:?}");
     }
 });
