@@ -402,7 +402,7 @@ impl App {
             .open(&self.sealer, &sealed, now(), self.config.cookie_expire.as_secs())
             .ok()?;
         let revoked = self.revoked.lock().await;
-        // The id costs a hash; most of the time nobody has signed out.
+        // The id costs a hash: skipped until anyone signs out (then for a cookie lifetime).
         if !revoked.is_empty() && revoked.contains(&session_id(&session), now()) {
             return None;
         }

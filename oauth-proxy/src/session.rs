@@ -301,22 +301,16 @@ impl OpenedSessions {
     /// Drops the session sealed in `sealed`, if kept: on sign-out, so its tokens
     /// do not stay in memory after it.
     pub fn forget(&self, sealed: &str) {
+        let key = opened_key(sealed);
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if entries
-            .get(&opened_key(sealed))
-            .is_some_and(|o| *o.sealed == *sealed)
-        {
-            entries.remove(&opened_key(sealed));
+        if entries.get(&key).is_some_and(|o| *o.sealed == *sealed) {
+            entries.remove(&key);
         }
     }
 
-    /// How many sessions are kept.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -695,7 +689,7 @@ mod tests {
         // The caller's max age counts on a hit, not the one of the first open.
         assert!(cache.open(&s, &sealed, NOW + 61, 60).is_err());
         cache.forget(&sealed);
-        assert!(cache.is_empty());
+        assert_eq!(cache.len(), 0);
     }
 
     #[test]
@@ -722,7 +716,7 @@ mod tests {
         let csrf = s.seal("_oauth2_proxy_csrf", &session(), NOW).expect("seals");
         let cache = OpenedSessions::new(NAME);
         assert!(cache.open(&s, &csrf, NOW, DAY).is_err());
-        assert!(cache.is_empty());
+        assert_eq!(cache.len(), 0);
     }
 
     #[test]
