@@ -1010,10 +1010,7 @@ async fn sign_out(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
             .await
             .insert(session_id(s), now(), app.config.cookie_expire.as_secs());
         // Its tokens need not stay in memory either.
-        let jar = cookies(headers);
-        if let Some(sealed) = session::join(&app.config.cookie_name, |n| jar.get(n)) {
-            app.opened.forget(&sealed);
-        }
+        app.opened.forget(s);
     }
     let target = app.redirects.validate(query.rd.as_deref().unwrap_or("/"));
     let to = match (

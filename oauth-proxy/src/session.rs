@@ -56,7 +56,7 @@ const MAX_CHUNKS: usize = 16;
 const MAX_COOKIE_LEN: usize = 4096;
 
 /// A logged-in session, sealed into the cookie.
-#[derive(Serialize, Deserialize, Clone, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, PartialEq, Default)]
 pub struct Session {
     pub user: String,
     pub email: Option<String>,
@@ -298,14 +298,11 @@ impl OpenedSessions {
         Ok(session)
     }
 
-    /// Drops the session sealed in `sealed`, if kept: on sign-out, so its tokens
-    /// do not stay in memory after it.
-    pub fn forget(&self, sealed: &str) {
-        let key = opened_key(sealed);
+    /// Drops `session` if kept (sign-out, so its tokens do not stay in memory
+    /// after it). A scan, but sign-outs are rare and the cache is small.
+    pub fn forget(&self, session: &Arc<Session>) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if entries.get(&key).is_some_and(|o| *o.sealed == *sealed) {
-            entries.remove(&key);
-        }
+        entries.retain(|_, o| !Arc::ptr_eq(&o.session, session));
     }
 
     #[cfg(test)]
@@ -688,7 +685,7 @@ mod tests {
         );
         // The caller's max age counts on a hit, not the one of the first open.
         assert!(cache.open(&s, &sealed, NOW + 61, 60).is_err());
-        cache.forget(&sealed);
+        cache.forget(&again);
         assert_eq!(cache.len(), 0);
     }
 
@@ -746,15 +743,7 @@ mod tests {
     fn round_trip_of_a_minimal_session() {
         let minimal = Session {
             user: "bob".into(),
-            email: None,
-            email_verified: false,
-            groups: vec![],
-            preferred_username: None,
-            access_token: None,
-            id_token: None,
-            refresh_token: None,
-            expires_at: 0,
-            created_at: 0,
+            ..Default::default()
         };
         let s = sealer();
         let sealed = s.seal(NAME, &minimal, NOW).expect("seals");

@@ -20,15 +20,9 @@ fn kept() -> &'static (Sealer, OpenedSessions, String) {
             .expect("the fixed secrets are valid");
         let session = Session {
             user: "alice".into(),
-            email: None,
-            email_verified: false,
-            groups: vec![],
-            preferred_username: None,
-            access_token: None,
-            id_token: None,
-            refresh_token: None,
             expires_at: NOW + MAX_AGE,
             created_at: NOW,
+            ..Default::default()
         };
         let sealed = sealer.seal(NAME, &session, NOW).expect("seals");
         let cache = OpenedSessions::new(NAME);
