@@ -15,9 +15,8 @@ use tokio::sync::watch;
 pub struct Settings {
     /// Identity of this replica, for Events.
     pub instance: Option<String>,
-    /// Reconciles a controller runs at once. Each holds API connections (kube's client
-    /// speaks HTTP/1.1, one connection per request in flight), so this also bounds the
-    /// operator's memory and its load on the API server during a burst.
+    /// Reconciles a controller runs at once; this bounds the operator's memory and its
+    /// load on the API server during a burst.
     pub concurrency: u16,
 }
 
@@ -140,11 +139,11 @@ impl InitialSync {
         use futures::StreamExt;
         use kube::runtime::WatchStreamExt;
         let (store, writer) = kube::runtime::reflector::store::<K>();
-        let stream = watcher(api, config)
+        let events = watcher(api, config)
             .backoff(WatchBackoff::default())
             .modify(trim)
-            .reflect(writer)
-            .inspect(self.track());
+            .reflect(writer);
+        let stream = replay_after_init(events, store.clone()).inspect(self.track());
         (store, stream)
     }
 
@@ -188,6 +187,95 @@ mod tests {
         assert!(!flag.get());
         assert!(done.now_or_never().is_some());
         assert!(flag.get(), "the flag follows done()");
+    }
+}
+
+/// For `StreamExt::flat_map` after `reflect`: holds back a list's `InitApply` events
+/// and, once its `InitDone` has put them in `store`, replays the store instead.
+///
+/// kube-runtime's Controller looks each triggered object up in the store, but the
+/// reflector fills the store only at `InitDone`. When a watch is lost and listed again
+/// (`410 Gone` after the API server closed a slow watch, or a restart of the API
+/// server), an object created meanwhile was looked up in the old store, not found, and
+/// dropped without a retry: 1000 projects at once left some of them never reconciled.
+fn replay_after_init<K>(
+    events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    store: kube::runtime::reflector::Store<K>,
+) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    use futures::StreamExt;
+    use futures::future::Either;
+    events.flat_map(move |event| match event {
+        Ok(watcher::Event::InitApply(_)) => Either::Left(futures::stream::iter(None)),
+        Ok(watcher::Event::InitDone) => {
+            let replay = store
+                .state()
+                .into_iter()
+                .map(|object| Ok(watcher::Event::InitApply(K::clone(&object))))
+                .chain(std::iter::once(Ok(watcher::Event::InitDone)));
+            Either::Right(futures::stream::iter(replay))
+        }
+        other => Either::Left(futures::stream::iter(Some(other))),
+    })
+}
+
+#[cfg(test)]
+mod replay_tests {
+    use super::*;
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::ResourceExt;
+    use kube::runtime::WatchStreamExt;
+    use kube::runtime::reflector::{self, ObjectRef};
+    use watcher::Event;
+
+    fn map(name: &str) -> ConfigMap {
+        let mut cm = ConfigMap::default();
+        cm.metadata.name = Some(name.into());
+        cm
+    }
+
+    #[tokio::test]
+    async fn an_object_created_while_the_watch_was_down_reaches_the_controller_after_the_store_has_it() {
+        let (store, writer) = reflector::store::<ConfigMap>();
+        let events = [
+            Event::Init,
+            Event::InitApply(map("a")),
+            Event::InitDone,
+            // The watch is lost; "b" is created meanwhile; the relist returns both.
+            Event::Init,
+            Event::InitApply(map("a")),
+            Event::InitApply(map("b")),
+            Event::InitDone,
+            Event::Apply(map("c")),
+        ];
+        let events = futures::stream::iter(events.map(Ok)).reflect(writer);
+        let stream = replay_after_init(events, store.clone());
+        let mut stream = std::pin::pin!(stream);
+        let mut lists = vec![Vec::new()];
+        while let Some(Ok(event)) = stream.next().await {
+            match event {
+                Event::InitApply(o) | Event::Apply(o) => {
+                    assert!(
+                        store.get(&ObjectRef::from_obj(&o)).is_some(),
+                        "{} was handed on before the store held it",
+                        o.name_any()
+                    );
+                    if let Some(list) = lists.last_mut() {
+                        list.push(o.name_any());
+                    }
+                }
+                Event::InitDone => lists.push(Vec::new()),
+                _ => {}
+            }
+        }
+        for list in &mut lists {
+            list.sort();
+        }
+        assert_eq!(lists, [vec!["a"], vec!["a", "b"], vec!["c"]]);
     }
 }
 
