@@ -109,7 +109,8 @@ pub struct Flags {
     /// Send the access token upstream in X-Forwarded-Access-Token.
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_PASS_ACCESS_TOKEN")]
     pub pass_access_token: Option<bool>,
-    /// Threads serving requests; 1 runs everything on one thread [default: the CPUs available].
+    /// Serving threads, each with its own event loop and listening socket; 1 runs
+    /// everything on one thread [default: the CPUs available].
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
     /// Accept `Authorization: Bearer <JWT>` from the login issuer for this client id.

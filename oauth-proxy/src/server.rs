@@ -63,7 +63,11 @@ pub struct App {
     opened: OpenedSessions,
     pub redirects: RedirectPolicy,
     pub metrics: Metrics,
-    upstream: HttpClient<HttpsConnector<HttpConnector>, Body>,
+    /// One upstream connection pool per serving thread (see [`serving_thread`]): a
+    /// connection's task runs on the thread that opened it, so a shared pool would hand a
+    /// request on one thread a connection driven by another, and every exchange would
+    /// wake a second thread.
+    upstream: Vec<HttpClient<HttpsConnector<HttpConnector>, Body>>,
     upstream_base: UpstreamBase,
     /// `state` values already redeemed, until their attempt would have expired.
     used_states: Mutex<HashMap<String, u64>>,
@@ -71,6 +75,16 @@ pub struct App {
     revoked: Mutex<SignedOut>,
     /// One refresh at a time per session; waiters reuse its result.
     refreshing: Mutex<HashMap<String, RefreshSlot>>,
+}
+
+thread_local! {
+    static SERVING_THREAD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the calling thread as serving thread `index` (0 is the main thread), which
+/// picks its upstream connection pool.
+pub fn serving_thread(index: usize) {
+    SERVING_THREAD.with(|t| t.set(index));
 }
 
 pub fn now() -> u64 {
@@ -350,10 +364,18 @@ impl UpstreamBase {
 }
 
 impl App {
+    /// The upstream pool of the calling serving thread.
+    fn upstream(&self) -> &HttpClient<HttpsConnector<HttpConnector>, Body> {
+        let index = SERVING_THREAD.with(std::cell::Cell::get);
+        &self.upstream[index % self.upstream.len()]
+    }
+
     pub fn new(config: Config) -> Result<Arc<Self>, String> {
         let sealer = Sealer::new(&config.cookie_secret, &[])?;
         let redirects = RedirectPolicy::new(&config.whitelist_domains)?;
-        let upstream = upstream_client(&config)?;
+        let upstream = (0..config.worker_threads.max(1))
+            .map(|_| upstream_client(&config))
+            .collect::<Result<Vec<_>, _>>()?;
         let upstream_base = UpstreamBase::new(&config.upstream)?;
         let opened = OpenedSessions::new(&config.cookie_name);
         Ok(Arc::new(Self {
@@ -731,7 +753,7 @@ async fn proxy(
     parts.uri = uri;
     let request = Request::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
     let started = std::time::Instant::now();
-    let mut response = match app.upstream.request(request).await {
+    let mut response = match app.upstream().request(request).await {
         Ok(r) => r,
         Err(e) => {
             // The chain says why (refused, TLS verification, ...); the top error does not.
@@ -1071,6 +1093,20 @@ async fn auth(app: &App, headers: &HeaderMap) -> Response<Body> {
     response
 }
 
+/// A listening socket with `SO_REUSEPORT`, so that each serving thread accepts on a
+/// socket of its own and the kernel spreads new connections over them (as nginx's
+/// `reuseport` and HAProxy's threads do). Linux lets only the same user join the group.
+pub fn reuse_port_listener(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
 /// Serves the proxy until `shutdown` resolves.
 pub async fn serve(
     app: Arc<App>,
@@ -1158,6 +1194,33 @@ async fn accept<H, F>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn serving_threads_share_the_port_and_each_gets_connections() {
+        let first = reuse_port_listener("127.0.0.1:0".parse().expect("address")).expect("first socket");
+        let address = first.local_addr().expect("address");
+        let second = reuse_port_listener(address).expect("a second socket on the same port");
+        let listeners = [first, second].map(|l| tokio::net::TcpListener::from_std(l).expect("listener"));
+        let mut clients = Vec::new();
+        for _ in 0..32 {
+            clients.push(tokio::net::TcpStream::connect(address).await.expect("connect"));
+        }
+        let mut accepted = [0; 2];
+        for (count, listener) in accepted.iter_mut().zip(&listeners) {
+            while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await {
+                *count += 1;
+            }
+        }
+        assert_eq!(
+            accepted.iter().sum::<usize>(),
+            32,
+            "every connection is accepted once"
+        );
+        assert!(
+            accepted.iter().all(|&n| n > 0),
+            "the kernel spreads connections over both: {accepted:?}"
+        );
+    }
 
     #[tokio::test]
     async fn a_client_that_never_finishes_its_headers_is_disconnected() {
