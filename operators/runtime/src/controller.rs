@@ -190,8 +190,8 @@ mod tests {
     }
 }
 
-/// For `StreamExt::flat_map` after `reflect`: holds back a list's `InitApply` events
-/// and, once its `InitDone` has put them in `store`, replays the store instead.
+/// Takes the events after `reflect` into `store`: holds back a list's `InitApply`
+/// events and, once its `InitDone` has put them in the store, replays the store instead.
 ///
 /// kube-runtime's Controller looks each triggered object up in the store, but the
 /// reflector fills the store only at `InitDone`. When a watch is lost and listed again
