@@ -74,7 +74,7 @@ pub struct App {
     /// Sessions signed out, until every cookie of theirs has expired: a copied cookie dies too.
     revoked: Mutex<SignedOut>,
     /// One refresh at a time per session; waiters reuse its result.
-    refreshing: Mutex<HashMap<String, RefreshSlot>>,
+    refreshing: Mutex<HashMap<SessionId, RefreshSlot>>,
 }
 
 thread_local! {
@@ -116,19 +116,16 @@ fn redirect(to: &str) -> Response<Body> {
     response
 }
 
-/// A session's identity for revocation: the user and the login time, which a
-/// refresh keeps, so signing out also kills cookies copied before a refresh.
-fn session_id(session: &Session) -> String {
+/// A session's identity for revocation and single-flight refresh: the user and the
+/// login time, which a refresh keeps, so signing out also kills cookies copied before
+/// a refresh. Half a SHA-256, kept as bytes (a map key, never shown).
+type SessionId = [u8; 16];
+
+fn session_id(session: &Session) -> SessionId {
     let digest = Sha256::digest(format!("{}\n{}", session.user, session.created_at));
-    // Hex of the first 16 bytes, without a formatter per byte (this runs on every
-    // request once anyone has signed out).
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    digest
-        .iter()
-        .take(16)
-        .flat_map(|b| [HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]])
-        .map(char::from)
-        .collect()
+    let mut id = SessionId::default();
+    id.copy_from_slice(&digest[..16]);
+    id
 }
 
 /// How long after sign-out a refresh that was already running may still seal a
@@ -143,18 +140,18 @@ const REFRESH_IN_FLIGHT: u64 = 60;
 /// cookie lifetime (and a refresh that was in flight) covers every copy.
 #[derive(Default)]
 struct SignedOut {
-    until: HashMap<String, u64>,
+    until: HashMap<SessionId, u64>,
 }
 
 impl SignedOut {
     /// Session `id` signed out at `now`; its cookies live `max_age` after their issue time.
-    fn insert(&mut self, id: String, now: u64, max_age: u64) {
+    fn insert(&mut self, id: SessionId, now: u64, max_age: u64) {
         self.until.retain(|_, until| *until > now);
         self.until
             .insert(id, now.saturating_add(max_age).saturating_add(REFRESH_IN_FLIGHT));
     }
 
-    fn contains(&self, id: &str, now: u64) -> bool {
+    fn contains(&self, id: &SessionId, now: u64) -> bool {
         self.until.get(id).is_some_and(|until| *until > now)
     }
 
@@ -424,7 +421,7 @@ impl App {
             .open(&self.sealer, &sealed, now(), self.config.cookie_expire.as_secs())
             .ok()?;
         let revoked = self.revoked.lock().await;
-        // The id costs a hash: skipped until anyone signs out (then for a cookie lifetime).
+        // The id costs a hash: skipped until anyone has signed out in this process.
         if !revoked.is_empty() && revoked.contains(&session_id(&session), now()) {
             return None;
         }
@@ -1350,14 +1347,15 @@ mod tests {
         const DAY: u64 = 86_400;
         // Logged in at 0, refreshed at 1000 (that cookie is valid until 1000 + DAY),
         // copied, then signed out at 2000.
+        let (alice, bob, carol) = ([1; 16], [2; 16], [3; 16]);
         let mut out = SignedOut::default();
-        out.insert("alice".into(), 2000, DAY);
-        assert!(out.contains("alice", 1000 + DAY));
+        out.insert(alice, 2000, DAY);
+        assert!(out.contains(&alice, 1000 + DAY));
         // Someone else signing out later prunes what has expired, not this one.
-        out.insert("bob".into(), 1000 + DAY - 1, DAY);
-        assert!(out.contains("alice", 1000 + DAY));
-        assert!(!out.contains("alice", 2000 + DAY + REFRESH_IN_FLIGHT));
-        assert!(!out.contains("carol", 2000));
+        out.insert(bob, 1000 + DAY - 1, DAY);
+        assert!(out.contains(&alice, 1000 + DAY));
+        assert!(!out.contains(&alice, 2000 + DAY + REFRESH_IN_FLIGHT));
+        assert!(!out.contains(&carol, 2000));
     }
 
     #[test]
