@@ -3,181 +3,121 @@
 //! A reconcile often runs again before the watch has delivered the object it just
 //! wrote (a child's event wakes the parent while its siblings are still in flight).
 //! Judged from the cache alone, those siblings look missing and would be written a
-//! second time. The overlay keeps each write's response until the cache holds that
-//! version or a newer one. When the cache is still behind after [`Overlay::ttl`] (an
-//! overloaded API server can delay watch events by that much, or the object was
-//! deleted before the cache saw it), neither copy is trusted: the caller reads the
-//! API server ([`Source::Unconfirmed`]), which costs one read instead of a second
-//! create that fails and an apply. This is the "expectations" idea of
-//! kube-controller-manager, keyed by resourceVersion instead of counts.
+//! second time. The overlay keeps each write's response until the watch of that kind
+//! has delivered an event at or past the write's resourceVersion ([`Progress`]). From
+//! then on the cache is exact: it holds our write, a later edit, or nothing because
+//! the object was deleted (whose event woke the reconcile). Until then our copy stands
+//! in, however long the watch lags, so a lagging watch costs no reads: the API server
+//! delays watch events when it is overloaded, the worst time to read it. This is the
+//! "expectations" idea of kube-controller-manager, keyed by resourceVersion.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use kube::Resource;
-use tokio::time::Instant;
+use kube::runtime::watcher;
 
-/// How long a write's response may stand in for a cache that has not caught up.
-pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
+/// Entries the overlay may hold before it drops those the watch has passed (an
+/// entry normally goes when its object is next observed; this bounds the rest).
+const PRUNE_ABOVE: usize = 1024;
 
-/// How long a write is remembered at all (by its resourceVersion only, once its
-/// object has expired), so that a cache lagging even longer is still noticed.
-const REMEMBER: Duration = Duration::from_secs(300);
+/// The resourceVersion up to which one watch has delivered its events into its store.
+///
+/// Events of one watch arrive in resourceVersion order, so the highest version seen
+/// so far is a point the store has passed. Objects of a list are handed on only once
+/// the store holds the list (`InitialSync::reflect`), and their highest version is at
+/// most the list's, so the point never runs ahead of the store.
+#[derive(Clone, Debug, Default)]
+pub struct Progress(Arc<AtomicU64>);
 
-/// Which copy [`Overlay::observe`] chose.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// The watch cache is current (or has nothing newer to compare with).
-    Cache,
-    /// Our own write is newer than the cache; the caller should look again after the
-    /// TTL in case the cache never catches up (the object was deleted meanwhile).
-    Written,
-    /// Our write is older than the TTL and the cache still has not shown it: the
-    /// returned cached copy is stale, so read the object from the API server.
-    Unconfirmed,
-}
-
-struct Entry<K> {
-    /// The response, while it may stand in for the cache (dropped after the TTL).
-    object: Option<Arc<K>>,
-    version: Option<String>,
-    at: Instant,
-}
-
-pub struct Overlay<K> {
-    ttl: Duration,
-    written: Mutex<Written<K>>,
-}
-
-struct Written<K> {
-    entries: HashMap<String, Entry<K>>,
-    /// When expired objects were last dropped (on a write, at most once per TTL, so a
-    /// burst of writes costs no repeated scans; the objects of the last TTL before
-    /// writes stop stay until the next write or until they are observed).
-    pruned_at: Instant,
-}
-
-impl<K> Default for Overlay<K> {
-    fn default() -> Self {
-        Self::with_ttl(DEFAULT_TTL)
-    }
-}
-
-impl<K> Overlay<K> {
-    fn with_ttl(ttl: Duration) -> Self {
-        Self {
-            ttl,
-            written: Mutex::new(Written {
-                entries: HashMap::new(),
-                pruned_at: Instant::now(),
-            }),
+impl Progress {
+    /// A callback for `StreamExt::inspect` on a stream after `InitialSync::reflect`.
+    pub fn observer<K: Resource, E>(&self) -> impl FnMut(&Result<watcher::Event<K>, E>) + Send + 'static {
+        let seen = self.0.clone();
+        move |event| {
+            if let Ok(
+                watcher::Event::Apply(object)
+                | watcher::Event::Delete(object)
+                | watcher::Event::InitApply(object),
+            ) = event
+                && let Some(version) = numeric(object.meta().resource_version.as_deref())
+            {
+                seen.fetch_max(version, Ordering::AcqRel);
+            }
         }
     }
+
+    /// The watch has delivered `version` or something later. An opaque version is
+    /// taken as passed: the cache is trusted then, as without an overlay.
+    fn passed(&self, version: Option<&str>) -> bool {
+        numeric(version).is_none_or(|v| self.0.load(Ordering::Acquire) >= v)
+    }
 }
 
-/// `a` is a later version than `b`. resourceVersions are opaque to clients, but every
-/// Kubernetes storage backend in use issues increasing integers; anything else is
-/// treated as "not later", which falls back to trusting the cache.
+/// resourceVersions are opaque to clients, but every Kubernetes storage backend in use
+/// issues increasing integers.
+fn numeric(version: Option<&str>) -> Option<u64> {
+    version.and_then(|v| v.parse().ok())
+}
+
+/// `a` is a later version than `b`; opaque versions are never later.
 fn later(a: Option<&str>, b: Option<&str>) -> bool {
-    match (
-        a.and_then(|a| a.parse::<u64>().ok()),
-        b.and_then(|b| b.parse::<u64>().ok()),
-    ) {
+    match (numeric(a), numeric(b)) {
         (Some(a), Some(b)) => a > b,
         _ => false,
     }
 }
 
+/// Our writes of one kind, keyed by `namespace/name` (or `name`), over the cache fed by
+/// the watch whose [`Progress`] it follows.
+pub struct Overlay<K> {
+    progress: Progress,
+    written: Mutex<HashMap<String, Arc<K>>>,
+}
+
 impl<K: Resource> Overlay<K> {
-    pub fn new(ttl: Duration) -> Self {
-        Self::with_ttl(ttl)
-    }
-
-    pub fn ttl(&self) -> Duration {
-        self.ttl
-    }
-
-    /// Remembers the API server's answer to a write of `key`; returns it shared.
-    pub fn record(&self, key: &str, object: K) -> Arc<K> {
-        let now = Instant::now();
-        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
-        if now.saturating_duration_since(written.pruned_at) >= self.ttl {
-            written.pruned_at = now;
-            written
-                .entries
-                .retain(|_, e| now.saturating_duration_since(e.at) < REMEMBER);
-            for entry in written.entries.values_mut() {
-                if now.saturating_duration_since(entry.at) >= self.ttl {
-                    entry.object = None;
-                }
-            }
+    /// An overlay for a cache fed by the watch `progress` follows.
+    pub fn new(progress: Progress) -> Self {
+        Self {
+            progress,
+            written: Mutex::new(HashMap::new()),
         }
-        let version = object.meta().resource_version.clone();
+    }
+
+    /// Remembers the API server's answer to a write; returns it shared.
+    pub fn record(&self, key: &str, object: K) -> Arc<K> {
         let object = Arc::new(object);
-        written.entries.insert(
-            key.to_string(),
-            Entry {
-                object: Some(object.clone()),
-                version,
-                at: now,
-            },
-        );
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        if written.len() >= PRUNE_ABOVE {
+            written.retain(|_, o| !self.progress.passed(o.meta().resource_version.as_deref()));
+        }
+        written.insert(key.to_string(), object.clone());
         object
     }
 
-    /// Settles a [`Source::Unconfirmed`] key: `read` fetches the object from the API
-    /// server; trimmed, it is recorded so that it stands in for the lagging cache from
-    /// now on, like a write (the next reconcile must not trust the stale cache again).
-    pub async fn read_through<E>(
-        &self,
-        key: &str,
-        read: impl std::future::Future<Output = Result<Option<K>, E>>,
-        trim: impl FnOnce(&mut K),
-    ) -> Result<Option<Arc<K>>, E> {
-        let Some(mut live) = read.await? else {
-            return Ok(None);
-        };
-        trim(&mut live);
-        Ok(Some(self.record(key, live)))
-    }
-
-    /// Drops what we remember of `key` (after deleting it).
+    /// Forgets a write (the object was deleted by us, or is not wanted any more).
     pub fn forget(&self, key: &str) {
-        self.written
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entries
-            .remove(key);
+        self.written.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
     }
 
-    /// The newer of the cache's copy of `key` and our last write of it.
-    pub fn observe(&self, key: &str, cached: Option<Arc<K>>) -> (Option<Arc<K>>, Source) {
-        self.observe_at(key, cached, Instant::now())
-    }
-
-    fn observe_at(&self, key: &str, cached: Option<Arc<K>>, now: Instant) -> (Option<Arc<K>>, Source) {
+    /// The copy to judge `key` by: our write while the watch has not reached it,
+    /// otherwise the cache's copy `cached` (then the entry goes).
+    pub fn observe(&self, key: &str, cached: Option<Arc<K>>) -> Option<Arc<K>> {
         let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(entry) = written.entries.get(key) else {
-            return (cached, Source::Cache);
+        let Some(ours) = written.get(key) else {
+            return cached;
         };
+        let version = ours.meta().resource_version.as_deref();
         let cache_behind = match &cached {
-            Some(c) => later(entry.version.as_deref(), c.meta().resource_version.as_deref()),
+            Some(c) => later(version, c.meta().resource_version.as_deref()),
             None => true,
         };
-        let fresh = now.saturating_duration_since(entry.at) < self.ttl;
-        match (&entry.object, fresh, cache_behind) {
-            (Some(ours), true, true) => (Some(ours.clone()), Source::Written),
-            (_, _, true) => {
-                // Read once; the caller's live copy settles it.
-                written.entries.remove(key);
-                (cached, Source::Unconfirmed)
-            }
-            (_, _, false) => {
-                written.entries.remove(key);
-                (cached, Source::Cache)
-            }
+        if cache_behind && !self.progress.passed(version) {
+            return Some(ours.clone());
         }
+        written.remove(key);
+        cached
     }
 }
 
@@ -197,89 +137,91 @@ mod tests {
         o.as_ref().and_then(|c| c.metadata.resource_version.clone())
     }
 
+    /// The watch delivered an event of `rv` (any object of the kind).
+    fn delivered(progress: &Progress, event: watcher::Event<ConfigMap>) {
+        progress.observer::<ConfigMap, ()>()(&Ok(event));
+    }
+
     #[test]
     fn our_write_stands_in_until_the_cache_catches_up() {
-        let overlay = Overlay::new(Duration::from_secs(10));
-        let t0 = Instant::now();
+        let progress = Progress::default();
+        let overlay = Overlay::new(progress.clone());
         overlay.record("ns/a", cm("7"));
         // The cache has not seen it at all, then only an older version.
-        let (seen, source) = overlay.observe_at("ns/a", None, t0);
-        assert_eq!((rv(&seen), source), (Some("7".into()), Source::Written));
-        let (seen, source) = overlay.observe_at("ns/a", Some(Arc::new(cm("5"))), t0);
-        assert_eq!((rv(&seen), source), (Some("7".into()), Source::Written));
+        assert_eq!(rv(&overlay.observe("ns/a", None)), Some("7".into()));
+        assert_eq!(
+            rv(&overlay.observe("ns/a", Some(Arc::new(cm("5"))))),
+            Some("7".into())
+        );
         // Caught up (or an even newer edit by someone else): the cache wins for good.
-        let (seen, source) = overlay.observe_at("ns/a", Some(Arc::new(cm("9"))), t0);
-        assert_eq!((rv(&seen), source), (Some("9".into()), Source::Cache));
-        let (seen, _) = overlay.observe_at("ns/a", None, t0);
-        assert_eq!(seen, None, "the entry is gone once the cache caught up");
+        delivered(&progress, watcher::Event::Apply(cm("9")));
+        assert_eq!(
+            rv(&overlay.observe("ns/a", Some(Arc::new(cm("9"))))),
+            Some("9".into())
+        );
+        assert_eq!(
+            overlay.observe("ns/a", None),
+            None,
+            "the entry is gone once the cache caught up"
+        );
     }
 
     #[test]
-    fn a_cache_still_behind_after_the_ttl_is_unconfirmed() {
-        let overlay = Overlay::new(Duration::from_secs(10));
-        let t0 = Instant::now();
+    fn a_lagging_watch_keeps_our_write_however_long_it_lags() {
+        let progress = Progress::default();
+        let overlay = Overlay::new(progress.clone());
         overlay.record("ns/a", cm("7"));
-        // Deleted meanwhile, or a watch more than the TTL behind: neither copy is
-        // trusted, the caller must read the API server (and it does so once).
-        let (seen, source) = overlay.observe_at("ns/a", None, t0 + Duration::from_secs(11));
-        assert_eq!((seen, source), (None, Source::Unconfirmed));
-        let (_, source) = overlay.observe_at("ns/a", None, t0 + Duration::from_secs(12));
-        assert_eq!(source, Source::Cache);
-        overlay.record("ns/b", cm("9"));
-        let (seen, source) =
-            overlay.observe_at("ns/b", Some(Arc::new(cm("8"))), t0 + Duration::from_secs(11));
-        assert_eq!((rv(&seen), source), (Some("8".into()), Source::Unconfirmed));
-    }
-
-    #[tokio::test]
-    async fn a_live_copy_read_through_stands_in_for_the_lagging_cache() {
-        let overlay = Overlay::new(Duration::from_secs(10));
-        let t0 = Instant::now();
-        overlay.record("ns/a", cm("7"));
-        let stale = Some(Arc::new(cm("5")));
-        let (_, source) = overlay.observe_at("ns/a", stale.clone(), t0 + Duration::from_secs(11));
-        assert_eq!(source, Source::Unconfirmed);
-        let live = overlay
-            .read_through("ns/a", async { Ok::<_, ()>(Some(cm("8"))) }, |c| {
-                c.metadata.labels = None;
-            })
-            .await;
-        assert_eq!(live.map(|l| rv(&l)), Ok(Some("8".into())));
-        // The cache is still at 5: the live copy, not the stale cache, is what counts.
-        let (seen, source) = overlay.observe("ns/a", stale.clone());
-        assert_eq!((rv(&seen), source), (Some("8".into()), Source::Written));
-        // Gone on the server: nothing is recorded, so the write is settled.
-        overlay.record("ns/b", cm("9"));
-        let (_, source) = overlay.observe_at("ns/b", stale.clone(), t0 + Duration::from_secs(11));
-        assert_eq!(source, Source::Unconfirmed);
-        let gone = overlay
-            .read_through("ns/b", async { Ok::<_, ()>(None) }, |_| {})
-            .await;
-        assert_eq!(gone, Ok(None));
-        let (seen, source) = overlay.observe("ns/b", stale);
-        assert_eq!((rv(&seen), source), (Some("5".into()), Source::Cache));
+        // Events before our write change nothing, nor does time.
+        delivered(&progress, watcher::Event::Apply(cm("6")));
+        assert_eq!(rv(&overlay.observe("ns/a", None)), Some("7".into()));
+        assert_eq!(
+            rv(&overlay.observe("ns/a", Some(Arc::new(cm("6"))))),
+            Some("7".into())
+        );
     }
 
     #[test]
-    fn pruning_drops_expired_objects_but_keeps_their_versions() {
-        let overlay = Overlay::new(Duration::from_millis(0));
-        overlay.record("ns/0", cm("7"));
-        overlay.record("ns/1", cm("8"));
-        let objects = |o: &Overlay<ConfigMap>| {
-            let written = o.written.lock().unwrap_or_else(|e| e.into_inner());
-            written.entries.values().filter(|e| e.object.is_some()).count()
-        };
-        assert_eq!(objects(&overlay), 1, "the older object was dropped");
-        // A cache that never showed the pruned write is still noticed.
-        let (seen, source) = overlay.observe("ns/0", None);
-        assert_eq!((seen, source), (None, Source::Unconfirmed));
+    fn once_the_watch_passed_our_write_a_missing_object_was_deleted() {
+        let progress = Progress::default();
+        let overlay = Overlay::new(progress.clone());
+        overlay.record("ns/a", cm("7"));
+        overlay.record("ns/b", cm("8"));
+        // The deletion of "a" (or of any later object) is an event past version 7.
+        delivered(&progress, watcher::Event::Delete(cm("10")));
+        assert_eq!(overlay.observe("ns/a", None), None, "deleted: the cache is right");
+        // A list's objects count too, once they are handed on.
+        let progress = Progress::default();
+        let overlay = Overlay::new(progress.clone());
+        overlay.record("ns/b", cm("8"));
+        delivered(&progress, watcher::Event::InitApply(cm("8")));
+        assert_eq!(
+            rv(&overlay.observe("ns/b", Some(Arc::new(cm("8"))))),
+            Some("8".into())
+        );
+    }
+
+    #[test]
+    fn entries_the_watch_passed_are_dropped_when_many_pile_up() {
+        let progress = Progress::default();
+        let overlay = Overlay::new(progress.clone());
+        for i in 0..PRUNE_ABOVE {
+            overlay.record(&format!("ns/{i}"), cm(&(i + 1).to_string()));
+        }
+        delivered(&progress, watcher::Event::Apply(cm("100")));
+        overlay.record("ns/last", cm("2000"));
+        let held = overlay.written.lock().unwrap_or_else(|e| e.into_inner()).len();
+        assert_eq!(held, PRUNE_ABOVE - 100 + 1, "versions up to 100 were passed");
     }
 
     #[test]
     fn opaque_versions_fall_back_to_the_cache() {
-        let overlay = Overlay::new(Duration::from_secs(10));
+        let overlay = Overlay::new(Progress::default());
         overlay.record("ns/a", cm("x7"));
-        let (seen, source) = overlay.observe_at("ns/a", Some(Arc::new(cm("x5"))), Instant::now());
-        assert_eq!((rv(&seen), source), (Some("x5".into()), Source::Cache));
+        assert_eq!(
+            rv(&overlay.observe("ns/a", Some(Arc::new(cm("x5"))))),
+            Some("x5".into())
+        );
+        overlay.record("ns/b", cm("x7"));
+        assert_eq!(overlay.observe("ns/b", None), None);
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use chassis_api::tenancy::v1alpha1::{Project, ProjectTemplate};
 use chassis_runtime::apply::{self, Outcome};
-use chassis_runtime::overlay::{Overlay, Source};
+use chassis_runtime::overlay::{Overlay, Progress};
 use k8s_openapi::api::core::v1::{LimitRange, ResourceQuota};
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::{Api, DeleteParams};
@@ -30,8 +30,6 @@ pub struct Parts {
     pub network_profiles: Vec<(String, Option<bool>)>,
     /// Requests made (applies and deletes), for the write budget.
     pub writes: usize,
-    /// Some child was judged from our own write because the cache lagged behind it.
-    pub lagging: bool,
 }
 
 /// What a namespaced child kind needs to be observed and ensured.
@@ -65,38 +63,21 @@ impl<K> Cached<K>
 where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
-    pub fn new(store: Store<K>) -> Self {
+    /// The cache `store`, fed by the watch `progress` follows.
+    pub fn new(store: Store<K>, progress: Progress) -> Self {
         Self {
             store,
-            written: Overlay::default(),
+            written: Overlay::new(progress),
         }
     }
 
-    /// The cache's copy laid under our last write; the API server's when the cache
-    /// has not confirmed a write of ours for too long (see [`Source::Unconfirmed`]).
-    async fn observe(&self, at: Scope<'_>, name: &str) -> Result<(Option<Arc<K>>, Source), Error>
+    /// The cache's copy, or our last write while the watch has not delivered it.
+    fn observe(&self, namespace: &str, name: &str) -> Option<Arc<K>>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + DeserializeOwned + std::fmt::Debug,
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
     {
-        let key = format!("{}/{name}", at.namespace);
-        let cached = self.store.get(&ObjectRef::new(name).within(at.namespace));
-        let (seen, source) = self.written.observe(&key, cached);
-        if source != Source::Unconfirmed {
-            return Ok((seen, source));
-        }
-        let api: Api<K> = Api::namespaced(at.client.clone(), at.namespace);
-        let live = self
-            .written
-            .read_through(&key, api.get_opt(name), |o| {
-                apply::trim_own_fields(o, at.field_manager)
-            })
-            .await
-            .map_err(|source| Error::Read {
-                kind: K::kind(&()).into_owned(),
-                name: key.clone(),
-                source,
-            })?;
-        Ok((live, source))
+        let cached = self.store.get(&ObjectRef::new(name).within(namespace));
+        self.written.observe(&format!("{namespace}/{name}"), cached)
     }
 }
 
@@ -116,9 +97,9 @@ async fn ensure_one<K>(
     at: Scope<'_>,
     cache: &Cached<K>,
     name: &str,
-    (observed, source): (Option<Arc<K>>, Source),
+    observed: Option<Arc<K>>,
     desired: Option<&K>,
-) -> Result<(Outcome, Source), Error>
+) -> Result<Outcome, Error>
 where
     K: Child,
 {
@@ -146,7 +127,7 @@ where
         None if matches!(outcome, Outcome::Deleted | Outcome::Absent) => cache.written.forget(&key),
         None => {}
     }
-    Ok((outcome, source))
+    Ok(outcome)
 }
 
 /// [`ensure_one`] after [`Cached::observe`].
@@ -155,11 +136,11 @@ async fn ensure_cached<K>(
     cache: &Cached<K>,
     name: &str,
     desired: Option<&K>,
-) -> Result<(Outcome, Source), Error>
+) -> Result<Outcome, Error>
 where
     K: Child,
 {
-    let seen = cache.observe(at, name).await?;
+    let seen = cache.observe(at.namespace, name);
     ensure_one(at, cache, name, seen, desired).await
 }
 
@@ -177,12 +158,12 @@ async fn binding(
     stores: &ChildStores,
     name: &str,
     desired: Option<&RoleBinding>,
-) -> Result<Vec<(Outcome, Source)>, Error> {
-    let (have, source) = stores.role_bindings.observe(at, name).await?;
+) -> Result<Vec<Outcome>, Error> {
+    let have = stores.role_bindings.observe(at.namespace, name);
     let replace = matches!((desired, &have), (Some(want), Some(have))
         if want.role_ref != have.role_ref && apply::controlled_by(have.as_ref(), at.owner_uid));
     let Some(want) = desired.filter(|_| replace) else {
-        let outcome = ensure_one(at, &stores.role_bindings, name, (have, source), desired).await?;
+        let outcome = ensure_one(at, &stores.role_bindings, name, have, desired).await?;
         return Ok(vec![outcome]);
     };
     let key = format!("{}/{name}", at.namespace);
@@ -194,14 +175,14 @@ async fn binding(
     let api: Api<RoleBinding> = Api::namespaced(at.client.clone(), at.namespace);
     let mut outcomes = Vec::new();
     match api.delete(name, &DeleteParams::background()).await {
-        Ok(_) => outcomes.push((Outcome::Deleted, source)),
+        Ok(_) => outcomes.push(Outcome::Deleted),
         Err(kube::Error::Api(s)) if s.code == 404 => {}
         Err(err) => return Err(failed(err)),
     }
     let mut applied = apply::apply(&api, want, at.field_manager).await.map_err(failed)?;
     apply::trim_own_fields(&mut applied, at.field_manager);
     stores.role_bindings.written.record(&key, applied);
-    outcomes.push((Outcome::Applied, source));
+    outcomes.push(Outcome::Applied);
     Ok(outcomes)
 }
 
@@ -237,18 +218,15 @@ pub async fn reconcile(
     let (binding_outcomes, quota_outcome, limits_outcome) =
         futures::future::try_join3(bindings_done, quota_done, limits_done).await?;
 
-    let outcomes: Vec<(Outcome, Source)> = binding_outcomes
+    let outcomes: Vec<Outcome> = binding_outcomes
         .into_iter()
         .flatten()
         .chain([quota_outcome, limits_outcome])
         .collect();
     let writes = outcomes
         .iter()
-        .filter(|(o, _)| matches!(o, Outcome::Applied | Outcome::Deleted))
+        .filter(|o| matches!(o, Outcome::Applied | Outcome::Deleted))
         .count();
-    let lagging = outcomes
-        .iter()
-        .any(|(_, source)| matches!(source, Source::Written | Source::Unconfirmed));
     let bindings = wanted_bindings
         .iter()
         .filter_map(|(name, desired)| {
@@ -264,6 +242,5 @@ pub async fn reconcile(
         limits: limits.is_some(),
         network_profiles: Vec::new(),
         writes,
-        lagging,
     })
 }

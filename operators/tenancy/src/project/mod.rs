@@ -17,8 +17,9 @@ use chassis_runtime::apply::MANAGED_BY_LABEL;
 use chassis_runtime::apply::{self, Claim};
 use chassis_runtime::controller::{InitialSync, Running, Settings, Synced};
 use chassis_runtime::metrics::Metrics;
-use chassis_runtime::overlay::{Overlay, Source};
+use chassis_runtime::overlay::{Overlay, Progress};
 use chassis_runtime::pace;
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{LimitRange, Namespace, ResourceQuota};
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::Api;
@@ -40,12 +41,6 @@ const RESYNC: Duration = Duration::from_secs(600);
 pub enum Error {
     #[error("applying namespace {name}: {source}")]
     ApplyNamespace { name: String, source: kube::Error },
-    #[error("reading {kind} {name}: {source}")]
-    Read {
-        kind: String,
-        name: String,
-        source: kube::Error,
-    },
     #[error("applying {kind} {name}: {source}")]
     ApplyChild {
         kind: String,
@@ -61,7 +56,6 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Self::ApplyNamespace { .. } => "apply_namespace",
-            Self::Read { .. } => "read",
             Self::ApplyChild { .. } => "apply_child",
             Self::WriteStatus { .. } => "write_status",
         }
@@ -113,8 +107,6 @@ fn profile_lists(profile: &NetworkProfile, namespace: &str) -> bool {
 pub struct Observed {
     pub template: Option<Arc<ProjectTemplate>>,
     pub namespace: Option<Arc<Namespace>>,
-    /// The namespace was judged from our own write (the cache lagged behind it).
-    pub namespace_source: Source,
 }
 
 /// Why a project cannot be reconciled as asked; reported, never retried in a loop.
@@ -137,13 +129,12 @@ fn conflict(name: &str) -> Invalid {
 /// Step 1: read the project's inputs from the stores.
 fn observe(project: &Project, ctx: &ProjectContext) -> Observed {
     let name = project.name_any();
-    let (namespace, namespace_source) = ctx
+    let namespace = ctx
         .written_namespaces
         .observe(&name, ctx.namespaces.get(&ObjectRef::new(&name)));
     Observed {
         template: ctx.templates.get(&ObjectRef::new(&project.spec.template)),
         namespace,
-        namespace_source,
     }
 }
 
@@ -188,32 +179,12 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
     let name = project.name_any();
     let api: Api<Project> = Api::all(ctx.base.client.clone());
     // Our last status write, when the project cache has not delivered it yet.
-    let (project, source) = ctx.written_projects.observe(&name, Some(project));
-    let project = match source {
-        Source::Unconfirmed => ctx
-            .written_projects
-            .read_through(&name, api.get_opt(&name), |live| {
-                live.metadata.managed_fields = None
-            })
-            .await
-            .map_err(read_failed("Project", &name))?,
-        _ => project,
-    };
-    let Some(project) = project else {
+    let Some(project) = ctx.written_projects.observe(&name, Some(project)) else {
         return Ok(Action::await_change());
     };
     let key = project.uid().unwrap_or_else(|| name.clone());
     let ns_api: Api<Namespace> = Api::all(ctx.base.client.clone());
-    let mut observed = observe(&project, &ctx);
-    if observed.namespace_source == Source::Unconfirmed {
-        observed.namespace = ctx
-            .written_namespaces
-            .read_through(&name, ns_api.get_opt(&name), |ns| {
-                apply::trim_own_fields(ns, &ctx.base.field_manager)
-            })
-            .await
-            .map_err(read_failed("Namespace", &name))?;
-    }
+    let observed = observe(&project, &ctx);
 
     let template = match validate(&project, &observed) {
         Ok(template) => template,
@@ -303,26 +274,9 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
     // Step 5: status, written only when it changes.
     let status = status::reconciled(&project, &namespace, parts.as_ref());
     write_status(&ctx, &api, &project, status).await?;
-    let lagging = matches!(observed.namespace_source, Source::Written | Source::Unconfirmed)
-        || parts.is_some_and(|p| p.lagging);
-    // A cache that lags our writes is normally caught up by the next watch event; the
-    // short requeue covers a child deleted before the cache ever saw it.
-    let after = if lagging {
-        ctx.written_namespaces.ttl()
-    } else {
-        RESYNC
-    };
-    Ok(ctx.base.success(&key, after))
-}
-
-/// Maps a failed read of `kind` `name` to [`Error::Read`].
-fn read_failed(kind: &'static str, name: &str) -> impl FnOnce(kube::Error) -> Error {
-    let name = name.to_string();
-    move |source| Error::Read {
-        kind: kind.into(),
-        name,
-        source,
-    }
+    // A cache lagging behind our writes needs no requeue: the watch event that
+    // catches it up (our object, or its deletion) wakes the project.
+    Ok(ctx.base.success(&key, RESYNC))
 }
 
 async fn write_status(
@@ -445,7 +399,12 @@ pub fn controller(
         },
     );
 
+    // How far each watch has delivered, for the overlays of our writes.
+    let (project_progress, namespace_progress) = (Progress::default(), Progress::default());
+    let (rb_progress, quota_progress, limits_progress) =
+        (Progress::default(), Progress::default(), Progress::default());
     let project_stream = project_stream
+        .inspect(project_progress.observer())
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
 
@@ -456,7 +415,9 @@ pub fn controller(
         wc.clone(),
         apply::own_fields_trimmer(&fm),
     );
-    let namespace_stream = namespace_stream.touched_objects();
+    let namespace_stream = namespace_stream
+        .inspect(namespace_progress.observer())
+        .touched_objects();
 
     // Children are watched by label, so the stores hold only what Chassis manages.
     let managed = watcher::Config::default()
@@ -467,19 +428,21 @@ pub fn controller(
         managed.clone(),
         apply::own_fields_trimmer(&fm),
     );
-    let rb_stream = rb_stream.touched_objects();
+    let rb_stream = rb_stream.inspect(rb_progress.observer()).touched_objects();
     let (quotas, quota_stream) = sync.reflect_trimmed(
         Api::<ResourceQuota>::all(client.clone()),
         managed.clone(),
         apply::own_fields_trimmer(&fm),
     );
-    let quota_stream = quota_stream.touched_objects();
+    let quota_stream = quota_stream.inspect(quota_progress.observer()).touched_objects();
     let (limits, limits_stream) = sync.reflect_trimmed(
         Api::<LimitRange>::all(client.clone()),
         managed,
         apply::own_fields_trimmer(&fm),
     );
-    let limits_stream = limits_stream.touched_objects();
+    let limits_stream = limits_stream
+        .inspect(limits_progress.observer())
+        .touched_objects();
 
     // Profiles, for NetworkReady; a profile wakes only the projects whose condition
     // it would change, so its status updates during a burst do not fan out.
@@ -492,12 +455,12 @@ pub fn controller(
         templates: templates.clone(),
         namespaces: namespaces.clone(),
         children: children::ChildStores {
-            role_bindings: children::Cached::new(role_bindings),
-            quotas: children::Cached::new(quotas),
-            limits: children::Cached::new(limits),
+            role_bindings: children::Cached::new(role_bindings, rb_progress),
+            quotas: children::Cached::new(quotas, quota_progress),
+            limits: children::Cached::new(limits, limits_progress),
         },
-        written_namespaces: Overlay::default(),
-        written_projects: Overlay::default(),
+        written_namespaces: Overlay::new(namespace_progress),
+        written_projects: Overlay::new(project_progress),
         profiles: profiles.clone(),
     });
 
