@@ -29,8 +29,8 @@ use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessRevie
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::core::{DynamicObject, PartialObjectMeta};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -232,17 +232,20 @@ async fn facts(
         return Ok(facts);
     }
     // Limited creates are judged one at a time, and projects admitted moments ago count
-    // even when the LIST does not show them yet: two quick creates cannot both slip in.
+    // even when the cache does not show them yet: two quick creates cannot both slip in.
     let mut recent = admitted.lock().await;
-    let mut names: BTreeSet<String> = Api::<Project>::all(client.clone())
-        .list(&ListParams::default())
-        .await?
-        .items
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| p.annotations().get(REQUESTER_ANNOTATION) == Some(&user))
-        .map(ResourceExt::name_any)
-        .collect();
+    let mut names = match caches.projects_of(&user) {
+        Some(names) => names,
+        // Until the cache has listed once, ask the API server.
+        None => Api::<PartialObjectMeta<Project>>::all(client.clone())
+            .list_metadata(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter(|p| requested_by(&p.metadata, &user))
+            .map(ResourceExt::name_any)
+            .collect(),
+    };
     names.extend(recent.of(&user, Instant::now()));
     facts.user_projects = names.len();
     let allowed = decide(&request.name, &user, &request.operation, &facts).is_ok();
@@ -252,17 +255,90 @@ async fn facts(
     Ok(facts)
 }
 
-/// A watch cache of ProjectTemplates, so that admitting a Project usually costs the
-/// API server no read for its template. Until it has listed once, and for a template
-/// it does not hold (it may be brand new), the webhook asks the API server.
+/// A live Project `user` requested.
+fn requested_by(meta: &ObjectMeta, user: &str) -> bool {
+    meta.deletion_timestamp.is_none()
+        && meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(REQUESTER_ANNOTATION))
+            .is_some_and(|r| r == user)
+}
+
+/// Watch caches of ProjectTemplates and of Projects (metadata only), so that admitting
+/// a Project usually costs the API server no read: not for its template, and not a
+/// LIST of every Project to count the requester's against `maxProjectsPerUser`. The
+/// Project watch starts with the first limited create, so installs without a limit do
+/// not pay for it. Until a cache has listed once, and for a template the cache does not
+/// hold (it may be brand new), the webhook asks the API server.
 #[derive(Clone)]
 pub struct Caches {
     templates: Store<ProjectTemplate>,
     synced: Synced,
+    projects: Arc<std::sync::OnceLock<Projects>>,
+    client: Client,
+    shutdown: CancellationToken,
+}
+
+/// Projects by their requester annotation and deletion mark.
+struct Projects {
+    store: Store<PartialObjectMeta<Project>>,
+    synced: Synced,
+}
+
+/// Drives `stream` (after `InitialSync::reflect`) and `done` until `shutdown`.
+fn drive<S: futures::Stream + Send + 'static>(
+    stream: S,
+    done: futures::future::BoxFuture<'static, ()>,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let drive = futures::future::join(stream.for_each(|_| futures::future::ready(())), done);
+        tokio::select! {
+            _ = drive => {}
+            () = shutdown.cancelled() => {}
+        }
+    });
+}
+
+impl Projects {
+    fn start(client: &Client, shutdown: CancellationToken) -> Self {
+        let mut sync = InitialSync::default();
+        // Only the requester annotation and the deletion mark are read.
+        let (store, stream) = sync.reflect_trimmed(
+            Api::<PartialObjectMeta<Project>>::all(client.clone()),
+            watcher::Config::default().any_semantic(),
+            |p: &mut PartialObjectMeta<Project>| {
+                let meta = &mut p.metadata;
+                meta.managed_fields = None;
+                meta.labels = None;
+                meta.owner_references = None;
+                meta.finalizers = None;
+                if let Some(annotations) = meta.annotations.as_mut() {
+                    annotations.retain(|k, _| k == REQUESTER_ANNOTATION);
+                }
+            },
+        );
+        let synced = sync.flag();
+        drive(stream, sync.done(), shutdown);
+        Self { store, synced }
+    }
+
+    /// The live Projects `user` requested, once the cache has listed.
+    fn of(&self, user: &str) -> Option<BTreeSet<String>> {
+        self.synced.get().then(|| {
+            self.store
+                .state()
+                .iter()
+                .filter(|p| requested_by(&p.metadata, user))
+                .map(|p| p.name_any())
+                .collect()
+        })
+    }
 }
 
 impl Caches {
-    /// Starts the watch; it stops with `shutdown`.
+    /// Starts the template watch; the watches stop with `shutdown`.
     pub fn start(client: &Client, shutdown: CancellationToken) -> Self {
         let mut sync = InitialSync::default();
         let (templates, stream) = sync.reflect_trimmed(
@@ -271,15 +347,22 @@ impl Caches {
             |t: &mut ProjectTemplate| t.metadata.managed_fields = None,
         );
         let synced = sync.flag();
-        let done = sync.done();
-        tokio::spawn(async move {
-            let drive = futures::future::join(stream.for_each(|_| futures::future::ready(())), done);
-            tokio::select! {
-                _ = drive => {}
-                () = shutdown.cancelled() => {}
-            }
-        });
-        Self { templates, synced }
+        drive(stream, sync.done(), shutdown.clone());
+        Self {
+            templates,
+            synced,
+            projects: Arc::default(),
+            client: client.clone(),
+            shutdown,
+        }
+    }
+
+    /// The live Projects `user` requested, once the Project cache has listed (it is
+    /// started by the first call).
+    fn projects_of(&self, user: &str) -> Option<BTreeSet<String>> {
+        self.projects
+            .get_or_init(|| Projects::start(&self.client, self.shutdown.clone()))
+            .of(user)
     }
 
     fn template(&self, name: &str) -> Option<Arc<ProjectTemplate>> {
@@ -331,13 +414,14 @@ impl Granted {
     }
 }
 
-/// How long an admitted project counts towards its user's limit before the LIST is
-/// trusted to show it (it is stored right after admission, so seconds are plenty).
+/// How long an admitted project counts towards its user's limit before the project
+/// cache is trusted to show it (it is stored right after admission and its watch event
+/// follows, so seconds are plenty).
 const RECENT_WINDOW: Duration = Duration::from_secs(30);
 
 /// Projects this webhook admitted in the last [`RECENT_WINDOW`], per user. One
-/// replica serves admission at a time in a normal install; across replicas the LIST
-/// alone counts.
+/// replica serves admission at a time in a normal install; across replicas only the
+/// project cache counts.
 #[derive(Debug, Default)]
 pub struct Recent {
     admitted: HashMap<String, Vec<(String, Instant)>>,
@@ -638,6 +722,50 @@ mod tests {
         assert_eq!(recent.of("alice", start + Duration::from_secs(31)), vec!["two"]);
         assert!(recent.of("bob", start + Duration::from_secs(31)).is_empty());
         assert!(recent.of("carol", start).is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_per_user_count_comes_from_the_cache_of_live_projects() {
+        use kube::core::PartialObjectMetaExt;
+        use kube::runtime::reflector;
+
+        let (store, mut writer) = reflector::store::<PartialObjectMeta<Project>>();
+        let sync = InitialSync::default();
+        let projects = Projects {
+            store,
+            synced: sync.flag(),
+        };
+        let cached = |name: &str, requester: Option<&str>, deleting: bool| {
+            ObjectMeta {
+                name: Some(name.into()),
+                annotations: requester.map(|r| [(REQUESTER_ANNOTATION.to_string(), r.to_string())].into()),
+                deletion_timestamp: deleting.then_some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                )),
+                ..Default::default()
+            }
+            .into_response_partial::<Project>()
+        };
+        for project in [
+            cached("a1", Some("alice"), false),
+            cached("a2", Some("alice"), true),
+            cached("b1", Some("bob"), false),
+            cached("none", None, false),
+        ] {
+            writer.apply_watcher_event(&watcher::Event::Apply(project));
+        }
+        assert_eq!(
+            projects.of("alice"),
+            None,
+            "before the first list the API server is asked"
+        );
+        sync.done().await;
+        assert_eq!(
+            projects.of("alice"),
+            Some(BTreeSet::from(["a1".to_string()])),
+            "a project being deleted no longer counts"
+        );
+        assert_eq!(projects.of("carol"), Some(BTreeSet::new()));
     }
 
     #[test]
