@@ -48,11 +48,16 @@ impl Progress {
         }
     }
 
-    /// The watch has delivered `version` or something later. An opaque version is
-    /// taken as passed: the cache is trusted then, as without an overlay.
-    fn passed(&self, version: Option<&str>) -> bool {
-        numeric(version).is_none_or(|v| self.0.load(Ordering::Acquire) >= v)
+    /// The highest version delivered so far.
+    fn seen(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
     }
+}
+
+/// The watch had delivered `version` or something later when it stood at `seen`. An
+/// opaque version is taken as passed: the cache is trusted then, as without an overlay.
+fn passed(seen: u64, version: Option<&str>) -> bool {
+    numeric(version).is_none_or(|v| seen >= v)
 }
 
 /// resourceVersions are opaque to clients, but every Kubernetes storage backend in use
@@ -90,7 +95,8 @@ impl<K: Resource> Overlay<K> {
         let object = Arc::new(object);
         let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
         if written.len() >= PRUNE_ABOVE {
-            written.retain(|_, o| !self.progress.passed(o.meta().resource_version.as_deref()));
+            let seen = self.progress.seen();
+            written.retain(|_, o| !passed(seen, o.meta().resource_version.as_deref()));
         }
         written.insert(key.to_string(), object.clone());
         object
@@ -102,8 +108,14 @@ impl<K: Resource> Overlay<K> {
     }
 
     /// The copy to judge `key` by: our write while the watch has not reached it,
-    /// otherwise the cache's copy `cached` (then the entry goes).
-    pub fn observe(&self, key: &str, cached: Option<Arc<K>>) -> Option<Arc<K>> {
+    /// otherwise the cache's copy, which `read` takes from the store (then the entry
+    /// goes). The store is read here, after the watch's progress: a copy read earlier
+    /// (the one kube-runtime hands to a reconcile) may predate events the progress
+    /// already counts, and would be taken for the truth.
+    pub fn observe(&self, key: &str, read: impl FnOnce() -> Option<Arc<K>>) -> Option<Arc<K>> {
+        // The store holds every event up to `seen`, so a copy read after it is as new.
+        let seen = self.progress.seen();
+        let cached = read();
         let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
         let Some(ours) = written.get(key) else {
             return cached;
@@ -113,7 +125,7 @@ impl<K: Resource> Overlay<K> {
             Some(c) => later(version, c.meta().resource_version.as_deref()),
             None => true,
         };
-        if cache_behind && !self.progress.passed(version) {
+        if cache_behind && !passed(seen, version) {
             return Some(ours.clone());
         }
         written.remove(key);
@@ -148,19 +160,19 @@ mod tests {
         let overlay = Overlay::new(progress.clone());
         overlay.record("ns/a", cm("7"));
         // The cache has not seen it at all, then only an older version.
-        assert_eq!(rv(&overlay.observe("ns/a", None)), Some("7".into()));
+        assert_eq!(rv(&overlay.observe("ns/a", || None)), Some("7".into()));
         assert_eq!(
-            rv(&overlay.observe("ns/a", Some(Arc::new(cm("5"))))),
+            rv(&overlay.observe("ns/a", || Some(Arc::new(cm("5"))))),
             Some("7".into())
         );
         // Caught up (or an even newer edit by someone else): the cache wins for good.
         delivered(&progress, watcher::Event::Apply(cm("9")));
         assert_eq!(
-            rv(&overlay.observe("ns/a", Some(Arc::new(cm("9"))))),
+            rv(&overlay.observe("ns/a", || Some(Arc::new(cm("9"))))),
             Some("9".into())
         );
         assert_eq!(
-            overlay.observe("ns/a", None),
+            overlay.observe("ns/a", || None),
             None,
             "the entry is gone once the cache caught up"
         );
@@ -173,9 +185,9 @@ mod tests {
         overlay.record("ns/a", cm("7"));
         // Events before our write change nothing, nor does time.
         delivered(&progress, watcher::Event::Apply(cm("6")));
-        assert_eq!(rv(&overlay.observe("ns/a", None)), Some("7".into()));
+        assert_eq!(rv(&overlay.observe("ns/a", || None)), Some("7".into()));
         assert_eq!(
-            rv(&overlay.observe("ns/a", Some(Arc::new(cm("6"))))),
+            rv(&overlay.observe("ns/a", || Some(Arc::new(cm("6"))))),
             Some("7".into())
         );
     }
@@ -188,16 +200,35 @@ mod tests {
         overlay.record("ns/b", cm("8"));
         // The deletion of "a" (or of any later object) is an event past version 7.
         delivered(&progress, watcher::Event::Delete(cm("10")));
-        assert_eq!(overlay.observe("ns/a", None), None, "deleted: the cache is right");
+        assert_eq!(
+            overlay.observe("ns/a", || None),
+            None,
+            "deleted: the cache is right"
+        );
         // A list's objects count too, once they are handed on.
         let progress = Progress::default();
         let overlay = Overlay::new(progress.clone());
         overlay.record("ns/b", cm("8"));
         delivered(&progress, watcher::Event::InitApply(cm("8")));
         assert_eq!(
-            rv(&overlay.observe("ns/b", Some(Arc::new(cm("8"))))),
+            rv(&overlay.observe("ns/b", || Some(Arc::new(cm("8"))))),
             Some("8".into())
         );
+    }
+
+    #[test]
+    fn a_copy_read_before_the_watch_moved_on_is_not_taken_for_the_truth() {
+        let progress = Progress::default();
+        let overlay = Overlay::new(progress.clone());
+        overlay.record("ns/a", cm("7"));
+        // The store is read, then the event of our write arrives: the copy read is
+        // older than what the progress now counts, so ours must still stand in.
+        let seen = overlay.observe("ns/a", || {
+            let read = Some(Arc::new(cm("5")));
+            delivered(&progress, watcher::Event::Apply(cm("7")));
+            read
+        });
+        assert_eq!(rv(&seen), Some("7".into()));
     }
 
     #[test]
@@ -218,10 +249,10 @@ mod tests {
         let overlay = Overlay::new(Progress::default());
         overlay.record("ns/a", cm("x7"));
         assert_eq!(
-            rv(&overlay.observe("ns/a", Some(Arc::new(cm("x5"))))),
+            rv(&overlay.observe("ns/a", || Some(Arc::new(cm("x5"))))),
             Some("x5".into())
         );
         overlay.record("ns/b", cm("x7"));
-        assert_eq!(overlay.observe("ns/b", None), None);
+        assert_eq!(overlay.observe("ns/b", || None), None);
     }
 }

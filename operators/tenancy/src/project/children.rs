@@ -76,8 +76,9 @@ where
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
     {
-        let cached = self.store.get(&ObjectRef::new(name).within(namespace));
-        self.written.observe(&format!("{namespace}/{name}"), cached)
+        self.written.observe(&format!("{namespace}/{name}"), || {
+            self.store.get(&ObjectRef::new(name).within(namespace))
+        })
     }
 }
 

@@ -67,6 +67,7 @@ pub struct ProjectContext {
     pub base: Context,
     /// Every watch has listed once (see `Synced`).
     pub synced: Synced,
+    pub projects: Store<Project>,
     pub templates: Store<ProjectTemplate>,
     pub namespaces: Store<Namespace>,
     pub children: children::ChildStores,
@@ -131,7 +132,7 @@ fn observe(project: &Project, ctx: &ProjectContext) -> Observed {
     let name = project.name_any();
     let namespace = ctx
         .written_namespaces
-        .observe(&name, ctx.namespaces.get(&ObjectRef::new(&name)));
+        .observe(&name, || ctx.namespaces.get(&ObjectRef::new(&name)));
     Observed {
         template: ctx.templates.get(&ObjectRef::new(&project.spec.template)),
         namespace,
@@ -178,8 +179,12 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
     let _timer = ctx.base.metrics.reconcile();
     let name = project.name_any();
     let api: Api<Project> = Api::all(ctx.base.client.clone());
-    // Our last status write, when the project cache has not delivered it yet.
-    let Some(project) = ctx.written_projects.observe(&name, Some(project)) else {
+    // Our last status write, when the project cache has not delivered it yet. The
+    // project is looked up again: the copy handed in may be older than the store.
+    let Some(project) = ctx
+        .written_projects
+        .observe(&name, || ctx.projects.get(&ObjectRef::from_obj(project.as_ref())))
+    else {
         return Ok(Action::await_change());
     };
     let key = project.uid().unwrap_or_else(|| name.clone());
@@ -452,6 +457,7 @@ pub fn controller(
     let ctx = Arc::new(ProjectContext {
         base: Context::new(client, NAME, metrics.controller(NAME), settings.instance.clone()),
         synced: sync.flag(),
+        projects: projects.clone(),
         templates: templates.clone(),
         namespaces: namespaces.clone(),
         children: children::ChildStores {
