@@ -141,10 +141,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {}
             _ = terminate.recv() => {}
         }
-        tracing::info!("shutting down");
+        tracing::info!("shutting down: draining requests in flight");
+        // Every serving thread drains at once, each its own connections.
+        let _ = stop.send(true);
     };
     server::serve(app, listener, shutdown).await;
-    let _ = stop.send(true);
     for thread in threads {
         let _ = thread.join();
     }

@@ -1104,14 +1104,14 @@ pub fn reuse_port_listener(address: SocketAddr) -> std::io::Result<std::net::Tcp
     Ok(socket.into())
 }
 
-/// Serves the proxy until `shutdown` resolves.
+/// Serves the proxy until `shutdown` resolves, then drains (see [`DRAIN_TIMEOUT`]).
 pub async fn serve(
     app: Arc<App>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let handler = move |req, remote| handle(app.clone(), req, remote);
-    accept(listener, shutdown, handler, HEADER_READ_TIMEOUT).await;
+    accept(listener, shutdown, handler, HEADER_READ_TIMEOUT, DRAIN_TIMEOUT).await;
 }
 
 /// Serves `GET /metrics` (OpenMetrics text) on the metrics address, for good.
@@ -1135,7 +1135,14 @@ pub async fn serve_metrics(app: Arc<App>, listener: tokio::net::TcpListener) {
         };
         std::future::ready(response)
     };
-    accept(listener, std::future::pending(), handler, HEADER_READ_TIMEOUT).await;
+    accept(
+        listener,
+        std::future::pending(),
+        handler,
+        HEADER_READ_TIMEOUT,
+        DRAIN_TIMEOUT,
+    )
+    .await;
 }
 
 /// How long a client may take to send a request's headers, and how long a kept-alive
@@ -1143,20 +1150,34 @@ pub async fn serve_metrics(app: Arc<App>, listener: tokio::net::TcpListener) {
 /// connections (and their buffers) open for good by sending nothing (slowloris).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long requests in flight may take to finish once shutdown begins (SIGTERM),
+/// within the 30 s Kubernetes grants a pod by default before it kills it.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Accepts connections until `shutdown` resolves and answers each request with
 /// `handler`. HTTP/1.1 only (WebSocket upgrades included), like oauth2-proxy, which
 /// offers HTTP/2 only over TLS; ingress controllers speak HTTP/1.1 to their backends
 /// unless told otherwise.
+///
+/// Then it drains, as Go's `http.Server.Shutdown` (oauth2-proxy) does: the socket is
+/// closed so new connections are refused, idle connections are closed, and each
+/// request in flight gets its answer (with `Connection: close`) before its connection
+/// closes; after `drain_timeout` the rest are dropped. Upgraded connections
+/// (WebSockets) are not waited for.
 async fn accept<H, F>(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
     handler: H,
     header_read_timeout: Duration,
+    drain_timeout: Duration,
 ) where
     H: Fn(Request<Incoming>, std::net::SocketAddr) -> F + Clone + Send + 'static,
     F: std::future::Future<Output = Response<Body>> + Send + 'static,
 {
     tokio::pin!(shutdown);
+    let (drain, draining) = tokio::sync::watch::channel(false);
+    // Every connection task holds a sender: `recv` returns `None` once all have ended.
+    let (open, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
     loop {
         let (stream, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -1170,6 +1191,7 @@ async fn accept<H, F>(
             () = &mut shutdown => break,
         };
         let handler = handler.clone();
+        let (open, mut draining) = (open.clone(), draining.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let answer = handler(req, remote);
@@ -1181,16 +1203,121 @@ async fn accept<H, F>(
                 .header_read_timeout(header_read_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
-            if let Err(e) = connection.await {
+            tokio::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                () = async {
+                    // The guard `wait_for` returns must not live across the await below.
+                    let _ = draining.wait_for(|d| *d).await;
+                } => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "connection ended");
             }
+            drop(open);
         });
+    }
+    drop(listener);
+    drop(open);
+    let _ = drain.send(true);
+    if tokio::time::timeout(drain_timeout, all_closed.recv())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            timeout = ?drain_timeout,
+            "requests still in flight when the drain timeout ended; closing them"
+        );
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Starts `accept` with a handler that answers after `delay`; returns the address,
+    /// the trigger of the shutdown and the server's task.
+    async fn slow_server(
+        delay: Duration,
+        drain_timeout: Duration,
+    ) -> (
+        SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handler = move |_req: Request<Incoming>, _remote| async move {
+            tokio::time::sleep(delay).await;
+            text(StatusCode::OK, "answered")
+        };
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        let server = tokio::spawn(accept(
+            listener,
+            shutdown,
+            handler,
+            HEADER_READ_TIMEOUT,
+            drain_timeout,
+        ));
+        (address, stop, server)
+    }
+
+    async fn send_get(address: SocketAddr) -> tokio::net::TcpStream {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect");
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: proxy\r\n\r\n")
+            .await
+            .expect("send");
+        stream
+    }
+
+    #[tokio::test]
+    async fn shutdown_answers_the_requests_in_flight_and_refuses_new_connections() {
+        use tokio::io::AsyncReadExt;
+        let (address, stop, server) = slow_server(Duration::from_millis(500), DRAIN_TIMEOUT).await;
+        let mut in_flight = send_get(address).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = stop.send(());
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(5), in_flight.read_to_string(&mut answer))
+            .await
+            .expect("the connection closes after its answer")
+            .expect("read");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.trim_end().ends_with("answered"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server ends once its connections are closed")
+            .expect("server task");
+        assert!(
+            tokio::net::TcpStream::connect(address).await.is_err(),
+            "a draining server accepts no new connection"
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_gives_up_on_requests_still_running_after_the_drain_timeout() {
+        let (address, stop, server) =
+            slow_server(Duration::from_secs(3600), Duration::from_millis(300)).await;
+        let _stuck = send_get(address).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = stop.send(());
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the drain ends at its timeout")
+            .expect("server task");
+    }
 
     #[tokio::test]
     async fn serving_threads_share_the_port_and_each_gets_connections() {
@@ -1230,6 +1357,7 @@ mod tests {
             std::future::pending(),
             handler,
             Duration::from_millis(200),
+            DRAIN_TIMEOUT,
         ));
         let mut slow = tokio::net::TcpStream::connect(address).await.expect("connect");
         slow.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n")

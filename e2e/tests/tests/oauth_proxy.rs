@@ -785,6 +785,41 @@ async fn sigterm_stops_the_proxy_at_once() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test]
+async fn sigterm_lets_a_request_in_flight_finish_and_refuses_new_ones() -> Result<()> {
+    // A rolling update stops the old pod while it still serves: its requests in flight
+    // must get their answers, as oauth2-proxy's (Go's http.Server.Shutdown) do.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let upstream = listener.local_addr()?.port();
+    let slow = warp::path!("public" / "slow").then(|| async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        "slow answer"
+    });
+    tokio::spawn(warp::serve(slow).incoming(listener).run());
+    let mut proxy = Proxy::start("drain", upstream, &["--skip-auth-paths", "/public/.*"]).await?;
+    let in_flight = tokio::spawn(reqwest::get(proxy.url("/public/slow")));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let base = proxy.base.clone();
+    let stopped = tokio::task::spawn_blocking(move || proxy.process.terminate(Duration::from_secs(10)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ensure!(
+        reqwest::get(format!("{base}/ping")).await.is_err(),
+        "a draining proxy accepts no new connection"
+    );
+    let answer = in_flight.await??;
+    ensure!(
+        answer.status() == 200,
+        "the request in flight got {}",
+        answer.status()
+    );
+    ensure!(answer.text().await? == "slow answer");
+    ensure!(
+        stopped.await??,
+        "the proxy did not exit once its request was answered"
+    );
+    Ok(())
+}
+
 /// An HTTPS echo server (Python's http.server behind its ssl module): answers every
 /// GET with the request's path and headers as JSON, like [`echo_upstream`].
 const TLS_ECHO: &str = r#"
