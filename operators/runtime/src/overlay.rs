@@ -19,7 +19,8 @@ use kube::Resource;
 use kube::runtime::watcher;
 
 /// Entries the overlay may hold before it drops those the watch has passed (an
-/// entry normally goes when its object is next observed; this bounds the rest).
+/// entry normally goes when its object is next observed; this bounds the rest). The
+/// bound then doubles past what is left, so a long lag costs no scan per write.
 const PRUNE_ABOVE: usize = 1024;
 
 /// The resourceVersion up to which one watch has delivered its events into its store.
@@ -78,7 +79,12 @@ fn later(a: Option<&str>, b: Option<&str>) -> bool {
 /// the watch whose [`Progress`] it follows.
 pub struct Overlay<K> {
     progress: Progress,
-    written: Mutex<HashMap<String, Arc<K>>>,
+    written: Mutex<Written<K>>,
+}
+
+struct Written<K> {
+    entries: HashMap<String, Arc<K>>,
+    prune_above: usize,
 }
 
 impl<K: Resource> Overlay<K> {
@@ -86,7 +92,10 @@ impl<K: Resource> Overlay<K> {
     pub fn new(progress: Progress) -> Self {
         Self {
             progress,
-            written: Mutex::new(HashMap::new()),
+            written: Mutex::new(Written {
+                entries: HashMap::new(),
+                prune_above: PRUNE_ABOVE,
+            }),
         }
     }
 
@@ -94,17 +103,24 @@ impl<K: Resource> Overlay<K> {
     pub fn record(&self, key: &str, object: K) -> Arc<K> {
         let object = Arc::new(object);
         let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
-        if written.len() >= PRUNE_ABOVE {
+        if written.entries.len() >= written.prune_above {
             let seen = self.progress.seen();
-            written.retain(|_, o| !passed(seen, o.meta().resource_version.as_deref()));
+            written
+                .entries
+                .retain(|_, o| !passed(seen, o.meta().resource_version.as_deref()));
+            written.prune_above = (2 * written.entries.len()).max(PRUNE_ABOVE);
         }
-        written.insert(key.to_string(), object.clone());
+        written.entries.insert(key.to_string(), object.clone());
         object
     }
 
     /// Forgets a write (the object was deleted by us, or is not wanted any more).
     pub fn forget(&self, key: &str) {
-        self.written.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+        self.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entries
+            .remove(key);
     }
 
     /// The copy to judge `key` by: our write while the watch has not reached it,
@@ -117,7 +133,7 @@ impl<K: Resource> Overlay<K> {
         let seen = self.progress.seen();
         let cached = read();
         let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(ours) = written.get(key) else {
+        let Some(ours) = written.entries.get(key) else {
             return cached;
         };
         let version = ours.meta().resource_version.as_deref();
@@ -128,7 +144,7 @@ impl<K: Resource> Overlay<K> {
         if cache_behind && !passed(seen, version) {
             return Some(ours.clone());
         }
-        written.remove(key);
+        written.entries.remove(key);
         cached
     }
 }
@@ -240,8 +256,17 @@ mod tests {
         }
         delivered(&progress, watcher::Event::Apply(cm("100")));
         overlay.record("ns/last", cm("2000"));
-        let held = overlay.written.lock().unwrap_or_else(|e| e.into_inner()).len();
-        assert_eq!(held, PRUNE_ABOVE - 100 + 1, "versions up to 100 were passed");
+        let held = |o: &Overlay<ConfigMap>| o.written.lock().unwrap_or_else(|e| e.into_inner()).entries.len();
+        assert_eq!(
+            held(&overlay),
+            PRUNE_ABOVE - 100 + 1,
+            "versions up to 100 were passed"
+        );
+        // Writes the watch has not passed survive every later scan.
+        for i in 0..PRUNE_ABOVE {
+            overlay.record(&format!("ns/more-{i}"), cm(&(3000 + i).to_string()));
+        }
+        assert_eq!(held(&overlay), 2 * PRUNE_ABOVE - 100 + 1);
     }
 
     #[test]
