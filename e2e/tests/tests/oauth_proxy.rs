@@ -189,7 +189,18 @@ impl Proxy {
         };
         let client = reqwest::Client::new();
         for _ in 0..150 {
-            if let Ok(r) = client.get(format!("{}/ready", proxy.base)).send().await
+            // Whatever answers on the port must be this proxy: another test's server may
+            // have been given the port since it was chosen (then the proxy cannot bind it,
+            // says so and exits, and `start_at` starts it again on another).
+            let log = std::fs::read_to_string(&proxy.process.log).unwrap_or_default();
+            if log.contains("Address already in use") {
+                bail!(
+                    "the proxy could not listen:\n{}",
+                    chassis_e2e::log_tail(&proxy.process.log, 5)
+                );
+            }
+            if log.contains("chassis-oauth-proxy listening")
+                && let Ok(r) = client.get(format!("{}/ready", proxy.base)).send().await
                 && r.status() == 200
             {
                 return Ok(proxy);
