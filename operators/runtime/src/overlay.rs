@@ -165,28 +165,32 @@ mod tests {
         o.as_ref().and_then(|c| c.metadata.resource_version.clone())
     }
 
-    /// The watch delivered an event of `rv` (any object of the kind).
+    /// The cache's copy at version `rv`.
+    fn cached(rv: &str) -> Option<Arc<ConfigMap>> {
+        Some(Arc::new(cm(rv)))
+    }
+
+    /// An overlay over a watch that has delivered nothing yet.
+    fn fresh() -> (Progress, Overlay<ConfigMap>) {
+        let progress = Progress::default();
+        (progress.clone(), Overlay::new(progress))
+    }
+
+    /// The watch delivered `event` (of any object of the kind).
     fn delivered(progress: &Progress, event: watcher::Event<ConfigMap>) {
         progress.observer::<ConfigMap, ()>()(&Ok(event));
     }
 
     #[test]
     fn our_write_stands_in_until_the_cache_catches_up() {
-        let progress = Progress::default();
-        let overlay = Overlay::new(progress.clone());
+        let (progress, overlay) = fresh();
         overlay.record("ns/a", cm("7"));
         // The cache has not seen it at all, then only an older version.
         assert_eq!(rv(&overlay.observe("ns/a", || None)), Some("7".into()));
-        assert_eq!(
-            rv(&overlay.observe("ns/a", || Some(Arc::new(cm("5"))))),
-            Some("7".into())
-        );
+        assert_eq!(rv(&overlay.observe("ns/a", || cached("5"))), Some("7".into()));
         // Caught up (or an even newer edit by someone else): the cache wins for good.
         delivered(&progress, watcher::Event::Apply(cm("9")));
-        assert_eq!(
-            rv(&overlay.observe("ns/a", || Some(Arc::new(cm("9"))))),
-            Some("9".into())
-        );
+        assert_eq!(rv(&overlay.observe("ns/a", || cached("9"))), Some("9".into()));
         assert_eq!(
             overlay.observe("ns/a", || None),
             None,
@@ -196,24 +200,18 @@ mod tests {
 
     #[test]
     fn a_lagging_watch_keeps_our_write_however_long_it_lags() {
-        let progress = Progress::default();
-        let overlay = Overlay::new(progress.clone());
+        let (progress, overlay) = fresh();
         overlay.record("ns/a", cm("7"));
         // Events before our write change nothing, nor does time.
         delivered(&progress, watcher::Event::Apply(cm("6")));
         assert_eq!(rv(&overlay.observe("ns/a", || None)), Some("7".into()));
-        assert_eq!(
-            rv(&overlay.observe("ns/a", || Some(Arc::new(cm("6"))))),
-            Some("7".into())
-        );
+        assert_eq!(rv(&overlay.observe("ns/a", || cached("6"))), Some("7".into()));
     }
 
     #[test]
     fn once_the_watch_passed_our_write_a_missing_object_was_deleted() {
-        let progress = Progress::default();
-        let overlay = Overlay::new(progress.clone());
+        let (progress, overlay) = fresh();
         overlay.record("ns/a", cm("7"));
-        overlay.record("ns/b", cm("8"));
         // The deletion of "a" (or of any later object) is an event past version 7.
         delivered(&progress, watcher::Event::Delete(cm("10")));
         assert_eq!(
@@ -222,25 +220,20 @@ mod tests {
             "deleted: the cache is right"
         );
         // A list's objects count too, once they are handed on.
-        let progress = Progress::default();
-        let overlay = Overlay::new(progress.clone());
+        let (progress, overlay) = fresh();
         overlay.record("ns/b", cm("8"));
         delivered(&progress, watcher::Event::InitApply(cm("8")));
-        assert_eq!(
-            rv(&overlay.observe("ns/b", || Some(Arc::new(cm("8"))))),
-            Some("8".into())
-        );
+        assert_eq!(rv(&overlay.observe("ns/b", || cached("8"))), Some("8".into()));
     }
 
     #[test]
     fn a_copy_read_before_the_watch_moved_on_is_not_taken_for_the_truth() {
-        let progress = Progress::default();
-        let overlay = Overlay::new(progress.clone());
+        let (progress, overlay) = fresh();
         overlay.record("ns/a", cm("7"));
         // The store is read, then the event of our write arrives: the copy read is
         // older than what the progress now counts, so ours must still stand in.
         let seen = overlay.observe("ns/a", || {
-            let read = Some(Arc::new(cm("5")));
+            let read = cached("5");
             delivered(&progress, watcher::Event::Apply(cm("7")));
             read
         });
@@ -249,8 +242,7 @@ mod tests {
 
     #[test]
     fn entries_the_watch_passed_are_dropped_when_many_pile_up() {
-        let progress = Progress::default();
-        let overlay = Overlay::new(progress.clone());
+        let (progress, overlay) = fresh();
         for i in 0..PRUNE_ABOVE {
             overlay.record(&format!("ns/{i}"), cm(&(i + 1).to_string()));
         }
@@ -273,10 +265,7 @@ mod tests {
     fn opaque_versions_fall_back_to_the_cache() {
         let overlay = Overlay::new(Progress::default());
         overlay.record("ns/a", cm("x7"));
-        assert_eq!(
-            rv(&overlay.observe("ns/a", || Some(Arc::new(cm("x5"))))),
-            Some("x5".into())
-        );
+        assert_eq!(rv(&overlay.observe("ns/a", || cached("x5"))), Some("x5".into()));
         overlay.record("ns/b", cm("x7"));
         assert_eq!(overlay.observe("ns/b", || None), None);
     }
