@@ -186,7 +186,10 @@ pub struct Config {
     /// Trust anchors for an https:// upstream: the Mozilla roots plus `upstream-ca-file`,
     /// read and parsed at start-up so `--config-test` refuses what TLS would.
     pub upstream_roots: rustls::RootCertStore,
-    pub issuer_url: Url,
+    /// The issuer identifier exactly as configured: discovery and the `iss` claim compare
+    /// it as a string (OpenID Connect Discovery 4.3), so a trailing `/` (Auth0 has one)
+    /// must neither be added nor removed.
+    pub issuer_url: String,
     pub client_id: String,
     pub client_secret: String,
     pub redirect_url: Url,
@@ -405,7 +408,7 @@ impl Config {
         let client_id = required("client-id", pick!(flags, file, client_id))?;
         let mut bearer_issuers = Vec::new();
         if pick!(flags, file, skip_jwt_bearer_tokens).unwrap_or(false) {
-            bearer_issuers.push((issuer.trim_end_matches('/').to_string(), client_id.clone()));
+            bearer_issuers.push((issuer.clone(), client_id.clone()));
         }
         for pair in pick!(flags, file, extra_jwt_issuers).unwrap_or_default() {
             let (iss, aud) = pair
@@ -413,7 +416,7 @@ impl Config {
                 .filter(|(i, a)| !i.is_empty() && !a.is_empty())
                 .ok_or_else(|| format!("extra-jwt-issuers: {pair:?} must be issuer-url=audience"))?;
             url("extra-jwt-issuers", iss, &["http", "https"])?;
-            bearer_issuers.push((iss.trim_end_matches('/').to_string(), aud.to_string()));
+            bearer_issuers.push((iss.to_string(), aud.to_string()));
         }
         let bearer_clock_skew = parse_duration(
             "bearer-clock-skew",
@@ -451,7 +454,10 @@ impl Config {
                 "upstream-ca-file",
                 pick!(flags, file, upstream_ca_file).as_deref(),
             )?,
-            issuer_url: url("oidc-issuer-url", &issuer, &["http", "https"])?,
+            issuer_url: {
+                url("oidc-issuer-url", &issuer, &["http", "https"])?;
+                issuer.clone()
+            },
             client_id,
             client_secret,
             redirect_url,
@@ -520,6 +526,28 @@ mod tests {
             "no client is trusted with X-Forwarded-* by default"
         );
         assert!(!c.pass_access_token);
+        Ok(())
+    }
+
+    #[test]
+    fn issuers_are_kept_exactly_as_configured() -> Result<(), String> {
+        // Discovery and the `iss` claim compare the issuer as a string: Auth0's ends in `/`.
+        let mut flags = minimal();
+        flags.oidc_issuer_url = Some("https://tenant.example.com/".into());
+        flags.skip_jwt_bearer_tokens = Some(true);
+        flags.extra_jwt_issuers = Some(vec!["https://other.example.com/=api".into()]);
+        let c = Config::merge(&flags, File::default())?;
+        assert_eq!(c.issuer_url, "https://tenant.example.com/");
+        assert_eq!(
+            c.bearer_issuers,
+            [
+                ("https://tenant.example.com/".to_string(), "app".to_string()),
+                ("https://other.example.com/".to_string(), "api".to_string()),
+            ]
+        );
+        flags.oidc_issuer_url = Some("https://idp.example.com/realms/corp".into());
+        let c = Config::merge(&flags, File::default())?;
+        assert_eq!(c.issuer_url, "https://idp.example.com/realms/corp");
         Ok(())
     }
 

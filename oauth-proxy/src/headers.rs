@@ -48,6 +48,25 @@ pub const IDENTITY_HEADERS: &[&str] = &[
     "x-auth-request-access-token",
 ];
 
+/// Headers that frameworks and servers behind a proxy read as the request's real path,
+/// host or client address (Symfony and Zend `X-Original-URL`/`X-Rewrite-URL`, IIS URL
+/// Rewrite, nginx `X-Real-IP`, CDNs' client-IP headers). Like `X-Forwarded-*`, only a
+/// trusted proxy may send them: from anyone else `X-Original-URL: /admin` on a request
+/// for a skip-auth path would reach `/admin` without a login, and a forged client
+/// address would pass the upstream's IP allow-lists.
+pub const ROUTING_HEADERS: &[&str] = &[
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-uri",
+    "x-original-host",
+    "x-host",
+    "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "client-ip",
+];
+
 /// Hop-by-hop headers (RFC 9110 7.6.1, RFC 9112, plus the non-standard
 /// `Proxy-Connection` and h2c's `HTTP2-Settings`, which is connection-specific).
 static HOP_BY_HOP: [HeaderName; 10] = [
@@ -79,7 +98,7 @@ fn canonical(name: &HeaderName) -> std::borrow::Cow<'_, str> {
 /// (so `x_forwarded_user`, `X-FORWARDED-USER`, `x-forwarded_user` and all
 /// duplicates go). With `strip_all_forwarded`, also every header whose canonical
 /// name starts with `x-forwarded-` or `x-auth-request-` (the caller then sets
-/// `X-Forwarded-For`/`-Proto`/`-Host` itself). Returns how many header fields
+/// `X-Forwarded-For`/`-Proto`/`-Host` itself) or is one of [`ROUTING_HEADERS`]. Returns how many header fields
 /// (values, counting duplicates) were removed.
 pub fn strip_identity(headers: &mut HeaderMap, strip_all_forwarded: bool) -> usize {
     let doomed: Vec<HeaderName> = headers
@@ -88,7 +107,9 @@ pub fn strip_identity(headers: &mut HeaderMap, strip_all_forwarded: bool) -> usi
             let c = canonical(name);
             IDENTITY_HEADERS.contains(&c.as_ref())
                 || (strip_all_forwarded
-                    && (c.starts_with("x-forwarded-") || c.starts_with("x-auth-request-")))
+                    && (c.starts_with("x-forwarded-")
+                        || c.starts_with("x-auth-request-")
+                        || ROUTING_HEADERS.contains(&c.as_ref())))
         })
         .cloned()
         .collect();
@@ -437,6 +458,29 @@ mod tests {
         assert_eq!(strip_identity(&mut h, true), 4);
         assert_eq!(h.len(), 2);
         assert!(h.contains_key("accept") && h.contains_key("forwarded"));
+    }
+
+    #[test]
+    fn path_host_and_client_address_overrides_are_stripped_from_untrusted_clients() {
+        let sent = [
+            ("X-Original-URL", "/admin"),
+            ("x_rewrite_url", "/admin"),
+            ("X-Original-URI", "/admin"),
+            ("X-Original-Host", "admin.internal"),
+            ("X-Host", "admin.internal"),
+            ("X-Real-IP", "10.0.0.1"),
+            ("True-Client-IP", "10.0.0.1"),
+            ("X-Client-IP", "10.0.0.1"),
+            ("X-Cluster-Client-IP", "10.0.0.1"),
+            ("Client-IP", "10.0.0.1"),
+            ("accept", "*/*"),
+        ];
+        let mut untrusted = map(&sent);
+        assert_eq!(strip_identity(&mut untrusted, true), 10);
+        assert_eq!(untrusted.len(), 1, "{untrusted:?}");
+        // A trusted proxy in front may set them.
+        let mut trusted = map(&sent);
+        assert_eq!(strip_identity(&mut trusted, false), 0);
     }
 
     #[test]

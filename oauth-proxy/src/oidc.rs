@@ -112,13 +112,10 @@ impl Provider {
     /// Discovers the issuer and builds the client.
     pub async fn discover(config: &Config) -> Result<Self, Error> {
         let http = http_client(config.provider_ca_file.as_deref())?;
-        let issuer =
-            IssuerUrl::new(config.issuer_url.as_str().trim_end_matches('/').to_string()).map_err(|e| {
-                Error::Discovery {
-                    issuer: config.issuer_url.to_string(),
-                    message: e.to_string(),
-                }
-            })?;
+        let issuer = IssuerUrl::new(config.issuer_url.clone()).map_err(|e| Error::Discovery {
+            issuer: config.issuer_url.to_string(),
+            message: e.to_string(),
+        })?;
         let metadata = CoreProviderMetadata::discover_async(issuer.clone(), &http)
             .await
             .map_err(|e| Error::Discovery {

@@ -8,7 +8,7 @@
 //!    normalized path, or else needs a session (refreshed when due) that passes
 //!    the authorization rules, and then goes upstream with identity headers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -47,7 +47,13 @@ const LOGIN_WINDOW: u64 = 15 * 60;
 const COOKIE_CHUNK: usize = 3800;
 
 /// The last refresh of one session: when it happened and what it gave.
-type RefreshSlot = Arc<Mutex<Option<(u64, Arc<Session>)>>>;
+/// The last refresh of a session: when, and the refreshed session or `None` if it failed.
+type RefreshSlot = Arc<Mutex<Option<(u64, Option<Arc<Session>>)>>>;
+
+/// How long a failed refresh is remembered: the requests of a session that keep
+/// arriving meanwhile do not each ask the issuer again (and wait for its timeout when
+/// it is down).
+const REFRESH_RETRY: u64 = 10;
 
 pub struct App {
     pub config: Config,
@@ -70,11 +76,44 @@ pub struct App {
     upstream: Vec<HttpClient<HttpsConnector<HttpConnector>, Body>>,
     upstream_base: UpstreamBase,
     /// `state` values already redeemed, until their attempt would have expired.
-    used_states: Mutex<HashMap<String, u64>>,
+    used_states: Mutex<UsedStates>,
     /// Sessions signed out, until every cookie of theirs has expired: a copied cookie dies too.
     revoked: Mutex<SignedOut>,
     /// One refresh at a time per session; waiters reuse its result.
     refreshing: Mutex<HashMap<SessionId, RefreshSlot>>,
+}
+
+/// Most redeemed `state` values remembered: anyone can start logins and send their
+/// callbacks, so the set must not grow with them. Past it the oldest are forgotten
+/// early; a replay of one of those still fails at the issuer, whose code is single-use
+/// and bound to the login's PKCE verifier.
+const USED_STATES_MAX: usize = 16 * 1024;
+
+/// The `state` values of callbacks already served, in the order they were redeemed
+/// (which is also the order they expire: each lives [`LOGIN_WINDOW`]), so pruning
+/// takes from the front instead of scanning them all on every callback.
+#[derive(Default)]
+struct UsedStates {
+    order: VecDeque<(u64, String)>,
+    known: HashSet<String>,
+}
+
+impl UsedStates {
+    /// Records `state` as redeemed at `now`; false if it already was (a replay).
+    fn redeem(&mut self, state: &str, now: u64) -> bool {
+        while let Some((expires, _)) = self.order.front()
+            && (*expires <= now || self.order.len() >= USED_STATES_MAX)
+        {
+            if let Some((_, old)) = self.order.pop_front() {
+                self.known.remove(&old);
+            }
+        }
+        if !self.known.insert(state.to_string()) {
+            return false;
+        }
+        self.order.push_back((now + LOGIN_WINDOW, state.to_string()));
+        true
+    }
 }
 
 thread_local! {
@@ -187,6 +226,7 @@ impl<'a> Jar<'a> {
     }
 
     /// The distinct cookie names.
+    #[cfg(test)]
     fn names(&self) -> std::collections::HashSet<&'a str> {
         self.0.iter().map(|(k, _)| *k).collect()
     }
@@ -387,7 +427,7 @@ impl App {
             metrics: Metrics::default(),
             upstream,
             upstream_base,
-            used_states: Mutex::new(HashMap::new()),
+            used_states: Mutex::default(),
             revoked: Mutex::new(SignedOut::default()),
             refreshing: Mutex::new(HashMap::new()),
         }))
@@ -445,13 +485,26 @@ impl App {
         Ok(out)
     }
 
+    /// How many session chunks the request's cookies hold (one past the highest
+    /// `name_<n>`). Writing a session of fewer chunks must clear the rest: `join` would
+    /// glue a leftover chunk to the new ones, the session would not open, and the
+    /// browser would go round the login forever.
+    fn chunks_in(&self, headers: &HeaderMap) -> usize {
+        let name = &self.config.cookie_name;
+        let jar = cookies(headers);
+        (1..session::MAX_CHUNKS)
+            .rev()
+            .find(|i| jar.contains_key(&format!("{name}_{i}")))
+            .map_or(usize::from(jar.contains_key(name)), |i| i + 1)
+    }
+
     fn clear_session_cookies(&self, headers: &HeaderMap) -> Vec<String> {
         let name = &self.config.cookie_name;
         let options = self.cookie_options(None);
         let jar = cookies(headers);
         let mut out = vec![session::clear_cookie(name, &options)];
         out.extend(
-            (1..16)
+            (1..session::MAX_CHUNKS)
                 .map(|i| format!("{name}_{i}"))
                 .filter(|n| jar.contains_key(n))
                 .map(|n| session::clear_cookie(&n, &options)),
@@ -459,19 +512,24 @@ impl App {
         out
     }
 
-    /// Refreshes `session` when its access token is about to expire. Concurrent
-    /// requests of one session wait for the first one's refresh and reuse it.
-    async fn maybe_refresh(&self, session: Arc<Session>) -> (Arc<Session>, bool) {
+    /// Refreshes `session` when its access token is about to expire, and says whether
+    /// it did. Concurrent requests of one session wait for the first one's refresh and
+    /// reuse it. `None` when the refresh failed and the session's tokens have expired:
+    /// the issuer no longer vouches for the user (disabled, or the grant revoked), so
+    /// the session ends, as in oauth2-proxy; before they expire it is kept, so a short
+    /// outage of the issuer signs nobody out.
+    async fn maybe_refresh(&self, session: Arc<Session>) -> Option<(Arc<Session>, bool)> {
         let (Some(window), Some(refresh_token)) = (self.config.cookie_refresh, session.refresh_token.clone())
         else {
-            return (session, false);
+            return Some((session, false));
         };
         if session.expires_at > now() + window.as_secs() {
-            return (session, false);
+            return Some((session, false));
         }
         let Some(provider) = self.provider.get() else {
-            return (session, false);
+            return Some((session, false));
         };
+        let failed = |session: Arc<Session>| (session.expires_at > now()).then_some((session, false));
         let sid = session_id(&session);
         let slot = {
             let mut map = self.refreshing.lock().await;
@@ -483,10 +541,10 @@ impl App {
             map.entry(sid).or_default().clone()
         };
         let mut result = slot.lock().await;
-        if let Some((at, refreshed)) = result.as_ref()
-            && *at + 60 > now()
-        {
-            return (refreshed.clone(), true);
+        match result.as_ref() {
+            Some((at, Some(refreshed))) if *at + 60 > now() => return Some((refreshed.clone(), true)),
+            Some((at, None)) if *at + REFRESH_RETRY > now() => return failed(session),
+            _ => {}
         }
         let previous = Identity {
             subject: session.user.clone(),
@@ -503,12 +561,18 @@ impl App {
         match provider.refresh(&refresh_token, &previous).await {
             Ok(identity) => {
                 let refreshed = Arc::new(to_session(identity, session.created_at));
-                *result = Some((now(), refreshed.clone()));
-                (refreshed, true)
+                *result = Some((now(), Some(refreshed.clone())));
+                Some((refreshed, true))
             }
             Err(e) => {
-                tracing::info!(user = %session.user, error = %e, "refresh failed; the session stays until it expires");
-                (session, false)
+                *result = Some((now(), None));
+                let kept = failed(session.clone());
+                if kept.is_some() {
+                    tracing::info!(user = %session.user, error = %e, "refresh failed; the session stays until its tokens expire");
+                } else {
+                    tracing::info!(user = %session.user, error = %e, "refresh failed and the session's tokens have expired: the session ends");
+                }
+                kept
             }
         }
     }
@@ -582,14 +646,13 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -
         app.metrics.refused("no_session");
         return unauthenticated(&parts);
     };
-    let (session, refreshed) = app.maybe_refresh(session).await;
+    let Some((session, refreshed)) = app.maybe_refresh(session).await else {
+        app.metrics.refused("refresh_failed");
+        return unauthenticated(&parts);
+    };
     // Only a refreshed session is written back, over however many chunks it had.
     let previous_chunks = if refreshed {
-        cookies(&parts.headers)
-            .names()
-            .into_iter()
-            .filter(|k| k.starts_with(&app.config.cookie_name))
-            .count()
+        app.chunks_in(&parts.headers)
     } else {
         0
     };
@@ -975,9 +1038,7 @@ async fn callback(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
     }
     {
         let mut used = app.used_states.lock().await;
-        let t = now();
-        used.retain(|_, expires| *expires > t);
-        if used.insert(state.clone(), t + LOGIN_WINDOW).is_some() {
+        if !used.redeem(&state, now()) {
             app.metrics.refused("replay");
             return text(
                 StatusCode::FORBIDDEN,
@@ -999,7 +1060,8 @@ async fn callback(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
         return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
     }
     let mut response = redirect(&app.redirects.validate(&attempt.redirect));
-    let mut set = match app.session_cookies(&session, 0) {
+    // A new login replaces whatever session cookies the browser still holds, all chunks.
+    let mut set = match app.session_cookies(&session, app.chunks_in(headers)) {
         Ok(s) => s,
         Err(e) => {
             return text(
@@ -1432,6 +1494,24 @@ mod tests {
         );
         assert!(!jar.contains_key("c"));
         assert_eq!(jar.names().len(), 3);
+    }
+
+    #[test]
+    fn redeemed_states_are_single_use_expire_and_stay_bounded_under_a_flood() {
+        let mut used = UsedStates::default();
+        assert!(used.redeem("s1", 100));
+        assert!(!used.redeem("s1", 101), "a replay is refused");
+        assert!(!used.redeem("s1", 100 + LOGIN_WINDOW - 1));
+        assert!(
+            used.redeem("s1", 100 + LOGIN_WINDOW),
+            "forgotten once its login expired"
+        );
+        // Callbacks anyone can send: memory stays bounded and recent states still count.
+        for i in 0..USED_STATES_MAX + 100 {
+            used.redeem(&format!("flood-{i}"), 200);
+        }
+        assert!(used.order.len() <= USED_STATES_MAX && used.known.len() == used.order.len());
+        assert!(!used.redeem(&format!("flood-{}", USED_STATES_MAX + 99), 201));
     }
 
     #[test]

@@ -51,7 +51,7 @@ const AAD_LABEL: &[u8] = b"chassis-oauth-proxy session v1\0";
 /// Longest sealed text accepted, checked before any decoding work.
 const MAX_SEALED_LEN: usize = 64 * 1024;
 /// Most cookies [`join`] reads (`name`, `name_1`, ... `name_{MAX_CHUNKS-1}`).
-const MAX_CHUNKS: usize = 16;
+pub const MAX_CHUNKS: usize = 16;
 /// Browsers keep at most this many bytes of a cookie's name plus value.
 const MAX_COOKIE_LEN: usize = 4096;
 

@@ -429,10 +429,21 @@ async fn spoofed_forwarded_headers_from_an_untrusted_client_are_dropped() -> Res
             .header("X-Forwarded-Proto", "https")
             .header("X-Forwarded-For", "10.9.9.9")
             .header("Forwarded", "for=10.9.9.9;host=evil.com")
+            // What Symfony, Zend and IIS read as the path, nginx setups as the client.
+            .header("X-Original-URL", "/admin")
+            .header("X_Rewrite_URL", "/admin")
+            .header("X-Real-IP", "10.9.9.9")
+            .header("True-Client-IP", "10.9.9.9")
             .send()
             .await?,
     )
     .await?;
+    for name in ["x-original-url", "x_rewrite_url", "x-real-ip", "true-client-ip"] {
+        ensure!(
+            header(&echo, name).is_empty(),
+            "{name} reached the upstream: {echo}"
+        );
+    }
     let host = proxy.base.trim_start_matches("http://");
     ensure!(header(&echo, "x-forwarded-host") == [host], "{echo}");
     ensure!(header(&echo, "x-forwarded-uri").is_empty(), "{echo}");
@@ -1008,6 +1019,9 @@ enum Misbehaviour {
     ForeignAzp,
     /// `aud` lists another client beside ours.
     ExtraAudience,
+    /// Tokens live 5 s and come with a refresh token that the issuer then refuses
+    /// (`invalid_grant`), as when the user was disabled or the grant revoked.
+    ShortLivedRefusingRefresh,
 }
 
 /// One token request as the issuer saw it.
@@ -1026,6 +1040,12 @@ struct Authorization {
 }
 
 async fn test_issuer() -> Result<TestIssuer> {
+    test_issuer_named("").await
+}
+
+/// A [`TestIssuer`] whose identifier is its address followed by `suffix` (`"/"`: the
+/// form Auth0 uses).
+async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
     let dir = state_dir().join(format!("jwt-issuer-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let key = dir.join("key.pem");
@@ -1058,15 +1078,16 @@ async fn test_issuer() -> Result<TestIssuer> {
     use base64::Engine;
     let n = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://127.0.0.1:{}", listener.local_addr()?.port());
+    let base = format!("http://127.0.0.1:{}", listener.local_addr()?.port());
+    let url = format!("{base}{suffix}");
     let private_pem = std::fs::read(&key)?;
     let jwks =
         json!({"keys": [{"kty": "RSA", "kid": "k1", "use": "sig", "alg": "RS256", "n": n, "e": "AQAB"}]});
     let discovery = json!({
         "issuer": url,
-        "jwks_uri": format!("{url}/jwks"),
-        "authorization_endpoint": format!("{url}/authorize"),
-        "token_endpoint": format!("{url}/token"),
+        "jwks_uri": format!("{base}/jwks"),
+        "authorization_endpoint": format!("{base}/authorize"),
+        "token_endpoint": format!("{base}/token"),
         "response_types_supported": ["code"],
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": ["RS256"],
@@ -1150,13 +1171,20 @@ async fn test_issuer() -> Result<TestIssuer> {
                 }
                 Misbehaviour::ForeignAzp => claims["azp"] = json!("someone-else"),
                 Misbehaviour::ExtraAudience => claims["aud"] = json!(["chassis", "someone-else"]),
+                // Refresh requests carry no code: the branch above refuses them.
+                Misbehaviour::ShortLivedRefusingRefresh => claims["exp"] = json!(unix_now() + 5),
             }
             let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
             header.kid = Some("k1".into());
             match jsonwebtoken::encode(&header, &claims, &signing_key) {
                 Ok(id_token) => warp::reply::with_status(
-                    warp::reply::json(&json!({"access_token": "at", "token_type": "Bearer",
-                                              "expires_in": 300, "id_token": id_token})),
+                    warp::reply::json(&if mode == Misbehaviour::ShortLivedRefusingRefresh {
+                        json!({"access_token": "at", "token_type": "Bearer", "expires_in": 5,
+                               "refresh_token": "rt", "id_token": id_token})
+                    } else {
+                        json!({"access_token": "at", "token_type": "Bearer",
+                               "expires_in": 300, "id_token": id_token})
+                    }),
                     warp::http::StatusCode::OK,
                 ),
                 Err(_) => refuse("server_error"),
@@ -1207,15 +1235,19 @@ impl TestIssuer {
 /// (no form: its `/authorize` answers at once). Returns where the flow ended (status
 /// and body) and whether the browser's cookies then pass the proxy.
 async fn sign_in_at_test_issuer(proxy: &Proxy) -> Result<(u16, String, bool)> {
-    let jar = Arc::new(Jar::default());
-    let response = browser(&jar)?
+    sign_in_at_test_issuer_with(proxy, &Arc::new(Jar::default())).await
+}
+
+/// [`sign_in_at_test_issuer`] in a browser holding the cookies of `jar`.
+async fn sign_in_at_test_issuer_with(proxy: &Proxy, jar: &Arc<Jar>) -> Result<(u16, String, bool)> {
+    let response = browser(jar)?
         .get(proxy.url("/landing"))
         .header(ACCEPT, "text/html")
         .send()
         .await?;
     let status = response.status().as_u16();
     let body = response.text().await?;
-    let cookies = cookie_header(&jar, proxy).unwrap_or_default();
+    let cookies = cookie_header(jar, proxy).unwrap_or_default();
     let after = reqwest::Client::builder()
         .redirect(Policy::none())
         .build()?
@@ -1224,6 +1256,97 @@ async fn sign_in_at_test_issuer(proxy: &Proxy) -> Result<(u16, String, bool)> {
         .send()
         .await?;
     Ok((status, body, after.status() == 200))
+}
+
+#[tokio::test]
+async fn an_issuer_whose_identifier_ends_in_a_slash_is_discovered_and_trusted() -> Result<()> {
+    // Issuers compare as strings (OpenID Connect Discovery 4.3); Auth0's ends in `/`.
+    // Trimming it made discovery fail forever: the proxy never became ready.
+    let issuer = test_issuer_named("/").await?;
+    let upstream = format!("http://127.0.0.1:{}", echo_upstream().await?);
+    let proxy = Proxy::start_at(
+        "slash-issuer",
+        &upstream,
+        &issuer.url,
+        &["--skip-jwt-bearer-tokens", "true"],
+    )
+    .await?;
+    let (status, body, session) = sign_in_at_test_issuer(&proxy).await?;
+    ensure!(status == 200 && session, "the login: {status} {body}");
+    let mut claims = issuer.claims();
+    claims["aud"] = json!("chassis");
+    let token = issuer.sign(&claims, "k1")?;
+    let answer = reqwest::Client::new()
+        .get(proxy.url("/api"))
+        .bearer_auth(token)
+        .send()
+        .await?;
+    ensure!(
+        answer.status() == 200,
+        "a bearer token of the issuer: {}",
+        answer.status()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_session_whose_refresh_the_issuer_refuses_ends_when_its_tokens_expire() -> Result<()> {
+    // The issuer refuses the refresh (user disabled, grant revoked): the session must
+    // not live on for the cookie's whole lifetime (7 days) on stale claims.
+    let issuer = test_issuer().await?;
+    *issuer.misbehave.lock().map_err(|_| anyhow::anyhow!("lock"))? = Misbehaviour::ShortLivedRefusingRefresh;
+    let upstream = format!("http://127.0.0.1:{}", echo_upstream().await?);
+    let proxy = Proxy::start_at(
+        "refused-refresh",
+        &upstream,
+        &issuer.url,
+        &["--cookie-refresh", "1m"],
+    )
+    .await?;
+    let jar = Arc::new(Jar::default());
+    // Due for refresh at once (tokens live 5 s, the window is a minute); refused, but
+    // the tokens are still valid: the session stays.
+    let (status, body, session) = sign_in_at_test_issuer_with(&proxy, &jar).await?;
+    ensure!(status == 200 && session, "the login: {status} {body}");
+    let cookie = cookie_header(&jar, &proxy)?;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let after = reqwest::Client::builder()
+        .redirect(Policy::none())
+        .build()?
+        .get(proxy.url("/app"))
+        .header(COOKIE, cookie)
+        .send()
+        .await?;
+    ensure!(
+        after.status() == 401,
+        "tokens expired and the refresh refused, yet the session answered {}",
+        after.status()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_new_login_clears_the_chunks_left_from_a_longer_session() -> Result<()> {
+    // A browser still holds chunks of an earlier, longer session (more groups, or
+    // cookies sealed with a secret since rotated). The new session fits fewer cookies:
+    // unless the login clears the rest, they are glued to it, it never opens, and the
+    // browser goes round the login until the old chunks expire.
+    let issuer = test_issuer().await?;
+    let upstream = format!("http://127.0.0.1:{}", echo_upstream().await?);
+    let proxy = Proxy::start_at("stale-chunks", &upstream, &issuer.url, &[]).await?;
+    let jar = Arc::new(Jar::default());
+    let url: reqwest::Url = proxy.base.parse()?;
+    for chunk in ["_chassis_oauth_1", "_chassis_oauth_2"] {
+        jar.add_cookie_str(&format!("{chunk}=left-from-an-older-session; Path=/"), &url);
+    }
+    let (status, body, session) = sign_in_at_test_issuer_with(&proxy, &jar).await?;
+    ensure!(status == 200 && session, "the login: {status} {body}");
+    let held = cookie_header(&jar, &proxy)?;
+    ensure!(
+        !held.contains("_chassis_oauth_1"),
+        "a leftover chunk survived: {held}"
+    );
+    Ok(())
 }
 
 #[tokio::test]
