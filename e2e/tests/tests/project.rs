@@ -9,7 +9,7 @@ use chassis_api::tenancy::v1alpha1::{
 };
 use chassis_e2e::{Operator, cluster, unique, wait_for_condition, wait_until_gone};
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, DeleteParams, DynamicObject, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, ResourceExt};
 use serde_json::json;
 
@@ -119,6 +119,52 @@ async fn project_gets_its_namespace_and_deleting_it_removes_the_namespace() -> R
     // The real garbage collector removes the namespace once its owner is gone.
     projects.delete(&name, &DeleteParams::default()).await?;
     wait_until_gone(&namespaces, &name, Duration::from_secs(150)).await?;
+    templates.delete(&tpl, &DeleteParams::default()).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_child_the_api_server_refuses_is_reported_and_the_project_recovers_when_fixed() -> Result<()> {
+    // A template the API server cannot turn into a valid child (a LimitRange whose
+    // default exceeds its max): the project must say so, not sit silently half-made.
+    let op = Operator::shared();
+    let client = cluster().admin().await?;
+    let templates: Api<ProjectTemplate> = Api::all(client.clone());
+    let projects: Api<Project> = Api::all(client.clone());
+    let tpl = unique("badlimits");
+    let mut bad = template(&tpl, PodSecurityLevel::Baseline);
+    bad.spec.limit_range = Some(serde_json::from_value(json!({
+        "limits": [{"type": "Container", "default": {"cpu": "2"}, "max": {"cpu": "1"}}]
+    }))?);
+    templates.create(&PostParams::default(), &bad).await?;
+    let name = unique("refused");
+    projects
+        .create(&PostParams::default(), &project(&name, &tpl))
+        .await?;
+    let failing =
+        wait_for_condition(&projects, &name, "QuotaReady", "False", READY_TIMEOUT, Some(op)).await?;
+    let quota = chassis_e2e::condition(&failing, "QuotaReady").context("QuotaReady condition")?;
+    assert_eq!(quota.reason, "ApplyFailed");
+    assert!(
+        quota.message.contains("LimitRange") && quota.message.contains("max"),
+        "the message names the child and the API server's reason: {}",
+        quota.message
+    );
+    let ready = chassis_e2e::condition(&failing, "Ready").context("Ready condition")?;
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "ApplyFailed")
+    );
+
+    let fixed = json!({"spec": {"limitRange": {"limits": [
+        {"type": "Container", "default": {"cpu": "500m"}, "max": {"cpu": "1"}}
+    ]}}});
+    templates
+        .patch(&tpl, &PatchParams::default(), &Patch::Merge(&fixed))
+        .await?;
+    wait_for_condition(&projects, &name, "Ready", "True", READY_TIMEOUT, Some(op)).await?;
+
+    projects.delete(&name, &DeleteParams::default()).await?;
     templates.delete(&tpl, &DeleteParams::default()).await?;
     Ok(())
 }

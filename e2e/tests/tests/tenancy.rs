@@ -187,6 +187,33 @@ async fn deleted_or_edited_children_are_put_back() -> Result<()> {
         },
     )
     .await?;
+
+    // A limit removed outright: no field manager owns a removed field any more.
+    let remove: json_patch::Patch =
+        serde_json::from_value(serde_json::json!([{"op": "remove", "path": "/spec/hard/pods"}]))?;
+    quotas
+        .patch(
+            "chassis-project-quota",
+            &PatchParams {
+                field_manager: Some("kubectl-patch".into()),
+                ..Default::default()
+            },
+            &Patch::<()>::Json(remove),
+        )
+        .await?;
+    eventually(
+        "the removed quota limit to come back",
+        Duration::from_secs(20),
+        || async {
+            let quota = quotas.get("chassis-project-quota").await?;
+            let pods = quota
+                .spec
+                .and_then(|s| s.hard)
+                .and_then(|h| h.get("pods").cloned());
+            Ok(pods.map(|_| ()))
+        },
+    )
+    .await?;
     f.cleanup().await
 }
 

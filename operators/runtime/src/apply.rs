@@ -144,6 +144,37 @@ pub fn edited_by_others<K: Resource + Serialize>(desired: &K, observed: &K, ours
     })
 }
 
+/// Whether a field `desired` sets (outside `metadata` and `status`) is gone from
+/// `observed`: someone removed it (a JSON patch `remove`, a quota limit deleted in
+/// `kubectl edit`). A removed field belongs to no field manager any more, so
+/// [`edited_by_others`] cannot see it. Only presence is checked (values are
+/// [`edited_by_others`]'s business, as the API server normalizes them), and empty
+/// objects and lists are not required: the API server may drop them.
+pub fn lost_fields<K: Serialize>(desired: &K, observed: &K) -> bool {
+    let (Ok(wanted), Ok(have)) = (serde_json::to_value(desired), serde_json::to_value(observed)) else {
+        return true;
+    };
+    wanted.as_object().is_some_and(|fields| {
+        fields
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "metadata" | "status" | "apiVersion" | "kind"))
+            .any(|(k, v)| missing(v, have.get(k)))
+    })
+}
+
+/// Whether `want` has a non-empty value that `have` lacks.
+fn missing(want: &serde_json::Value, have: Option<&serde_json::Value>) -> bool {
+    use serde_json::Value;
+    match want {
+        Value::Object(fields) => fields
+            .iter()
+            .any(|(k, v)| missing(v, have.and_then(|h| h.get(k)))),
+        Value::Array(items) if items.is_empty() => false,
+        Value::Null => false,
+        _ => have.is_none_or(Value::is_null),
+    }
+}
+
 /// Whether the managedFields entry `key: sub` (relative to `wanted`) names a field
 /// that `wanted` sets.
 fn touches(key: &str, sub: &serde_json::Value, wanted: &serde_json::Value) -> bool {
@@ -203,7 +234,8 @@ where
         }
         (Some(want), Some(current))
             if metadata_matches(want, current)
-                && !edited_by_others(want, current, &[field_manager, &create_manager(field_manager)]) =>
+                && !edited_by_others(want, current, &[field_manager, &create_manager(field_manager)])
+                && !lost_fields(want, current) =>
         {
             Ok((Outcome::Unchanged, None))
         }
@@ -226,6 +258,7 @@ where
         (Some(want), current) => {
             let why = match current {
                 Some(c) if !metadata_matches(want, c) => "changed",
+                Some(c) if lost_fields(want, c) => "a field we set was removed",
                 _ => "edited by another field manager",
             };
             tracing::debug!(name, why, "applying");
@@ -495,6 +528,33 @@ mod drift_tests {
             )],
         );
         assert!(!edited_by_others(&desired, &ours, &["chassis-project"]));
+    }
+
+    #[test]
+    fn a_removed_field_we_set_is_drift_but_an_extra_or_empty_one_is_not() {
+        let desired = quota(serde_json::json!({"requests.cpu": "4", "pods": "20"}), vec![]);
+        // Nobody owns a removed field, so only its absence tells.
+        let removed = quota(serde_json::json!({"requests.cpu": "4"}), vec![]);
+        assert!(lost_fields(&desired, &removed));
+        let no_spec: ResourceQuota =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "q"}})).unwrap_or_default();
+        assert!(lost_fields(&desired, &no_spec));
+        let extra = quota(
+            serde_json::json!({"requests.cpu": "4", "pods": "20", "secrets": "3"}),
+            vec![],
+        );
+        assert!(!lost_fields(&desired, &extra));
+        // Values are compared by ownership, not here (`1000m` is stored as `1`).
+        let normalized = quota(serde_json::json!({"requests.cpu": "4000m", "pods": "20"}), vec![]);
+        assert!(!lost_fields(&desired, &normalized));
+        let empty = quota(serde_json::json!({}), vec![]);
+        let none: ResourceQuota =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "q"}, "spec": {}}))
+                .unwrap_or_default();
+        assert!(
+            !lost_fields(&empty, &none),
+            "an empty map the server dropped is not drift"
+        );
     }
 }
 

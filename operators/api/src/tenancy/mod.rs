@@ -36,4 +36,7 @@ pub mod reason {
     pub const NO_NETWORK_PROFILES: &str = "NoNetworkProfiles";
     pub const NETWORK_PROFILES_PENDING: &str = "NetworkProfilesPending";
     pub const NETWORK_PROFILE_NOT_FOUND: &str = "NetworkProfileNotFound";
+    /// The API server refused a child object (a RoleBinding to a role the operator
+    /// may not bind, a quota it rejects); the message has its answer.
+    pub const APPLY_FAILED: &str = "ApplyFailed";
 }

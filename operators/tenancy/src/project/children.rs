@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use super::{Error, build};
 
 /// The state of each part of a project after its children were reconciled.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Parts {
     /// Members bound: (binding name, ClusterRole, number of subjects).
     pub bindings: Vec<(String, String, usize)>,
@@ -30,6 +30,10 @@ pub struct Parts {
     pub network_profiles: Vec<(String, Option<bool>)>,
     /// Requests made (applies and deletes), for the write budget.
     pub writes: usize,
+    /// Why a RoleBinding could not be put in place, when the API server refused it.
+    pub rbac_failure: Option<String>,
+    /// Why the ResourceQuota or LimitRange could not be put in place.
+    pub quota_failure: Option<String>,
 }
 
 /// What a namespaced child kind needs to be observed and ensured.
@@ -189,14 +193,15 @@ async fn binding(
 
 /// Reconciles every namespaced child of `project` inside its namespace. The children
 /// are independent, so their requests go out together: a new project costs one round
-/// trip here, not five.
+/// trip here, not five. Each child is tried even when another fails; the parts that
+/// failed say why in [`Parts`], and the first error is returned for the retry.
 pub async fn reconcile(
     client: &Client,
     stores: &ChildStores,
     project: &Project,
     template: &ProjectTemplate,
     field_manager: &str,
-) -> Result<Parts, Error> {
+) -> (Parts, Option<Error>) {
     let namespace = project.name_any();
     let uid = project.uid().unwrap_or_default();
     let wanted_bindings = build::role_bindings(project, template);
@@ -209,21 +214,35 @@ pub async fn reconcile(
         owner_uid: &uid,
         field_manager,
     };
-    let bindings_done = futures::future::try_join_all(
+    let quota_done = ensure_cached(at, &stores.quotas, build::QUOTA_NAME, quota.as_ref());
+    let limits_done = ensure_cached(at, &stores.limits, build::LIMITS_NAME, limits.as_ref());
+    let bindings_done = futures::future::join_all(
         wanted_bindings
             .iter()
             .map(|(name, desired)| binding(at, stores, name, desired.as_ref())),
     );
-    let quota_done = ensure_cached(at, &stores.quotas, build::QUOTA_NAME, quota.as_ref());
-    let limits_done = ensure_cached(at, &stores.limits, build::LIMITS_NAME, limits.as_ref());
-    let (binding_outcomes, quota_outcome, limits_outcome) =
-        futures::future::try_join3(bindings_done, quota_done, limits_done).await?;
+    let (binding_results, quota_result, limits_result) =
+        futures::future::join3(bindings_done, quota_done, limits_done).await;
 
-    let outcomes: Vec<Outcome> = binding_outcomes
-        .into_iter()
-        .flatten()
-        .chain([quota_outcome, limits_outcome])
-        .collect();
+    let mut first_error = None;
+    let mut outcomes: Vec<Outcome> = Vec::new();
+    let mut failed = |error: Error, why: &mut Option<String>| {
+        why.get_or_insert_with(|| error.to_string());
+        first_error.get_or_insert(error);
+    };
+    let (mut rbac_failure, mut quota_failure) = (None, None);
+    for result in binding_results {
+        match result {
+            Ok(done) => outcomes.extend(done),
+            Err(error) => failed(error, &mut rbac_failure),
+        }
+    }
+    for result in [quota_result, limits_result] {
+        match result {
+            Ok(done) => outcomes.push(done),
+            Err(error) => failed(error, &mut quota_failure),
+        }
+    }
     let writes = outcomes
         .iter()
         .filter(|o| matches!(o, Outcome::Applied | Outcome::Deleted))
@@ -237,11 +256,14 @@ pub async fn reconcile(
         })
         .collect();
 
-    Ok(Parts {
+    let parts = Parts {
         bindings,
         quota: quota.is_some(),
         limits: limits.is_some(),
         network_profiles: Vec::new(),
         writes,
-    })
+        rbac_failure,
+        quota_failure,
+    };
+    (parts, first_error)
 }

@@ -252,19 +252,18 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
 
     // The namespaced children, once the namespace can hold them.
     let terminating = namespace.metadata.deletion_timestamp.is_some();
-    let parts = if terminating {
-        None
+    let (parts, child_error) = if terminating {
+        (None, None)
     } else {
-        Some(
-            children::reconcile(
-                &ctx.base.client,
-                &ctx.children,
-                &project,
-                &template,
-                &ctx.base.field_manager,
-            )
-            .await?,
+        let (parts, error) = children::reconcile(
+            &ctx.base.client,
+            &ctx.children,
+            &project,
+            &template,
+            &ctx.base.field_manager,
         )
+        .await;
+        (Some(parts), error)
     };
 
     let parts = parts.map(|mut p| {
@@ -276,8 +275,14 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
         p
     });
 
-    // Step 5: status, written only when it changes.
+    // Step 5: status, written only when it changes. A child the API server refused
+    // shows in its part's condition (and Ready) before the error goes to the retry.
     let status = status::reconciled(&project, &namespace, parts.as_ref());
+    if let Some(error) = child_error {
+        publish_if_changed(&ctx, &project, &status).await;
+        write_status(&ctx, &api, &project, status).await?;
+        return Err(error);
+    }
     write_status(&ctx, &api, &project, status).await?;
     // A cache lagging behind our writes needs no requeue: the watch event that
     // catches it up (our object, or its deletion) wakes the project.

@@ -76,7 +76,9 @@ pub fn reconciled(project: &Project, namespace: &Namespace, parts: Option<&Parts
 
 /// One condition per part: RBAC, quota and network.
 pub fn part_conditions(parts: &Parts) -> Vec<Desired<'static>> {
-    let rbac = if parts.bindings.is_empty() {
+    let rbac = if let Some(why) = &parts.rbac_failure {
+        Desired::new(condition::RBAC_READY, false, reason::APPLY_FAILED, why.clone())
+    } else if parts.bindings.is_empty() {
         Desired::new(
             condition::RBAC_READY,
             true,
@@ -92,6 +94,12 @@ pub fn part_conditions(parts: &Parts) -> Vec<Desired<'static>> {
         Desired::new(condition::RBAC_READY, true, reason::BOUND, bound.join("; "))
     };
     let quota = match (parts.quota, parts.limits) {
+        _ if parts.quota_failure.is_some() => Desired::new(
+            condition::QUOTA_READY,
+            false,
+            reason::APPLY_FAILED,
+            parts.quota_failure.clone().unwrap_or_default(),
+        ),
         (false, false) => Desired::new(
             condition::QUOTA_READY,
             true,

@@ -143,6 +143,32 @@ fn own_namespace_is_fine() {
 }
 
 #[test]
+fn a_refused_child_makes_its_part_and_the_project_not_ready_with_the_answer() {
+    let p = project("payments");
+    let ns = build::namespace(&p, &template());
+    let parts = Parts {
+        bindings: vec![("chassis-project-admins".into(), "monitoring-admin".into(), 1)],
+        rbac_failure: Some("applying RoleBinding payments/chassis-project-admins: forbidden".into()),
+        ..Default::default()
+    };
+    let status = status::reconciled(&p, &ns, Some(&parts));
+    let rbac = chassis_runtime::conditions::find(&status.conditions, "RBACReady").expect("RBACReady is set");
+    assert_eq!(
+        (rbac.status.as_str(), rbac.reason.as_str()),
+        ("False", reason::APPLY_FAILED)
+    );
+    assert!(rbac.message.contains("forbidden"), "{}", rbac.message);
+    let ready = chassis_runtime::conditions::find(&status.conditions, "Ready").expect("Ready is set");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", reason::APPLY_FAILED)
+    );
+    let quota =
+        chassis_runtime::conditions::find(&status.conditions, "QuotaReady").expect("QuotaReady is set");
+    assert_eq!(quota.status, "True", "the parts that worked say so");
+}
+
+#[test]
 fn status_is_stable_when_nothing_changes() {
     let mut p = project("payments");
     let ns = build::namespace(&p, &template());
@@ -150,8 +176,7 @@ fn status_is_stable_when_nothing_changes() {
         bindings: vec![],
         quota: false,
         limits: false,
-        network_profiles: vec![],
-        writes: 0,
+        ..Default::default()
     };
     let first = status::reconciled(&p, &ns, Some(&parts));
     assert!(chassis_runtime::conditions::is_true(&first.conditions, "Ready"));
@@ -248,7 +273,7 @@ fn bound_network_profiles_keep_the_project_from_ready_until_applied() {
         quota: false,
         limits: false,
         network_profiles: vec![("baseline".into(), Some(false))],
-        writes: 0,
+        ..Default::default()
     };
     let status = status::reconciled(&p, &ns, Some(&parts));
     let ready = chassis_runtime::conditions::find(&status.conditions, "Ready").expect("Ready is set");
@@ -381,9 +406,10 @@ async fn children_the_watch_has_not_delivered_cost_no_requests_until_it_passes_t
         seen
     });
     let client = kube::Client::new(service, "default");
-    let lagging = reconcile(&client, &stores, &p, &t, "chassis")
-        .await
-        .map_err(|e| e.to_string())?;
+    let lagging = match reconcile(&client, &stores, &p, &t, "chassis").await {
+        (parts, None) => parts,
+        (_, Some(e)) => return Err(e.to_string()),
+    };
     // Each watch delivers an event past version 5 (another object's, or a deletion):
     // the caches are exact now, and they do not hold the children.
     fn passed<K: Child + Default>(progress: &Progress) {
@@ -394,9 +420,10 @@ async fn children_the_watch_has_not_delivered_cost_no_requests_until_it_passes_t
     passed::<RoleBinding>(&rb);
     passed::<ResourceQuota>(&quota);
     passed::<LimitRange>(&limits);
-    let caught_up = reconcile(&client, &stores, &p, &t, "chassis")
-        .await
-        .map_err(|e| e.to_string())?;
+    let caught_up = match reconcile(&client, &stores, &p, &t, "chassis").await {
+        (parts, None) => parts,
+        (_, Some(e)) => return Err(e.to_string()),
+    };
     drop(client);
     let seen = server.await.map_err(|e| e.to_string())?;
     assert_eq!(
