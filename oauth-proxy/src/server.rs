@@ -46,7 +46,6 @@ const LOGIN_WINDOW: u64 = 15 * 60;
 /// Browsers cap one cookie at 4096 bytes including its attributes.
 const COOKIE_CHUNK: usize = 3800;
 
-/// The last refresh of one session: when it happened and what it gave.
 /// The last refresh of a session: when, and the refreshed session or `None` if it failed.
 type RefreshSlot = Arc<Mutex<Option<(u64, Option<Arc<Session>>)>>>;
 
@@ -498,6 +497,20 @@ impl App {
             .map_or(usize::from(jar.contains_key(name)), |i| i + 1)
     }
 
+    /// Adds the Set-Cookie headers of a refreshed session to `response`.
+    fn write_refreshed(&self, response: &mut Response<Body>, session: &Session, previous_chunks: usize) {
+        match self.session_cookies(session, previous_chunks) {
+            Ok(set) => {
+                for c in set {
+                    if let Ok(v) = HeaderValue::from_str(&c) {
+                        response.headers_mut().append(SET_COOKIE, v);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not write the refreshed session"),
+        }
+    }
+
     fn clear_session_cookies(&self, headers: &HeaderMap) -> Vec<String> {
         let name = &self.config.cookie_name;
         let options = self.cookie_options(None);
@@ -662,16 +675,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -
     }
     let mut response = proxy(&app, parts, body, &normalized, remote, Some(session.as_ref())).await;
     if refreshed {
-        match app.session_cookies(&session, previous_chunks) {
-            Ok(set) => {
-                for c in set {
-                    if let Ok(v) = HeaderValue::from_str(&c) {
-                        response.headers_mut().append(SET_COOKIE, v);
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "could not write the refreshed session"),
-        }
+        app.write_refreshed(&mut response, &session, previous_chunks);
     }
     response
 }
@@ -1133,10 +1137,17 @@ async fn userinfo(app: &App, headers: &HeaderMap) -> Response<Body> {
     )
 }
 
-/// For ingress `auth_request`: 202 with X-Auth-Request-* headers, or 401/403.
+/// For ingress `auth_request`: 202 with X-Auth-Request-* headers, or 401/403. A
+/// session due for refresh is refreshed as on proxied requests (its new cookies in
+/// Set-Cookie, for the ingress to pass on, as with oauth2-proxy), so the access
+/// token handed on does not go stale and a refresh the issuer refuses ends it.
 async fn auth(app: &App, headers: &HeaderMap) -> Response<Body> {
     let Some(s) = app.session(headers).await else {
         return text(StatusCode::UNAUTHORIZED, "unauthorized");
+    };
+    let Some((s, refreshed)) = app.maybe_refresh(s).await else {
+        app.metrics.refused("refresh_failed");
+        return text(StatusCode::UNAUTHORIZED, "unauthorized: the session has ended");
     };
     if let Some(why) = app.authorized(&s).await {
         return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
@@ -1148,6 +1159,9 @@ async fn auth(app: &App, headers: &HeaderMap) -> Response<Body> {
         app.config.pass_access_token,
     ) {
         return text(StatusCode::FORBIDDEN, format!("forbidden: {e}"));
+    }
+    if refreshed {
+        app.write_refreshed(&mut response, &s, app.chunks_in(headers));
     }
     response
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use chassis_e2e::{Background, free_port, repo_root, state_dir};
 use reqwest::cookie::{CookieStore, Jar};
-use reqwest::header::{ACCEPT, COOKIE, HeaderValue};
+use reqwest::header::{ACCEPT, COOKIE, HeaderValue, SET_COOKIE};
 use reqwest::redirect::Policy;
 use serde_json::{Value, json};
 use warp::Filter;
@@ -787,6 +787,50 @@ async fn concurrent_requests_on_a_session_due_for_refresh_cause_one_refresh() ->
         refreshes == 1.0,
         "12 concurrent requests made {refreshes} refreshes"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn ingress_auth_requests_refresh_a_session_that_is_due() -> Result<()> {
+    // Behind an ingress in auth_request mode the proxy sees only /oauth2/auth: unless
+    // it refreshes there, the access token it hands on goes stale after 10 s.
+    let proxy = Proxy::start(
+        "auth-refresh",
+        echo_upstream().await?,
+        &["--cookie-refresh", "6s", "--pass-access-token", "true"],
+    )
+    .await?;
+    let jar = Arc::new(Jar::default());
+    echoed(login(&browser(&jar)?, &proxy, "/", "alice").await?).await?;
+    let cookie = cookie_header(&jar, &proxy)?;
+    let ask = || async {
+        let r = reqwest::Client::new()
+            .get(proxy.url("/oauth2/auth"))
+            .header(COOKIE, cookie.clone())
+            .send()
+            .await?;
+        let token = r
+            .headers()
+            .get("x-auth-request-access-token")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let sets = r.headers().get_all(SET_COOKIE).iter().count();
+        Ok::<_, anyhow::Error>((r.status().as_u16(), token, sets))
+    };
+    let (status, first, sets) = ask().await?;
+    ensure!(
+        status == 202 && first.is_some() && sets == 0,
+        "not due yet: {status} {sets}"
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (status, second, sets) = ask().await?;
+    ensure!(status == 202, "due: {status}");
+    ensure!(sets >= 1, "the refreshed session comes back in Set-Cookie");
+    ensure!(
+        second.is_some() && second != first,
+        "a fresh access token is handed on"
+    );
+    ensure!(proxy.metric("chassis_oauth_proxy_refreshes").await? == 1.0);
     Ok(())
 }
 
