@@ -249,7 +249,9 @@ async fn facts(
     names.extend(recent.of(&user, Instant::now()));
     facts.user_projects = names.len();
     let allowed = decide(&request.name, &user, &request.operation, &facts).is_ok();
-    if allowed && !request.dry_run {
+    // A name already taken fails after admission (AlreadyExists): recorded, it would
+    // count against the user's limit for RECENT_WINDOW without being a project.
+    if allowed && !request.dry_run && !caches.project_exists(&request.name) {
         recent.record(&user, &request.name, Instant::now());
     }
     Ok(facts)
@@ -324,6 +326,11 @@ impl Projects {
         Self { store, synced }
     }
 
+    /// Whether a Project named `name` exists (whoever requested it), once listed.
+    fn exists(&self, name: &str) -> bool {
+        self.synced.get() && self.store.get(&ObjectRef::new(name)).is_some()
+    }
+
     /// The live Projects `user` requested, once the cache has listed.
     fn of(&self, user: &str) -> Option<BTreeSet<String>> {
         self.synced.get().then(|| {
@@ -363,6 +370,12 @@ impl Caches {
         self.projects
             .get_or_init(|| Projects::start(&self.client, self.shutdown.clone()))
             .of(user)
+    }
+
+    /// Whether the Project cache holds a project named `name` (any requester): its
+    /// create will fail with AlreadyExists.
+    fn project_exists(&self, name: &str) -> bool {
+        self.projects.get().is_some_and(|p| p.exists(name))
     }
 
     fn template(&self, name: &str) -> Option<Arc<ProjectTemplate>> {
@@ -760,6 +773,8 @@ mod tests {
             "before the first list the API server is asked"
         );
         sync.done().await;
+        // A create of a taken name fails after admission: it must not be recorded.
+        assert!(projects.exists("b1") && !projects.exists("free"));
         assert_eq!(
             projects.of("alice"),
             Some(BTreeSet::from(["a1".to_string()])),
