@@ -432,9 +432,10 @@ impl Granted {
 /// follows, so seconds are plenty).
 const RECENT_WINDOW: Duration = Duration::from_secs(30);
 
-/// Projects this webhook admitted in the last [`RECENT_WINDOW`], per user. One
-/// replica serves admission at a time in a normal install; across replicas only the
-/// project cache counts.
+/// Projects this webhook admitted in the last [`RECENT_WINDOW`], per user. Each
+/// replica knows only its own: the chart runs two that both serve admission, so a
+/// burst of creates spread over them can pass the limit on each before their caches
+/// show the other's (a known limit, in docs/projects.md).
 #[derive(Debug, Default)]
 pub struct Recent {
     admitted: HashMap<String, Vec<(String, Instant)>>,
