@@ -146,8 +146,10 @@ async fn a_child_the_api_server_refuses_is_reported_and_the_project_recovers_whe
     let quota = chassis_e2e::condition(&failing, "QuotaReady").context("QuotaReady condition")?;
     assert_eq!(quota.reason, "ApplyFailed");
     assert!(
-        quota.message.contains("LimitRange") && quota.message.contains("max"),
-        "the message names the child and the API server's reason: {}",
+        quota.message.contains("LimitRange")
+            && quota.message.contains("max")
+            && !quota.message.contains("Status {"),
+        "the message names the child and the API server's reason, in a sentence: {}",
         quota.message
     );
     let ready = chassis_e2e::condition(&failing, "Ready").context("Ready condition")?;

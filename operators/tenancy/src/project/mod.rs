@@ -49,6 +49,10 @@ pub enum Error {
     },
     #[error("writing status of project {name}: {source}")]
     WriteStatus { name: String, source: kube::Error },
+    #[error(
+        "RoleBinding {name} cannot change to ClusterRole {role}: the operator may not bind it (RBAC's escalation check), so the binding is left as it is; grant the operator \"bind\" on that ClusterRole (the chart's tenancy.bindableRoles)"
+    )]
+    NotBindable { name: String, role: String },
 }
 
 impl Error {
@@ -58,6 +62,20 @@ impl Error {
             Self::ApplyNamespace { .. } => "apply_namespace",
             Self::ApplyChild { .. } => "apply_child",
             Self::WriteStatus { .. } => "write_status",
+            Self::NotBindable { .. } => "not_bindable",
+        }
+    }
+
+    /// The error as a condition message: for a refused child, the API server's own
+    /// sentence without the debug form of its answer that kube's message carries.
+    pub fn for_status(&self) -> String {
+        match self {
+            Self::ApplyChild {
+                kind,
+                name,
+                source: kube::Error::Api(answer),
+            } => format!("{kind} {name}: {}", answer.message),
+            other => other.to_string(),
         }
     }
 }
@@ -278,12 +296,13 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
     // Step 5: status, written only when it changes. A child the API server refused
     // shows in its part's condition (and Ready) before the error goes to the retry.
     let status = status::reconciled(&project, &namespace, parts.as_ref());
-    if let Some(error) = child_error {
+    if child_error.is_some() {
         publish_if_changed(&ctx, &project, &status).await;
-        write_status(&ctx, &api, &project, status).await?;
-        return Err(error);
     }
     write_status(&ctx, &api, &project, status).await?;
+    if let Some(error) = child_error {
+        return Err(error);
+    }
     // A cache lagging behind our writes needs no requeue: the watch event that
     // catches it up (our object, or its deletion) wakes the project.
     Ok(ctx.base.success(&key, RESYNC))

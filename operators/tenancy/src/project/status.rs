@@ -93,33 +93,31 @@ pub fn part_conditions(parts: &Parts) -> Vec<Desired<'static>> {
             .collect();
         Desired::new(condition::RBAC_READY, true, reason::BOUND, bound.join("; "))
     };
-    let quota = match (parts.quota, parts.limits) {
-        _ if parts.quota_failure.is_some() => Desired::new(
-            condition::QUOTA_READY,
-            false,
-            reason::APPLY_FAILED,
-            parts.quota_failure.clone().unwrap_or_default(),
-        ),
-        (false, false) => Desired::new(
-            condition::QUOTA_READY,
-            true,
-            reason::NO_QUOTA,
-            "the template sets no ResourceQuota or LimitRange",
-        ),
-        (quota, limits) => {
-            let mut applied = Vec::new();
-            if quota {
-                applied.push(format!("ResourceQuota {}", build::QUOTA_NAME));
-            }
-            if limits {
-                applied.push(format!("LimitRange {}", build::LIMITS_NAME));
-            }
-            Desired::new(
+    let quota = if let Some(why) = &parts.quota_failure {
+        Desired::new(condition::QUOTA_READY, false, reason::APPLY_FAILED, why.clone())
+    } else {
+        match (parts.quota, parts.limits) {
+            (false, false) => Desired::new(
                 condition::QUOTA_READY,
                 true,
-                reason::APPLIED,
-                format!("{} in place", applied.join(" and ")),
-            )
+                reason::NO_QUOTA,
+                "the template sets no ResourceQuota or LimitRange",
+            ),
+            (quota, limits) => {
+                let mut applied = Vec::new();
+                if quota {
+                    applied.push(format!("ResourceQuota {}", build::QUOTA_NAME));
+                }
+                if limits {
+                    applied.push(format!("LimitRange {}", build::LIMITS_NAME));
+                }
+                Desired::new(
+                    condition::QUOTA_READY,
+                    true,
+                    reason::APPLIED,
+                    format!("{} in place", applied.join(" and ")),
+                )
+            }
         }
     };
     let network = network_condition(&parts.network_profiles);

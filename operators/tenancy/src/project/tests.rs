@@ -439,3 +439,80 @@ async fn children_the_watch_has_not_delivered_cost_no_requests_until_it_passes_t
     assert!(seen.iter().all(|r| r.starts_with("POST ")), "{seen:?}");
     Ok(())
 }
+
+/// A binding whose role the template changed is replaced (roleRef cannot change in
+/// place). When the operator may not bind the new role, the old binding must stay:
+/// deleting it and then failing the create would leave the members with no access.
+#[tokio::test]
+async fn a_binding_is_not_deleted_for_a_role_the_operator_may_not_bind() -> Result<(), String> {
+    use http::{Request, Response};
+    use kube::client::Body;
+    use kube::runtime::{reflector, watcher};
+
+    use chassis_runtime::overlay::Progress;
+
+    use super::children::{Cached, ChildStores, reconcile};
+
+    let mut p = project("payments");
+    p.spec.admins = vec![member(SubjectKind::User, "alice", None)];
+    let t = template();
+    let mut bound = build::role_bindings(&p, &t)
+        .into_iter()
+        .find_map(|(_, b)| b)
+        .ok_or("an admins binding")?;
+    // As it was made under the template's previous admin role.
+    bound.role_ref.name = "previous-admin".into();
+    let (reader, mut writer) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Apply(bound));
+    let stores = ChildStores {
+        role_bindings: Cached::new(reader, Progress::default()),
+        quotas: Cached::new(reflector::store().0, Progress::default()),
+        limits: Cached::new(reflector::store().0, Progress::default()),
+    };
+
+    for allowed in [false, true] {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let server = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while let Some((request, send)) = handle.next_request().await {
+                let (method, path) = (request.method().clone(), request.uri().path().to_string());
+                seen.push(format!("{method} {path}"));
+                let body = request.into_body().collect_bytes().await.unwrap_or_default();
+                let mut object = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default();
+                let (status, answer) = if path.ends_with("/selfsubjectaccessreviews") {
+                    object["status"] = serde_json::json!({ "allowed": allowed });
+                    (201, object)
+                } else if method == http::Method::DELETE {
+                    (200, serde_json::json!({"kind": "Status", "status": "Success"}))
+                } else {
+                    // The apply of the new binding: answered with what was sent.
+                    object["metadata"]["resourceVersion"] = "9".into();
+                    (200, object)
+                };
+                let answer = serde_json::to_vec(&answer).unwrap_or_default();
+                if let Ok(response) = Response::builder().status(status).body(Body::from(answer)) {
+                    send.send_response(response);
+                }
+            }
+            seen
+        });
+        let client = kube::Client::new(service, "default");
+        let (parts, error) = reconcile(&client, &stores, &p, &t, "chassis").await;
+        drop(client);
+        let seen = server.await.map_err(|e| e.to_string())?;
+        let deleted = seen.iter().any(|r| r.starts_with("DELETE "));
+        if allowed {
+            assert!(error.is_none() && deleted, "{error:?} {seen:?}");
+            assert_eq!(parts.rbac_failure, None);
+        } else {
+            assert!(!deleted, "the binding was deleted: {seen:?}");
+            assert!(
+                matches!(error, Some(super::Error::NotBindable { .. })),
+                "{error:?}"
+            );
+            let why = parts.rbac_failure.unwrap_or_default();
+            assert!(why.contains("may not bind") && why.contains("admin"), "{why}");
+        }
+    }
+    Ok(())
+}
