@@ -198,24 +198,44 @@ mod tests {
 /// (`410 Gone` after the API server closed a slow watch, or a restart of the API
 /// server), an object created meanwhile was looked up in the old store, not found, and
 /// dropped without a retry: 1000 projects at once left some of them never reconciled.
+///
+/// An object deleted while the watch was down is simply missing from the new list, and
+/// the reflector drops it without an event; it is handed on as a `Delete` (its last
+/// known state) once the list is in, so what it woke when deleted (an owner, the
+/// projects of a template) is woken now instead of at the next resync.
 fn replay_after_init<K>(
     events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
     store: kube::runtime::reflector::Store<K>,
 ) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>
 where
     K: kube::Resource + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     use futures::StreamExt;
     use futures::future::Either;
+    use kube::runtime::reflector::ObjectRef;
+    // What the store held when the list began (the reflector swaps it only at InitDone).
+    let mut before = Vec::new();
     events.flat_map(move |event| match event {
+        Ok(watcher::Event::Init) => {
+            before = store.state();
+            Either::Left(futures::stream::iter(Some(Ok(watcher::Event::Init))))
+        }
         Ok(watcher::Event::InitApply(_)) => Either::Left(futures::stream::iter(None)),
         Ok(watcher::Event::InitDone) => {
-            let replay = store
-                .state()
+            let gone = std::mem::take(&mut before)
                 .into_iter()
-                .map(|object| Ok(watcher::Event::InitApply(K::clone(&object))))
-                .chain(std::iter::once(Ok(watcher::Event::InitDone)));
+                .filter(|old| store.get(&ObjectRef::from_obj(old)).is_none())
+                .map(|old| Ok(watcher::Event::Delete(K::clone(&old))));
+            let replay: Vec<_> = gone
+                .chain(
+                    store
+                        .state()
+                        .into_iter()
+                        .map(|object| Ok(watcher::Event::InitApply(K::clone(&object)))),
+                )
+                .chain(std::iter::once(Ok(watcher::Event::InitDone)))
+                .collect();
             Either::Right(futures::stream::iter(replay))
         }
         other => Either::Left(futures::stream::iter(Some(other))),
@@ -276,6 +296,34 @@ mod replay_tests {
             list.sort();
         }
         assert_eq!(lists, [vec!["a"], vec!["a", "b"], vec!["c"]]);
+    }
+
+    #[tokio::test]
+    async fn an_object_deleted_while_the_watch_was_down_is_handed_on_as_deleted() {
+        let (store, writer) = reflector::store::<ConfigMap>();
+        let events = [
+            Event::Init,
+            Event::InitApply(map("a")),
+            Event::InitApply(map("b")),
+            Event::InitDone,
+            // The watch is lost; "a" is deleted meanwhile: the relist has only "b".
+            Event::Init,
+            Event::InitApply(map("b")),
+            Event::InitDone,
+        ];
+        let events = futures::stream::iter(events.map(Ok)).reflect(writer);
+        let stream = replay_after_init(events, store.clone());
+        let deleted: Vec<String> = stream
+            .filter_map(|event| async move {
+                match event {
+                    Ok(Event::Delete(o)) => Some(o.name_any()),
+                    _ => None,
+                }
+            })
+            .collect()
+            .await;
+        assert_eq!(deleted, ["a"], "only what vanished, once");
+        assert!(store.get(&ObjectRef::new("a")).is_none());
     }
 }
 
