@@ -98,8 +98,8 @@ fn canonical(name: &HeaderName) -> std::borrow::Cow<'_, str> {
 /// (so `x_forwarded_user`, `X-FORWARDED-USER`, `x-forwarded_user` and all
 /// duplicates go). With `strip_all_forwarded`, also every header whose canonical
 /// name starts with `x-forwarded-` or `x-auth-request-` (the caller then sets
-/// `X-Forwarded-For`/`-Proto`/`-Host` itself) or is one of [`ROUTING_HEADERS`]. Returns how many header fields
-/// (values, counting duplicates) were removed.
+/// `X-Forwarded-For`/`-Proto`/`-Host` itself) or is one of [`ROUTING_HEADERS`].
+/// Returns how many header fields (values, counting duplicates) were removed.
 pub fn strip_identity(headers: &mut HeaderMap, strip_all_forwarded: bool) -> usize {
     let doomed: Vec<HeaderName> = headers
         .keys()

@@ -1063,7 +1063,7 @@ enum Misbehaviour {
     ForeignAzp,
     /// `aud` lists another client beside ours.
     ExtraAudience,
-    /// Tokens live 5 s and come with a refresh token that the issuer then refuses
+    /// Tokens live 8 s and come with a refresh token that the issuer then refuses
     /// (`invalid_grant`), as when the user was disabled or the grant revoked.
     ShortLivedRefusingRefresh,
 }
@@ -1216,14 +1216,14 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
                 Misbehaviour::ForeignAzp => claims["azp"] = json!("someone-else"),
                 Misbehaviour::ExtraAudience => claims["aud"] = json!(["chassis", "someone-else"]),
                 // Refresh requests carry no code: the branch above refuses them.
-                Misbehaviour::ShortLivedRefusingRefresh => claims["exp"] = json!(unix_now() + 5),
+                Misbehaviour::ShortLivedRefusingRefresh => claims["exp"] = json!(unix_now() + 8),
             }
             let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
             header.kid = Some("k1".into());
             match jsonwebtoken::encode(&header, &claims, &signing_key) {
                 Ok(id_token) => warp::reply::with_status(
                     warp::reply::json(&if mode == Misbehaviour::ShortLivedRefusingRefresh {
-                        json!({"access_token": "at", "token_type": "Bearer", "expires_in": 5,
+                        json!({"access_token": "at", "token_type": "Bearer", "expires_in": 8,
                                "refresh_token": "rt", "id_token": id_token})
                     } else {
                         json!({"access_token": "at", "token_type": "Bearer",
@@ -1348,12 +1348,12 @@ async fn a_session_whose_refresh_the_issuer_refuses_ends_when_its_tokens_expire(
     )
     .await?;
     let jar = Arc::new(Jar::default());
-    // Due for refresh at once (tokens live 5 s, the window is a minute); refused, but
+    // Due for refresh at once (tokens live 8 s, the window is a minute); refused, but
     // the tokens are still valid: the session stays.
     let (status, body, session) = sign_in_at_test_issuer_with(&proxy, &jar).await?;
     ensure!(status == 200 && session, "the login: {status} {body}");
     let cookie = cookie_header(&jar, &proxy)?;
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::time::sleep(Duration::from_secs(9)).await;
     let after = reqwest::Client::builder()
         .redirect(Policy::none())
         .build()?
