@@ -1262,6 +1262,13 @@ fn unix_now() -> i64 {
 }
 
 impl TestIssuer {
+    /// A proxy (named `name` in its log) in front of a fresh echo upstream that signs
+    /// in at this issuer.
+    async fn proxy(&self, name: &str, extra: &[&str]) -> Result<Proxy> {
+        let upstream = format!("http://127.0.0.1:{}", echo_upstream().await?);
+        Proxy::start_at(name, &upstream, &self.url, extra).await
+    }
+
     fn sign(&self, claims: &Value, kid: &str) -> Result<String> {
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
         header.kid = Some(kid.into());
@@ -1307,14 +1314,9 @@ async fn an_issuer_whose_identifier_ends_in_a_slash_is_discovered_and_trusted() 
     // Issuers compare as strings (OpenID Connect Discovery 4.3); Auth0's ends in `/`.
     // Trimming it made discovery fail forever: the proxy never became ready.
     let issuer = test_issuer_named("/").await?;
-    let upstream = format!("http://127.0.0.1:{}", echo_upstream().await?);
-    let proxy = Proxy::start_at(
-        "slash-issuer",
-        &upstream,
-        &issuer.url,
-        &["--skip-jwt-bearer-tokens", "true"],
-    )
-    .await?;
+    let proxy = issuer
+        .proxy("slash-issuer", &["--skip-jwt-bearer-tokens", "true"])
+        .await?;
     let (status, body, session) = sign_in_at_test_issuer(&proxy).await?;
     ensure!(status == 200 && session, "the login: {status} {body}");
     let mut claims = issuer.claims();
@@ -1339,14 +1341,9 @@ async fn a_session_whose_refresh_the_issuer_refuses_ends_when_its_tokens_expire(
     // not live on for the cookie's whole lifetime (7 days) on stale claims.
     let issuer = test_issuer().await?;
     *issuer.misbehave.lock().map_err(|_| anyhow::anyhow!("lock"))? = Misbehaviour::ShortLivedRefusingRefresh;
-    let upstream = format!("http://127.0.0.1:{}", echo_upstream().await?);
-    let proxy = Proxy::start_at(
-        "refused-refresh",
-        &upstream,
-        &issuer.url,
-        &["--cookie-refresh", "1m"],
-    )
-    .await?;
+    let proxy = issuer
+        .proxy("refused-refresh", &["--cookie-refresh", "1m"])
+        .await?;
     let jar = Arc::new(Jar::default());
     // Due for refresh at once (tokens live 8 s, the window is a minute); refused, but
     // the tokens are still valid: the session stays.
@@ -1376,8 +1373,7 @@ async fn a_new_login_clears_the_chunks_left_from_a_longer_session() -> Result<()
     // unless the login clears the rest, they are glued to it, it never opens, and the
     // browser goes round the login until the old chunks expire.
     let issuer = test_issuer().await?;
-    let upstream = format!("http://127.0.0.1:{}", echo_upstream().await?);
-    let proxy = Proxy::start_at("stale-chunks", &upstream, &issuer.url, &[]).await?;
+    let proxy = issuer.proxy("stale-chunks", &[]).await?;
     let jar = Arc::new(Jar::default());
     let url: reqwest::Url = proxy.base.parse()?;
     for chunk in ["_chassis_oauth_1", "_chassis_oauth_2"] {
@@ -1396,8 +1392,7 @@ async fn a_new_login_clears_the_chunks_left_from_a_longer_session() -> Result<()
 #[tokio::test]
 async fn id_tokens_with_a_bad_nonce_a_foreign_azp_or_an_extra_audience_are_refused() -> Result<()> {
     let issuer = test_issuer().await?;
-    let upstream = format!("http://127.0.0.1:{}", echo_upstream().await?);
-    let proxy = Proxy::start_at("rogue-issuer", &upstream, &issuer.url, &[]).await?;
+    let proxy = issuer.proxy("rogue-issuer", &[]).await?;
     let set = |mode| -> Result<()> {
         *issuer.misbehave.lock().map_err(|_| anyhow::anyhow!("lock"))? = mode;
         Ok(())
