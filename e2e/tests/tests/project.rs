@@ -381,6 +381,61 @@ async fn a_template_naming_a_missing_role_is_not_ready_until_the_role_exists() -
     Ok(())
 }
 
+/// The operator runs with the chart's RBAC, which lets it bind only
+/// `tenancy.bindableRoles`, or a role whose every permission it holds itself (RBAC's
+/// escalation check). The template says so before any project fails on it.
+#[tokio::test]
+async fn a_template_naming_a_role_the_operator_may_not_bind_is_not_ready() -> Result<()> {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule};
+    let op = Operator::shared();
+    let client = cluster().admin().await?;
+    let templates: Api<ProjectTemplate> = Api::all(client.clone());
+    let roles: Api<ClusterRole> = Api::all(client.clone());
+
+    // Not among bindableRoles, but the operator holds its only permission.
+    let small = unique("reads-namespaces");
+    let mut cr = ClusterRole::default();
+    cr.metadata.name = Some(small.clone());
+    cr.rules = Some(vec![PolicyRule {
+        api_groups: Some(vec![String::new()]),
+        resources: Some(vec!["namespaces".into()]),
+        verbs: vec!["get".into()],
+        ..Default::default()
+    }]);
+    roles.create(&PostParams::default(), &cr).await?;
+
+    let name = unique("tpl");
+    let mut escalating = template(&name, PodSecurityLevel::Restricted);
+    escalating.spec.roles.admin = "cluster-admin".into();
+    escalating.spec.roles.view = small.clone();
+    templates.create(&PostParams::default(), &escalating).await?;
+    let waiting = wait_for_condition(&templates, &name, "Ready", "False", READY_TIMEOUT, Some(op)).await?;
+    let ready = chassis_e2e::condition(&waiting, "Ready").context("Ready condition")?;
+    assert_eq!(ready.reason, "RoleNotBindable");
+    assert!(
+        ready
+            .message
+            .starts_with("roles.admin: the operator may not bind ClusterRole \"cluster-admin\""),
+        "{}",
+        ready.message
+    );
+    assert!(!ready.message.contains(&small), "{}", ready.message);
+    assert!(
+        ready.message.contains("tenancy.bindableRoles"),
+        "{}",
+        ready.message
+    );
+
+    let mut fixed = templates.get(&name).await?;
+    fixed.spec.roles.admin = "admin".into();
+    templates.replace(&name, &PostParams::default(), &fixed).await?;
+    wait_for_condition(&templates, &name, "Ready", "True", READY_TIMEOUT, Some(op)).await?;
+
+    templates.delete(&name, &DeleteParams::default()).await?;
+    roles.delete(&small, &DeleteParams::default()).await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_template_change_reaches_the_namespace_and_removed_labels_go_away() -> Result<()> {
     let op = Operator::shared();

@@ -9,12 +9,14 @@
 //! ```
 //!
 //! The ProjectTemplate controller checks that the template's member roles name
-//! existing ClusterRoles and reports `Ready` on the template.
+//! existing ClusterRoles the operator may bind ([`bind`]) and reports `Ready` on the
+//! template.
 //!
 //! It reads the cluster only through reflector stores and writes through
 //! chassis-runtime's server-side apply; builders in [`project::build`] never touch a
 //! client.
 
 pub mod admission;
+pub mod bind;
 pub mod project;
 pub mod template;

@@ -1,5 +1,6 @@
 //! The ProjectTemplate controller: checks what the schema cannot (the member roles
-//! name ClusterRoles that exist) and reports it as `Ready` with `observedGeneration`.
+//! name ClusterRoles that exist and that the operator may bind) and reports it as
+//! `Ready` with `observedGeneration`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,8 @@ use chassis_runtime::Context;
 use chassis_runtime::conditions::{Desired, upsert};
 use chassis_runtime::controller::{InitialSync, Running, Settings, Synced};
 use chassis_runtime::metrics::Metrics;
+
+use crate::bind;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
@@ -26,12 +29,36 @@ pub const NAME: &str = "projecttemplate";
 pub mod reason {
     pub const ACCEPTED: &str = "Accepted";
     pub const ROLE_NOT_FOUND: &str = "RoleNotFound";
+    pub const ROLE_NOT_BINDABLE: &str = "RoleNotBindable";
+}
+
+/// Where the bind check's dry-run bindings go: a namespace every cluster has. The
+/// operator may create RoleBindings in every namespace, so the answer there is the
+/// answer in a project's namespace.
+const CHECK_NAMESPACE: &str = "default";
+
+/// How often a template whose roles cannot be bound looks again: granting the
+/// operator `bind` changes RBAC, which nothing here watches.
+const RECHECK_NOT_BINDABLE: Duration = Duration::from_secs(60);
+
+/// What the checks found, in the order they run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Accepted,
+    RoleNotFound(String),
+    RoleNotBindable(String),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("writing status of template {name}: {source}")]
     WriteStatus { name: String, source: kube::Error },
+    #[error("checking whether the operator may bind ClusterRole {role} (template {name}): {source}")]
+    BindCheck {
+        name: String,
+        role: String,
+        source: kube::Error,
+    },
 }
 
 pub struct TemplateContext {
@@ -60,14 +87,45 @@ pub fn validate(template: &ProjectTemplate, role_exists: impl Fn(&str) -> bool) 
     }
 }
 
-/// The status for a validation result.
-pub fn status(template: &ProjectTemplate, result: &Result<(), String>) -> ProjectTemplateStatus {
+/// The distinct roles a template binds, each with the first of its member kinds.
+fn roles(template: &ProjectTemplate) -> Vec<(&'static str, &str)> {
+    let roles = &template.spec.roles;
+    let mut all: Vec<(&'static str, &str)> = Vec::new();
+    for (kind, role) in [
+        ("admin", &roles.admin),
+        ("edit", &roles.edit),
+        ("view", &roles.view),
+    ] {
+        if !all.iter().any(|(_, seen)| *seen == role.as_str()) {
+            all.push((kind, role.as_str()));
+        }
+    }
+    all
+}
+
+/// The sentence for the roles the API server would not let the operator bind.
+pub fn not_bindable(refused: &[(&str, &str, String)]) -> String {
+    let each: Vec<String> = refused
+        .iter()
+        .map(|(kind, role, why)| {
+            format!("roles.{kind}: the operator may not bind ClusterRole {role:?} ({why})")
+        })
+        .collect();
+    format!(
+        "{}; projects using this template would get no such binding: grant the operator \"bind\" on the role (the chart's tenancy.bindableRoles)",
+        each.join("; ")
+    )
+}
+
+/// The status for a verdict.
+pub fn status(template: &ProjectTemplate, verdict: &Verdict) -> ProjectTemplateStatus {
     let generation = template.metadata.generation;
     let mut status = template.status.clone().unwrap_or_default();
     status.observed_generation = generation;
-    let ready = match result {
-        Ok(()) => Desired::new(READY, true, reason::ACCEPTED, "projects can use this template"),
-        Err(why) => Desired::new(READY, false, reason::ROLE_NOT_FOUND, why.clone()),
+    let ready = match verdict {
+        Verdict::Accepted => Desired::new(READY, true, reason::ACCEPTED, "projects can use this template"),
+        Verdict::RoleNotFound(why) => Desired::new(READY, false, reason::ROLE_NOT_FOUND, why.clone()),
+        Verdict::RoleNotBindable(why) => Desired::new(READY, false, reason::ROLE_NOT_BINDABLE, why.clone()),
     };
     upsert(&mut status.conditions, ready, generation, Timestamp::now());
     status
@@ -79,10 +137,33 @@ async fn reconcile(template: Arc<ProjectTemplate>, ctx: Arc<TemplateContext>) ->
     }
     let _timer = ctx.base.metrics.reconcile();
     let name = template.name_any();
-    let result = validate(&template, |role| {
+    let found = validate(&template, |role| {
         ctx.cluster_roles.get(&ObjectRef::new(role)).is_some()
     });
-    let new = status(&template, &result);
+    let verdict = match found {
+        Err(why) => Verdict::RoleNotFound(why),
+        Ok(()) => {
+            let mut refused = Vec::new();
+            for (kind, role) in roles(&template) {
+                let answer = bind::refusal(&ctx.base.client, CHECK_NAMESPACE, role)
+                    .await
+                    .map_err(|source| Error::BindCheck {
+                        name: name.clone(),
+                        role: role.to_string(),
+                        source,
+                    })?;
+                if let Some(why) = answer {
+                    refused.push((kind, role, why));
+                }
+            }
+            if refused.is_empty() {
+                Verdict::Accepted
+            } else {
+                Verdict::RoleNotBindable(not_bindable(&refused))
+            }
+        }
+    };
+    let new = status(&template, &verdict);
     if template.status.as_ref() != Some(&new) {
         let api: Api<ProjectTemplate> = Api::all(ctx.base.client.clone());
         let patch = serde_json::json!({ "status": new });
@@ -93,13 +174,22 @@ async fn reconcile(template: Arc<ProjectTemplate>, ctx: Arc<TemplateContext>) ->
                 source,
             })?;
     }
-    // A missing role is picked up by the ClusterRole watch, not by polling.
-    Ok(ctx.base.success(&name, Duration::from_secs(600)))
+    // A missing role or a change of a role's rules is picked up by the ClusterRole
+    // watch; a grant of "bind" only by looking again.
+    let again = match verdict {
+        Verdict::RoleNotBindable(_) => RECHECK_NOT_BINDABLE,
+        _ => Duration::from_secs(600),
+    };
+    Ok(ctx.base.success(&name, again))
 }
 
 fn error_policy(template: Arc<ProjectTemplate>, error: &Error, ctx: Arc<TemplateContext>) -> Action {
     tracing::warn!(template = %template.name_any(), error = %error, "reconcile failed");
-    ctx.base.retry_after_error(&template.name_any(), "write_status")
+    let kind = match error {
+        Error::WriteStatus { .. } => "write_status",
+        Error::BindCheck { .. } => "bind_check",
+    };
+    ctx.base.retry_after_error(&template.name_any(), kind)
 }
 
 /// Wires the ProjectTemplate controller.
@@ -156,8 +246,28 @@ mod tests {
             result,
             Err("roles.edit: ClusterRole \"editor-typo\" does not exist".to_string())
         );
-        let ready = status(&t, &result);
+        let ready = status(&t, &Verdict::RoleNotFound(result.err().unwrap_or_default()));
         assert_eq!(ready.conditions[0].reason, reason::ROLE_NOT_FOUND);
         assert!(validate(&t, |_| true).is_ok());
+    }
+
+    #[test]
+    fn each_role_is_checked_once_and_a_refusal_names_the_role_and_the_fix() {
+        let mut t = ProjectTemplate::new("t", ProjectTemplateSpec::default());
+        t.spec.roles.admin = "cluster-admin".into();
+        t.spec.roles.edit = "cluster-admin".into();
+        assert_eq!(roles(&t), vec![("admin", "cluster-admin"), ("view", "view")]);
+
+        let why = not_bindable(&[("admin", "cluster-admin", "not currently held".into())]);
+        assert!(
+            why.starts_with(
+                "roles.admin: the operator may not bind ClusterRole \"cluster-admin\" (not currently held)"
+            ),
+            "{why}"
+        );
+        assert!(why.contains("tenancy.bindableRoles"), "{why}");
+        let ready = status(&t, &Verdict::RoleNotBindable(why));
+        assert_eq!(ready.conditions[0].reason, reason::ROLE_NOT_BINDABLE);
+        assert_eq!(ready.conditions[0].status, "False");
     }
 }

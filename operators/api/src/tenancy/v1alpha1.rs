@@ -66,7 +66,8 @@ pub struct ProjectTemplateSpec {
     #[serde(default)]
     pub roles: ProjectRoles,
 
-    /// How many projects one user may request with this template (unlimited when unset).
+    /// How many projects one user may have in all (whatever their templates) when they
+    /// create one with this template; unlimited when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_projects_per_user: Option<i32>,

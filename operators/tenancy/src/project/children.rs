@@ -7,18 +7,16 @@ use std::sync::Arc;
 use chassis_api::tenancy::v1alpha1::{Project, ProjectTemplate};
 use chassis_runtime::apply::{self, Outcome};
 use chassis_runtime::overlay::{Overlay, Progress};
-use k8s_openapi::api::authorization::v1::{
-    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
-};
 use k8s_openapi::api::core::v1::{LimitRange, ResourceQuota};
 use k8s_openapi::api::rbac::v1::RoleBinding;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{Error, build};
+use crate::bind;
 
 /// The state of each part of a project after its children were reconciled.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -183,10 +181,15 @@ async fn binding(
     // Deleting first and then failing the create (the API server refuses a binding to
     // a role the operator may not bind) would leave the members with no binding at all:
     // ask first.
-    if !may_bind(at.client, &want.role_ref.name).await.map_err(&failed)? {
+    let role = &want.role_ref.name;
+    if let Some(why) = bind::refusal(at.client, at.namespace, role)
+        .await
+        .map_err(&failed)?
+    {
         return Err(Error::NotBindable {
             name: key.clone(),
-            role: want.role_ref.name.clone(),
+            role: role.clone(),
+            why,
         });
     }
     let api: Api<RoleBinding> = Api::namespaced(at.client.clone(), at.namespace);
@@ -201,28 +204,6 @@ async fn binding(
     stores.role_bindings.written.record(&key, applied);
     outcomes.push(Outcome::Applied);
     Ok(outcomes)
-}
-
-/// Whether the operator may bind the ClusterRole `role` (a SelfSubjectAccessReview
-/// for the verb `bind`, what RBAC's escalation check looks for first).
-async fn may_bind(client: &Client, role: &str) -> Result<bool, kube::Error> {
-    let review = SelfSubjectAccessReview {
-        spec: SelfSubjectAccessReviewSpec {
-            resource_attributes: Some(ResourceAttributes {
-                group: Some("rbac.authorization.k8s.io".into()),
-                resource: Some("clusterroles".into()),
-                verb: Some("bind".into()),
-                name: Some(role.into()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let answer = Api::<SelfSubjectAccessReview>::all(client.clone())
-        .create(&PostParams::default(), &review)
-        .await?;
-    Ok(answer.status.is_some_and(|s| s.allowed))
 }
 
 /// Reconciles every namespaced child of `project` inside its namespace. The children

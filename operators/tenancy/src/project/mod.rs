@@ -50,9 +50,9 @@ pub enum Error {
     #[error("writing status of project {name}: {source}")]
     WriteStatus { name: String, source: kube::Error },
     #[error(
-        "RoleBinding {name} cannot change to ClusterRole {role}: the operator may not bind it (RBAC's escalation check), so the binding is left as it is; grant the operator \"bind\" on that ClusterRole (the chart's tenancy.bindableRoles)"
+        "RoleBinding {name} cannot change to ClusterRole {role}: the operator may not bind it ({why}), so the binding is left as it is; grant the operator \"bind\" on that ClusterRole (the chart's tenancy.bindableRoles)"
     )]
-    NotBindable { name: String, role: String },
+    NotBindable { name: String, role: String, why: String },
 }
 
 impl Error {

@@ -476,12 +476,19 @@ async fn a_binding_is_not_deleted_for_a_role_the_operator_may_not_bind() -> Resu
             let mut seen = Vec::new();
             while let Some((request, send)) = handle.next_request().await {
                 let (method, path) = (request.method().clone(), request.uri().path().to_string());
+                let request_query = request.uri().query().unwrap_or_default().to_string();
                 seen.push(format!("{method} {path}"));
                 let body = request.into_body().collect_bytes().await.unwrap_or_default();
                 let mut object = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default();
-                let (status, answer) = if path.ends_with("/selfsubjectaccessreviews") {
-                    object["status"] = serde_json::json!({ "allowed": allowed });
+                let dry_run = request_query.contains("dryRun=All");
+                let (status, answer) = if dry_run && allowed {
                     (201, object)
+                } else if dry_run {
+                    let refused = "user \"op\" is attempting to grant RBAC permissions not currently held";
+                    (
+                        403,
+                        serde_json::json!({"kind": "Status", "code": 403, "reason": "Forbidden", "message": refused}),
+                    )
                 } else if method == http::Method::DELETE {
                     (200, serde_json::json!({"kind": "Status", "status": "Success"}))
                 } else {
@@ -511,7 +518,10 @@ async fn a_binding_is_not_deleted_for_a_role_the_operator_may_not_bind() -> Resu
                 "{error:?}"
             );
             let why = parts.rbac_failure.unwrap_or_default();
-            assert!(why.contains("may not bind") && why.contains("admin"), "{why}");
+            assert!(
+                why.contains("may not bind") && why.contains("admin") && why.contains("not currently held"),
+                "{why}"
+            );
         }
     }
     Ok(())
