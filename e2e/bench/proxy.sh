@@ -68,7 +68,7 @@ launch_chassis() {
   local port=$1 metrics=$2; shift 2
   "$@" target/release-small/chassis-oauth-proxy --http-address "127.0.0.1:$port" --metrics-address "127.0.0.1:$metrics" \
     --upstream "http://127.0.0.1:$up" --oidc-issuer-url "$issuer" --client-id chassis --client-secret chassis-secret \
-    --redirect-url "http://127.0.0.1:$chassis/oauth2/callback" --cookie-secure false \
+    --redirect-url "http://127.0.0.1:$chassis/oauth2/callback" --cookie-secure false --email-domains '*' \
     --cookie-secret MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY= >"$work/chassis-$port.log" 2>&1 &
 }
 launch_o2p() {

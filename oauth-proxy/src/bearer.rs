@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 use tokio::sync::{Mutex, RwLock};
@@ -37,7 +37,8 @@ pub const ALLOWED_ALGORITHMS: [Algorithm; 8] = [
 
 pub struct Issuer {
     pub issuer: String,
-    pub audience: String,
+    /// Every audience configured for this issuer (`issuer=aud` may repeat).
+    pub audiences: Vec<String>,
     jwks_uri: String,
     keys: RwLock<JwkSet>,
     last_fetch: Mutex<Option<Instant>>,
@@ -78,6 +79,32 @@ fn unverified_payload(token: &str) -> Option<serde_json::Map<String, Value>> {
     serde_json::from_slice(&bytes).ok()
 }
 
+/// The keys of a JWK set that this verifier can use. Issuers publish keys of types
+/// and algorithms it does not know (X25519 for encryption, ES512, post-quantum
+/// keys); parsing the set as a whole would refuse all keys for one of those.
+fn key_set(document: Value) -> Result<JwkSet, String> {
+    let Some(Value::Array(entries)) = document.get("keys") else {
+        return Err("not a JWK set: no \"keys\" array".into());
+    };
+    let keys: Vec<Jwk> = entries
+        .iter()
+        .filter_map(|entry| match serde_json::from_value::<Jwk>(entry.clone()) {
+            Ok(key) => Some(key),
+            Err(e) => {
+                tracing::debug!(kid = ?entry.get("kid"), error = %e, "skipping a JWK of a type or algorithm not supported");
+                None
+            }
+        })
+        .collect();
+    if keys.is_empty() && !entries.is_empty() {
+        return Err(format!(
+            "none of its {} keys is of a supported type",
+            entries.len()
+        ));
+    }
+    Ok(JwkSet { keys })
+}
+
 impl BearerVerifier {
     /// Discovers each `(issuer, audience)` pair's JWKS.
     pub async fn discover(
@@ -91,8 +118,18 @@ impl BearerVerifier {
                 "bearer clock skew {skew:?} is over the limit of {MAX_SKEW:?}"
             ));
         }
-        let mut issuers = Vec::new();
+        // One verifier per issuer, with all of its audiences: a token is matched by
+        // `iss`, so a second pair for the same issuer must add an audience, not hide.
+        let mut grouped: Vec<(&String, Vec<String>)> = Vec::new();
         for (issuer, audience) in pairs {
+            match grouped.iter_mut().find(|(i, _)| *i == issuer) {
+                Some((_, audiences)) if !audiences.contains(audience) => audiences.push(audience.clone()),
+                Some(_) => {}
+                None => grouped.push((issuer, vec![audience.clone()])),
+            }
+        }
+        let mut issuers = Vec::new();
+        for (issuer, audiences) in grouped {
             let url = format!(
                 "{}/.well-known/openid-configuration",
                 issuer.trim_end_matches('/')
@@ -106,11 +143,11 @@ impl BearerVerifier {
                 .and_then(Value::as_str)
                 .ok_or_else(|| format!("{url} has no jwks_uri"))?
                 .to_string();
-            let keys: JwkSet = serde_json::from_value(fetch_json(&http, &jwks_uri).await?)
-                .map_err(|e| format!("{jwks_uri}: not a JWK set: {e}"))?;
+            let keys =
+                key_set(fetch_json(&http, &jwks_uri).await?).map_err(|e| format!("{jwks_uri}: {e}"))?;
             issuers.push(Arc::new(Issuer {
                 issuer: issuer.clone(),
-                audience: audience.clone(),
+                audiences,
                 jwks_uri,
                 keys: RwLock::new(keys),
                 last_fetch: Mutex::new(Some(Instant::now())),
@@ -130,10 +167,7 @@ impl BearerVerifier {
             return false;
         }
         *last = Some(Instant::now());
-        match fetch_json(&self.http, &issuer.jwks_uri)
-            .await
-            .and_then(|v| serde_json::from_value::<JwkSet>(v).map_err(|e| e.to_string()))
-        {
+        match fetch_json(&self.http, &issuer.jwks_uri).await.and_then(key_set) {
             Ok(keys) => {
                 *issuer.keys.write().await = keys;
                 true
@@ -179,7 +213,7 @@ impl BearerVerifier {
         validation.leeway = self.skew.as_secs();
         validation.validate_nbf = true;
         validation.set_issuer(&[&issuer.issuer]);
-        validation.set_audience(&[&issuer.audience]);
+        validation.set_audience(&issuer.audiences);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         let verified = jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, &key, &validation)
             .map_err(|e| format!("refused: {e}"))?
@@ -252,6 +286,7 @@ impl BearerVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn a_token_that_is_not_three_parts_has_no_payload() {
@@ -261,6 +296,24 @@ mod tests {
             unverified_payload("e30.e30.").is_some(),
             "{{}} . {{}} . empty signature"
         );
+    }
+
+    #[test]
+    fn keys_of_unsupported_types_are_skipped_not_fatal() {
+        let rsa = json!({"kty": "RSA", "kid": "k1", "use": "sig", "alg": "RS256", "n": "sXch", "e": "AQAB"});
+        let set = json!({"keys": [
+            {"kty": "OKP", "crv": "X25519", "kid": "enc", "use": "enc", "x": "hSDwCYkwp1R0i33ctD73Wg2_Og0mOBr066SpjqqbTmo"},
+            {"kty": "EC", "crv": "P-521", "kid": "e5", "alg": "ES512", "x": "AA", "y": "AA"},
+            {"kty": "AKP", "kid": "pq", "alg": "ML-DSA-44", "pub": "AA"},
+            rsa,
+        ]});
+        // jsonwebtoken refuses the whole set for one key it does not know.
+        assert!(serde_json::from_value::<JwkSet>(set.clone()).is_err());
+        let keys = key_set(set).map(|s| s.keys).unwrap_or_default();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].common.key_id.as_deref(), Some("k1"));
+        assert!(key_set(json!({"keys": [{"kty": "AKP"}]})).is_err());
+        assert!(key_set(json!({"nokeys": []})).is_err());
     }
 
     #[test]

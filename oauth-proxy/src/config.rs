@@ -491,6 +491,11 @@ impl Config {
         if config.http_address == config.metrics_address {
             return Err("metrics-address: must differ from http-address".into());
         }
+        // Without a rule every account the issuer can sign in gets through (any Google
+        // or GitHub user, with a public issuer). oauth2-proxy refuses that too.
+        if config.allowed_groups.is_empty() && config.email_domains.is_empty() && config.sar.is_none() {
+            return Err("allowed-groups, email-domains, sar-resource-attributes: none is set, so every account the issuer signs in would get through; set one (email-domains: \"*\" lets in every verified email address on purpose)".into());
+        }
         Ok(config)
     }
 }
@@ -507,8 +512,31 @@ mod tests {
             client_secret: Some("s3cret".into()),
             redirect_url: Some("https://app.example.com/oauth2/callback".into()),
             cookie_secret: Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into()),
+            email_domains: Some(vec!["example.com".into()]),
             ..Flags::default()
         }
+    }
+
+    #[test]
+    fn a_proxy_without_any_authorization_rule_does_not_start() -> Result<(), String> {
+        let mut flags = minimal();
+        flags.email_domains = None;
+        let err = Config::merge(&flags, File::default()).err().unwrap_or_default();
+        assert!(
+            err.contains("every account the issuer signs in would get through")
+                && err.contains("email-domains"),
+            "{err}"
+        );
+        // Any one rule will do, from any source.
+        flags.allowed_groups = Some(vec!["developers".into()]);
+        Config::merge(&flags, File::default())?;
+        flags.allowed_groups = None;
+        Config::merge(&flags, file("email-domains: ['*']\n")?)?;
+        Config::merge(
+            &flags,
+            file("sar-resource-attributes: {verb: get, resource: services}\n")?,
+        )?;
+        Ok(())
     }
 
     fn file(yaml: &str) -> Result<File, String> {
@@ -623,6 +651,7 @@ mod tests {
     fn flags_win_over_the_file() -> Result<(), String> {
         let mut flags = minimal();
         flags.cookie_name = Some("_from_flag".into());
+        flags.email_domains = None;
         let c = Config::merge(
             &flags,
             file("cookie-name: _from_file\nemail-domains: [corp.example]\n")?,

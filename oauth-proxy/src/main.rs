@@ -109,8 +109,7 @@ fn start_serving_threads(
     Ok(threads)
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
-    let app = App::new(config).map_err(anyhow::Error::msg)?;
+async fn run(app: Arc<App>) -> anyhow::Result<()> {
     if app.config.sar.is_some() {
         let client = kube_client(app.config.kubeconfig.as_deref()).await?;
         let _ = app.kube.set(client);
@@ -161,8 +160,10 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let config = match Config::load(&flags) {
-        Ok(c) => c,
+    // The whole configuration is checked here, the cookie secret and the redirect
+    // allow-list included, so `--config-test` and a start fail alike (exit 2).
+    let app = match Config::load(&flags).and_then(App::new) {
+        Ok(app) => app,
         Err(e) => {
             eprintln!("chassis-oauth-proxy: invalid configuration: {e}");
             return ExitCode::from(2);
@@ -184,7 +185,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(app)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("chassis-oauth-proxy: {e:#}");

@@ -240,6 +240,11 @@ fn cookies(headers: &HeaderMap) -> Jar<'_> {
 
 /// How long an allowed SubjectAccessReview is reused (refusals are never reused).
 const SAR_TTL: u64 = 30;
+/// How long a SubjectAccessReview may take before the request is refused (the
+/// client has no read timeout of its own; a hung API server must not hang users).
+const SAR_TIMEOUT: Duration = Duration::from_secs(5);
+/// Kubernetes' reserved prefix for users and groups.
+const SYSTEM_PREFIX: &str = "system:";
 
 impl App {
     /// Every authorization rule: groups, email domains, then Kubernetes RBAC.
@@ -261,7 +266,18 @@ impl App {
         let Some(client) = self.kube.get() else {
             return Some("the Kubernetes API is not reachable yet".into());
         };
-        let mut groups = session.groups.clone();
+        // `system:` names belong to the cluster (`system:masters` passes every review);
+        // an issuer's claims must not reach them, as the API server's own OIDC
+        // authenticator refuses them.
+        if session.user.starts_with(SYSTEM_PREFIX) {
+            return Some(format!("{} is a reserved Kubernetes user name", session.user));
+        }
+        let mut groups: Vec<String> = session
+            .groups
+            .iter()
+            .filter(|g| !g.starts_with(SYSTEM_PREFIX))
+            .cloned()
+            .collect();
         groups.push("system:authenticated".into());
         let review = k8s_openapi::api::authorization::v1::SubjectAccessReview {
             spec: k8s_openapi::api::authorization::v1::SubjectAccessReviewSpec {
@@ -274,7 +290,12 @@ impl App {
         };
         let api: kube::Api<k8s_openapi::api::authorization::v1::SubjectAccessReview> =
             kube::Api::all(client.clone());
-        match api.create(&kube::api::PostParams::default(), &review).await {
+        let params = kube::api::PostParams::default();
+        let asked = tokio::time::timeout(SAR_TIMEOUT, api.create(&params, &review));
+        match asked
+            .await
+            .unwrap_or_else(|_| Err(kube::Error::Service("no answer in time".into())))
+        {
             Ok(answer) if answer.status.as_ref().is_some_and(|s| s.allowed) => {
                 let mut cache = self.sar_allowed.lock().await;
                 let t = now();
@@ -407,14 +428,15 @@ impl App {
     }
 
     pub fn new(config: Config) -> Result<Arc<Self>, String> {
-        let sealer = Sealer::new(&config.cookie_secret, &[])?;
-        let redirects = RedirectPolicy::new(&config.whitelist_domains)?;
+        let sealer = Sealer::new(&config.cookie_secret, &[]).map_err(|e| format!("cookie-secret: {e}"))?;
+        let redirects =
+            RedirectPolicy::new(&config.whitelist_domains).map_err(|e| format!("whitelist-domains: {e}"))?;
         let upstream = (0..config.worker_threads.max(1))
             .map(|_| upstream_client(&config))
             .collect::<Result<Vec<_>, _>>()?;
         let upstream_base = UpstreamBase::new(&config.upstream)?;
         let opened = OpenedSessions::new(&config.cookie_name);
-        Ok(Arc::new(Self {
+        let app = Self {
             config,
             provider: OnceCell::new(),
             bearer: OnceCell::new(),
@@ -429,7 +451,14 @@ impl App {
             used_states: Mutex::default(),
             revoked: Mutex::new(SignedOut::default()),
             refreshing: Mutex::new(HashMap::new()),
-        }))
+        };
+        // A cookie the browser would refuse (a `__Host-` name with a domain, a domain
+        // with a port) would fail every login: refuse it at start-up instead.
+        for name in [app.config.cookie_name.clone(), app.csrf_cookie()] {
+            session::set_cookie(&name, "x", &app.cookie_options(None))
+                .map_err(|e| format!("cookie-name, cookie-domain, cookie-secure, cookie-samesite: {e}"))?;
+        }
+        Ok(Arc::new(app))
     }
 
     fn cookie_options(&self, max_age: Option<u64>) -> CookieOptions {
@@ -646,7 +675,15 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -
         if let Ok(uri) = Uri::builder().path_and_query(pq).build() {
             parts.uri = uri;
         }
-        return own_routes(app, Request::from_parts(parts, body)).await;
+        let mut response = own_routes(app, Request::from_parts(parts, body)).await;
+        // Identities, sign-in redirects and auth answers are per user: never from a
+        // shared cache (oauth2-proxy sets the same on its /oauth2/ routes).
+        if normalized.starts_with("/oauth2/") {
+            response
+                .headers_mut()
+                .insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        }
+        return response;
     }
     if app.config.skip_auth_paths.iter().any(|r| r.is_match(&normalized)) {
         return proxy(&app, parts, body, &normalized, remote, None).await;

@@ -59,6 +59,8 @@ fn start_idp() -> Result<Idp> {
             user("bob", "bob@corp.example", false, &["qa"]),
             user("carol", "carol@corp.example", true, &["qa"]),
             user("mallory", "mallory@evil.com@corp.example", true, &["developers"]),
+            // A group name the issuer lets users pick, naming the cluster's own.
+            user("eve", "eve@example.com", true, &["system:masters"]),
         ],
     });
     let path = state_dir().join(format!("oidc-{}.json", std::process::id()));
@@ -112,6 +114,77 @@ struct Proxy {
     metrics: String,
 }
 
+/// The proxy as `make build` leaves it.
+fn proxy_binary() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| repo_root().join("target"), std::path::PathBuf::from)
+        .join("debug/chassis-oauth-proxy")
+}
+
+/// A configuration that would let the whole issuer in, or fail every login, is
+/// refused by `--config-test` and at start-up alike, with a sentence and exit code 2.
+#[test]
+fn a_configuration_that_would_let_everyone_in_or_break_logins_is_refused_at_start() -> Result<()> {
+    let check = |extra: &[&str]| -> Result<(Option<i32>, String)> {
+        let out = std::process::Command::new(proxy_binary())
+            .args([
+                "--config-test",
+                "--upstream",
+                "http://127.0.0.1:8080",
+                "--oidc-issuer-url",
+                "https://idp.example.com",
+                "--client-id",
+                "app",
+                "--client-secret",
+                "s",
+                "--redirect-url",
+                "https://app.example.com/oauth2/callback",
+            ])
+            .args(extra)
+            .output()?;
+        let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        Ok((out.status.code(), said))
+    };
+    let secret = ["--cookie-secret", COOKIE_SECRET];
+    let (code, said) = check(&secret)?;
+    ensure!(
+        code == Some(2) && said.contains("every account the issuer signs in would get through"),
+        "no rule: {code:?} {said}"
+    );
+    let with_rule = |more: &[&'static str]| -> Vec<&'static str> {
+        [
+            &["--cookie-secret", COOKIE_SECRET, "--allowed-groups", "developers"][..],
+            more,
+        ]
+        .concat()
+    };
+    let (code, said) = check(&with_rule(&[]))?;
+    ensure!(
+        code == Some(0) && said.contains("configuration is valid"),
+        "valid: {code:?} {said}"
+    );
+    for (bad, names) in [
+        (
+            &["--cookie-name", "__Host-s", "--cookie-domain", "example.com"][..],
+            "__Host-",
+        ),
+        (&["--cookie-domain", "example.com:443"][..], "not a domain name"),
+        (&["--whitelist-domains", "https://evil.example/"][..], "whitelist"),
+    ] {
+        let (code, said) = check(&with_rule(bad))?;
+        ensure!(
+            code == Some(2) && said.contains(names),
+            "{bad:?}: {code:?} {said}"
+        );
+    }
+    let (code, said) = check(&["--allowed-groups", "developers", "--cookie-secret", "c2hvcnQ="])?;
+    ensure!(
+        code == Some(2) && said.contains("cookie"),
+        "short secret: {code:?} {said}"
+    );
+    Ok(())
+}
+
 impl Proxy {
     async fn start(name: &str, upstream: u16, extra: &[&str]) -> Result<Self> {
         let upstream = format!("http://127.0.0.1:{upstream}");
@@ -145,8 +218,6 @@ impl Proxy {
             .context("no free proxy slot left; raise SLOTS")?;
         let metrics = free_port()?;
         let base = format!("http://127.0.0.1:{port}");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map_or_else(|| repo_root().join("target"), std::path::PathBuf::from);
         let mut args: Vec<String> = [
             "--http-address",
             &format!("127.0.0.1:{port}"),
@@ -175,10 +246,16 @@ impl Proxy {
         if !extra.contains(&"--cookie-secret") {
             args.extend(["--cookie-secret".to_string(), COOKIE_SECRET.to_string()]);
         }
+        // The proxy refuses to start without an authorization rule; tests that are not
+        // about one let in every verified address.
+        let rules = ["--allowed-groups", "--email-domains", "--sar-resource-attributes"];
+        if !extra.iter().any(|a| rules.contains(a)) {
+            args.extend(["--email-domains".to_string(), "*".to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let process = Background::start(
             &format!("oauth-proxy-{name}-{}", std::process::id()),
-            &target.join("debug/chassis-oauth-proxy"),
+            &proxy_binary(),
             &args,
             &[("RUST_LOG", "info".into())],
         )?;
@@ -333,12 +410,15 @@ async fn a_user_signs_in_on_the_providers_form_and_the_upstream_sees_who_they_ar
             .get("x-auth-request-user")
             .is_some_and(|v| v == "alice")
     );
-    let info: Value = browser
-        .get(proxy.url("/oauth2/userinfo"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let info = browser.get(proxy.url("/oauth2/userinfo")).send().await?;
+    // Per-user answers: a shared cache must not keep them for the next user.
+    for (route, headers) in [("auth", auth.headers()), ("userinfo", info.headers())] {
+        ensure!(
+            headers.get("cache-control").is_some_and(|v| v == "no-store"),
+            "{route}: {headers:?}"
+        );
+    }
+    let info: Value = info.json().await?;
     ensure!(
         info["email"] == "alice@example.com" && info["groups"] == json!(["developers"]),
         "{info}"
@@ -1125,8 +1205,14 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
     let base = format!("http://127.0.0.1:{}", listener.local_addr()?.port());
     let url = format!("{base}{suffix}");
     let private_pem = std::fs::read(&key)?;
-    let jwks =
-        json!({"keys": [{"kty": "RSA", "kid": "k1", "use": "sig", "alg": "RS256", "n": n, "e": "AQAB"}]});
+    // Besides the signing key, keys the proxy cannot use (an X25519 encryption key, a
+    // post-quantum one), as real issuers publish: they must be skipped, not fatal.
+    let jwks = json!({"keys": [
+        {"kty": "OKP", "crv": "X25519", "kid": "enc", "use": "enc",
+         "x": "hSDwCYkwp1R0i33ctD73Wg2_Og0mOBr066SpjqqbTmo"},
+        {"kty": "AKP", "kid": "pq", "alg": "ML-DSA-44", "pub": "AA"},
+        {"kty": "RSA", "kid": "k1", "use": "sig", "alg": "RS256", "n": n, "e": "AQAB"},
+    ]});
     let discovery = json!({
         "issuer": url,
         "jwks_uri": format!("{base}/jwks"),
@@ -1439,7 +1525,9 @@ async fn id_tokens_with_a_bad_nonce_a_foreign_azp_or_an_extra_audience_are_refus
 
 #[tokio::test]
 async fn an_authorization_code_injected_into_another_login_fails_pkce() -> Result<()> {
-    let proxy = Proxy::start("pkce", echo_upstream().await?, &[]).await?;
+    // bob's address is not verified: let both in by group.
+    let groups = ["--allowed-groups", "developers,qa"];
+    let proxy = Proxy::start("pkce", echo_upstream().await?, &groups).await?;
     let code_of = |callback: &str| -> Result<String> {
         reqwest::Url::parse(callback)?
             .query_pairs()
@@ -1512,7 +1600,7 @@ async fn bearer_tokens_are_checked_for_algorithm_key_issuer_audience_and_time() 
         echo_upstream().await?,
         &[
             "--extra-jwt-issuers",
-            &format!("{}=api", issuer.url),
+            &format!("{0}=api,{0}=cli", issuer.url),
             "--bearer-clock-skew",
             "30s",
         ],
@@ -1542,6 +1630,9 @@ async fn bearer_tokens_are_checked_for_algorithm_key_issuer_audience_and_time() 
         edit(&mut claims);
         issuer.sign(&claims, "k1")
     };
+    // The issuer's second configured audience is as good as the first.
+    let (status, body) = call(with(&|c| c["aud"] = json!("cli"))?).await?;
+    ensure!(status == 200, "a token for the second audience: {status} {body}");
     use base64::Engine;
     let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
     let alg_none = format!(
@@ -1685,6 +1776,14 @@ async fn subject_access_review_lets_in_the_user_rbac_allows_and_refuses_the_othe
     ensure!(
         status == 403 && body.contains("RBAC does not allow carol to get services"),
         "carol: {status} {body}"
+    );
+    // `system:masters` from the issuer's groups claim would pass every review.
+    let eve = login(&browser(&Arc::new(Jar::default()))?, &proxy, "/app", "eve").await?;
+    let status = eve.status();
+    let body = eve.text().await?;
+    ensure!(
+        status == 403 && body.contains("RBAC does not allow eve to get services"),
+        "eve: {status} {body}"
     );
     Api::<Namespace>::all(client)
         .delete(&ns, &DeleteParams::default())
