@@ -130,6 +130,10 @@ fn namespaced_name(value: &str) -> Result<(String, String), String> {
 /// How often a replica re-reads the webhook certificate Secret (renewal, or a
 /// renewal another replica made).
 const CERT_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+/// How often the webhook certificate folder (`--webhook-cert-dir`, cert-manager's
+/// Secret mounted) is read again; the kubelet updates a mounted Secret within about
+/// a minute, so renewal reaches the server within two.
+const CERT_DIR_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn selected_controllers(requested: &[String]) -> Result<Vec<&'static str>> {
     if requested.iter().any(|c| c == "all") {
@@ -285,6 +289,15 @@ async fn run(args: Args) -> Result<()> {
                 .context("injecting the webhook CA into the webhook configurations")?;
         }
         let serving = webhook::Reloadable::new(&cert)?;
+        if let Some(dir) = &args.webhook_cert_dir {
+            tokio::spawn(webhook::watch_dir(
+                dir.clone(),
+                cert.clone(),
+                serving.clone(),
+                CERT_DIR_CHECK_EVERY,
+                shutdown.clone(),
+            ));
+        }
         if let Some(secret) = managed {
             tokio::spawn(renew_certificate(
                 secret,

@@ -4,13 +4,15 @@
 //! cert-manager mounts it), from a Secret the operator manages itself (see
 //! `webhook_secret`), or is generated at start, with its own CA, for loopback
 //! development; either way the caller gets the CA bundle to register. The
-//! certificate can be replaced while serving, for renewal.
+//! certificate can be replaced while serving, for renewal: a managed Secret is renewed
+//! by the operator, a folder is read again when its files change ([`watch_dir`]).
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
@@ -24,8 +26,33 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-/// How long a client may take for the TLS handshake.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// What a client may hold of the webhook server: admission is `failurePolicy: Fail`,
+/// so anyone who can reach the port must not be able to starve it.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// How long a client may take for the TLS handshake.
+    pub handshake: Duration,
+    /// How long a client may take to send an HTTP/1.1 request head.
+    pub header: Duration,
+    /// How long one request may take, its body included.
+    pub request: Duration,
+    /// Connections served at once; past that a new one is closed at once.
+    pub connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshake: Duration::from_secs(10),
+            header: Duration::from_secs(10),
+            // The API server gives up after the webhook's `timeoutSeconds` (at most
+            // 30 s) anyway.
+            request: Duration::from_secs(30),
+            // The API server holds a few hundred during a burst of creates.
+            connections: 1024,
+        }
+    }
+}
 
 /// Errors setting up the webhook server.
 #[derive(Debug, thiserror::Error)]
@@ -200,10 +227,39 @@ where
     F: warp::Filter + Clone + Send + Sync + 'static,
     F::Extract: warp::Reply,
 {
+    serve_with(addr, cert, routes, shutdown, Limits::default()).await
+}
+
+/// [`serve`] with other [`Limits`].
+pub async fn serve_with<F>(
+    addr: SocketAddr,
+    cert: Arc<Reloadable>,
+    routes: F,
+    shutdown: CancellationToken,
+    limits: Limits,
+) -> Result<(SocketAddr, JoinHandle<()>), WebhookError>
+where
+    F: warp::Filter + Clone + Send + Sync + 'static,
+    F::Extract: warp::Reply,
+{
     let acceptor = TlsAcceptor::from(Arc::new(server_config(cert)?));
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let service = warp::service(routes);
+    let service = tower::ServiceBuilder::new()
+        .timeout(limits.request)
+        .service(warp::service(routes));
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let builder = Arc::new(builder);
+    let connections = Arc::new(tokio::sync::Semaphore::new(limits.connections));
     let task = tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -218,11 +274,17 @@ where
                     }
                 },
             };
+            let Ok(permit) = connections.clone().try_acquire_owned() else {
+                tracing::debug!(%peer, open = limits.connections, "webhook connection refused: too many open");
+                continue;
+            };
             let acceptor = acceptor.clone();
             let service = service.clone();
+            let builder = builder.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 // A client that never finishes its handshake must not hold a task forever.
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let tls = match tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(err)) => {
                         tracing::debug!(%peer, error = %err, "webhook TLS handshake failed");
@@ -234,14 +296,196 @@ where
                     }
                 };
                 let hyper_service = TowerToHyperService::new(service);
-                if let Err(err) = Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), hyper_service)
-                    .await
-                {
+                if let Err(err) = builder.serve_connection(TokioIo::new(tls), hyper_service).await {
                     tracing::debug!(%peer, error = %err, "webhook connection ended with an error");
                 }
             });
         }
     });
     Ok((local, task))
+}
+
+/// Serves the certificate of `dir` anew whenever its files change, checking every
+/// `every` until `shutdown`: cert-manager renews the Secret, the kubelet swaps the
+/// mounted files, and the API server (its caBundle injected anew) trusts only the new
+/// certificate once the key was rotated. A pair that does not load (caught between
+/// two writes) is tried again at the next check; the old one stays meanwhile.
+pub async fn watch_dir(
+    dir: PathBuf,
+    mut current: ServingCert,
+    serving: Arc<Reloadable>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let read = match ServingCert::from_dir(&dir) {
+            Ok(read) => read,
+            Err(err) => {
+                tracing::warn!(error = %err, "could not read the webhook certificate again");
+                continue;
+            }
+        };
+        if read.cert_pem == current.cert_pem && read.key_pem == current.key_pem {
+            continue;
+        }
+        match serving.replace(&read) {
+            Ok(()) => {
+                tracing::info!(dir = %dir.display(), "serving the webhook certificate read anew");
+                current = read;
+            }
+            Err(err) => tracing::warn!(error = %err, "the webhook certificate read anew is unusable"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+    /// A TLS connection to `addr` by a client trusting only `ca_pem`.
+    async fn connect(ca_pem: &str, addr: SocketAddr) -> Option<Tls> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()).flatten() {
+            roots.add(cert).ok()?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .ok()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let name = rustls_pki_types::ServerName::try_from("127.0.0.1").ok()?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp);
+        tokio::time::timeout(Duration::from_secs(5), tls).await.ok()?.ok()
+    }
+
+    /// Whether the server ends `tls` within 5 s (reads to the end).
+    async fn closed_by_the_server(tls: &mut Tls) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest))
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn slow_clients_and_a_flood_of_connections_cannot_hold_the_server()
+    -> Result<(), Box<dyn std::error::Error>> {
+        use tokio::io::AsyncWriteExt;
+        let cert = ServingCert::self_signed(&["127.0.0.1".to_string()])?;
+        let shutdown = CancellationToken::new();
+        let routes = warp::Filter::map(warp::body::bytes(), |b: warp::hyper::body::Bytes| format!("{}", b.len()));
+        let limits = Limits {
+            handshake: Duration::from_millis(300),
+            header: Duration::from_millis(300),
+            request: Duration::from_millis(300),
+            connections: 2,
+        };
+        let (addr, _) = serve_with(
+            "127.0.0.1:0".parse()?,
+            Reloadable::new(&cert)?,
+            routes,
+            shutdown.clone(),
+            limits,
+        )
+        .await?;
+
+        // A request head never finished.
+        let mut slow_head = connect(&cert.ca_pem, addr).await.ok_or("connect")?;
+        slow_head.write_all(b"POST / HTTP/1.1\r\nHost: a\r\n").await?;
+        assert!(
+            closed_by_the_server(&mut slow_head).await,
+            "an unfinished head kept its connection"
+        );
+        // A body announced and never sent.
+        let mut slow_body = connect(&cert.ca_pem, addr).await.ok_or("connect")?;
+        slow_body
+            .write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123")
+            .await?;
+        assert!(
+            closed_by_the_server(&mut slow_body).await,
+            "an unfinished body kept its connection"
+        );
+
+        // Two connections held open: a third is turned away, a request on a held one is served.
+        let mut held = connect(&cert.ca_pem, addr).await.ok_or("connect")?;
+        let _other = connect(&cert.ca_pem, addr).await.ok_or("connect")?;
+        assert!(
+            connect(&cert.ca_pem, addr).await.is_none(),
+            "a third connection was served"
+        );
+        held.write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            .await?;
+        let mut answer = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut held, &mut answer).await?;
+        assert!(
+            String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+        shutdown.cancel();
+        Ok(())
+    }
+
+    /// Whether a client trusting only `ca_pem` completes a handshake with `addr`.
+    async fn trusted_by(ca_pem: &str, addr: SocketAddr) -> bool {
+        connect(ca_pem, addr).await.is_some()
+    }
+
+    fn write_dir(dir: &Path, cert: &ServingCert) -> std::io::Result<()> {
+        std::fs::write(dir.join("tls.crt"), &cert.cert_pem)?;
+        std::fs::write(dir.join("tls.key"), &cert.key_pem)?;
+        std::fs::write(dir.join("ca.crt"), &cert.ca_pem)
+    }
+
+    #[tokio::test]
+    async fn a_certificate_renewed_in_its_folder_is_served_without_a_restart()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let hosts = ["127.0.0.1".to_string()];
+        let (first, renewed) = (
+            ServingCert::self_signed(&hosts)?,
+            ServingCert::self_signed(&hosts)?,
+        );
+        let dir = std::env::temp_dir().join(format!("chassis-webhook-cert-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        write_dir(&dir, &first)?;
+
+        let loaded = ServingCert::from_dir(&dir)?;
+        let serving = Reloadable::new(&loaded)?;
+        let shutdown = CancellationToken::new();
+        let routes = warp::Filter::map(warp::any(), || "ok");
+        let (addr, _) = serve("127.0.0.1:0".parse()?, serving.clone(), routes, shutdown.clone()).await?;
+        tokio::spawn(watch_dir(
+            dir.clone(),
+            loaded,
+            serving,
+            Duration::from_millis(20),
+            shutdown.clone(),
+        ));
+        assert!(trusted_by(&first.ca_pem, addr).await);
+        assert!(!trusted_by(&renewed.ca_pem, addr).await);
+
+        write_dir(&dir, &renewed)?;
+        let mut served = false;
+        for _ in 0..250 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if trusted_by(&renewed.ca_pem, addr).await {
+                served = true;
+                break;
+            }
+        }
+        let old_served = trusted_by(&first.ca_pem, addr).await;
+        shutdown.cancel();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(served, "the renewed certificate was never served");
+        assert!(!old_served, "the old certificate is still served");
+        Ok(())
+    }
 }
