@@ -757,29 +757,38 @@ async fn bearer(
     remote: SocketAddr,
     token: &str,
 ) -> Response<Body> {
+    match bearer_session(app, token).await {
+        Ok(session) => proxy(app, parts, body, normalized, remote, Some(&session)).await,
+        Err(refused) => refused,
+    }
+}
+
+/// The session a bearer JWT stands for, verified and authorized; otherwise the
+/// answer (401 or 403) that says why not.
+async fn bearer_session(app: &App, token: &str) -> Result<Session, Response<Body>> {
     let Some(verifier) = app.bearer.get() else {
         app.metrics.refused("bearer_disabled");
-        return text(
+        return Err(text(
             StatusCode::UNAUTHORIZED,
             "unauthorized: bearer tokens are not accepted here",
-        );
+        ));
     };
     let identity = match verifier.verify(token).await {
         Ok(identity) => identity,
         Err(why) => {
             app.metrics.refused("bearer_invalid");
-            return text(
+            return Err(text(
                 StatusCode::UNAUTHORIZED,
                 format!("unauthorized: bearer token {why}"),
-            );
+            ));
         }
     };
     let session = to_session(identity, now());
     if let Some(why) = app.authorized(&session).await {
         app.metrics.refused("forbidden");
-        return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
+        return Err(text(StatusCode::FORBIDDEN, format!("forbidden: {why}")));
     }
-    proxy(app, parts, body, normalized, remote, Some(&session)).await
+    Ok(session)
 }
 
 /// Browsers go to the login; API clients get 401.
@@ -1180,7 +1189,14 @@ async fn userinfo(app: &App, headers: &HeaderMap) -> Response<Body> {
 /// token handed on does not go stale and a refresh the issuer refuses ends it.
 async fn auth(app: &App, headers: &HeaderMap) -> Response<Body> {
     let Some(s) = app.session(headers).await else {
-        return text(StatusCode::UNAUTHORIZED, "unauthorized");
+        // API clients behind an ingress in auth_request mode, as on proxied routes.
+        let Some(token) = bearer_token(headers) else {
+            return text(StatusCode::UNAUTHORIZED, "unauthorized");
+        };
+        return match bearer_session(app, &token).await {
+            Ok(session) => accepted(app, &session),
+            Err(refused) => refused,
+        };
     };
     let Some((s, refreshed)) = app.maybe_refresh(s).await else {
         app.metrics.refused("refresh_failed");
@@ -1189,16 +1205,22 @@ async fn auth(app: &App, headers: &HeaderMap) -> Response<Body> {
     if let Some(why) = app.authorized(&s).await {
         return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
     }
+    let mut response = accepted(app, &s);
+    if refreshed && response.status() == StatusCode::ACCEPTED {
+        app.write_refreshed(&mut response, &s, app.chunks_in(headers));
+    }
+    response
+}
+
+/// `/oauth2/auth`'s 202 with the identity in `X-Auth-Request-*`.
+fn accepted(app: &App, session: &Session) -> Response<Body> {
     let mut response = text(StatusCode::ACCEPTED, "authenticated");
     if let Err(e) = headers::set_auth_request_response(
         response.headers_mut(),
-        &header_identity(&s, app.config.pass_access_token),
+        &header_identity(session, app.config.pass_access_token),
         app.config.pass_access_token,
     ) {
         return text(StatusCode::FORBIDDEN, format!("forbidden: {e}"));
-    }
-    if refreshed {
-        app.write_refreshed(&mut response, &s, app.chunks_in(headers));
     }
     response
 }

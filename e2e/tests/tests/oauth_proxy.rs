@@ -1630,6 +1630,23 @@ async fn bearer_tokens_are_checked_for_algorithm_key_issuer_audience_and_time() 
         edit(&mut claims);
         issuer.sign(&claims, "k1")
     };
+    // Behind an ingress in auth_request mode the same tokens go to /oauth2/auth.
+    let auth = |token: String| {
+        let client = client.clone();
+        let url = proxy.url("/oauth2/auth");
+        async move {
+            let r = client.get(url).bearer_auth(token).send().await?;
+            let user = r.headers().get("x-auth-request-user").cloned();
+            Ok::<_, anyhow::Error>((r.status().as_u16(), user))
+        }
+    };
+    let (status, user) = auth(issuer.sign(&issuer.claims(), "k1")?).await?;
+    ensure!(
+        status == 202 && user.is_some_and(|u| u == "robot"),
+        "auth_request with a valid token: {status}"
+    );
+    let (status, _) = auth(with(&|c| c["aud"] = json!("another-api"))?).await?;
+    ensure!(status == 401, "auth_request with a foreign audience: {status}");
     // The issuer's second configured audience is as good as the first.
     let (status, body) = call(with(&|c| c["aud"] = json!("cli"))?).await?;
     ensure!(status == 200, "a token for the second audience: {status} {body}");

@@ -381,7 +381,9 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         let cert = ServingCert::self_signed(&["127.0.0.1".to_string()])?;
         let shutdown = CancellationToken::new();
-        let routes = warp::Filter::map(warp::body::bytes(), |b: warp::hyper::body::Bytes| format!("{}", b.len()));
+        let routes = warp::Filter::map(warp::body::bytes(), |b: warp::hyper::body::Bytes| {
+            format!("{}", b.len())
+        });
         let limits = Limits {
             handshake: Duration::from_millis(300),
             header: Duration::from_millis(300),
