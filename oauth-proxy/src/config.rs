@@ -252,6 +252,27 @@ pub fn parse_duration(key: &str, text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(total))
 }
 
+/// A secret given inline or as a file (`<key>-file`). The flags and the environment
+/// give the pair as one: when they give either half, the config file's pair is not
+/// read, as any other key of theirs wins over the file's.
+fn secret(
+    key: &str,
+    upper: (Option<String>, Option<PathBuf>),
+    lower: (Option<String>, Option<PathBuf>),
+) -> Result<String, String> {
+    let pair = if upper.0.is_some() || upper.1.is_some() {
+        upper
+    } else {
+        lower
+    };
+    match pair {
+        (Some(_), Some(_)) => Err(format!("{key} and {key}-file are both set; use one")),
+        (Some(s), None) => Ok(s),
+        (None, Some(f)) => read_secret(&format!("{key}-file"), &f),
+        (None, None) => Err(format!("{key} (or {key}-file) is required")),
+    }
+}
+
 fn read_secret(key: &str, file: &Path) -> Result<String, String> {
     std::fs::read_to_string(file)
         .map(|s| s.trim().to_string())
@@ -314,28 +335,16 @@ impl Config {
 
     pub fn merge(flags: &Flags, mut file: File) -> Result<Self, String> {
         let required = |key: &str, v: Option<String>| v.ok_or_else(|| format!("{key} is required"));
-        let client_secret = match (
-            pick!(flags, file, client_secret),
-            pick!(flags, file, client_secret_file),
-        ) {
-            (Some(_), Some(_)) => {
-                return Err("client-secret and client-secret-file are both set; use one".into());
-            }
-            (Some(s), None) => s,
-            (None, Some(f)) => read_secret("client-secret-file", &f)?,
-            (None, None) => return Err("client-secret (or client-secret-file) is required".into()),
-        };
-        let cookie_secret = match (
-            pick!(flags, file, cookie_secret),
-            pick!(flags, file, cookie_secret_file),
-        ) {
-            (Some(_), Some(_)) => {
-                return Err("cookie-secret and cookie-secret-file are both set; use one".into());
-            }
-            (Some(s), None) => s,
-            (None, Some(f)) => read_secret("cookie-secret-file", &f)?,
-            (None, None) => return Err("cookie-secret (or cookie-secret-file) is required".into()),
-        };
+        let client_secret = secret(
+            "client-secret",
+            (flags.client_secret.clone(), flags.client_secret_file.clone()),
+            (file.client_secret.take(), file.client_secret_file.take()),
+        )?;
+        let cookie_secret = secret(
+            "cookie-secret",
+            (flags.cookie_secret.clone(), flags.cookie_secret_file.clone()),
+            (file.cookie_secret.take(), file.cookie_secret_file.take()),
+        )?;
         let samesite = match pick!(flags, file, cookie_samesite).as_deref().unwrap_or("lax") {
             "lax" | "Lax" => SameSite::Lax,
             "strict" | "Strict" => SameSite::Strict,
@@ -645,6 +654,23 @@ mod tests {
         flags.client_secret = None;
         let err = Config::merge(&flags, File::default()).err().unwrap_or_default();
         assert_eq!(err, "client-secret (or client-secret-file) is required");
+    }
+
+    #[test]
+    fn a_secret_file_from_the_environment_wins_over_an_inline_secret_in_the_file() -> Result<(), String> {
+        let path = std::env::temp_dir().join(format!("chassis-client-secret-{}", std::process::id()));
+        std::fs::write(&path, "from-the-mounted-file\n").map_err(|e| e.to_string())?;
+        let mut flags = minimal();
+        flags.client_secret = None;
+        flags.client_secret_file = Some(path.clone());
+        let merged = Config::merge(&flags, file("client-secret: from-the-config-file\n")?);
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(merged?.client_secret, "from-the-mounted-file");
+        // Both halves from one source stay an error.
+        flags.client_secret = Some("inline".into());
+        let err = Config::merge(&flags, File::default()).err().unwrap_or_default();
+        assert_eq!(err, "client-secret and client-secret-file are both set; use one");
+        Ok(())
     }
 
     #[test]

@@ -154,13 +154,16 @@ fn redirect(to: &str) -> Response<Body> {
     response
 }
 
-/// A session's identity for revocation and single-flight refresh: the user and the
-/// login time, which a refresh keeps, so signing out also kills cookies copied before
+/// A session's identity for revocation and single-flight refresh: the user, the
+/// login time and the login's random number, which a refresh keeps, so signing out also kills cookies copied before
 /// a refresh. Half a SHA-256, kept as bytes (a map key, never shown).
 type SessionId = [u8; 16];
 
 fn session_id(session: &Session) -> SessionId {
-    let digest = Sha256::digest(format!("{}\n{}", session.user, session.created_at));
+    let digest = Sha256::digest(format!(
+        "{}\n{}\n{}",
+        session.user, session.created_at, session.login
+    ));
     let mut id = SessionId::default();
     id.copy_from_slice(&digest[..16]);
     id
@@ -602,7 +605,7 @@ impl App {
         self.metrics.refreshes.inc();
         match provider.refresh(&refresh_token, &previous).await {
             Ok(identity) => {
-                let refreshed = Arc::new(to_session(identity, session.created_at));
+                let refreshed = Arc::new(to_session(identity, session.created_at, session.login));
                 *result = Some((now(), Some(refreshed.clone())));
                 Some((refreshed, true))
             }
@@ -620,7 +623,7 @@ impl App {
     }
 }
 
-fn to_session(identity: Identity, created_at: u64) -> Session {
+fn to_session(identity: Identity, created_at: u64, login: u64) -> Session {
     Session {
         user: identity.subject,
         email: identity.email,
@@ -632,6 +635,7 @@ fn to_session(identity: Identity, created_at: u64) -> Session {
         refresh_token: identity.refresh_token,
         expires_at: identity.expires_at,
         created_at,
+        login,
     }
 }
 
@@ -783,7 +787,8 @@ async fn bearer_session(app: &App, token: &str) -> Result<Session, Response<Body
             ));
         }
     };
-    let session = to_session(identity, now());
+    // Bearer sessions live for one request and are never signed out.
+    let session = to_session(identity, now(), 0);
     if let Some(why) = app.authorized(&session).await {
         app.metrics.refused("forbidden");
         return Err(text(StatusCode::FORBIDDEN, format!("forbidden: {why}")));
@@ -1104,7 +1109,7 @@ async fn callback(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
             return text(StatusCode::FORBIDDEN, format!("forbidden: {e}"));
         }
     };
-    let session = to_session(identity, now());
+    let session = to_session(identity, now(), session::new_login());
     if let Some(why) = app.authorized(&session).await {
         app.metrics.refused("forbidden");
         return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
@@ -1150,9 +1155,20 @@ async fn sign_out(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
     ) {
         (Some(end), Some(s)) => {
             let mut url = end.clone();
-            url.query_pairs_mut()
-                .append_pair("id_token_hint", s.id_token.as_deref().unwrap_or_default())
-                .append_pair("client_id", &app.config.client_id);
+            {
+                let mut pairs = url.query_pairs_mut();
+                pairs
+                    .append_pair("id_token_hint", s.id_token.as_deref().unwrap_or_default())
+                    .append_pair("client_id", &app.config.client_id);
+                // Back to `rd` after the issuer's page. Only when one is asked for: the
+                // issuer refuses a URI not registered for the client, and a plain
+                // sign-out must not end on an error page.
+                if query.rd.is_some()
+                    && let Ok(back) = app.config.redirect_url.join(&target)
+                {
+                    pairs.append_pair("post_logout_redirect_uri", back.as_str());
+                }
+            }
             url.to_string()
         }
         _ => target,
@@ -1652,11 +1668,16 @@ mod tests {
             refresh_token: None,
             expires_at: 10,
             created_at: 5,
+            login: 77,
         };
         let before = session_id(&s);
         s.access_token = Some("a2".into());
         s.id_token = Some("i2".into());
         s.expires_at = 20;
         assert_eq!(session_id(&s), before);
+        // Another login of the same user in the same second is another session.
+        s.login = 78;
+        assert_ne!(session_id(&s), before);
+        assert_ne!(session::new_login(), session::new_login());
     }
 }

@@ -55,6 +55,12 @@ pub const MAX_CHUNKS: usize = 16;
 /// Browsers keep at most this many bytes of a cookie's name plus value.
 const MAX_COOKIE_LEN: usize = 4096;
 
+/// A random login number for [`Session::login`] (0 only if the system has no
+/// randomness to give, which leaves sign-out as precise as the login second).
+pub fn new_login() -> u64 {
+    ring::rand::generate::<[u8; 8]>(&SystemRandom::new()).map_or(0, |r| u64::from_le_bytes(r.expose()))
+}
+
 /// A logged-in session, sealed into the cookie.
 #[derive(Serialize, Deserialize, Clone, PartialEq, Default)]
 pub struct Session {
@@ -70,6 +76,11 @@ pub struct Session {
     pub expires_at: u64,
     /// When the user logged in, unix seconds.
     pub created_at: u64,
+    /// A random number drawn at login and kept by refreshes: with the user and
+    /// `created_at` it names the session for sign-out, so two logins of one user in the
+    /// same second are two sessions. 0 in cookies sealed before it existed.
+    #[serde(default)]
+    pub login: u64,
 }
 
 // Hand-written instead of derived so a logged session never carries tokens.
@@ -87,6 +98,7 @@ impl std::fmt::Debug for Session {
             .field("refresh_token", &redact(&self.refresh_token))
             .field("expires_at", &self.expires_at)
             .field("created_at", &self.created_at)
+            .field("login", &self.login)
             .finish()
     }
 }
@@ -658,6 +670,7 @@ mod tests {
             refresh_token: Some("refresh".into()),
             expires_at: NOW + 300,
             created_at: NOW,
+            login: 42,
         }
     }
 

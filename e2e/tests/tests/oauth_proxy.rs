@@ -114,6 +114,16 @@ struct Proxy {
     metrics: String,
 }
 
+/// Where a redirect points ("" when it has no readable Location).
+fn location(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// The proxy as `make build` leaves it.
 fn proxy_binary() -> std::path::PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
@@ -598,11 +608,7 @@ async fn landing_after_start(
     let response = request.send().await?;
     if response.status().is_redirection() {
         // Stopped at a redirect to another host: that is the open redirect.
-        let to = response
-            .headers()
-            .get("location")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
+        let to = location(&response);
         return Ok(format!("redirected off-site to {to}"));
     }
     let url = response.url().clone();
@@ -751,14 +757,9 @@ async fn sign_out_ends_the_session_and_a_copied_cookie_with_it() -> Result<()> {
         .send()
         .await?;
     ensure!(out.status() == 302, "sign_out: {}", out.status());
-    let to = out
-        .headers()
-        .get("location")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
+    let to = location(&out);
     ensure!(
-        to.starts_with(&format!("{}/session/end", idp().issuer)),
+        to.starts_with(&format!("{}/session/end", idp().issuer)) && !to.contains("post_logout_redirect_uri"),
         "IdP end-session: {to}"
     );
     let cleared = out
@@ -778,6 +779,30 @@ async fn sign_out_ends_the_session_and_a_copied_cookie_with_it() -> Result<()> {
         after.status() == 401,
         "a copy of the signed-out cookie: {}",
         after.status()
+    );
+
+    // A new login right away is a new session, even within the same second as the
+    // signed-out one (sessions were once told apart by user and login second only:
+    // this login came back 401). With `rd` the issuer is asked to send the browser back
+    // there, and accepts it (the URI is registered for the client at the provider).
+    let second = Arc::new(Jar::default());
+    echoed(login(&self::browser(&second)?, &proxy, "/", "alice").await?).await?;
+    let out = plain
+        .get(proxy.url("/oauth2/sign_out?rd=/"))
+        .header(COOKIE, cookie_header(&second, &proxy)?)
+        .send()
+        .await?;
+    let to = location(&out);
+    let back = reqwest::Url::parse(&to)?
+        .query_pairs()
+        .find(|(k, _)| k == "post_logout_redirect_uri")
+        .map(|(_, v)| v.into_owned());
+    ensure!(back == Some(proxy.url("/")), "IdP end-session with rd: {to}");
+    let page = plain.get(&to).send().await?;
+    ensure!(
+        page.status() == 200,
+        "the provider refused the end-session request: {}",
+        page.status()
     );
     Ok(())
 }
@@ -946,8 +971,18 @@ async fn sigterm_lets_a_request_in_flight_finish_and_refuses_new_ones() -> Resul
     let in_flight = tokio::spawn(reqwest::get(proxy.url("/public/slow")));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let base = proxy.base.clone();
+    let log = proxy.process.log.clone();
     let stopped = tokio::task::spawn_blocking(move || proxy.process.terminate(Duration::from_secs(10)));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Once it has taken the signal (on a loaded machine `kill` itself can take a while).
+    chassis_e2e::eventually("the proxy to take SIGTERM", Duration::from_secs(5), || {
+        let log = log.clone();
+        async move {
+            Ok(chassis_e2e::log_tail(&log, 20)
+                .contains("shutting down")
+                .then_some(()))
+        }
+    })
+    .await?;
     ensure!(
         reqwest::get(format!("{base}/ping")).await.is_err(),
         "a draining proxy accepts no new connection"
