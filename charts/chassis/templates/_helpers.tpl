@@ -12,6 +12,10 @@
 {{- printf "%s-operator" (include "chassis.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{- define "chassis.metricsService" -}}
+{{- printf "%s-metrics" (include "chassis.operator" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "chassis.webhookService" -}}
 {{- printf "%s-webhook" (include "chassis.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}

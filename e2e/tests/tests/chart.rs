@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use chassis_api::tenancy::v1alpha1::ProjectTemplate;
 use chassis_e2e::{cluster, eventually, pipe, repo_root, run, unique};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -129,6 +129,22 @@ fn the_values_schema_rejects_a_wrong_type_naming_the_key() -> Result<()> {
             "every area is disabled",
             "",
         ),
+        // Settings that would install without error and then defeat the design.
+        (
+            "tenancy.selfProvisioner.groups={system:authenticated}",
+            "/tenancy/selfProvisioner/groups/0",
+            "",
+        ),
+        (
+            "tenancy.bindableRoles={admin,cluster-admin}",
+            "/tenancy/bindableRoles/1",
+            "",
+        ),
+        (
+            "metrics.port=9443",
+            "metrics.port and webhook.port must differ",
+            "",
+        ),
     ] {
         let out = cluster()
             .helm()
@@ -147,6 +163,39 @@ fn the_values_schema_rejects_a_wrong_type_naming_the_key() -> Result<()> {
         .output()?;
     assert!(!out.status.success(), "an unknown key was accepted");
     assert!(String::from_utf8_lossy(&out.stderr).contains("typo"));
+    Ok(())
+}
+
+/// What projects depend on outlives the release, and nothing the chart renders can
+/// block a node drain.
+#[test]
+fn the_charts_own_template_and_profile_survive_uninstall_and_one_replica_has_no_budget() -> Result<()> {
+    let rendered = render(
+        "chassis",
+        &[
+            "--set",
+            "tenancy.defaultTemplate.create=true",
+            "--set",
+            "network.baselineProfile.create=true",
+        ],
+    )?;
+    let docs = documents(&rendered)?;
+    for kind in ["ProjectTemplate", "NetworkProfile"] {
+        let doc = docs
+            .iter()
+            .find(|d| d["kind"] == kind)
+            .with_context(|| format!("no {kind} rendered"))?;
+        assert_eq!(
+            doc["metadata"]["annotations"]["helm.sh/resource-policy"], "keep",
+            "{kind}: {doc}"
+        );
+    }
+    assert!(docs.iter().any(|d| d["kind"] == "PodDisruptionBudget"));
+    let single = documents(&render("chassis", &["--set", "replicas=1"])?)?;
+    assert!(
+        !single.iter().any(|d| d["kind"] == "PodDisruptionBudget"),
+        "a budget of one available pod for one replica blocks every drain"
+    );
     Ok(())
 }
 
@@ -261,7 +310,12 @@ async fn install_upgrade_and_uninstall_on_kwok_nodes_keep_custom_resources() -> 
     let before = pod_hashes(&pods);
 
     let mut cmd = cluster().helm();
-    cmd.args(["upgrade", "--reuse-values", "--set", "operator.logLevel=debug"]);
+    cmd.args([
+        "upgrade",
+        "--reset-then-reuse-values",
+        "--set",
+        "operator.logLevel=debug",
+    ]);
     install(&mut cmd);
     run(&mut cmd, "helm upgrade")?;
     eventually("the upgrade rolls the pods", Duration::from_secs(90), || {

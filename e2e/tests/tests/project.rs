@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use chassis_api::tenancy::v1alpha1::{
     PodSecurityLevel, Project, ProjectSpec, ProjectTemplate, ProjectTemplateSpec, Subject, SubjectKind,
 };
@@ -119,6 +119,60 @@ async fn project_gets_its_namespace_and_deleting_it_removes_the_namespace() -> R
     // The real garbage collector removes the namespace once its owner is gone.
     projects.delete(&name, &DeleteParams::default()).await?;
     wait_until_gone(&namespaces, &name, Duration::from_secs(150)).await?;
+    templates.delete(&tpl, &DeleteParams::default()).await?;
+    Ok(())
+}
+
+/// A Project being deleted whose namespace is already gone: a foreground delete
+/// (`kubectl delete --cascade=foreground`) removes the namespace first, and another
+/// finalizer on the Project (a GitOps tool's, here the test's) keeps the Project after
+/// that. The operator must not make the namespace again for it.
+#[tokio::test]
+async fn a_project_being_deleted_does_not_get_its_namespace_back() -> Result<()> {
+    use futures::{StreamExt, TryStreamExt};
+    use kube::api::{WatchEvent, WatchParams};
+    let op = Operator::shared();
+    let client = cluster().admin().await?;
+    let templates: Api<ProjectTemplate> = Api::all(client.clone());
+    let projects: Api<Project> = Api::all(client.clone());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+
+    let (tpl, name) = baseline_project(&templates, &projects, "foreground").await?;
+    wait_for_condition(&projects, &name, "Ready", "True", READY_TIMEOUT, Some(op)).await?;
+    let hold = |finalizers: Vec<&str>| json!({"metadata": {"finalizers": finalizers}});
+    projects
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(hold(vec!["chassis-e2e/hold"])),
+        )
+        .await?;
+    let first = namespaces.get(&name).await?;
+    let version = first.resource_version().context("a resourceVersion")?;
+    // Every namespace of that name from now on, however briefly it lives.
+    let watch = WatchParams::default().fields(&format!("metadata.name={name}"));
+    let mut events = namespaces.watch(&watch, &version).await?.boxed();
+    projects.delete(&name, &DeleteParams::foreground()).await?;
+    wait_until_gone(&namespaces, &name, Duration::from_secs(150)).await?;
+    // The Project is still there (held); the operator hears of the namespace's end.
+    let mut made_again = Vec::new();
+    while let Ok(Ok(Some(event))) = tokio::time::timeout(Duration::from_secs(5), events.try_next()).await {
+        if let WatchEvent::Added(ns) = event {
+            made_again.push(ns.uid());
+        }
+    }
+    ensure!(
+        projects.get_opt(&name).await?.is_some(),
+        "the Project should still be held by its finalizer"
+    );
+    projects
+        .patch(&name, &PatchParams::default(), &Patch::Merge(hold(vec![])))
+        .await?;
+    wait_until_gone(&projects, &name, Duration::from_secs(60)).await?;
+    ensure!(
+        made_again.is_empty(),
+        "the namespace was made again: {made_again:?}"
+    );
     templates.delete(&tpl, &DeleteParams::default()).await?;
     Ok(())
 }

@@ -239,11 +239,18 @@ pub async fn reconcile(
     let (binding_results, quota_result, limits_result) =
         futures::future::join3(bindings_done, quota_done, limits_done).await;
 
-    let mut first_error = None;
+    // A refusal (the API server will not take the object) shows in its part; a
+    // passing failure (throttling, an API server restart) only goes to the retry, and
+    // is the error returned when there is one, so the status is then left alone.
+    let (mut first_refusal, mut first_passing) = (None, None);
     let mut outcomes: Vec<Outcome> = Vec::new();
     let mut failed = |error: Error, why: &mut Option<String>| {
-        why.get_or_insert_with(|| error.for_status());
-        first_error.get_or_insert(error);
+        if error.is_refusal() {
+            why.get_or_insert_with(|| error.for_status());
+            first_refusal.get_or_insert(error);
+        } else {
+            first_passing.get_or_insert(error);
+        }
     };
     let (mut rbac_failure, mut quota_failure) = (None, None);
     for result in binding_results {
@@ -280,5 +287,5 @@ pub async fn reconcile(
         rbac_failure,
         quota_failure,
     };
-    (parts, first_error)
+    (parts, first_passing.or(first_refusal))
 }

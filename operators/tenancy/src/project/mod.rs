@@ -66,6 +66,21 @@ impl Error {
         }
     }
 
+    /// Whether the API server refused the object itself (a 4xx other than a timeout,
+    /// a conflict or throttling), which the status reports, rather than failing in
+    /// passing, which only the retry handles: a control-plane upgrade or a burst of
+    /// 429s must not flip every project it touches to `Ready=False`.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            Self::NotBindable { .. } => true,
+            Self::ApplyChild {
+                source: kube::Error::Api(answer),
+                ..
+            } => (400..500).contains(&answer.code) && !matches!(answer.code, 408 | 409 | 429),
+            _ => false,
+        }
+    }
+
     /// The error as a condition message: for a refused child, the API server's own
     /// sentence without the debug form of its answer that kube's message carries.
     pub fn for_status(&self) -> String {
@@ -205,6 +220,12 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
     else {
         return Ok(Action::await_change());
     };
+    // A Project being deleted is left to the garbage collector. Reconciled, it would
+    // make its namespace again when a foreground delete (`--cascade=foreground`, GitOps
+    // prunes) removes the namespace before the Project.
+    if project.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
     let key = project.uid().unwrap_or_else(|| name.clone());
     let ns_api: Api<Namespace> = Api::all(ctx.base.client.clone());
     let observed = observe(&project, &ctx);
@@ -284,6 +305,11 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
         (Some(parts), error)
     };
 
+    // A failure in passing: retried, the status left as it was.
+    let child_error = match child_error {
+        Some(error) if !error.is_refusal() => return Err(error),
+        refusal => refusal,
+    };
     let parts = parts.map(|mut p| {
         p.network_profiles = profile_states(
             &ctx.profiles,

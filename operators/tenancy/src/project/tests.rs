@@ -526,3 +526,65 @@ async fn a_binding_is_not_deleted_for_a_role_the_operator_may_not_bind() -> Resu
     }
     Ok(())
 }
+
+/// A child the API server cannot take (422) shows in its part; one that failed in
+/// passing (503 while the API server restarts) only goes to the retry, and is the
+/// error returned, so the reconcile leaves the status alone rather than flipping a
+/// healthy project to `Ready=False`.
+#[tokio::test]
+async fn a_passing_failure_is_retried_not_reported_but_a_refusal_is() -> Result<(), String> {
+    use http::{Request, Response};
+    use kube::client::Body;
+    use kube::runtime::reflector;
+
+    use chassis_runtime::overlay::Progress;
+
+    use super::children::{Cached, ChildStores, reconcile};
+
+    let p = project("payments");
+    let t = template_with_quota();
+    let stores = ChildStores {
+        role_bindings: Cached::new(reflector::store().0, Progress::default()),
+        quotas: Cached::new(reflector::store().0, Progress::default()),
+        limits: Cached::new(reflector::store().0, Progress::default()),
+    };
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    tokio::spawn(async move {
+        while let Some((request, send)) = handle.next_request().await {
+            let path = request.uri().path().to_string();
+            let body = request.into_body().collect_bytes().await.unwrap_or_default();
+            let object = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default();
+            let failure = |code: u16, message: &str| serde_json::json!({"kind": "Status", "status": "Failure", "code": code, "message": message});
+            let (code, answer) = if path.ends_with("/resourcequotas") {
+                (
+                    503,
+                    failure(503, "the server is currently unable to handle the request"),
+                )
+            } else if path.ends_with("/limitranges") {
+                (
+                    422,
+                    failure(
+                        422,
+                        "LimitRange \"chassis-limits\" is invalid: default must not exceed max",
+                    ),
+                )
+            } else {
+                (201, object)
+            };
+            let answer = serde_json::to_vec(&answer).unwrap_or_default();
+            if let Ok(response) = Response::builder().status(code).body(Body::from(answer)) {
+                send.send_response(response);
+            }
+        }
+    });
+    let client = kube::Client::new(service, "default");
+    let (parts, error) = reconcile(&client, &stores, &p, &t, "chassis").await;
+    let error = error.ok_or("the failures go to the retry")?;
+    assert!(!error.is_refusal(), "the 503 is the error returned: {error}");
+    let why = parts.quota_failure.unwrap_or_default();
+    assert!(
+        why.contains("must not exceed max"),
+        "the 422 is the part's failure: {why}"
+    );
+    Ok(())
+}
