@@ -20,9 +20,11 @@ use tokio::time::Instant;
 
 /// Lease timing: a crashed leader is replaced within `duration` plus one poll.
 pub const LEASE_DURATION_SECONDS: u64 = 10;
-pub const LEASE_GRACE_SECONDS: u64 = 3;
+/// The leader renews this long before expiry, so every 5 s: the watchdog below then
+/// has 4 s (minus its margin) to see each renewal before it would step down.
+pub const LEASE_GRACE_SECONDS: u64 = 5;
 /// How often the leader checks that the lease is still its own and fresh.
-const WATCHDOG_EVERY: Duration = Duration::from_secs(2);
+const WATCHDOG_EVERY: Duration = Duration::from_secs(1);
 /// The leader stops this long before the lease, by its last renewal seen, expires.
 const WATCHDOG_MARGIN: Duration = Duration::from_secs(1);
 
@@ -124,6 +126,8 @@ pub async fn watchdog(
         let until = *valid_until.get_or_insert(
             asked + Duration::from_secs(LEASE_DURATION_SECONDS) - WATCHDOG_EVERY - WATCHDOG_MARGIN,
         );
+        // No renewal seen in time: by the last one seen, a standby may take the lease
+        // within the margin.
         if asked >= until {
             step_down("the leader lease was not seen renewed in time");
             return;
@@ -203,47 +207,91 @@ mod tests {
         assert_eq!(held_for(&lease("other", now), "me", now), None);
     }
 
-    /// The lease is read fine twice, then every read fails (the API server is cut
-    /// off): the leader must step down before the lease, by its last renewal, could
-    /// be taken by a standby, and not before its last renewal runs out.
-    #[tokio::test(start_paused = true)]
-    async fn a_leader_that_cannot_see_its_lease_renewed_steps_down_before_it_expires() {
+    /// A simulated API server for the watchdog's reads: the lease is renewed every
+    /// `LEASE_DURATION - LEASE_GRACE` seconds (each renewal visible `renewal_latency`
+    /// after its renewTime), reads answer after `read_latency`, and from `stall_at`
+    /// on renewals stop and reads fail. Wall-clock renewTimes are made from the paused
+    /// test clock, so the lease ages as the test's time passes.
+    fn simulated(
+        start: Instant,
+        renewal_latency: Duration,
+        read_latency: Duration,
+        stall_at: Option<Duration>,
+    ) -> Api<Lease> {
         let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let count = answered.clone();
         tokio::spawn(async move {
+            let every = Duration::from_secs(LEASE_DURATION_SECONDS - LEASE_GRACE_SECONDS);
             while let Some((_request, send)) = handle.next_request().await {
-                let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let (code, body) = if n < 2 {
-                    // Renewed just now (wall clock; paused time does not move it).
-                    (
-                        200,
-                        serde_json::to_vec(&lease("me", SystemTime::now())).unwrap_or_default(),
-                    )
-                } else {
-                    (
-                        503,
-                        br#"{"kind":"Status","code":503,"message":"unavailable"}"#.to_vec(),
-                    )
-                };
-                if let Ok(response) = Response::builder().status(code).body(Body::from(body)) {
-                    send.send_response(response);
-                }
+                tokio::spawn(async move {
+                    tokio::time::sleep(read_latency).await;
+                    let now = start.elapsed();
+                    let (code, body) = if stall_at.is_some_and(|at| now >= at) {
+                        (
+                            503,
+                            br#"{"kind":"Status","code":503,"message":"unavailable"}"#.to_vec(),
+                        )
+                    } else {
+                        // The last renewal whose write has completed by now.
+                        let visible = now.saturating_sub(renewal_latency);
+                        let renewed = every * (visible.as_millis() / every.as_millis()) as u32;
+                        let age = now.saturating_sub(renewed);
+                        let lease = lease("me", SystemTime::now() - age);
+                        (200, serde_json::to_vec(&lease).unwrap_or_default())
+                    };
+                    if let Ok(response) = Response::builder().status(code).body(Body::from(body)) {
+                        send.send_response(response);
+                    }
+                });
             }
         });
-        let api = Api::<Lease>::namespaced(Client::new(service, "default"), "default");
+        Api::<Lease>::namespaced(Client::new(service, "default"), "default")
+    }
+
+    /// Runs the watchdog of a leader against `api` for at most `limit`; the time it
+    /// stepped down, if it did.
+    async fn stepped_down_after(api: Api<Lease>, start: Instant, limit: Duration) -> Option<Duration> {
         let (_lead, leading) = watch::channel(true);
         let (expire, mut expired) = watch::channel(false);
-        let start = Instant::now();
         tokio::spawn(watchdog(api, "lease".into(), "me".into(), leading, expire));
-        let stepped_down = tokio::time::timeout(Duration::from_secs(60), expired.wait_for(|e| *e)).await;
-        assert!(stepped_down.is_ok(), "the leader never stepped down");
-        // The last good read was at about 4 s and showed 10 s left: down at about 13 s,
-        // before the lease could be taken (14 s), not at the first failed read.
-        let after = start.elapsed();
+        tokio::time::timeout(limit, expired.wait_for(|e| *e))
+            .await
+            .ok()?
+            .ok()?;
+        Some(start.elapsed())
+    }
+
+    /// Renewals every 5 s, seen late (a slow API server: 300 ms to write a renewal,
+    /// 200 ms to answer a read): the watchdog must never step down a healthy leader.
+    #[tokio::test(start_paused = true)]
+    async fn a_healthy_leader_is_never_stepped_down() {
+        for (renewal, read) in [(10, 1), (300, 200), (700, 250)] {
+            let start = Instant::now();
+            let api = simulated(
+                start,
+                Duration::from_millis(renewal),
+                Duration::from_millis(read),
+                None,
+            );
+            let down = stepped_down_after(api, start, Duration::from_secs(1800)).await;
+            assert_eq!(down, None, "renewal {renewal} ms, read {read} ms");
+        }
+    }
+
+    /// From 22 s on the API server cannot be reached: the leader must step down before
+    /// the lease, by its last renewal (20 s), expires (30 s), and not long before.
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_that_cannot_see_its_lease_renewed_steps_down_before_it_expires() {
+        let start = Instant::now();
+        let api = simulated(
+            start,
+            Duration::from_millis(50),
+            Duration::from_millis(5),
+            Some(Duration::from_secs(22)),
+        );
+        let down = stepped_down_after(api, start, Duration::from_secs(120)).await;
         assert!(
-            after >= Duration::from_secs(11) && after < Duration::from_secs(14),
-            "{after:?}"
+            down.is_some_and(|d| d >= Duration::from_secs(27) && d < Duration::from_secs(30)),
+            "{down:?}"
         );
     }
 

@@ -66,17 +66,19 @@ impl Error {
         }
     }
 
-    /// Whether the API server refused the object itself (a 4xx other than a timeout,
-    /// a conflict or throttling), which the status reports, rather than failing in
-    /// passing, which only the retry handles: a control-plane upgrade or a burst of
-    /// 429s must not flip every project it touches to `Ready=False`.
+    /// Whether the API server answered with a refusal the status should show (the
+    /// object is invalid or forbidden, a webhook of the cluster's failed it), rather
+    /// than failing in passing (a timeout, a conflict, throttling, an API server that
+    /// is restarting or unreachable), which only the retry handles: a control-plane
+    /// upgrade or a burst of 429s must not flip every project it touches to
+    /// `Ready=False`.
     pub fn is_refusal(&self) -> bool {
         match self {
             Self::NotBindable { .. } => true,
             Self::ApplyChild {
                 source: kube::Error::Api(answer),
                 ..
-            } => (400..500).contains(&answer.code) && !matches!(answer.code, 408 | 409 | 429),
+            } => !matches!(answer.code, 408 | 409 | 429 | 503 | 504),
             _ => false,
         }
     }
