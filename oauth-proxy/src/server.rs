@@ -155,8 +155,9 @@ fn redirect(to: &str) -> Response<Body> {
 }
 
 /// A session's identity for revocation and single-flight refresh: the user, the
-/// login time and the login's random number, which a refresh keeps, so signing out also kills cookies copied before
-/// a refresh. Half a SHA-256, kept as bytes (a map key, never shown).
+/// login time and the login's random number, which a refresh keeps, so signing out
+/// also kills cookies copied before a refresh. Half a SHA-256, kept as bytes (a map
+/// key, never shown).
 type SessionId = [u8; 16];
 
 fn session_id(session: &Session) -> SessionId {

@@ -11,8 +11,6 @@ use chassis_runtime::Context;
 use chassis_runtime::conditions::{Desired, upsert};
 use chassis_runtime::controller::{InitialSync, Running, Settings, Synced};
 use chassis_runtime::metrics::Metrics;
-
-use crate::bind;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
@@ -22,6 +20,8 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
+
+use crate::bind;
 
 /// Name of this controller in `--controllers`, metrics and its field manager.
 pub const NAME: &str = "projecttemplate";
