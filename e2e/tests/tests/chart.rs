@@ -145,6 +145,11 @@ fn the_values_schema_rejects_a_wrong_type_naming_the_key() -> Result<()> {
             "metrics.port and webhook.port must differ",
             "",
         ),
+        (
+            "webhook.certManager.enabled=true,webhook.certManager.issuerRef.kind=ClusterIssuer",
+            "/webhook/certManager/issuerRef",
+            "",
+        ),
     ] {
         let out = cluster()
             .helm()
