@@ -70,16 +70,11 @@ pub struct TemplateContext {
 
 /// The validation step: every role the template binds must exist.
 pub fn validate(template: &ProjectTemplate, role_exists: impl Fn(&str) -> bool) -> Result<(), String> {
-    let roles = &template.spec.roles;
-    let missing: Vec<String> = [
-        ("admin", &roles.admin),
-        ("edit", &roles.edit),
-        ("view", &roles.view),
-    ]
-    .into_iter()
-    .filter(|(_, role)| !role_exists(role))
-    .map(|(kind, role)| format!("roles.{kind}: ClusterRole {role:?} does not exist"))
-    .collect();
+    let missing: Vec<String> = roles(template)
+        .into_iter()
+        .filter(|(_, role)| !role_exists(role))
+        .map(|(kind, role)| format!("roles.{kind}: ClusterRole {role:?} does not exist"))
+        .collect();
     if missing.is_empty() {
         Ok(())
     } else {
@@ -207,13 +202,14 @@ pub fn controller(
         .predicate_filter(predicates::generation, Default::default());
 
     // Only names matter, so ClusterRoles are watched as metadata.
-    let (roles, role_stream) = sync.reflect(Api::<PartialObjectMeta<ClusterRole>>::all(client.clone()), wc);
+    let (cluster_roles, role_stream) =
+        sync.reflect(Api::<PartialObjectMeta<ClusterRole>>::all(client.clone()), wc);
     let role_stream = role_stream.touched_objects();
 
     let ctx = Arc::new(TemplateContext {
         base: Context::new(client, NAME, metrics.controller(NAME), settings.instance.clone()),
         synced: sync.flag(),
-        cluster_roles: roles.clone(),
+        cluster_roles,
     });
     let index = templates.clone();
     let results = Controller::for_stream(template_stream, templates)
@@ -223,7 +219,7 @@ pub fn controller(
             index
                 .state()
                 .into_iter()
-                .filter(|t| [&t.spec.roles.admin, &t.spec.roles.edit, &t.spec.roles.view].contains(&&name))
+                .filter(|t| roles(t).iter().any(|(_, role)| *role == name))
                 .map(|t| ObjectRef::from_obj(t.as_ref()))
                 .collect::<Vec<_>>()
         })
