@@ -241,17 +241,19 @@ trap 'exit 130' INT TERM
 start() { # NAME ARGS...: starts $bin/NAME in its own session, logs and pid in the state folder
   local name=$1; shift
   setsid nohup "$bin/$name" "$@" </dev/null >"$logs/$name.log" 2>&1 &
-  local pid=$! i
+  local pid=$! end=$((SECONDS + 20))
   echo "$pid" >"$state/pids/$name.pid"
   # setsid and nohup exec the binary in place (this script does not use job control,
   # so the child is no process-group leader and setsid need not fork): the pid stays
-  # the same. Wait for the exec so pid_of recognises the process.
-  for ((i = 0; i < 100; i++)); do
+  # the same. Wait for the exec so pid_of recognises the process. The exec is quick,
+  # but on two busy cores (the other components starting) the shell behind it may
+  # wait seconds for a core: a CI run once failed after 2 s.
+  while ((SECONDS < end)); do
     pid_of "$name" >/dev/null && return 0
     kill -0 "$pid" 2>/dev/null || return 0 # died: wait_for reports it with the log
-    sleep 0.02
+    sleep 0.05
   done
-  die "$name (pid $pid) did not start within 2 s."
+  die "$name (pid $pid) did not start within 20 s."
 }
 
 deadline=$(($(date +%s) + timeout_s))
