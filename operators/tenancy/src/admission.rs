@@ -231,9 +231,10 @@ async fn facts(
     if max.is_none() {
         return Ok(facts);
     }
-    // Limited creates are judged one at a time, and projects admitted moments ago count
-    // even when the cache does not show them yet: two quick creates cannot both slip in.
-    let mut recent = admitted.lock().await;
+    // Read before the lock below: until the cache has listed, this is a LIST of every
+    // Project, and holding the one lock of all users across it would queue every
+    // limited create behind it (past the API server's webhook timeout). What it cannot
+    // show yet, projects admitted since, the lock's record of recent admissions adds.
     let mut names = match caches.projects_of(&user) {
         Some(names) => names,
         // Until the cache has listed once, ask the API server.
@@ -246,6 +247,9 @@ async fn facts(
             .map(ResourceExt::name_any)
             .collect(),
     };
+    // Limited creates are judged one at a time, and projects admitted moments ago count
+    // even when the cache does not show them yet: two quick creates cannot both slip in.
+    let mut recent = admitted.lock().await;
     names.extend(recent.of(&user, Instant::now()));
     facts.user_projects = names.len();
     let allowed = decide(&request.name, &user, &request.operation, &facts).is_ok();
@@ -782,6 +786,97 @@ mod tests {
             "a project being deleted no longer counts"
         );
         assert_eq!(projects.of("carol"), Some(BTreeSet::new()));
+    }
+
+    /// Before the Project cache has listed, each limited create LISTs the Projects; the
+    /// lock that serialises the decisions must not be held across that LIST, or every
+    /// create queues behind the one before it (past the API server's webhook timeout).
+    #[tokio::test]
+    async fn limited_creates_do_not_wait_for_each_others_project_list() {
+        use http::{Request, Response};
+        use kube::client::Body;
+        use kube::runtime::reflector;
+
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let (templates, mut writer) = reflector::store::<ProjectTemplate>();
+        let template: ProjectTemplate = serde_json::from_value(json!({
+            "apiVersion": "tenancy.chassis.dev/v1alpha1", "kind": "ProjectTemplate",
+            "metadata": {"name": "default"}, "spec": {"maxProjectsPerUser": 5}
+        }))
+        .expect("a valid template");
+        writer.apply_watcher_event(&watcher::Event::Apply(template));
+        let sync = InitialSync::default();
+        let synced = sync.flag();
+        sync.done().await;
+        let (project_store, _project_writer) = reflector::store::<PartialObjectMeta<Project>>();
+        let projects = Arc::new(std::sync::OnceLock::new());
+        let never_listed = Projects {
+            store: project_store,
+            synced: InitialSync::default().flag(),
+        };
+        assert!(projects.set(never_listed).is_ok());
+        let caches = Caches {
+            templates,
+            synced,
+            projects,
+            client: client.clone(),
+            shutdown: CancellationToken::new(),
+        };
+        let admitted = Mutex::new(Recent::default());
+        let granted = Granted::default();
+        let alice = request("CREATE", "alice", project(json!(null), json!({})), None);
+        let bob = request("CREATE", "bob", project(json!(null), json!({})), None);
+        for r in [&alice, &bob] {
+            granted.remember(r, "default", Instant::now());
+        }
+
+        // The mock ends with the server: a request it never answers fails, not hangs.
+        let server = async move {
+            let mut lists = Vec::new();
+            while lists.len() < 2 {
+                let Ok(Some((request, respond))) =
+                    tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await
+                else {
+                    return lists.len();
+                };
+                if request.uri().path().ends_with("/projects") {
+                    lists.push(respond); // answered once both arrived
+                } else {
+                    let not_found = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                           "reason": "NotFound", "code": 404});
+                    respond.send_response(
+                        Response::builder()
+                            .status(404)
+                            .body(Body::from(serde_json::to_vec(&not_found).expect("json")))
+                            .expect("a response"),
+                    );
+                }
+            }
+            for respond in lists.drain(..) {
+                let empty = json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1",
+                                   "metadata": {"resourceVersion": "1"}, "items": []});
+                respond.send_response(
+                    Response::builder()
+                        .body(Body::from(serde_json::to_vec(&empty).expect("json")))
+                        .expect("a response"),
+                );
+            }
+            2
+        };
+        let (lists_in_flight, a, b) = tokio::join!(
+            server,
+            facts(&client, &caches, &admitted, &granted, &alice),
+            facts(&client, &caches, &admitted, &granted, &bob),
+        );
+        assert_eq!(
+            lists_in_flight, 2,
+            "both LISTs were sent before either was answered"
+        );
+        for facts in [a.expect("alice's facts"), b.expect("bob's facts")] {
+            assert_eq!(facts.max_projects_per_user, Some(5));
+            assert_eq!(facts.user_projects, 0);
+        }
     }
 
     #[test]
