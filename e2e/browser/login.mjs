@@ -15,7 +15,7 @@ import { chromium } from 'playwright-core';
 
 const LOGIN_FORM_TIMEOUT_MS = 30_000; // provider's login form must show up within this
 const RETURN_TIMEOUT_MS = 30_000;     // back on the --url origin after submitting the form
-const SIGN_OUT_SETTLE_MS = 15_000;    // sign-out redirects/auto-submit; never fails on timeout
+const SIGN_OUT_SETTLE_MS = 45_000;    // sign-out redirects/auto-submit (ends early once idle); never fails on timeout
 const AFTER_TIMEOUT_MS = 30_000;      // the final goto --url
 
 class UsageError extends Error {}

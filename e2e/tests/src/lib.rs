@@ -622,6 +622,46 @@ where
     }
 }
 
+/// Reads `name`, applies `edit` and writes it back, reading again when someone else
+/// (a controller's status write) changed it in between (409 Conflict).
+pub async fn update<K>(api: &kube::Api<K>, name: &str, mut edit: impl FnMut(&mut K)) -> Result<K>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    for _ in 0..10 {
+        let mut object = api.get(name).await?;
+        edit(&mut object);
+        match api
+            .replace(name, &kube::api::PostParams::default(), &object)
+            .await
+        {
+            Err(kube::Error::Api(s)) if s.code == 409 => continue,
+            other => return Ok(other?),
+        }
+    }
+    bail!("{name} kept changing under ten updates in a row")
+}
+
+/// Runs `request` until the API server stops answering 403, for up to 30 s: a
+/// RoleBinding the operator just created reaches the API server's authorizer through
+/// its own watch, a moment later on a busy machine. Any other answer returns at once;
+/// a member who is really refused still fails, with the last 403.
+pub async fn once_authorized<T, F, Fut>(mut request: F) -> Result<T, kube::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, kube::Error>>,
+{
+    let start = Instant::now();
+    loop {
+        match request().await {
+            Err(kube::Error::Api(s)) if s.code == 403 && start.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// A helper process (an OpenID provider, a proxy) that dies with the test binary:
 /// it runs under a shell that stops it when our end of its stdin closes, so even a
 /// test that panics leaves nothing behind.

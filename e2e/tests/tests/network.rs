@@ -166,9 +166,10 @@ async fn a_profile_follows_namespace_labels_reverts_edits_and_leaves_with_its_pr
         );
         Ok::<_, anyhow::Error>(v)
     };
+    // Settled: nothing written for 5 s (a busy operator may still have a write queued).
     let before = eventually("the status to settle", TIMEOUT, || async {
         let a = versions().await?;
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
         Ok((versions().await? == a).then_some(a))
     })
     .await?;

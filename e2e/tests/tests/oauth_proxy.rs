@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use chassis_e2e::{Background, free_port, repo_root, state_dir};
+use chassis_e2e::{Background, free_port, repo_root, state_dir, unique};
 use reqwest::cookie::{CookieStore, Jar};
 use reqwest::header::{ACCEPT, COOKIE, HeaderValue, SET_COOKIE};
 use reqwest::redirect::Policy;
@@ -73,7 +73,7 @@ fn start_idp() -> Result<Idp> {
             ("PORT", "0".into()),
             ("OIDC_CONFIG", path.display().to_string()),
             // Short, so the refresh test does not wait long; no other test refreshes.
-            ("ACCESS_TOKEN_TTL", "10".into()),
+            ("ACCESS_TOKEN_TTL", "20".into()),
         ],
     )?;
     // The first start installs the provider's packages (`npm ci`).
@@ -275,7 +275,10 @@ impl Proxy {
             metrics: format!("http://127.0.0.1:{metrics}/metrics"),
         };
         let client = reqwest::Client::new();
-        for _ in 0..150 {
+        // Generous: a debug build discovering the issuer on two busy cores, and discovery
+        // backs off after a failed try.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
             // Whatever answers on the port must be this proxy: another test's server may
             // have been given the port since it was chosen (then the proxy cannot bind it,
             // says so and exits, and `start_at` starts it again on another).
@@ -865,9 +868,10 @@ async fn email_domain_rules_parse_the_address_exactly() -> Result<()> {
 
 #[tokio::test]
 async fn concurrent_requests_on_a_session_due_for_refresh_cause_one_refresh() -> Result<()> {
-    // Access tokens live 10 s (ACCESS_TOKEN_TTL of this binary's provider): with a
-    // 6 s refresh window a new session is not due, and is 5 s later.
-    let proxy = Proxy::start("refresh", echo_upstream().await?, &["--cookie-refresh", "6s"]).await?;
+    // Access tokens live 20 s (ACCESS_TOKEN_TTL of this binary's provider): with a
+    // 10 s refresh window a new session is not due for 10 s (room for a slow login on
+    // busy cores), and is 12 s later.
+    let proxy = Proxy::start("refresh", echo_upstream().await?, &["--cookie-refresh", "10s"]).await?;
     let jar = Arc::new(Jar::default());
     echoed(login(&browser(&jar)?, &proxy, "/", "alice").await?).await?;
     let cookie = cookie_header(&jar, &proxy)?;
@@ -875,7 +879,7 @@ async fn concurrent_requests_on_a_session_due_for_refresh_cause_one_refresh() ->
         proxy.metric("chassis_oauth_proxy_refreshes").await? == 0.0,
         "not due right after the login"
     );
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
     let requests = (0..12).map(|_| {
         let cookie = cookie.clone();
         let url = proxy.url("/app");
@@ -898,11 +902,11 @@ async fn concurrent_requests_on_a_session_due_for_refresh_cause_one_refresh() ->
 #[tokio::test]
 async fn ingress_auth_requests_refresh_a_session_that_is_due() -> Result<()> {
     // Behind an ingress in auth_request mode the proxy sees only /oauth2/auth: unless
-    // it refreshes there, the access token it hands on goes stale after 10 s.
+    // it refreshes there, the access token it hands on goes stale after 20 s.
     let proxy = Proxy::start(
         "auth-refresh",
         echo_upstream().await?,
-        &["--cookie-refresh", "6s", "--pass-access-token", "true"],
+        &["--cookie-refresh", "10s", "--pass-access-token", "true"],
     )
     .await?;
     let jar = Arc::new(Jar::default());
@@ -927,7 +931,7 @@ async fn ingress_auth_requests_refresh_a_session_that_is_due() -> Result<()> {
         status == 202 && first.is_some() && sets == 0,
         "not due yet: {status} {sets}"
     );
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
     let (status, second, sets) = ask().await?;
     ensure!(status == 202, "due: {status}");
     ensure!(sets >= 1, "the refreshed session comes back in Set-Cookie");
@@ -945,8 +949,8 @@ async fn sigterm_stops_the_proxy_at_once() -> Result<()> {
     // pod stop would wait out the grace period and end in SIGKILL.
     let mut proxy = Proxy::start("sigterm", echo_upstream().await?, &[]).await?;
     ensure!(
-        proxy.process.terminate(Duration::from_secs(5))?,
-        "the proxy was still running 5 s after SIGTERM:\n{}",
+        proxy.process.terminate(Duration::from_secs(15))?,
+        "the proxy was still running 15 s after SIGTERM:\n{}",
         chassis_e2e::log_tail(&proxy.process.log, 10)
     );
     ensure!(
@@ -962,19 +966,32 @@ async fn sigterm_lets_a_request_in_flight_finish_and_refuses_new_ones() -> Resul
     // must get their answers, as oauth2-proxy's (Go's http.Server.Shutdown) do.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let upstream = listener.local_addr()?.port();
-    let slow = warp::path!("public" / "slow").then(|| async {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        "slow answer"
+    // The upstream says when the request has reached it and answers only when the test
+    // lets it: the request is in flight for the whole drain, however slow the machine.
+    let (received, release) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let (on_receive, on_release) = (received.clone(), release.clone());
+    let slow = warp::path!("public" / "slow").then(move || {
+        let (on_receive, on_release) = (on_receive.clone(), on_release.clone());
+        async move {
+            on_receive.notify_one();
+            on_release.notified().await;
+            "slow answer"
+        }
     });
     tokio::spawn(warp::serve(slow).incoming(listener).run());
     let mut proxy = Proxy::start("drain", upstream, &["--skip-auth-paths", "/public/.*"]).await?;
     let in_flight = tokio::spawn(reqwest::get(proxy.url("/public/slow")));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::timeout(Duration::from_secs(30), received.notified())
+        .await
+        .context("the request did not reach the upstream")?;
     let base = proxy.base.clone();
     let log = proxy.process.log.clone();
-    let stopped = tokio::task::spawn_blocking(move || proxy.process.terminate(Duration::from_secs(10)));
+    let stopped = tokio::task::spawn_blocking(move || proxy.process.terminate(Duration::from_secs(30)));
     // Once it has taken the signal (on a loaded machine `kill` itself can take a while).
-    chassis_e2e::eventually("the proxy to take SIGTERM", Duration::from_secs(5), || {
+    chassis_e2e::eventually("the proxy to take SIGTERM", Duration::from_secs(30), || {
         let log = log.clone();
         async move {
             Ok(chassis_e2e::log_tail(&log, 20)
@@ -987,6 +1004,7 @@ async fn sigterm_lets_a_request_in_flight_finish_and_refuses_new_ones() -> Resul
         reqwest::get(format!("{base}/ping")).await.is_err(),
         "a draining proxy accepts no new connection"
     );
+    release.notify_one();
     let answer = in_flight.await??;
     ensure!(
         answer.status() == 200,
@@ -1205,7 +1223,9 @@ async fn test_issuer() -> Result<TestIssuer> {
 /// A [`TestIssuer`] whose identifier is its address followed by `suffix` (`"/"`: the
 /// form Auth0 uses).
 async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
-    let dir = state_dir().join(format!("jwt-issuer-{}", std::process::id()));
+    // A folder per issuer: tests run in parallel, and a key file shared between them
+    // could be replaced between reading its public half and signing with it.
+    let dir = state_dir().join(unique("jwt-issuer"));
     std::fs::create_dir_all(&dir)?;
     let key = dir.join("key.pem");
     let openssl = |args: &[&str]| -> Result<Vec<u8>> {

@@ -480,9 +480,7 @@ async fn a_template_naming_a_role_the_operator_may_not_bind_is_not_ready() -> Re
         ready.message
     );
 
-    let mut fixed = templates.get(&name).await?;
-    fixed.spec.roles.admin = "admin".into();
-    templates.replace(&name, &PostParams::default(), &fixed).await?;
+    chassis_e2e::update(&templates, &name, |fixed| fixed.spec.roles.admin = "admin".into()).await?;
     wait_for_condition(&templates, &name, "Ready", "True", READY_TIMEOUT, Some(op)).await?;
 
     templates.delete(&name, &DeleteParams::default()).await?;
@@ -501,10 +499,11 @@ async fn a_template_change_reaches_the_namespace_and_removed_labels_go_away() ->
     let (tpl, name) = baseline_project(&templates, &projects, "evolving").await?;
     wait_for_condition(&projects, &name, "Ready", "True", READY_TIMEOUT, Some(op)).await?;
 
-    let mut changed = templates.get(&tpl).await?;
-    changed.spec.labels.clear();
-    changed.spec.pod_security = PodSecurityLevel::Restricted;
-    templates.replace(&tpl, &PostParams::default(), &changed).await?;
+    chassis_e2e::update(&templates, &tpl, |changed| {
+        changed.spec.labels.clear();
+        changed.spec.pod_security = PodSecurityLevel::Restricted;
+    })
+    .await?;
 
     let ns = chassis_e2e::eventually("the namespace to follow the template", READY_TIMEOUT, || async {
         let ns = namespaces.get(&name).await?;

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use chassis_api::tenancy::v1alpha1::{Project, ProjectSpec, ProjectTemplate, ProjectTemplateSpec};
-use chassis_e2e::{Operator, cluster, unique, wait_for_condition};
+use chassis_e2e::{Operator, cluster, eventually, unique, wait_for_condition};
+use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -71,8 +72,9 @@ async fn a_developer_creates_a_project_with_only_a_name_and_owns_it() -> Result<
 
     let mut cm = ConfigMap::default();
     cm.metadata.name = Some("hello".into());
-    Api::<ConfigMap>::namespaced(alice.clone(), &name)
-        .create(&PostParams::default(), &cm)
+    let in_project = Api::<ConfigMap>::namespaced(alice.clone(), &name);
+    let params = PostParams::default();
+    chassis_e2e::once_authorized(|| in_project.create(&params, &cm))
         .await
         .context("alice creates a ConfigMap in her project")?;
     let bob = cluster().user("bob").await?;
@@ -244,7 +246,25 @@ async fn grant_use(admin: &Client, template: &str, user: &str) -> Result<()> {
     Api::<ClusterRoleBinding>::all(admin.clone())
         .create(&PostParams::default(), &binding)
         .await?;
-    Ok(())
+    // The API server's authorizer sees a new binding through its own watch, a moment
+    // later on a busy machine: wait until it does, as the webhook's review will ask.
+    let review: SubjectAccessReview = serde_json::from_value(serde_json::json!({
+        "spec": {"user": user, "resourceAttributes": {"group": "tenancy.chassis.dev",
+                 "resource": "projecttemplates", "name": template, "verb": "use"}}
+    }))?;
+    let reviews: Api<SubjectAccessReview> = Api::all(admin.clone());
+    eventually(
+        "the new grant to reach the authorizer",
+        Duration::from_secs(30),
+        || {
+            let (reviews, review) = (reviews.clone(), review.clone());
+            async move {
+                let answer = reviews.create(&PostParams::default(), &review).await?;
+                Ok(answer.status.is_some_and(|s| s.allowed).then_some(()))
+            }
+        },
+    )
+    .await
 }
 
 #[tokio::test]

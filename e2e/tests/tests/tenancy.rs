@@ -106,8 +106,9 @@ async fn members_get_their_roles_and_nobody_else_gets_in() -> Result<()> {
 
     let mut cm = ConfigMap::default();
     cm.metadata.name = Some("settings".into());
-    Api::<ConfigMap>::namespaced(alice.clone(), &f.project)
-        .create(&PostParams::default(), &cm)
+    let in_project = Api::<ConfigMap>::namespaced(alice.clone(), &f.project);
+    let params = PostParams::default();
+    chassis_e2e::once_authorized(|| in_project.create(&params, &cm))
         .await
         .context("alice, the project admin, creates a ConfigMap")?;
 
@@ -236,13 +237,14 @@ async fn a_bigger_quota_in_the_template_reaches_every_project() -> Result<()> {
     .await?;
 
     let templates: Api<ProjectTemplate> = Api::all(f.client.clone());
-    let mut t = templates.get(&f.template).await?;
-    if let Some(q) = t.spec.resource_quota.as_mut() {
-        q.hard
-            .get_or_insert_with(Default::default)
-            .insert("requests.cpu".into(), Quantity("8".into()));
-    }
-    templates.replace(&f.template, &PostParams::default(), &t).await?;
+    chassis_e2e::update(&templates, &f.template, |t| {
+        if let Some(q) = t.spec.resource_quota.as_mut() {
+            q.hard
+                .get_or_insert_with(Default::default)
+                .insert("requests.cpu".into(), Quantity("8".into()));
+        }
+    })
+    .await?;
 
     for ns in [&f.project, &second] {
         let quotas: Api<ResourceQuota> = Api::namespaced(f.client.clone(), ns);

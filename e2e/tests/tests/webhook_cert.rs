@@ -121,7 +121,17 @@ async fn the_operator_keeps_its_certificate_in_a_secret_and_injects_the_ca() -> 
     let projects: Api<Project> = Api::all(admin.clone());
     let mut project = Project::new(&unique("certp"), ProjectSpec::default());
     project.labels_mut().insert("chassis-e2e-cert".into(), id.clone());
-    let created = projects.create(&PostParams::default(), &project).await?;
+    // The API server reloads webhook configurations through its own watch: until it
+    // has the injected caBundle, its calls fail verification ("failed calling webhook").
+    let created = eventually(
+        "a Project admitted through the injected CA",
+        Duration::from_secs(30),
+        || {
+            let (projects, project) = (projects.clone(), project.clone());
+            async move { Ok(Some(projects.create(&PostParams::default(), &project).await?)) }
+        },
+    )
+    .await?;
     assert!(created.annotations().contains_key(REQUESTER));
 
     // A second replica serves the same certificate: the Secret is not rewritten.
