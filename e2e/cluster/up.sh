@@ -79,11 +79,11 @@ if bin=$(read_env CHASSIS_BIN) && server=$(read_env KUBE_APISERVER) && [ -x "$bi
   # tear down the cluster the other tests use, so ask for up to 30 s.
   ready=0
   if [ "$alive" = 1 ]; then
-    for _ in 1 2 3; do
+    for try in 1 2 3; do
       if "$bin/kubectl" --kubeconfig "$state/kubeconfig" --request-timeout=10s get --raw /readyz >/dev/null 2>&1; then
         ready=1 && break
       fi
-      sleep 1
+      [ "$try" = 3 ] || sleep 1
     done
   fi
   if [ "$ready" = 1 ]; then

@@ -989,7 +989,7 @@ async fn sigterm_lets_a_request_in_flight_finish_and_refuses_new_ones() -> Resul
         .context("the request did not reach the upstream")?;
     let base = proxy.base.clone();
     let log = proxy.process.log.clone();
-    let stopped = tokio::task::spawn_blocking(move || proxy.process.terminate(Duration::from_secs(30)));
+    let stopped = tokio::task::spawn_blocking(move || proxy.process.terminate(Duration::from_secs(60)));
     // Once it has taken the signal (on a loaded machine `kill` itself can take a while).
     chassis_e2e::eventually("the proxy to take SIGTERM", Duration::from_secs(30), || {
         let log = log.clone();

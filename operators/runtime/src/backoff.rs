@@ -82,7 +82,7 @@ impl Backoff {
         failures.by_key.remove(key);
     }
 
-    /// How many objects are currently backing off.
+    /// How many objects have a failure count (stale ones until the next prune).
     pub fn len(&self) -> usize {
         self.failures.lock().map(|f| f.by_key.len()).unwrap_or(0)
     }
