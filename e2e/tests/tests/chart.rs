@@ -112,6 +112,39 @@ fn the_chart_lints_strictly_and_every_object_passes_a_server_side_dry_run() -> R
     Ok(())
 }
 
+/// The ingress rule of the chart's NetworkPolicy for the webhook port.
+fn webhook_ingress(rendered: &str) -> Result<serde_json::Value> {
+    let docs = documents(rendered)?;
+    let policy = docs
+        .iter()
+        .find(|d| d["kind"] == "NetworkPolicy")
+        .context("the chart renders a NetworkPolicy")?;
+    policy["spec"]["ingress"]
+        .as_array()
+        .and_then(|rules| rules.iter().find(|r| r["ports"][0]["port"] == "webhook"))
+        .cloned()
+        .context("an ingress rule for the webhook port")
+}
+
+#[test]
+fn the_webhook_port_can_be_narrowed_to_where_the_api_server_calls_from() -> Result<()> {
+    let open = webhook_ingress(&render("chassis", &[])?)?;
+    assert!(open.get("from").is_none(), "open by default: {open}");
+    let narrowed = webhook_ingress(&render(
+        "chassis",
+        &[
+            "--set-json",
+            r#"networkPolicy.webhookFrom=[{"ipBlock":{"cidr":"10.0.0.0/24"}}]"#,
+        ],
+    )?)?;
+    assert_eq!(
+        narrowed["from"],
+        serde_json::json!([{"ipBlock": {"cidr": "10.0.0.0/24"}}]),
+        "{narrowed}"
+    );
+    Ok(())
+}
+
 #[test]
 fn the_values_schema_rejects_a_wrong_type_naming_the_key() -> Result<()> {
     for (set, key, want) in [
