@@ -73,6 +73,8 @@ pub async fn serve(
         }
     });
     let metrics_route = warp::path!("metrics").and(warp::get()).map(move || {
+        // Current at every scrape, not only after a probe hit /readyz.
+        metrics.ready.set(i64::from(health.readiness().is_ok()));
         warp::reply::with_header(
             metrics.encode(),
             "content-type",
@@ -103,5 +105,35 @@ mod tests {
             Ok(()),
             "without leader election the lease is not needed"
         );
+    }
+
+    /// The body of `GET path` from the server at `addr`.
+    async fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes())
+            .await?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await?;
+        Ok(answer)
+    }
+
+    #[tokio::test]
+    async fn the_ready_gauge_is_current_at_every_scrape() -> Result<(), Box<dyn std::error::Error>> {
+        let health = Arc::new(Health::new(false));
+        let (addr, _server) = serve(
+            "127.0.0.1:0".parse()?,
+            health.clone(),
+            Arc::new(Metrics::default()),
+            std::future::pending(),
+        )
+        .await?;
+        assert!(get(addr, "/metrics").await?.contains("chassis_ready 0"));
+        // No probe asked /readyz in between: the scrape alone must see the change.
+        health.set_synced(true);
+        let scraped = get(addr, "/metrics").await?;
+        assert!(scraped.contains("chassis_ready 1"), "{scraped}");
+        Ok(())
     }
 }
