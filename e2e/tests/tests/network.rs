@@ -138,6 +138,23 @@ async fn a_profile_follows_namespace_labels_reverts_edits_and_leaves_with_its_pr
     .await
     .with_context(|| op.log_tail(20))?;
 
+    // A field removed from it (no manager owns a missing field): also restored.
+    let remove = serde_json::json!([{"op": "remove", "path": "/spec/ingress"}]);
+    policies
+        .patch(
+            &isolation,
+            &PatchParams::default(),
+            &Patch::<()>::Json(serde_json::from_value(remove)?),
+        )
+        .await?;
+    eventually("the removed ingress rules to be restored", TIMEOUT, || async {
+        let np = policies.get(&isolation).await?;
+        let from = serde_json::to_value(np.spec.as_ref().and_then(|s| s.ingress.clone()))?;
+        Ok((from == serde_json::json!([{"from": [{"podSelector": {}}]}])).then_some(()))
+    })
+    .await
+    .with_context(|| op.log_tail(20))?;
+
     // Deleting a managed policy: it comes back.
     policies.delete(&isolation, &DeleteParams::default()).await?;
     wait_for_policies(&ns, &name, &expected).await?;

@@ -4,7 +4,7 @@
 //! applied over when its controller owner reference is ours.
 
 use chassis_runtime::apply::{
-    Claim, apply_over, claim, controlled_by, create_manager, edited_by_others, metadata_matches,
+    Claim, apply_over, claim, controlled_by, create_manager, edited_by_others, lost_fields, metadata_matches,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::ResourceExt;
@@ -19,11 +19,14 @@ pub enum Written {
     Conflict(String),
 }
 
-/// Whether `have` already is `desired`: our hash and labels are on it and no other
-/// field manager owns a field we set.
+/// Whether `have` already is `desired`: our hash and labels are on it, no other
+/// field manager owns a field we set, and none we set was removed (a removed field
+/// belongs to no manager, so only comparing the content shows it).
 pub fn current(desired: &NetworkPolicy, have: &NetworkPolicy, field_manager: &str) -> bool {
     let creator = create_manager(field_manager);
-    metadata_matches(desired, have) && !edited_by_others(desired, have, &[field_manager, creator.as_str()])
+    metadata_matches(desired, have)
+        && !edited_by_others(desired, have, &[field_manager, creator.as_str()])
+        && !lost_fields(desired, have)
 }
 
 fn conflict(have: &NetworkPolicy) -> Written {
@@ -58,4 +61,29 @@ pub async fn write_owned(
     }
     apply_over(api, desired, Some(&have), field_manager).await?;
     Ok(Written::Applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use chassis_api::network::v1alpha1::{NetworkProfile, NetworkProfileSpec};
+
+    use super::current;
+    use crate::profile::render::policies;
+
+    #[test]
+    fn a_field_removed_from_a_managed_policy_is_drift() {
+        let profile = NetworkProfile::new("restricted", NetworkProfileSpec::default());
+        let desired = policies(&profile, "team-a").remove(0);
+        assert!(current(&desired, &desired.clone(), "chassis-networkprofile"));
+        // `kubectl patch --type=json -p '[{"op":"remove","path":"/spec/ingress"}]'`:
+        // the hash and labels stay, no manager owns the missing field.
+        let mut edited = desired.clone();
+        if let Some(spec) = edited.spec.as_mut() {
+            spec.ingress = None;
+        }
+        assert!(
+            !current(&desired, &edited, "chassis-networkprofile"),
+            "a removed ingress list (deny-all) must be put back"
+        );
+    }
 }

@@ -41,7 +41,8 @@ pub struct NetworkProfileSpec {
     #[serde(default)]
     pub isolation: Isolation,
 
-    /// Peers always allowed in, such as ingress controllers and monitoring.
+    /// Peers always allowed in, such as ingress controllers and monitoring (past
+    /// `isolation: Namespace`; with `None` ingress is open to them anyway).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = kube::core::Rule::new("self.all(a, self.exists_one(b, b.name == a.name))")

@@ -153,7 +153,15 @@ pub fn policies(profile: &NetworkProfile, namespace: &str) -> Vec<NetworkPolicy>
             },
         ));
     }
-    for peer in &spec.allow_from {
+    // Peers are let in past the isolation. Without isolation ingress is open and they
+    // get in anyway; a policy for them would select every pod and so shut out
+    // everyone else.
+    let peers = if spec.isolation == Isolation::Namespace {
+        spec.allow_from.as_slice()
+    } else {
+        &[]
+    };
+    for peer in peers {
         out.push(policy(
             profile,
             namespace,

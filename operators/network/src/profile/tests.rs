@@ -143,6 +143,41 @@ fn isolation_allow_from_and_egress_deny_mean_what_they_say() -> Result<(), Strin
 }
 
 #[test]
+fn allow_from_without_isolation_leaves_ingress_open() -> Result<(), String> {
+    let p = profile(NetworkProfileSpec {
+        isolation: Isolation::None,
+        allow_from: vec![AllowedPeer {
+            name: "ingress".into(),
+            namespace_selector: LabelSelector {
+                match_labels: Some(labels(&[("role", "ingress")])),
+                ..Default::default()
+            },
+            pod_selector: None,
+            ports: None,
+        }],
+        ..NetworkProfileSpec::default()
+    });
+    let parsed: Vec<Policy> = policies(&p, "team-a")
+        .iter()
+        .map(|np| Policy::parse(np, "team-a"))
+        .collect::<Result<_, _>>()?;
+    let model = cluster().with_namespace_name_labels();
+    let eval = Evaluator::new(&model, &parsed);
+    let at = |ns: &str, pod: &str| eval.find(ns, pod).ok_or(format!("{ns}/{pod}"));
+    let tcp = |from, to| eval.allowed(from, to, 8080, Protocol::Tcp);
+    let (a_web, a_db, b_web, nginx) = (
+        at("team-a", "web")?,
+        at("team-a", "db")?,
+        at("team-b", "web")?,
+        at("ingress", "nginx")?,
+    );
+    assert!(tcp(a_web, a_db), "isolation None: the namespace's own pods");
+    assert!(tcp(b_web, a_web), "isolation None: other namespaces");
+    assert!(tcp(nginx, a_web), "and the peer");
+    Ok(())
+}
+
+#[test]
 fn egress_allow_renders_no_egress_policy_so_dns_is_not_isolated() {
     let p = profile(NetworkProfileSpec {
         isolation: Isolation::None,
