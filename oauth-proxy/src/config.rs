@@ -509,21 +509,27 @@ impl Config {
     }
 }
 
+/// The fewest flags a valid configuration needs (tests of this crate build on them).
+#[cfg(test)]
+pub(crate) fn minimal_flags() -> Flags {
+    Flags {
+        upstream: Some("http://127.0.0.1:8080".into()),
+        oidc_issuer_url: Some("https://idp.example.com".into()),
+        client_id: Some("app".into()),
+        client_secret: Some("s3cret".into()),
+        redirect_url: Some("https://app.example.com/oauth2/callback".into()),
+        cookie_secret: Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into()),
+        email_domains: Some(vec!["example.com".into()]),
+        ..Flags::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn minimal() -> Flags {
-        Flags {
-            upstream: Some("http://127.0.0.1:8080".into()),
-            oidc_issuer_url: Some("https://idp.example.com".into()),
-            client_id: Some("app".into()),
-            client_secret: Some("s3cret".into()),
-            redirect_url: Some("https://app.example.com/oauth2/callback".into()),
-            cookie_secret: Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into()),
-            email_domains: Some(vec!["example.com".into()]),
-            ..Flags::default()
-        }
+        minimal_flags()
     }
 
     #[test]

@@ -48,15 +48,11 @@ pub const IDENTITY_HEADERS: &[&str] = &[
     "x-auth-request-access-token",
 ];
 
-/// Headers that frameworks and servers behind a proxy read as the request's real path,
-/// host or client address (Symfony and Zend `X-Original-URL`/`X-Rewrite-URL`, IIS URL
-/// Rewrite, nginx `X-Real-IP`, CDNs' client-IP headers). Like `X-Forwarded-*`, only a
-/// trusted proxy may send them: from anyone else `X-Original-URL: /admin` on a request
-/// for a skip-auth path would reach `/admin` without a login, and a forged client
-/// address would pass the upstream's IP allow-lists.
+/// Headers that frameworks and servers behind a proxy read as the request's original
+/// URI, host or client address (nginx `X-Original-URI` and `X-Real-IP`, CDNs'
+/// client-IP headers). Like `X-Forwarded-*`, only a trusted proxy may send them: from
+/// anyone else a forged client address would pass the upstream's IP allow-lists.
 pub const ROUTING_HEADERS: &[&str] = &[
-    "x-original-url",
-    "x-rewrite-url",
     "x-original-uri",
     "x-original-host",
     "x-host",
@@ -66,6 +62,13 @@ pub const ROUTING_HEADERS: &[&str] = &[
     "x-cluster-client-ip",
     "client-ip",
 ];
+
+/// Headers that make Symfony, Zend and IIS URL Rewrite serve another path than the
+/// request line's (`X-Original-URL`, `X-Rewrite-URL`). Removed from every request,
+/// trusted proxies' included: the login and skip-auth decisions are made on the
+/// request's path, and an ingress may pass a client's value through unchanged, so
+/// `GET /public/x` with `X-Original-URL: /admin` would reach `/admin` without a login.
+pub const PATH_OVERRIDE_HEADERS: &[&str] = &["x-original-url", "x-rewrite-url"];
 
 /// Hop-by-hop headers (RFC 9110 7.6.1, RFC 9112, plus the non-standard
 /// `Proxy-Connection` and h2c's `HTTP2-Settings`, which is connection-specific).
@@ -94,9 +97,9 @@ fn canonical(name: &HeaderName) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Removes every header whose canonical name is one of [`IDENTITY_HEADERS`]
-/// (so `x_forwarded_user`, `X-FORWARDED-USER`, `x-forwarded_user` and all
-/// duplicates go). With `strip_all_forwarded`, also every header whose canonical
+/// Removes every header whose canonical name is one of [`IDENTITY_HEADERS`] or
+/// [`PATH_OVERRIDE_HEADERS`] (so `x_forwarded_user`, `X-FORWARDED-USER`,
+/// `x-forwarded_user` and all duplicates go). With `strip_all_forwarded`, also every header whose canonical
 /// name starts with `x-forwarded-` or `x-auth-request-` (the caller then sets
 /// `X-Forwarded-For`/`-Proto`/`-Host` itself) or is one of [`ROUTING_HEADERS`].
 /// Returns how many header fields (values, counting duplicates) were removed.
@@ -106,6 +109,7 @@ pub fn strip_identity(headers: &mut HeaderMap, strip_all_forwarded: bool) -> usi
         .filter(|name| {
             let c = canonical(name);
             IDENTITY_HEADERS.contains(&c.as_ref())
+                || PATH_OVERRIDE_HEADERS.contains(&c.as_ref())
                 || (strip_all_forwarded
                     && (c.starts_with("x-forwarded-")
                         || c.starts_with("x-auth-request-")
@@ -368,6 +372,21 @@ mod tests {
     }
 
     #[test]
+    fn path_override_headers_are_removed_even_from_trusted_proxies() {
+        let mut h = map(&[
+            ("x-original-url", "/admin"),
+            ("x_rewrite_url", "/admin"),
+            ("x-real-ip", "10.0.0.1"),
+        ]);
+        strip_identity(&mut h, false);
+        assert_eq!(
+            h.keys().map(HeaderName::as_str).collect::<Vec<_>>(),
+            ["x-real-ip"],
+            "a trusted proxy's client address stays; path overrides never pass"
+        );
+    }
+
+    #[test]
     fn identity_header_names_are_parsed_as_displayed_and_all_stripped() {
         for names in [&FORWARDED, &AUTH_REQUEST] {
             for (display, parsed) in names.display.iter().zip(&names.parsed) {
@@ -478,9 +497,9 @@ mod tests {
         let mut untrusted = map(&sent);
         assert_eq!(strip_identity(&mut untrusted, true), 10);
         assert_eq!(untrusted.len(), 1, "{untrusted:?}");
-        // A trusted proxy in front may set them.
+        // A trusted proxy in front may set them, except the two path overrides.
         let mut trusted = map(&sent);
-        assert_eq!(strip_identity(&mut trusted, false), 0);
+        assert_eq!(strip_identity(&mut trusted, false), 2);
     }
 
     #[test]

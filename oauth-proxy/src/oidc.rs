@@ -182,7 +182,8 @@ impl Provider {
     }
 
     /// Uses the refresh token. The new ID token (if the issuer sends one) is verified
-    /// without a nonce, as OIDC Core 12.2 says; claims missing from it keep `previous`.
+    /// without a nonce, as OIDC Core 12.2 says; without a new ID token the identity
+    /// stays `previous`, with one its claims replace it (a claim it lacks is gone).
     pub async fn refresh(&self, refresh_token: &str, previous: &Identity) -> Result<Identity, Error> {
         let client = self.client.read().await.clone();
         let response: CoreTokenResponse = client

@@ -564,18 +564,22 @@ impl App {
     /// the issuer no longer vouches for the user (disabled, or the grant revoked), so
     /// the session ends, as in oauth2-proxy; before they expire it is kept, so a short
     /// outage of the issuer signs nobody out.
+    /// With refresh on, a session without a refresh token (the issuer gave none: no
+    /// `offline_access`) cannot be renewed and ends with its tokens too.
     async fn maybe_refresh(&self, session: Arc<Session>) -> Option<(Arc<Session>, bool)> {
-        let (Some(window), Some(refresh_token)) = (self.config.cookie_refresh, session.refresh_token.clone())
-        else {
+        let Some(window) = self.config.cookie_refresh else {
             return Some((session, false));
         };
         if session.expires_at > now() + window.as_secs() {
             return Some((session, false));
         }
+        let failed = |session: Arc<Session>| (session.expires_at > now()).then_some((session, false));
+        let Some(refresh_token) = session.refresh_token.clone() else {
+            return failed(session);
+        };
         let Some(provider) = self.provider.get() else {
             return Some((session, false));
         };
-        let failed = |session: Arc<Session>| (session.expires_at > now()).then_some((session, false));
         let sid = session_id(&session);
         let slot = {
             let mut map = self.refreshing.lock().await;
@@ -640,11 +644,18 @@ fn to_session(identity: Identity, created_at: u64, login: u64) -> Session {
     }
 }
 
+/// The email address to hand on: only a verified one. Anyone may type any address
+/// at many issuers, and upstreams key accounts on the email header (oauth2-proxy
+/// refuses such logins outright).
+fn verified_email(session: &Session) -> Option<&str> {
+    session.email.as_deref().filter(|_| session.email_verified)
+}
+
 /// `with_token`: copy the access token too (only when it is passed on).
 fn header_identity(session: &Session, with_token: bool) -> HeaderIdentity {
     HeaderIdentity {
         user: session.user.clone(),
-        email: session.email.clone(),
+        email: verified_email(session).map(str::to_string),
         groups: session.groups.clone(),
         preferred_username: session.preferred_username.clone(),
         access_token: session.access_token.clone().filter(|_| with_token),
@@ -1189,7 +1200,7 @@ async fn userinfo(app: &App, headers: &HeaderMap) -> Response<Body> {
     };
     let info = UserInfo {
         user: &s.user,
-        email: s.email.as_deref(),
+        email: verified_email(&s),
         groups: &s.groups,
         preferred_username: s.preferred_username.as_deref(),
     };
@@ -1680,5 +1691,63 @@ mod tests {
         s.login = 78;
         assert_ne!(session_id(&s), before);
         assert_ne!(session::new_login(), session::new_login());
+    }
+
+    #[tokio::test]
+    async fn with_refresh_on_a_session_without_a_refresh_token_ends_with_its_tokens() -> Result<(), String> {
+        let flags = crate::config::Flags {
+            cookie_refresh: Some("1m".into()),
+            ..crate::config::minimal_flags()
+        };
+        let app = App::new(crate::config::Config::merge(&flags, Default::default())?)?;
+        let session = |expires_at: u64| {
+            Arc::new(Session {
+                user: "alice".into(),
+                email: None,
+                email_verified: false,
+                groups: vec![],
+                preferred_username: None,
+                access_token: Some("at".into()),
+                id_token: None,
+                refresh_token: None,
+                expires_at,
+                created_at: 1,
+                login: 1,
+            })
+        };
+        assert!(
+            app.maybe_refresh(session(now() - 10)).await.is_none(),
+            "expired tokens and nothing to renew them with: the session ends"
+        );
+        assert!(
+            app.maybe_refresh(session(now() + 30)).await.is_some(),
+            "due but not yet expired: kept until the tokens expire"
+        );
+        assert!(app.maybe_refresh(session(now() + 3600)).await.is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn an_unverified_email_is_never_handed_on() {
+        let mut s = Session {
+            user: "mallory".into(),
+            email: Some("admin@corp.example".into()),
+            email_verified: false,
+            groups: vec!["developers".into()],
+            preferred_username: None,
+            access_token: None,
+            id_token: None,
+            refresh_token: None,
+            expires_at: 10,
+            created_at: 5,
+            login: 1,
+        };
+        assert_eq!(header_identity(&s, false).email, None);
+        assert_eq!(verified_email(&s), None);
+        s.email_verified = true;
+        assert_eq!(
+            header_identity(&s, false).email.as_deref(),
+            Some("admin@corp.example")
+        );
     }
 }

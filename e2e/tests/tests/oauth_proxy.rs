@@ -839,6 +839,18 @@ async fn tampered_and_foreign_key_cookies_are_refused() -> Result<()> {
 }
 
 #[tokio::test]
+async fn an_unverified_email_never_reaches_the_upstream() -> Result<()> {
+    // bob's issuer says his address is not verified; a group rule lets him in, and the
+    // upstream must not take the address he typed for his identity.
+    let proxy = Proxy::start("unverified", echo_upstream().await?, &["--allowed-groups", "qa"]).await?;
+    let jar = Arc::new(Jar::default());
+    let echo = echoed(login(&browser(&jar)?, &proxy, "/app", "bob").await?).await?;
+    ensure!(header(&echo, "x-forwarded-user") == ["bob"], "{echo}");
+    ensure!(header(&echo, "x-forwarded-email").is_empty(), "{echo}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn email_domain_rules_parse_the_address_exactly() -> Result<()> {
     let proxy = Proxy::start(
         "email",
