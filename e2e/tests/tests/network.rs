@@ -20,7 +20,7 @@ use chassis_netpol::policy::Policy;
 use chassis_network::egress::render::decide;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 
@@ -231,6 +231,49 @@ async fn a_profile_follows_namespace_labels_reverts_edits_and_leaves_with_its_pr
     wait_for_policies(&other, &name, &[]).await?;
     for n in [&ns, &other] {
         namespaces.delete(n, &DeleteParams::default()).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_namespace_selector_that_could_match_nothing_by_mistake_is_refused() -> Result<()> {
+    let client = cluster().admin().await?;
+    let profiles: Api<NetworkProfile> = Api::all(client);
+    let with = |operator: &str, values: Option<Vec<&str>>| {
+        let mut p = NetworkProfile::new(&unique("sel"), NetworkProfileSpec::default());
+        p.spec.namespace_selector = Some(LabelSelector {
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "env".into(),
+                operator: operator.into(),
+                values: values.map(|v| v.into_iter().map(String::from).collect()),
+            }]),
+            ..Default::default()
+        });
+        p
+    };
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    // A misspelt operator, In without values, Exists with values.
+    for bad in [
+        with("notin", Some(vec!["prod"])),
+        with("In", Some(vec![])),
+        with("Exists", Some(vec!["x"])),
+    ] {
+        let err = profiles
+            .create(&dry_run, &bad)
+            .await
+            .err()
+            .with_context(|| format!("{:?} is refused", bad.spec.namespace_selector))?;
+        ensure!(
+            err.to_string()
+                .contains("needs the operator In or NotIn with values"),
+            "{err}"
+        );
+    }
+    for good in [with("NotIn", Some(vec!["prod"])), with("DoesNotExist", None)] {
+        profiles.create(&dry_run, &good).await?;
     }
     Ok(())
 }

@@ -107,7 +107,8 @@ async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Re
     let uid = profile.metadata.uid.clone().unwrap_or_default();
 
     // Create what is missing, apply what differs; never touch a policy we do not own.
-    let failures: Vec<(String, String)> = futures::stream::iter(desired.iter().cloned())
+    // (namespace, why, whether someone else's policy holds the name)
+    let failures: Vec<(String, String, bool)> = futures::stream::iter(desired.iter().cloned())
         .map(|want| {
             let client = client.clone();
             let fm = fm.to_string();
@@ -118,9 +119,9 @@ async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Re
                 let api: Api<NetworkPolicy> = Api::namespaced(client, &ns);
                 let name = want.name_any();
                 match write_owned(&api, &want, observed.as_deref(), &uid, &fm).await {
-                    Ok(Written::Conflict(why)) => Some((ns, why)),
+                    Ok(Written::Conflict(why)) => Some((ns, why, true)),
                     Ok(_) => None,
-                    Err(e) => Some((ns.clone(), format!("{ns}/{name}: {e}"))),
+                    Err(e) => Some((ns.clone(), format!("{ns}/{name}: {e}"), false)),
                 }
             }
         })
@@ -167,7 +168,7 @@ async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Re
         .collect()
         .await;
 
-    let failed: BTreeSet<&String> = failures.iter().map(|(ns, _)| ns).collect();
+    let failed: BTreeSet<&String> = failures.iter().map(|(ns, _, _)| ns).collect();
     let in_place: Vec<String> = matched
         .iter()
         .filter(|ns| !failed.contains(ns))
@@ -192,11 +193,17 @@ async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Re
             format!("policies in place in {} namespaces", in_place.len()),
         )
     } else {
-        let shown: Vec<&str> = failures.iter().take(3).map(|(_, m)| m.as_str()).collect();
+        let shown: Vec<&str> = failures.iter().take(3).map(|(_, m, _)| m.as_str()).collect();
+        // Only names taken by others: the fix is theirs to rename or remove, not a retry.
+        let why = if failures.iter().all(|(_, _, conflict)| *conflict) {
+            reason::CONFLICT
+        } else {
+            reason::APPLY_FAILED
+        };
         Desired::new(
             READY,
             false,
-            reason::APPLY_FAILED,
+            why,
             format!(
                 "{} policies could not be applied: {}",
                 failures.len(),

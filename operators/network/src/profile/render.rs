@@ -46,7 +46,8 @@ fn requirement_matches(req: &LabelSelectorRequirement, labels: &BTreeMap<String,
         "NotIn" => value.is_none_or(|v| !values.contains(v)),
         "Exists" => value.is_some(),
         "DoesNotExist" => value.is_none(),
-        // The API server refuses other operators; matching nothing is the safe reading.
+        // The schema refuses other operators (and In/NotIn without values); for an
+        // object stored before it the entry matches nothing, which changes nothing.
         _ => false,
     }
 }
