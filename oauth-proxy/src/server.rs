@@ -1198,17 +1198,30 @@ async fn userinfo(app: &App, headers: &HeaderMap) -> Response<Body> {
     let Some(s) = app.session(headers).await else {
         return text(StatusCode::UNAUTHORIZED, "unauthorized");
     };
+    // The same session rules as proxied routes: an ended session and a refused user
+    // get no identity here either.
+    let Some((s, refreshed)) = app.maybe_refresh(s).await else {
+        app.metrics.refused("refresh_failed");
+        return text(StatusCode::UNAUTHORIZED, "unauthorized: the session has ended");
+    };
+    if let Some(why) = app.authorized(&s).await {
+        return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
+    }
     let info = UserInfo {
         user: &s.user,
         email: verified_email(&s),
         groups: &s.groups,
         preferred_username: s.preferred_username.as_deref(),
     };
-    full(
+    let mut response = full(
         StatusCode::OK,
         "application/json",
         serde_json::to_vec(&info).unwrap_or_default(),
-    )
+    );
+    if refreshed {
+        app.write_refreshed(&mut response, &s, app.chunks_in(headers));
+    }
+    response
 }
 
 /// For ingress `auth_request`: 202 with X-Auth-Request-* headers, or 401/403. A

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use chassis_api::network::v1alpha1::{
-    EgressAction, EgressDestination, EgressPolicy, EgressPolicySpec, EgressPort, EgressRule, NetworkProfile,
-    NetworkProfileSpec, PortProtocol,
+    AllowedPeer, EgressAction, EgressDestination, EgressPolicy, EgressPolicySpec, EgressPort, EgressRule,
+    Isolation, NetworkProfile, NetworkProfileSpec, PortProtocol,
 };
 use chassis_api::tenancy::v1alpha1::{Project, ProjectSpec, ProjectTemplate, ProjectTemplateSpec};
 use chassis_e2e::{Operator, Rng, cluster, eventually, unique, wait_for_condition, wait_until_gone};
@@ -275,6 +275,35 @@ async fn a_namespace_selector_that_could_match_nothing_by_mistake_is_refused() -
     for good in [with("NotIn", Some(vec!["prod"])), with("DoesNotExist", None)] {
         profiles.create(&dry_run, &good).await?;
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn allow_from_without_isolation_is_refused() -> Result<()> {
+    let profiles: Api<NetworkProfile> = Api::all(cluster().admin().await?);
+    let mut open = NetworkProfile::new(&unique("open"), NetworkProfileSpec::default());
+    open.spec.isolation = Isolation::None;
+    open.spec.allow_from = vec![AllowedPeer {
+        name: "monitoring".into(),
+        namespace_selector: LabelSelector::default(),
+        pod_selector: None,
+        ports: None,
+    }];
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let err = profiles
+        .create(&dry_run, &open)
+        .await
+        .err()
+        .context("allowFrom with isolation None is refused")?;
+    ensure!(
+        err.to_string().contains("allowFrom needs isolation: Namespace"),
+        "{err}"
+    );
+    open.spec.isolation = Isolation::Namespace;
+    profiles.create(&dry_run, &open).await?;
     Ok(())
 }
 

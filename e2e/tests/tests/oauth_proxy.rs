@@ -1504,18 +1504,20 @@ async fn a_session_whose_refresh_the_issuer_refuses_ends_when_its_tokens_expire(
     ensure!(status == 200 && session, "the login: {status} {body}");
     let cookie = cookie_header(&jar, &proxy)?;
     tokio::time::sleep(Duration::from_secs(9)).await;
-    let after = reqwest::Client::builder()
-        .redirect(Policy::none())
-        .build()?
-        .get(proxy.url("/app"))
-        .header(COOKIE, cookie)
-        .send()
-        .await?;
-    ensure!(
-        after.status() == 401,
-        "tokens expired and the refresh refused, yet the session answered {}",
-        after.status()
-    );
+    let client = reqwest::Client::builder().redirect(Policy::none()).build()?;
+    // Proxied routes, the ingress endpoint and userinfo alike.
+    for path in ["/app", "/oauth2/auth", "/oauth2/userinfo"] {
+        let after = client
+            .get(proxy.url(path))
+            .header(COOKIE, cookie.clone())
+            .send()
+            .await?;
+        ensure!(
+            after.status() == 401,
+            "tokens expired and the refresh refused, yet {path} answered {}",
+            after.status()
+        );
+    }
     Ok(())
 }
 

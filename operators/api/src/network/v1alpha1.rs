@@ -30,6 +30,8 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("self.isolation == 'Namespace' || !has(self.allowFrom) || size(self.allowFrom) == 0")
+    .message("allowFrom needs isolation: Namespace: it lets peers in past the isolation, and with None ingress is open to everyone"))]
 pub struct NetworkProfileSpec {
     /// Namespaces the profile applies to, in addition to projects whose template
     /// names it. Omit to apply only to those projects; `{}` selects every namespace.
@@ -46,8 +48,8 @@ pub struct NetworkProfileSpec {
     #[serde(default)]
     pub isolation: Isolation,
 
-    /// Peers always allowed in, such as ingress controllers and monitoring (past
-    /// `isolation: Namespace`; with `None` ingress is open to them anyway).
+    /// Peers always allowed in past `isolation: Namespace`, such as ingress
+    /// controllers and monitoring (refused with `isolation: None`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = kube::core::Rule::new("self.all(a, self.exists_one(b, b.name == a.name))")

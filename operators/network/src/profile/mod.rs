@@ -174,43 +174,7 @@ async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Re
         .filter(|ns| !failed.contains(ns))
         .cloned()
         .collect();
-    let ready = if !delete_failures.is_empty() {
-        Desired::new(
-            READY,
-            false,
-            reason::APPLY_FAILED,
-            format!(
-                "{} stale policies could not be removed: {}",
-                delete_failures.len(),
-                delete_failures[0]
-            ),
-        )
-    } else if failures.is_empty() {
-        Desired::new(
-            READY,
-            true,
-            reason::APPLIED,
-            format!("policies in place in {} namespaces", in_place.len()),
-        )
-    } else {
-        let shown: Vec<&str> = failures.iter().take(3).map(|(_, m, _)| m.as_str()).collect();
-        // Only names taken by others: the fix is theirs to rename or remove, not a retry.
-        let why = if failures.iter().all(|(_, _, conflict)| *conflict) {
-            reason::CONFLICT
-        } else {
-            reason::APPLY_FAILED
-        };
-        Desired::new(
-            READY,
-            false,
-            why,
-            format!(
-                "{} policies could not be applied: {}",
-                failures.len(),
-                shown.join("; ")
-            ),
-        )
-    };
+    let ready = ready_condition(&failures, &delete_failures, in_place.len());
     let generation = profile.metadata.generation;
     let mut status = profile.status.clone().unwrap_or_default();
     status.observed_generation = generation;
@@ -321,6 +285,51 @@ pub fn controller(
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(reconcile, error_policy, ctx);
     Running::drive(NAME, sync.done(), results)
+}
+
+/// `Ready` from what the writes gave: `failures` are (namespace, why, whether
+/// someone else's policy holds the name), `delete_failures` stale policies left.
+fn ready_condition(
+    failures: &[(String, String, bool)],
+    delete_failures: &[String],
+    in_place: usize,
+) -> Desired<'static> {
+    if let Some(first) = delete_failures.first() {
+        return Desired::new(
+            READY,
+            false,
+            reason::APPLY_FAILED,
+            format!(
+                "{} stale policies could not be removed: {first}",
+                delete_failures.len()
+            ),
+        );
+    }
+    if failures.is_empty() {
+        return Desired::new(
+            READY,
+            true,
+            reason::APPLIED,
+            format!("policies in place in {in_place} namespaces"),
+        );
+    }
+    let shown: Vec<&str> = failures.iter().take(3).map(|(_, m, _)| m.as_str()).collect();
+    // Only names taken by others: the fix is theirs to rename or remove, not a retry.
+    let why = if failures.iter().all(|(_, _, conflict)| *conflict) {
+        reason::CONFLICT
+    } else {
+        reason::APPLY_FAILED
+    };
+    Desired::new(
+        READY,
+        false,
+        why,
+        format!(
+            "{} policies could not be applied: {}",
+            failures.len(),
+            shown.join("; ")
+        ),
+    )
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! | policy                  | when                  | what it does                                   |
 //! |---------------------------|-----------------------|----------------------------------------------|
 //! | `profile.<p>.isolation`   | `isolation: Namespace`| ingress only from pods of the same namespace |
-//! | `profile.<p>.from-<name>` | each `allowFrom`      | ingress from that peer (and ports)           |
+//! | `profile.<p>.from-<name>` | each `allowFrom` (with `isolation: Namespace`) | ingress from that peer (and ports) |
 //! | `profile.<p>.egress`      | `egress: Deny`        | egress only to the namespace (and DNS)       |
 //! | `profile.<p>.<name>`      | each `policies` entry | the spec as given (`policyTypes` defaulted)  |
 
@@ -46,8 +46,8 @@ fn requirement_matches(req: &LabelSelectorRequirement, labels: &BTreeMap<String,
         "NotIn" => value.is_none_or(|v| !values.contains(v)),
         "Exists" => value.is_some(),
         "DoesNotExist" => value.is_none(),
-        // The schema refuses other operators (and In/NotIn without values); for an
-        // object stored before it the entry matches nothing, which changes nothing.
+        // The schema refuses other operators; an object stored before that rule
+        // existed gets no namespace from such an entry.
         _ => false,
     }
 }
@@ -154,9 +154,9 @@ pub fn policies(profile: &NetworkProfile, namespace: &str) -> Vec<NetworkPolicy>
             },
         ));
     }
-    // Peers are let in past the isolation. Without isolation ingress is open and they
-    // get in anyway; a policy for them would select every pod and so shut out
-    // everyone else.
+    // Peers are let in past the isolation. The schema refuses `allowFrom` without it
+    // (a policy for the peers would select every pod and shut out everyone else);
+    // an object stored before that rule gets no such policy.
     let peers = if spec.isolation == Isolation::Namespace {
         spec.allow_from.as_slice()
     } else {

@@ -288,3 +288,30 @@ fn raw_policies_get_the_api_servers_policy_types_so_edits_to_them_are_drift() {
     let spec = rendered[0].spec.as_ref().expect("spec");
     assert_eq!(spec.policy_types.as_deref(), Some(&["Ingress".to_string()][..]));
 }
+
+#[test]
+fn ready_says_conflict_only_when_every_failure_is_a_name_held_by_others() {
+    use chassis_api::network::reason;
+    let taken = |ns: &str| {
+        (
+            ns.to_string(),
+            format!("{ns}/profile.p.isolation is not ours"),
+            true,
+        )
+    };
+    let refused = (
+        "c".to_string(),
+        "c/profile.p.isolation: forbidden".to_string(),
+        false,
+    );
+    let ok = super::ready_condition(&[], &[], 3);
+    assert!(ok.status && ok.reason == reason::APPLIED, "{}", ok.message);
+    let conflict = super::ready_condition(&[taken("a"), taken("b")], &[], 1);
+    assert!(!conflict.status);
+    assert_eq!(conflict.reason, reason::CONFLICT);
+    let mixed = super::ready_condition(&[taken("a"), refused], &[], 1);
+    assert_eq!(mixed.reason, reason::APPLY_FAILED, "a refusal is retried");
+    let stale = super::ready_condition(&[taken("a")], &["x/profile.p.old: forbidden".into()], 1);
+    assert_eq!(stale.reason, reason::APPLY_FAILED);
+    assert!(stale.message.contains("stale policies"), "{}", stale.message);
+}
