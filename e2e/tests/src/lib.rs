@@ -346,8 +346,6 @@ impl Operator {
     /// Starts the operator with the given kubeconfig (for RBAC-limited identities).
     pub fn start_with_kubeconfig(name: &str, kubeconfig: &Path, extra: &[&str]) -> Result<Self> {
         let bin = operator_binary()?;
-        let port = free_port()?;
-        let metrics_addr = format!("127.0.0.1:{port}");
         let logs = state_dir().join("logs");
         std::fs::create_dir_all(&logs)?;
         let log = logs.join(format!("operator-{name}.log"));
@@ -359,7 +357,9 @@ impl Operator {
             .arg(bin)
             .arg("--kubeconfig")
             .arg(kubeconfig)
-            .args(["--metrics-addr", &metrics_addr, "--log-format", "json"])
+            // Port 0: the operator binds and logs the address, so no other process can
+            // take a port picked in advance between the pick and the bind.
+            .args(["--metrics-addr", "127.0.0.1:0", "--log-format", "json"])
             .args(extra)
             .env("RUST_LOG", "info,chassis=debug")
             .stdin(Stdio::piped())
@@ -367,12 +367,36 @@ impl Operator {
             .stderr(file)
             .spawn()
             .context("starting chassis-operator")?;
-        Ok(Self {
+        let mut op = Self {
             name: name.into(),
-            metrics_addr,
+            metrics_addr: String::new(),
             log,
             child,
-        })
+        };
+        op.metrics_addr = op.logged_addr("chassis-operator starting", Duration::from_secs(60))?;
+        Ok(op)
+    }
+
+    /// The `addr` field of the first JSON log line whose message is `message`.
+    fn logged_addr(&self, message: &str, timeout: Duration) -> Result<String> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let addr = log
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|l| l["message"] == message)
+                .and_then(|l| l["addr"].as_str().map(str::to_string));
+            if let Some(addr) = addr {
+                return Ok(addr);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "operator {} never logged {message:?} with its address:\n{}",
+            self.name,
+            self.log_tail(30)
+        )
     }
 
     /// The operator shared by the tests of one test binary; it serves and registers
@@ -381,13 +405,13 @@ impl Operator {
         static SHARED: OnceLock<Operator> = OnceLock::new();
         SHARED.get_or_init(|| {
             let name = format!("shared-{}", std::process::id());
-            let started = free_port().and_then(|port| {
-                let webhook = format!("127.0.0.1:{port}");
-                let op = Operator::start(&name, &["--webhook-addr", &webhook, "--webhook-register"])?;
+            let started = (|| {
+                // Registered with the address it bound.
+                let op = Operator::start(&name, &["--webhook-addr", "127.0.0.1:0", "--webhook-register"])?;
                 op.wait_for_log("registered admission webhooks", Duration::from_secs(60))?;
                 wait_for_admission(Duration::from_secs(30))?;
-                Ok(op)
-            });
+                Ok::<_, anyhow::Error>(op)
+            })();
             match started {
                 Ok(op) => op,
                 Err(err) => panic!("could not start the shared operator: {err:#}"),
