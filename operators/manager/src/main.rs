@@ -41,7 +41,8 @@ enum LogFormat {
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Controllers to run, comma-separated (`all`, or any of: project, projecttemplate).
+    /// Controllers to run, comma-separated (`all`, or any of: project, projecttemplate,
+    /// networkprofile, egresspolicy).
     #[arg(
         long,
         env = "CHASSIS_CONTROLLERS",
