@@ -435,6 +435,39 @@ async fn a_template_naming_a_missing_role_is_not_ready_until_the_role_exists() -
     Ok(())
 }
 
+/// A template whose namespace the API server refuses (a label value it does not take:
+/// the CRD checks only label keys' prefixes) shows on the project, and the project
+/// recovers once the template is fixed.
+#[tokio::test]
+async fn a_namespace_the_api_server_refuses_shows_in_the_status_until_the_template_is_fixed() -> Result<()> {
+    let op = Operator::shared();
+    let client = cluster().admin().await?;
+    let templates: Api<ProjectTemplate> = Api::all(client.clone());
+    let projects: Api<Project> = Api::all(client.clone());
+    let tpl = unique("tpl");
+    let mut bad = template(&tpl, PodSecurityLevel::Baseline);
+    bad.spec.labels.insert("team".into(), "two words".into());
+    templates.create(&PostParams::default(), &bad).await?;
+    let name = unique("refused-ns");
+    projects
+        .create(&PostParams::default(), &project(&name, &tpl))
+        .await?;
+    let refused = wait_for_condition(&projects, &name, "Ready", "False", READY_TIMEOUT, Some(op)).await?;
+    let ready = chassis_e2e::condition(&refused, "Ready").context("Ready")?;
+    ensure!(
+        ready.reason == "ApplyFailed" && ready.message.contains(&format!("Namespace {name}")),
+        "{ready:?}"
+    );
+    chassis_e2e::update(&templates, &tpl, |t| {
+        t.spec.labels.insert("team".into(), "payments".into());
+    })
+    .await?;
+    wait_for_condition(&projects, &name, "Ready", "True", READY_TIMEOUT, Some(op)).await?;
+    projects.delete(&name, &DeleteParams::default()).await?;
+    templates.delete(&tpl, &DeleteParams::default()).await?;
+    Ok(())
+}
+
 /// The operator runs with the chart's RBAC, which lets it bind only
 /// `tenancy.bindableRoles`, or a role whose every permission it holds itself (RBAC's
 /// escalation check). The template says so before any project fails on it.

@@ -186,6 +186,14 @@ async fn binding(
         .await
         .map_err(&failed)?
     {
+        // Members still follow the spec meanwhile, under the role they had: someone
+        // removed from the project must not keep access until `bind` is granted.
+        if let Some(observed) = have {
+            let mut keep = want.clone();
+            keep.role_ref = observed.role_ref.clone();
+            apply::stamp_hash(&mut keep);
+            ensure_one(at, &stores.role_bindings, name, Some(observed), Some(&keep)).await?;
+        }
         return Err(Error::NotBindable {
             name: key.clone(),
             role: role.clone(),

@@ -78,6 +78,10 @@ impl Error {
             Self::ApplyChild {
                 source: kube::Error::Api(answer),
                 ..
+            }
+            | Self::ApplyNamespace {
+                source: kube::Error::Api(answer),
+                ..
             } => !matches!(answer.code, 408 | 409 | 429 | 503 | 504),
             _ => false,
         }
@@ -92,6 +96,10 @@ impl Error {
                 name,
                 source: kube::Error::Api(answer),
             } => format!("{kind} {name}: {}", answer.message),
+            Self::ApplyNamespace {
+                name,
+                source: kube::Error::Api(answer),
+            } => format!("Namespace {name}: {}", answer.message),
             other => other.to_string(),
         }
     }
@@ -249,12 +257,10 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
     let desired = build::namespace(&project, &template);
     let mut current = observed.namespace.as_deref().cloned();
     if current.is_none() {
-        let claimed = apply::claim(&ns_api, &desired, &key, &ctx.base.field_manager)
-            .await
-            .map_err(|source| Error::ApplyNamespace {
-                name: name.clone(),
-                source,
-            })?;
+        let claimed = match apply::claim(&ns_api, &desired, &key, &ctx.base.field_manager).await {
+            Ok(claimed) => claimed,
+            Err(source) => return namespace_refused(&ctx, &api, &project, &name, source).await,
+        };
         match claimed {
             // No Event for the creation: the status says it, and at scale one Event
             // per project costs as much as a child object.
@@ -278,12 +284,11 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
     let namespace = match current {
         Some(ns) if apply::metadata_matches(&desired, &ns) => ns,
         current => {
-            let applied = apply::apply_over(&ns_api, &desired, current.as_ref(), &ctx.base.field_manager)
-                .await
-                .map_err(|source| Error::ApplyNamespace {
-                    name: name.clone(),
-                    source,
-                })?;
+            let applied =
+                match apply::apply_over(&ns_api, &desired, current.as_ref(), &ctx.base.field_manager).await {
+                    Ok(applied) => applied,
+                    Err(source) => return namespace_refused(&ctx, &api, &project, &name, source).await,
+                };
             let mut trimmed = applied.clone();
             apply::trim_own_fields(&mut trimmed, &ctx.base.field_manager);
             ctx.written_namespaces.record(&name, trimmed);
@@ -334,6 +339,33 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
     // A cache lagging behind our writes needs no requeue: the watch event that
     // catches it up (our object, or its deletion) wakes the project.
     Ok(ctx.base.success(&key, RESYNC))
+}
+
+/// A namespace write that failed: one the API server refused (a template label value
+/// it does not take, a policy of the cluster) shows in the status, as a refused child
+/// does; either way the error goes to the retry.
+async fn namespace_refused(
+    ctx: &ProjectContext,
+    api: &Api<Project>,
+    project: &Project,
+    name: &str,
+    source: kube::Error,
+) -> Result<Action, Error> {
+    let error = Error::ApplyNamespace {
+        name: name.to_string(),
+        source,
+    };
+    if error.is_refusal() {
+        let invalid = Invalid {
+            reason: reason::APPLY_FAILED,
+            message: error.for_status(),
+            retry_after: None,
+        };
+        let status = status::invalid(project, &invalid);
+        publish_if_changed(ctx, project, &status).await;
+        write_status(ctx, api, project, status).await?;
+    }
+    Err(error)
 }
 
 async fn write_status(

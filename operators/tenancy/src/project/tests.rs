@@ -462,6 +462,9 @@ async fn a_binding_is_not_deleted_for_a_role_the_operator_may_not_bind() -> Resu
         .ok_or("an admins binding")?;
     // As it was made under the template's previous admin role.
     bound.role_ref.name = "previous-admin".into();
+    chassis_runtime::apply::stamp_hash(&mut bound);
+    // Since then alice left the project and bob joined.
+    p.spec.admins = vec![member(SubjectKind::User, "bob", None)];
     let (reader, mut writer) = reflector::store();
     writer.apply_watcher_event(&watcher::Event::Apply(bound));
     let stores = ChildStores {
@@ -477,9 +480,14 @@ async fn a_binding_is_not_deleted_for_a_role_the_operator_may_not_bind() -> Resu
             while let Some((request, send)) = handle.next_request().await {
                 let (method, path) = (request.method().clone(), request.uri().path().to_string());
                 let request_query = request.uri().query().unwrap_or_default().to_string();
-                seen.push(format!("{method} {path}"));
                 let body = request.into_body().collect_bytes().await.unwrap_or_default();
                 let mut object = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default();
+                // Which subject, under which role.
+                seen.push(format!(
+                    "{method} {path} {} {}",
+                    object["subjects"][0]["name"].as_str().unwrap_or("-"),
+                    object["roleRef"]["name"].as_str().unwrap_or("-")
+                ));
                 let dry_run = request_query.contains("dryRun=All");
                 let (status, answer) = if dry_run && allowed {
                     (201, object)
@@ -513,6 +521,11 @@ async fn a_binding_is_not_deleted_for_a_role_the_operator_may_not_bind() -> Resu
             assert_eq!(parts.rbac_failure, None);
         } else {
             assert!(!deleted, "the binding was deleted: {seen:?}");
+            assert!(
+                seen.iter()
+                    .any(|r| r.starts_with("PATCH ") && r.ends_with(" bob previous-admin")),
+                "the members follow the spec under the role they had: {seen:?}"
+            );
             assert!(
                 matches!(error, Some(super::Error::NotBindable { .. })),
                 "{error:?}"
