@@ -443,10 +443,11 @@ fn owning_project<K: Resource>(child: K) -> Option<ObjectRef<Project>> {
 pub const ROLLOUT_PER_SECOND: u32 = 50;
 
 /// Which template events concern its projects: a new generation (a spec change; the
-/// template's own status writes are not) or a deletion.
+/// template's own status writes are not) or a deletion. Keyed by uid too: a template
+/// deleted and made again while the watch was down starts again at generation 1.
 #[derive(Default)]
 struct TemplateChanges {
-    generations: std::collections::HashMap<String, Option<i64>>,
+    generations: std::collections::HashMap<String, (Option<String>, Option<i64>)>,
 }
 
 impl TemplateChanges {
@@ -454,8 +455,8 @@ impl TemplateChanges {
         match event.ok()? {
             watcher::Event::Apply(t) | watcher::Event::InitApply(t) => {
                 let name = t.name_any();
-                let generation = t.metadata.generation;
-                (self.generations.insert(name.clone(), generation) != Some(generation)).then_some(name)
+                let seen = (t.metadata.uid.clone(), t.metadata.generation);
+                (self.generations.insert(name.clone(), seen.clone()).as_ref() != Some(&seen)).then_some(name)
             }
             watcher::Event::Delete(t) => {
                 let name = t.name_any();

@@ -601,3 +601,26 @@ async fn a_passing_failure_is_retried_not_reported_but_a_refusal_is() -> Result<
     );
     Ok(())
 }
+
+#[test]
+fn a_template_wakes_its_projects_on_a_new_generation_or_a_new_uid_only() {
+    use kube::runtime::watcher::Event;
+
+    let at = |uid: &str, generation: i64| {
+        let mut t = template();
+        t.metadata.uid = Some(uid.into());
+        t.metadata.generation = Some(generation);
+        Ok(Event::Apply(t))
+    };
+    let mut changes = super::TemplateChanges::default();
+    assert_eq!(changes.changed(at("u1", 1)).as_deref(), Some("default"));
+    assert_eq!(
+        changes.changed(at("u1", 1)),
+        None,
+        "a status write: same generation"
+    );
+    assert_eq!(changes.changed(at("u1", 2)).as_deref(), Some("default"));
+    // Deleted and made again while the watch was down: the delete was never seen, and
+    // the new template is at generation 2 again (or 1); its uid tells.
+    assert_eq!(changes.changed(at("u2", 2)).as_deref(), Some("default"));
+}
