@@ -16,12 +16,22 @@ fn base(project: &Project) -> ProjectStatus {
     project.status.clone().unwrap_or_default()
 }
 
-/// Status for a project that failed validation: `Ready=False` with the reason.
+/// Status for a project that failed validation: `Ready=False` with the reason. The
+/// parts were not reconciled against this generation, so their conditions go rather
+/// than stand there `True` with its observedGeneration.
 pub fn invalid(project: &Project, invalid: &Invalid) -> ProjectStatus {
     let generation = project.metadata.generation;
     let now = Timestamp::now();
     let mut status = base(project);
     status.observed_generation = generation;
+    status.conditions.retain(|c| {
+        ![
+            condition::RBAC_READY,
+            condition::QUOTA_READY,
+            condition::NETWORK_READY,
+        ]
+        .contains(&c.type_.as_str())
+    });
     let ns_part = Desired::new(
         condition::NAMESPACE_READY,
         false,

@@ -624,3 +624,37 @@ fn a_template_wakes_its_projects_on_a_new_generation_or_a_new_uid_only() {
     // the new template is at generation 2 again (or 1); its uid tells.
     assert_eq!(changes.changed(at("u2", 2)).as_deref(), Some("default"));
 }
+
+#[test]
+fn an_invalid_project_keeps_no_part_conditions_from_before() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+
+    let mut p = project("payments");
+    p.metadata.generation = Some(2);
+    let was_true = |type_: &str| Condition {
+        type_: type_.into(),
+        status: "True".into(),
+        reason: "Applied".into(),
+        message: String::new(),
+        observed_generation: Some(1),
+        last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        ),
+    };
+    p.status = Some(chassis_api::tenancy::v1alpha1::ProjectStatus {
+        conditions: vec![
+            was_true("RBACReady"),
+            was_true("QuotaReady"),
+            was_true("NetworkReady"),
+        ],
+        ..Default::default()
+    });
+    let missing = super::Invalid {
+        reason: "TemplateNotFound",
+        message: "no template".into(),
+        retry_after: None,
+    };
+    let status = super::status::invalid(&p, &missing);
+    let types: Vec<&str> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
+    assert_eq!(types, ["NamespaceReady", "Ready"], "{types:?}");
+}
