@@ -1194,19 +1194,32 @@ async fn sign_out(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
     response
 }
 
+/// A cookie session for `/oauth2/userinfo` and `/oauth2/auth`: refreshed when due
+/// (and whether it was), or the 401 of an ended session or the 403 of a refused user.
+async fn still_allowed(app: &App, session: Arc<Session>) -> Result<(Arc<Session>, bool), Response<Body>> {
+    let Some((session, refreshed)) = app.maybe_refresh(session).await else {
+        app.metrics.refused("refresh_failed");
+        return Err(text(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized: the session has ended",
+        ));
+    };
+    if let Some(why) = app.authorized(&session).await {
+        return Err(text(StatusCode::FORBIDDEN, format!("forbidden: {why}")));
+    }
+    Ok((session, refreshed))
+}
+
 async fn userinfo(app: &App, headers: &HeaderMap) -> Response<Body> {
     let Some(s) = app.session(headers).await else {
         return text(StatusCode::UNAUTHORIZED, "unauthorized");
     };
     // The same session rules as proxied routes: an ended session and a refused user
     // get no identity here either.
-    let Some((s, refreshed)) = app.maybe_refresh(s).await else {
-        app.metrics.refused("refresh_failed");
-        return text(StatusCode::UNAUTHORIZED, "unauthorized: the session has ended");
+    let (s, refreshed) = match still_allowed(app, s).await {
+        Ok(checked) => checked,
+        Err(refused) => return refused,
     };
-    if let Some(why) = app.authorized(&s).await {
-        return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
-    }
     let info = UserInfo {
         user: &s.user,
         email: verified_email(&s),
@@ -1239,13 +1252,10 @@ async fn auth(app: &App, headers: &HeaderMap) -> Response<Body> {
             Err(refused) => refused,
         };
     };
-    let Some((s, refreshed)) = app.maybe_refresh(s).await else {
-        app.metrics.refused("refresh_failed");
-        return text(StatusCode::UNAUTHORIZED, "unauthorized: the session has ended");
+    let (s, refreshed) = match still_allowed(app, s).await {
+        Ok(checked) => checked,
+        Err(refused) => return refused,
     };
-    if let Some(why) = app.authorized(&s).await {
-        return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
-    }
     let mut response = accepted(app, &s);
     if refreshed && response.status() == StatusCode::ACCEPTED {
         app.write_refreshed(&mut response, &s, app.chunks_in(headers));

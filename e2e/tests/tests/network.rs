@@ -130,13 +130,17 @@ async fn a_profile_follows_namespace_labels_reverts_edits_and_leaves_with_its_pr
             &Patch::Merge(&widen),
         )
         .await?;
-    eventually("the edited policy to be restored", TIMEOUT, || async {
-        let np = policies.get(&isolation).await?;
-        let from = serde_json::to_value(np.spec.as_ref().and_then(|s| s.ingress.clone()))?;
-        Ok((from == serde_json::json!([{"from": [{"podSelector": {}}]}])).then_some(()))
-    })
-    .await
-    .with_context(|| op.log_tail(20))?;
+    // Waits until the isolation policy's ingress rules are the rendered ones again.
+    let restored = |what: &'static str| {
+        eventually(what, TIMEOUT, || async {
+            let np = policies.get(&isolation).await?;
+            let from = serde_json::to_value(np.spec.as_ref().and_then(|s| s.ingress.clone()))?;
+            Ok((from == serde_json::json!([{"from": [{"podSelector": {}}]}])).then_some(()))
+        })
+    };
+    restored("the edited policy to be restored")
+        .await
+        .with_context(|| op.log_tail(20))?;
 
     // A field removed from it (no manager owns a missing field): also restored.
     let remove = serde_json::json!([{"op": "remove", "path": "/spec/ingress"}]);
@@ -147,13 +151,9 @@ async fn a_profile_follows_namespace_labels_reverts_edits_and_leaves_with_its_pr
             &Patch::<()>::Json(serde_json::from_value(remove)?),
         )
         .await?;
-    eventually("the removed ingress rules to be restored", TIMEOUT, || async {
-        let np = policies.get(&isolation).await?;
-        let from = serde_json::to_value(np.spec.as_ref().and_then(|s| s.ingress.clone()))?;
-        Ok((from == serde_json::json!([{"from": [{"podSelector": {}}]}])).then_some(()))
-    })
-    .await
-    .with_context(|| op.log_tail(20))?;
+    restored("the removed ingress rules to be restored")
+        .await
+        .with_context(|| op.log_tail(20))?;
 
     // Deleting a managed policy: it comes back.
     policies.delete(&isolation, &DeleteParams::default()).await?;

@@ -88,19 +88,24 @@ fn cluster() -> Model {
     }
 }
 
+/// The ingress controller's namespace (`role: ingress`) as an `allowFrom` peer.
+fn ingress_peer() -> AllowedPeer {
+    AllowedPeer {
+        name: "ingress".into(),
+        namespace_selector: LabelSelector {
+            match_labels: Some(labels(&[("role", "ingress")])),
+            ..Default::default()
+        },
+        pod_selector: None,
+        ports: None,
+    }
+}
+
 #[test]
 fn isolation_allow_from_and_egress_deny_mean_what_they_say() -> Result<(), String> {
     let p = profile(NetworkProfileSpec {
         isolation: Isolation::Namespace,
-        allow_from: vec![AllowedPeer {
-            name: "ingress".into(),
-            namespace_selector: LabelSelector {
-                match_labels: Some(labels(&[("role", "ingress")])),
-                ..Default::default()
-            },
-            pod_selector: None,
-            ports: None,
-        }],
+        allow_from: vec![ingress_peer()],
         egress: EgressDefault::Deny,
         ..NetworkProfileSpec::default()
     });
@@ -146,15 +151,7 @@ fn isolation_allow_from_and_egress_deny_mean_what_they_say() -> Result<(), Strin
 fn allow_from_without_isolation_leaves_ingress_open() -> Result<(), String> {
     let p = profile(NetworkProfileSpec {
         isolation: Isolation::None,
-        allow_from: vec![AllowedPeer {
-            name: "ingress".into(),
-            namespace_selector: LabelSelector {
-                match_labels: Some(labels(&[("role", "ingress")])),
-                ..Default::default()
-            },
-            pod_selector: None,
-            ports: None,
-        }],
+        allow_from: vec![ingress_peer()],
         ..NetworkProfileSpec::default()
     });
     let parsed: Vec<Policy> = policies(&p, "team-a")
