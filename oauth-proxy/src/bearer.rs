@@ -57,13 +57,39 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-async fn fetch_json(http: &openidconnect::reqwest::Client, url: &str) -> Result<Value, String> {
-    let response = http.get(url).send().await.map_err(|e| format!("{url}: {e}"))?;
+/// Largest identity-provider document read (discovery, JWKS): real ones take a few
+/// KiB, and a bigger answer must not fill the proxy's memory.
+pub const MAX_DOCUMENT_BYTES: usize = 1 << 20;
+
+/// GETs a JSON document from the identity provider: a success status and at most
+/// [`MAX_DOCUMENT_BYTES`], read as it arrives.
+pub(crate) async fn fetch_json(http: &openidconnect::reqwest::Client, url: &str) -> Result<Value, String> {
+    let mut response = http.get(url).send().await.map_err(|e| format!("{url}: {e}"))?;
     if !response.status().is_success() {
         return Err(format!("{url}: HTTP {}", response.status()));
     }
-    let bytes = response.bytes().await.map_err(|e| format!("{url}: {e}"))?;
-    serde_json::from_slice(&bytes).map_err(|e| format!("{url}: not JSON: {e}"))
+    let too_large = || format!("{url}: the answer is too large (over {MAX_DOCUMENT_BYTES} bytes)");
+    if response
+        .content_length()
+        .is_some_and(|n| n > MAX_DOCUMENT_BYTES as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| format!("{url}: {e}"))? {
+        if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("{url}: not JSON: {e}"))
+}
+
+/// A NumericDate (RFC 7519, section 2) in seconds, if jsonwebtoken can read it too: it
+/// skips the check of a value it cannot (`1e300`, `-5`), so such a value must refuse.
+fn numeric_date(value: &Value) -> Option<u64> {
+    let n = value.as_f64()?;
+    (n.is_finite() && n >= 0.0 && n < u64::MAX as f64).then(|| n.round() as u64)
 }
 
 /// The claims of a JWT without verifying it (to pick the issuer); `None` if the
@@ -103,6 +129,23 @@ fn key_set(document: Value) -> Result<JwkSet, String> {
         ));
     }
     Ok(JwkSet { keys })
+}
+
+/// Whether a JWK may verify signatures made with `alg`: not an encryption key
+/// (Keycloak publishes one beside its signing key), `key_ops` allowing verify when
+/// given, and the key's own `alg` equal to the token's when given (RFC 8725, 3.1: one
+/// key, one algorithm, so an RS256 key does not verify PS256).
+fn signs_with(key: &Jwk, alg: Algorithm) -> bool {
+    use jsonwebtoken::jwk::{KeyOperations, PublicKeyUse};
+    let common = &key.common;
+    !matches!(common.public_key_use, Some(PublicKeyUse::Encryption))
+        && common
+            .key_operations
+            .as_ref()
+            .is_none_or(|ops| ops.iter().any(|op| matches!(op, KeyOperations::Verify)))
+        && common
+            .key_algorithm
+            .is_none_or(|own| own.to_string() == format!("{alg:?}"))
 }
 
 impl BearerVerifier {
@@ -192,12 +235,13 @@ impl BearerVerifier {
             .iter()
             .find(|i| i.issuer == iss)
             .ok_or_else(|| format!("issuer {iss} is not allowed"))?;
-        // Numbers only: a string `exp` would be read as absent by lenient parsers.
+        // Readable numbers only: a string `exp` would be read as absent by lenient
+        // parsers, and an `nbf` jsonwebtoken cannot read is not checked at all.
         for claim in ["exp", "nbf", "iat"] {
             if let Some(v) = claims.get(claim)
-                && !v.is_number()
+                && numeric_date(v).is_none()
             {
-                return Err(format!("{claim} is not a number"));
+                return Err(format!("{claim} is not a number of seconds since 1970"));
             }
         }
         if claims.get("exp").is_none() {
@@ -218,7 +262,7 @@ impl BearerVerifier {
         let verified = jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, &key, &validation)
             .map_err(|e| format!("refused: {e}"))?
             .claims;
-        if let Some(iat) = verified.get("iat").and_then(Value::as_u64)
+        if let Some(iat) = verified.get("iat").and_then(numeric_date)
             && iat > now() + self.skew.as_secs()
         {
             return Err("issued in the future".into());
@@ -242,16 +286,17 @@ impl BearerVerifier {
             access_token: token.to_string(),
             id_token: String::new(),
             refresh_token: None,
-            expires_at: verified.get("exp").and_then(Value::as_u64).unwrap_or(0),
+            expires_at: verified.get("exp").and_then(numeric_date).unwrap_or(0),
         })
     }
 
-    /// The issuer's key with `kid` (or its only key without one), if its type fits `alg`.
+    /// The issuer's signing key with `kid` (or its only one without), if it fits `alg`.
     async fn key_for(&self, issuer: &Issuer, kid: Option<&str>, alg: Algorithm) -> Option<DecodingKey> {
         let keys = issuer.keys.read().await;
         let candidates: Vec<_> = keys
             .keys
             .iter()
+            .filter(|k| signs_with(k, alg))
             .filter(|k| match kid {
                 Some(kid) => k.common.key_id.as_deref() == Some(kid),
                 None => true,
@@ -314,6 +359,138 @@ mod tests {
         assert_eq!(keys[0].common.key_id.as_deref(), Some("k1"));
         assert!(key_set(json!({"keys": [{"kty": "AKP"}]})).is_err());
         assert!(key_set(json!({"nokeys": []})).is_err());
+    }
+
+    fn verifier() -> Result<BearerVerifier, String> {
+        Ok(BearerVerifier {
+            issuers: vec![Arc::new(Issuer {
+                issuer: "https://idp.example.com".into(),
+                audiences: vec!["api".into()],
+                jwks_uri: "https://idp.example.com/jwks".into(),
+                keys: RwLock::new(JwkSet { keys: Vec::new() }),
+                last_fetch: Mutex::new(Some(Instant::now())),
+            })],
+            http: crate::oidc::http_client(&[]).map_err(|e| e.to_string())?,
+            skew: Duration::from_secs(30),
+            groups_claim: "groups".into(),
+        })
+    }
+
+    /// An unsigned token: these checks come before the key lookup and the signature.
+    fn token(claims: &Value) -> String {
+        let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+        format!(
+            "{}.{}.c2ln",
+            b64(&json!({"alg": "RS256", "kid": "k1"})),
+            b64(claims)
+        )
+    }
+
+    #[tokio::test]
+    async fn times_jsonwebtoken_could_not_read_are_refused_not_skipped() -> Result<(), String> {
+        let v = verifier()?;
+        let base =
+            json!({"iss": "https://idp.example.com", "aud": "api", "sub": "alice", "exp": 4_000_000_000u64});
+        for (claim, value) in [
+            ("nbf", json!(1e300)),
+            ("iat", json!(1e300)),
+            ("iat", json!(-5)),
+            ("exp", json!(-1)),
+            ("exp", json!("4000000000")),
+        ] {
+            let mut claims = base.clone();
+            claims[claim] = value.clone();
+            let err = v.verify(&token(&claims)).await.err().unwrap_or_default();
+            assert!(
+                err.starts_with(&format!("{claim} is not a number")),
+                "{claim}={value}: {err}"
+            );
+        }
+        // Readable ones pass these checks and fail later, at the (missing) key.
+        let mut claims = base.clone();
+        claims["nbf"] = json!(1.7e9);
+        let err = v.verify(&token(&claims)).await.err().unwrap_or_default();
+        assert!(err.starts_with("no key of"), "{err}");
+        assert_eq!(numeric_date(&json!(1.5)), Some(2));
+        assert_eq!(numeric_date(&json!(1_700_000_000u64)), Some(1_700_000_000));
+        Ok(())
+    }
+
+    #[test]
+    fn only_signing_keys_of_the_tokens_algorithm_verify() -> Result<(), serde_json::Error> {
+        let key = |extra: Value| -> Result<Jwk, serde_json::Error> {
+            let mut k = json!({"kty": "RSA", "n": "sXch", "e": "AQAB"});
+            if let (Some(k), Some(extra)) = (k.as_object_mut(), extra.as_object()) {
+                k.extend(extra.clone());
+            }
+            serde_json::from_value(k)
+        };
+        assert!(signs_with(&key(json!({}))?, Algorithm::RS256));
+        assert!(signs_with(
+            &key(json!({"use": "sig", "alg": "RS256"}))?,
+            Algorithm::RS256
+        ));
+        assert!(signs_with(
+            &key(json!({"key_ops": ["verify"]}))?,
+            Algorithm::PS256
+        ));
+        // Keycloak's encryption key beside the signing key.
+        assert!(!signs_with(
+            &key(json!({"use": "enc", "alg": "RSA-OAEP"}))?,
+            Algorithm::RS256
+        ));
+        assert!(!signs_with(&key(json!({"use": "enc"}))?, Algorithm::RS256));
+        assert!(!signs_with(
+            &key(json!({"key_ops": ["encrypt"]}))?,
+            Algorithm::RS256
+        ));
+        // One key, one algorithm.
+        assert!(!signs_with(&key(json!({"alg": "RS256"}))?, Algorithm::PS256));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn an_oversized_document_from_the_issuer_is_refused() -> Result<(), Box<dyn std::error::Error>> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/jwks", listener.local_addr()?);
+        tokio::spawn(async move {
+            // Twice: once with a Content-Length, once chunked without one.
+            for chunked in [false, true] {
+                let Ok((mut socket, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut request = [0u8; 1024];
+                let _ = socket.read(&mut request).await;
+                let body = vec![b' '; MAX_DOCUMENT_BYTES + 1];
+                let head = if chunked {
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+                        .to_string()
+                } else {
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                        body.len()
+                    )
+                };
+                let _ = socket.write_all(head.as_bytes()).await;
+                if chunked {
+                    for part in body.chunks(64 * 1024) {
+                        let _ = socket.write_all(format!("{:x}\r\n", part.len()).as_bytes()).await;
+                        let _ = socket.write_all(part).await;
+                        let _ = socket.write_all(b"\r\n").await;
+                    }
+                    let _ = socket.write_all(b"0\r\n\r\n").await;
+                } else {
+                    let _ = socket.write_all(&body).await;
+                }
+            }
+        });
+        let http = crate::oidc::http_client(&[])?;
+        for _ in 0..2 {
+            let err = fetch_json(&http, &url).await.err().unwrap_or_default();
+            assert!(err.contains("too large"), "{err}");
+        }
+        Ok(())
     }
 
     #[test]

@@ -16,6 +16,37 @@ use rustls_pki_types::pem::PemObject;
 use serde::Deserialize;
 use url::Url;
 
+/// A secret from the flags, the file or a secret file: `Debug` never prints it, so a
+/// configuration can be logged or shown in a test failure without leaking it.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Self(s.to_string())
+    }
+}
+
 /// The flags. Each is optional here so that the file can supply it; [`Config::load`]
 /// applies defaults and checks that required keys are present.
 #[derive(Parser, Debug, Default, Clone)]
@@ -51,7 +82,7 @@ pub struct Flags {
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_CLIENT_ID")]
     pub client_id: Option<String>,
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_CLIENT_SECRET", hide_env_values = true)]
-    pub client_secret: Option<String>,
+    pub client_secret: Option<Secret>,
     /// File holding the client secret (instead of --client-secret).
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_CLIENT_SECRET_FILE")]
     pub client_secret_file: Option<PathBuf>,
@@ -61,7 +92,7 @@ pub struct Flags {
     /// Scopes to request [default: openid email profile].
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_SCOPE")]
     pub scope: Option<String>,
-    /// PEM bundle of CAs to trust for the issuer (in addition to the system roots).
+    /// PEM bundle of CAs to trust for the issuer (in addition to the Mozilla roots).
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_PROVIDER_CA_FILE")]
     pub provider_ca_file: Option<PathBuf>,
     /// ID token claim holding the groups [default: groups].
@@ -70,7 +101,7 @@ pub struct Flags {
 
     /// 32 bytes, base64: the key sessions are sealed with.
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_COOKIE_SECRET", hide_env_values = true)]
-    pub cookie_secret: Option<String>,
+    pub cookie_secret: Option<Secret>,
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_COOKIE_SECRET_FILE")]
     pub cookie_secret_file: Option<PathBuf>,
     /// [default: _chassis_oauth]
@@ -142,13 +173,13 @@ pub struct File {
     pub upstream_ca_file: Option<PathBuf>,
     pub oidc_issuer_url: Option<String>,
     pub client_id: Option<String>,
-    pub client_secret: Option<String>,
+    pub client_secret: Option<Secret>,
     pub client_secret_file: Option<PathBuf>,
     pub redirect_url: Option<String>,
     pub scope: Option<String>,
     pub provider_ca_file: Option<PathBuf>,
     pub groups_claim: Option<String>,
-    pub cookie_secret: Option<String>,
+    pub cookie_secret: Option<Secret>,
     pub cookie_secret_file: Option<PathBuf>,
     pub cookie_name: Option<String>,
     pub cookie_domain: Option<String>,
@@ -191,12 +222,13 @@ pub struct Config {
     /// must neither be added nor removed.
     pub issuer_url: String,
     pub client_id: String,
-    pub client_secret: String,
+    pub client_secret: Secret,
     pub redirect_url: Url,
     pub scopes: Vec<String>,
-    pub provider_ca_file: Option<PathBuf>,
+    /// Extra CAs for the issuer (`provider-ca-file`), read at start-up like the upstream's.
+    pub provider_cas: Vec<CertificateDer<'static>>,
     pub groups_claim: String,
-    pub cookie_secret: String,
+    pub cookie_secret: Secret,
     pub cookie_name: String,
     pub cookie_domain: Option<String>,
     pub cookie_secure: bool,
@@ -257,9 +289,9 @@ pub fn parse_duration(key: &str, text: &str) -> Result<Duration, String> {
 /// read, as any other key of theirs wins over the file's.
 fn secret(
     key: &str,
-    upper: (Option<String>, Option<PathBuf>),
-    lower: (Option<String>, Option<PathBuf>),
-) -> Result<String, String> {
+    upper: (Option<Secret>, Option<PathBuf>),
+    lower: (Option<Secret>, Option<PathBuf>),
+) -> Result<Secret, String> {
     let pair = if upper.0.is_some() || upper.1.is_some() {
         upper
     } else {
@@ -273,20 +305,15 @@ fn secret(
     }
 }
 
-fn read_secret(key: &str, file: &Path) -> Result<String, String> {
+fn read_secret(key: &str, file: &Path) -> Result<Secret, String> {
     std::fs::read_to_string(file)
-        .map(|s| s.trim().to_string())
+        .map(|s| Secret(s.trim().to_string()))
         .map_err(|e| format!("{key}: cannot read {}: {e}", file.display()))
 }
 
-/// The Mozilla roots plus every certificate of a PEM bundle; a file without one is an
-/// error, not "no extra CA".
-fn trust_anchors(key: &str, path: Option<&Path>) -> Result<rustls::RootCertStore, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let Some(path) = path else {
-        return Ok(roots);
-    };
+/// Every certificate of a PEM bundle; a missing file, or one without a certificate
+/// (DER, a key), is an error naming the key, not "no extra CA".
+fn pem_certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let what = |e: &dyn std::fmt::Display| format!("{key}: {}: {e}", path.display());
     let pem = std::fs::read(path).map_err(|e| what(&e))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
@@ -295,8 +322,20 @@ fn trust_anchors(key: &str, path: Option<&Path>) -> Result<rustls::RootCertStore
     if certs.is_empty() {
         return Err(what(&"holds no PEM certificate"));
     }
-    for cert in certs {
-        roots.add(cert).map_err(|e| what(&e))?;
+    Ok(certs)
+}
+
+/// The Mozilla roots plus every certificate of a PEM bundle.
+fn trust_anchors(key: &str, path: Option<&Path>) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let Some(path) = path else {
+        return Ok(roots);
+    };
+    for cert in pem_certificates(key, path)? {
+        roots
+            .add(cert)
+            .map_err(|e| format!("{key}: {}: {e}", path.display()))?;
     }
     Ok(roots)
 }
@@ -308,6 +347,28 @@ fn url(key: &str, text: &str, schemes: &[&str]) -> Result<Url, String> {
     }
     if parsed.host_str().is_none() {
         return Err(format!("{key}: {text:?} has no host"));
+    }
+    Ok(parsed)
+}
+
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d == "localhost" || d.ends_with(".localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// The upstream base: credentials in it would be dropped when requests are built (and
+/// printed in the start-up log), a query or fragment would be dropped too.
+fn upstream_url(text: &str) -> Result<Url, String> {
+    let parsed = url("upstream", text, &["http", "https"])?;
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err("upstream: must not hold a user name or password".into());
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(format!("upstream: {text:?} must not have a query or fragment"));
     }
     Ok(parsed)
 }
@@ -405,6 +466,13 @@ impl Config {
                 "redirect-url: {redirect:?} must end in /oauth2/callback, the path the proxy serves"
             ));
         }
+        // Browsers keep a Secure cookie from an http:// page only on localhost: the CSRF
+        // cookie would be dropped and every login refused at the callback.
+        if redirect_url.scheme() == "http" && cookie_secure && !is_loopback(&redirect_url) {
+            return Err(format!(
+                "redirect-url: {redirect:?} is http://, so browsers drop the Secure login cookies; use https:// or set cookie-secure: false"
+            ));
+        }
         let upstream = required("upstream", pick!(flags, file, upstream))?;
         let scopes: Vec<String> = pick!(flags, file, scope)
             .unwrap_or_else(|| "openid email profile".into())
@@ -458,7 +526,7 @@ impl Config {
             http_address: pick!(flags, file, http_address).unwrap_or_else(|| ([0, 0, 0, 0], 4180).into()),
             metrics_address: pick!(flags, file, metrics_address)
                 .unwrap_or_else(|| ([0, 0, 0, 0], 9180).into()),
-            upstream: url("upstream", &upstream, &["http", "https"])?,
+            upstream: upstream_url(&upstream)?,
             upstream_roots: trust_anchors(
                 "upstream-ca-file",
                 pick!(flags, file, upstream_ca_file).as_deref(),
@@ -471,7 +539,10 @@ impl Config {
             client_secret,
             redirect_url,
             scopes,
-            provider_ca_file: pick!(flags, file, provider_ca_file),
+            provider_cas: match pick!(flags, file, provider_ca_file) {
+                Some(path) => pem_certificates("provider-ca-file", &path)?,
+                None => Vec::new(),
+            },
             groups_claim: pick!(flags, file, groups_claim).unwrap_or_else(|| "groups".into()),
             cookie_secret,
             cookie_name,
@@ -601,19 +672,86 @@ mod tests {
     }
 
     #[test]
+    fn http_redirect_urls_need_insecure_cookies_except_on_loopback() -> Result<(), String> {
+        for loopback in [
+            "http://127.0.0.1:4180/oauth2/callback",
+            "http://localhost:4180/oauth2/callback",
+            "http://[::1]:4180/oauth2/callback",
+        ] {
+            let mut flags = minimal();
+            flags.redirect_url = Some(loopback.into());
+            Config::merge(&flags, File::default()).map_err(|e| format!("{loopback}: {e}"))?;
+        }
+        let mut flags = minimal();
+        flags.redirect_url = Some("http://app.internal/oauth2/callback".into());
+        flags.cookie_secure = Some(false);
+        Config::merge(&flags, File::default())?;
+        Ok(())
+    }
+
+    #[test]
+    fn the_configuration_debug_output_holds_no_secret() -> Result<(), String> {
+        let mut flags = minimal();
+        flags.client_secret = Some("client-s3cret-value".into());
+        let secret = "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=";
+        flags.cookie_secret = Some(secret.into());
+        let config = Config::merge(&flags, File::default())?;
+        for shown in [format!("{config:?}"), format!("{flags:?}")] {
+            assert!(
+                !shown.contains("client-s3cret-value") && !shown.contains(secret),
+                "{shown}"
+            );
+            assert!(shown.contains("<redacted>"), "{shown}");
+        }
+        assert_eq!(config.client_secret.expose(), "client-s3cret-value");
+        Ok(())
+    }
+
+    #[test]
     fn invalid_values_name_their_key() {
         type Edit = Box<dyn Fn(&mut Flags)>;
         let not_pem = std::env::temp_dir().join(format!("chassis-not-pem-{}", std::process::id()));
-        let _ = std::fs::write(&not_pem, "not a certificate\n");
-        let cases: [(&str, Edit); 13] = [
+        std::fs::write(&not_pem, "not a certificate\n").expect("writing the test's not-PEM file");
+        let (upstream_not_pem, also_not_pem) = (not_pem.clone(), not_pem.clone());
+        let cases: [(&str, Edit); 20] = [
             ("worker-threads", Box::new(|f| f.worker_threads = Some(0))),
             (
                 "upstream-ca-file",
-                Box::new(move |f| f.upstream_ca_file = Some(not_pem.clone())),
+                Box::new(move |f| f.upstream_ca_file = Some(upstream_not_pem.clone())),
             ),
             (
                 "upstream-ca-file",
                 Box::new(|f| f.upstream_ca_file = Some("/nonexistent/ca.pem".into())),
+            ),
+            // The issuer's CA file is read at start-up too, not at the first discovery.
+            (
+                "provider-ca-file",
+                Box::new(move |f| f.provider_ca_file = Some(also_not_pem.clone())),
+            ),
+            (
+                "provider-ca-file",
+                Box::new(|f| f.provider_ca_file = Some("/nonexistent/ca.pem".into())),
+            ),
+            // Browsers drop Secure cookies on http:// pages (but on localhost).
+            (
+                "redirect-url",
+                Box::new(|f| f.redirect_url = Some("http://app.example.com/oauth2/callback".into())),
+            ),
+            (
+                "upstream",
+                Box::new(|f| f.upstream = Some("http://user:pw@127.0.0.1:8080".into())),
+            ),
+            (
+                "upstream",
+                Box::new(|f| f.upstream = Some("http://127.0.0.1:8080/?x=1".into())),
+            ),
+            (
+                "upstream",
+                Box::new(|f| f.upstream = Some("http://127.0.0.1:8080/#top".into())),
+            ),
+            (
+                "extra-jwt-issuers",
+                Box::new(|f| f.extra_jwt_issuers = Some(vec!["https://idp=".into()])),
             ),
             ("cookie-expire", Box::new(|f| f.cookie_expire = Some("7d".into()))),
             (
@@ -656,6 +794,13 @@ mod tests {
             let err = Config::merge(&flags, File::default()).err().unwrap_or_default();
             assert!(err.starts_with(key), "{key}: {err}");
         }
+        let err = {
+            let mut flags = minimal();
+            flags.provider_ca_file = Some(not_pem.clone());
+            Config::merge(&flags, File::default()).err().unwrap_or_default()
+        };
+        assert!(err.contains("holds no PEM certificate"), "{err}");
+        let _ = std::fs::remove_file(&not_pem);
         let mut flags = minimal();
         flags.client_secret = None;
         let err = Config::merge(&flags, File::default()).err().unwrap_or_default();
@@ -671,7 +816,7 @@ mod tests {
         flags.client_secret_file = Some(path.clone());
         let merged = Config::merge(&flags, file("client-secret: from-the-config-file\n")?);
         let _ = std::fs::remove_file(&path);
-        assert_eq!(merged?.client_secret, "from-the-mounted-file");
+        assert_eq!(merged?.client_secret.expose(), "from-the-mounted-file");
         // Both halves from one source stay an error.
         flags.client_secret = Some("inline".into());
         let err = Config::merge(&flags, File::default()).err().unwrap_or_default();

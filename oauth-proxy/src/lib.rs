@@ -17,6 +17,7 @@
 
 pub mod bearer;
 pub mod config;
+pub mod discovery;
 pub mod headers;
 pub mod metrics;
 pub mod oidc;

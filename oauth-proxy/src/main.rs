@@ -1,60 +1,14 @@
-//! `chassis-oauth-proxy`: reads the configuration, discovers the issuer (retrying
-//! until it answers; `/ready` says 503 meanwhile), serves the proxy and, on its own
-//! address, `/metrics`.
+//! `chassis-oauth-proxy`: reads the configuration, discovers the issuers (see
+//! [`discovery`]), serves the proxy and, on its own address, `/metrics`.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
-use chassis_oauth_proxy::bearer::BearerVerifier;
 use chassis_oauth_proxy::config::{Config, Flags};
-use chassis_oauth_proxy::oidc::{self, Provider};
+use chassis_oauth_proxy::discovery;
 use chassis_oauth_proxy::server::{self, App};
 use clap::Parser;
-
-async fn discover(app: Arc<App>) {
-    let mut delay = Duration::from_millis(500);
-    loop {
-        match Provider::discover(&app.config).await {
-            Ok(provider) => {
-                if !app.config.bearer_issuers.is_empty() {
-                    let bearer = match oidc::http_client(app.config.provider_ca_file.as_deref()) {
-                        Ok(http) => {
-                            BearerVerifier::discover(
-                                &app.config.bearer_issuers,
-                                http,
-                                app.config.bearer_clock_skew,
-                                app.config.groups_claim.clone(),
-                            )
-                            .await
-                        }
-                        Err(e) => Err(e.to_string()),
-                    };
-                    match bearer {
-                        Ok(b) => {
-                            let _ = app.bearer.set(b);
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, retry_in = ?delay, "bearer issuer discovery failed");
-                            tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(Duration::from_secs(30));
-                            continue;
-                        }
-                    }
-                }
-                let _ = app.provider.set(provider);
-                tracing::info!(issuer = %app.config.issuer_url, "issuer discovered");
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?delay, "issuer discovery failed");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(30));
-            }
-        }
-    }
-}
 
 /// The Kubernetes client for SubjectAccessReviews: the kubeconfig given, else the
 /// in-cluster (or `KUBECONFIG`) configuration.
@@ -130,7 +84,8 @@ async fn run(app: Arc<App>) -> anyhow::Result<()> {
         threads = app.config.worker_threads,
         "chassis-oauth-proxy listening"
     );
-    tokio::spawn(discover(app.clone()));
+    tokio::spawn(discovery::login_issuer(app.clone()));
+    tokio::spawn(discovery::bearer_issuers(app.clone()));
     tokio::spawn(server::serve_metrics(app.clone(), metrics_listener));
     // SIGTERM is how Kubernetes stops a pod: as PID 1 without a handler the proxy would
     // ignore it and be killed only after the grace period.

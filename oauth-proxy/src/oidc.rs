@@ -17,6 +17,7 @@ use openidconnect::{
     EndpointNotSet, EndpointSet, IssuerUrl, Nonce, OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier,
     RedirectUrl, RefreshToken, Scope, SignatureVerificationError, TokenResponse, reqwest,
 };
+use rustls_pki_types::CertificateDer;
 use serde_json::Value;
 use tokio::sync::{Mutex, RwLock};
 use url::Url;
@@ -52,7 +53,7 @@ pub enum Error {
 }
 
 /// What a login or refresh established about the user.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Identity {
     pub subject: String,
     pub email: Option<String>,
@@ -67,13 +68,36 @@ pub struct Identity {
 }
 
 /// The browser-side secrets of one login attempt, kept in the sealed CSRF cookie.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LoginAttempt {
     pub state: String,
     pub nonce: String,
     pub pkce_verifier: String,
     /// Where to go after the login (validated again when used).
     pub redirect: String,
+}
+
+// Tokens, the nonce and the PKCE verifier are credentials: `Debug` (a log line, a
+// test failure) shows who and where, never them.
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("subject", &self.subject)
+            .field("email", &self.email)
+            .field("email_verified", &self.email_verified)
+            .field("preferred_username", &self.preferred_username)
+            .field("groups", &self.groups)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for LoginAttempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginAttempt")
+            .field("redirect", &self.redirect)
+            .finish_non_exhaustive()
+    }
 }
 
 pub struct Provider {
@@ -94,16 +118,14 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The IdP HTTP client: no redirects, bounded time, optional extra CA.
-pub fn http_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, Error> {
+/// The IdP HTTP client: no redirects, bounded time, the extra CAs of `provider-ca-file`.
+pub fn http_client(extra_cas: &[CertificateDer<'static>]) -> Result<reqwest::Client, Error> {
     let mut builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(10));
-    if let Some(path) = ca_file {
-        let pem = std::fs::read(path).map_err(|e| Error::Http(format!("reading {}: {e}", path.display())))?;
-        for cert in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| Error::Http(e.to_string()))? {
-            builder = builder.add_root_certificate(cert);
-        }
+    for cert in extra_cas {
+        let cert = reqwest::Certificate::from_der(cert).map_err(|e| Error::Http(e.to_string()))?;
+        builder = builder.add_root_certificate(cert);
     }
     builder.build().map_err(|e| Error::Http(e.to_string()))
 }
@@ -111,7 +133,7 @@ pub fn http_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client,
 impl Provider {
     /// Discovers the issuer and builds the client.
     pub async fn discover(config: &Config) -> Result<Self, Error> {
-        let http = http_client(config.provider_ca_file.as_deref())?;
+        let http = http_client(&config.provider_cas)?;
         let issuer = IssuerUrl::new(config.issuer_url.clone()).map_err(|e| Error::Discovery {
             issuer: config.issuer_url.to_string(),
             message: e.to_string(),
@@ -127,16 +149,16 @@ impl Provider {
         let client = CoreClient::from_provider_metadata(
             metadata.clone(),
             ClientId::new(config.client_id.clone()),
-            Some(ClientSecret::new(config.client_secret.clone())),
+            Some(ClientSecret::new(config.client_secret.expose().to_string())),
         )
         .set_redirect_uri(redirect);
-        let end_session = discover_end_session(&http, &issuer).await;
+        let end_session = discover_end_session(&http, &issuer).await?;
         Ok(Self {
             client: RwLock::new(Arc::new(client)),
             http,
             metadata,
             client_id: config.client_id.clone(),
-            client_secret: config.client_secret.clone(),
+            client_secret: config.client_secret.expose().to_string(),
             end_session,
             scopes: config.scopes.clone(),
             groups_claim: config.groups_claim.clone(),
@@ -334,17 +356,24 @@ impl Provider {
     }
 }
 
-/// `end_session_endpoint` from the discovery document (not modelled by the library's core types).
-async fn discover_end_session(http: &reqwest::Client, issuer: &IssuerUrl) -> Option<Url> {
+/// `end_session_endpoint` from the discovery document (not modelled by the library's
+/// core types). A failed read fails the discovery, to be tried again: a proxy that
+/// went on without it would sign users out of the proxy but not of the issuer.
+async fn discover_end_session(http: &reqwest::Client, issuer: &IssuerUrl) -> Result<Option<Url>, Error> {
     let url = format!(
         "{}/.well-known/openid-configuration",
         issuer.as_str().trim_end_matches('/')
     );
-    let body = http.get(url).send().await.ok()?.bytes().await.ok()?;
-    let doc: Value = serde_json::from_slice(&body).ok()?;
-    doc.get("end_session_endpoint")?
-        .as_str()
-        .and_then(|u| Url::parse(u).ok())
+    let doc = crate::bearer::fetch_json(http, &url)
+        .await
+        .map_err(|message| Error::Discovery {
+            issuer: issuer.to_string(),
+            message,
+        })?;
+    Ok(doc
+        .get("end_session_endpoint")
+        .and_then(Value::as_str)
+        .and_then(|u| Url::parse(u).ok()))
 }
 
 /// An error with its sources, for logs and messages.

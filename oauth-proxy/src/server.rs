@@ -432,7 +432,8 @@ impl App {
     }
 
     pub fn new(config: Config) -> Result<Arc<Self>, String> {
-        let sealer = Sealer::new(&config.cookie_secret, &[]).map_err(|e| format!("cookie-secret: {e}"))?;
+        let sealer =
+            Sealer::new(config.cookie_secret.expose(), &[]).map_err(|e| format!("cookie-secret: {e}"))?;
         let redirects =
             RedirectPolicy::new(&config.whitelist_domains).map_err(|e| format!("whitelist-domains: {e}"))?;
         let upstream = (0..config.worker_threads.max(1))
@@ -783,6 +784,13 @@ async fn bearer(
 /// answer (401 or 403) that says why not.
 async fn bearer_session(app: &App, token: &str) -> Result<Session, Response<Body>> {
     let Some(verifier) = app.bearer.get() else {
+        if !app.config.bearer_issuers.is_empty() {
+            app.metrics.refused("bearer_pending");
+            return Err(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service unavailable: the bearer token issuers have not been discovered yet",
+            ));
+        }
         app.metrics.refused("bearer_disabled");
         return Err(text(
             StatusCode::UNAUTHORIZED,

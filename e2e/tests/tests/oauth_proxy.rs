@@ -1489,6 +1489,39 @@ async fn an_issuer_whose_identifier_ends_in_a_slash_is_discovered_and_trusted() 
 }
 
 #[tokio::test]
+async fn an_extra_bearer_issuer_that_does_not_answer_leaves_browser_logins_working() -> Result<()> {
+    // A partner's issuer down at start (nothing listens on its port): the proxy used to
+    // stay unready, logins included, until that issuer answered.
+    let issuer = test_issuer().await?;
+    let down = format!("https://127.0.0.1:{}=api", chassis_e2e::free_port()?);
+    // `proxy` waits for /ready: it must come although the extra issuer never answers.
+    let proxy = issuer
+        .proxy("extra-issuer-down", &["--extra-jwt-issuers", &down])
+        .await?;
+    let (status, body, session) = sign_in_at_test_issuer(&proxy).await?;
+    ensure!(status == 200 && session, "the login: {status} {body}");
+    // Bearer tokens wait for their issuers, with an answer that says so.
+    let token = issuer.sign(&issuer.claims(), "k1")?;
+    let answer = reqwest::Client::new()
+        .get(proxy.url("/api"))
+        .bearer_auth(token)
+        .send()
+        .await?;
+    let status = answer.status();
+    let text = answer.text().await?;
+    ensure!(
+        status == 503 && text.contains("have not been discovered yet"),
+        "a bearer token before its issuers are known: {status} {text}"
+    );
+    let log = std::fs::read_to_string(&proxy.process.log)?;
+    ensure!(
+        log.contains("bearer issuer discovery failed"),
+        "the failing issuer is logged:\n{log}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_session_whose_refresh_the_issuer_refuses_ends_when_its_tokens_expire() -> Result<()> {
     // The issuer refuses the refresh (user disabled, grant revoked): the session must
     // not live on for the cookie's whole lifetime (7 days) on stale claims.
