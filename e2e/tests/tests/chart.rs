@@ -40,6 +40,70 @@ fn documents(rendered: &str) -> Result<Vec<serde_json::Value>> {
 }
 
 #[test]
+fn with_cert_manager_a_ca_of_the_charts_own_signs_the_webhook_certificate() -> Result<()> {
+    // The caBundle is the serving Secret's ca.crt. Signed by a self-signed Issuer, the
+    // serving certificate was its own ca.crt, and each renewal changed the caBundle
+    // minutes before the pods served the new certificate: admission down meanwhile.
+    let docs = documents(&render(
+        "chassis",
+        &["--set", "webhook.certManager.enabled=true"],
+    )?)?;
+    let find = |kind: &str, name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .with_context(|| format!("{kind} {name} missing"))
+    };
+    let serving = find("Certificate", "chassis-webhook-cert")?;
+    assert_eq!(
+        serving["spec"]["issuerRef"]["name"], "chassis-webhook-ca",
+        "{serving}"
+    );
+    assert!(serving["spec"]["isCA"].is_null(), "{serving}");
+    let ca_issuer = find("Issuer", "chassis-webhook-ca")?;
+    assert_eq!(
+        ca_issuer["spec"]["ca"]["secretName"], "chassis-webhook-ca",
+        "{ca_issuer}"
+    );
+    let ca = find("Certificate", "chassis-webhook-ca")?;
+    assert_eq!(ca["spec"]["isCA"], true, "{ca}");
+    assert_eq!(ca["spec"]["secretName"], "chassis-webhook-ca", "{ca}");
+    // Re-issued with the same key, the CA still verifies what it signed before.
+    assert_eq!(ca["spec"]["privateKey"]["rotationPolicy"], "Never", "{ca}");
+    assert_eq!(ca["spec"]["issuerRef"]["name"], "chassis-selfsigned", "{ca}");
+    assert!(find("Issuer", "chassis-selfsigned")?["spec"]["selfSigned"].is_object());
+    for kind in ["MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"] {
+        let config = docs.iter().find(|d| d["kind"] == kind).context(kind)?;
+        assert_eq!(
+            config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+            "default/chassis-webhook-cert",
+            "{config}"
+        );
+    }
+
+    // An issuer of the platform's: the chart makes none of its own.
+    let docs = documents(&render(
+        "chassis",
+        &[
+            "--set",
+            "webhook.certManager.enabled=true,webhook.certManager.issuerRef.name=platform-ca,webhook.certManager.issuerRef.kind=ClusterIssuer",
+        ],
+    )?)?;
+    let kinds: Vec<(&str, &str)> = docs
+        .iter()
+        .filter_map(|d| Some((d["kind"].as_str()?, d["metadata"]["name"].as_str()?)))
+        .filter(|(kind, _)| ["Certificate", "Issuer"].contains(kind))
+        .collect();
+    assert_eq!(kinds, [("Certificate", "chassis-webhook-cert")], "{kinds:?}");
+    let serving = docs
+        .iter()
+        .find(|d| d["kind"] == "Certificate")
+        .context("the serving Certificate")?;
+    assert_eq!(serving["spec"]["issuerRef"]["name"], "platform-ca", "{serving}");
+    assert_eq!(serving["spec"]["issuerRef"]["kind"], "ClusterIssuer", "{serving}");
+    Ok(())
+}
+
+#[test]
 fn the_chart_lints_strictly_and_every_object_passes_a_server_side_dry_run() -> Result<()> {
     run(
         cluster().helm().args(["lint", "--strict", &chart()]),

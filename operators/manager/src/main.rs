@@ -272,6 +272,8 @@ async fn run(args: Args) -> Result<()> {
     .with_context(|| format!("listening on --metrics-addr {}", args.metrics_addr))?;
     tracing::info!(%addr, controllers = ?controllers, leader_elect = args.leader_elect, "chassis-operator starting");
 
+    // The webhook server, awaited before exit: it answers the requests in flight first.
+    let mut webhook_server = None;
     if let Some(webhook_addr) = args.webhook_addr {
         let managed = args
             .webhook_cert_secret
@@ -311,9 +313,10 @@ async fn run(args: Args) -> Result<()> {
         }
         let caches = chassis_tenancy::admission::Caches::start(&client, shutdown.clone());
         let routes = chassis_tenancy::admission::routes(client.clone(), caches);
-        let (local, _) = webhook::serve(webhook_addr, serving, routes, shutdown.clone())
+        let (local, handle) = webhook::serve(webhook_addr, serving, routes, shutdown.clone())
             .await
             .with_context(|| format!("serving webhooks on --webhook-addr {webhook_addr}"))?;
+        webhook_server = Some(handle);
         tracing::info!(addr = %local, "serving admission webhooks");
         if args.webhook_register {
             chassis_tenancy::admission::register(&client, &format!("https://{local}"), &cert.ca_pem)
@@ -338,7 +341,7 @@ async fn run(args: Args) -> Result<()> {
             acquired = e.acquired() => if !acquired { bail!("leader election stopped before the lease was acquired") },
             _ = shutdown.cancelled() => {
                 e.release().await;
-                let _ = server.await;
+                let _ = futures::join!(server, drained(webhook_server));
                 return Ok(());
             }
         }
@@ -392,8 +395,15 @@ async fn run(args: Args) -> Result<()> {
     if let Some(e) = election {
         e.release().await;
     }
-    let _ = server.await;
+    let _ = futures::join!(server, drained(webhook_server));
     outcome
+}
+
+/// Waits for the webhook server, if one runs, to answer what is in flight.
+async fn drained(webhook: Option<tokio::task::JoinHandle<()>>) {
+    if let Some(handle) = webhook {
+        let _ = handle.await;
+    }
 }
 
 #[tokio::main]

@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// How long a client may hold the webhook server's resources for one step: admission
 /// is `failurePolicy: Fail`, so a slow client must not keep what it took. (There is
@@ -214,7 +215,8 @@ fn server_config(cert: Arc<Reloadable>) -> Result<ServerConfig, WebhookError> {
     Ok(config)
 }
 
-/// Serves `routes` over TLS on `addr` until `shutdown` is cancelled.
+/// Serves `routes` over TLS on `addr` until `shutdown` is cancelled; the returned
+/// task ends once the requests in flight then have been answered.
 pub async fn serve<F>(
     addr: SocketAddr,
     cert: Arc<Reloadable>,
@@ -258,9 +260,10 @@ where
         .keep_alive_timeout(Duration::from_secs(20));
     let builder = Arc::new(builder);
     let task = tokio::spawn(async move {
+        let connections = TaskTracker::new();
         loop {
             let (tcp, peer) = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok(conn) => conn,
                     Err(err) => {
@@ -274,7 +277,8 @@ where
             let acceptor = acceptor.clone();
             let service = service.clone();
             let builder = builder.clone();
-            tokio::spawn(async move {
+            let shutdown = shutdown.clone();
+            connections.spawn(async move {
                 // A client that never finishes its handshake must not hold a task forever.
                 let tls = match tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
@@ -288,10 +292,33 @@ where
                     }
                 };
                 let hyper_service = TowerToHyperService::new(service);
-                if let Err(err) = builder.serve_connection(TokioIo::new(tls), hyper_service).await {
+                let connection = builder.serve_connection(TokioIo::new(tls), hyper_service);
+                tokio::pin!(connection);
+                let ended = tokio::select! {
+                    ended = connection.as_mut() => ended,
+                    () = shutdown.cancelled() => {
+                        // HTTP/2 GOAWAY (HTTP/1.1: close after the answer): requests in
+                        // flight are answered, new ones go to another replica.
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                };
+                if let Err(err) = ended {
                     tracing::debug!(%peer, error = %err, "webhook connection ended with an error");
                 }
             });
+        }
+        // The listener is closed now. The API server keeps its HTTP/2 connection to this
+        // pod after the endpoint is gone, so a request may be in flight on it: let every
+        // one finish (each is bounded by `limits.request`) before the process exits.
+        drop(listener);
+        connections.close();
+        let deadline = limits.request + Duration::from_secs(1);
+        if tokio::time::timeout(deadline, connections.wait()).await.is_err() {
+            tracing::warn!(
+                ?deadline,
+                "webhook connections still open at shutdown; closing them"
+            );
         }
     });
     Ok((local, task))
@@ -420,6 +447,46 @@ mod tests {
             String::from_utf8_lossy(&answer)
         );
         shutdown.cancel();
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn shutdown_answers_the_requests_in_flight_before_the_server_ends()
+    -> Result<(), Box<dyn std::error::Error>> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let cert = ServingCert::self_signed(&["127.0.0.1".to_string()])?;
+        let shutdown = CancellationToken::new();
+        let routes = warp::Filter::then(warp::any(), || async {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            "admitted"
+        });
+        let (addr, server) = serve(
+            "127.0.0.1:0".parse()?,
+            Reloadable::new(&cert)?,
+            routes,
+            shutdown.clone(),
+        )
+        .await?;
+        let mut client = connect(&cert.ca_pem, addr).await.ok_or("connect")?;
+        client
+            .write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+            .await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        shutdown.cancel();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!server.is_finished(), "the server ended with a request in flight");
+        assert!(
+            connect(&cert.ca_pem, addr).await.is_none(),
+            "new connections are refused"
+        );
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut answer)).await??;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("admitted"),
+            "{answer}"
+        );
+        tokio::time::timeout(Duration::from_secs(2), server).await??;
         Ok(())
     }
 

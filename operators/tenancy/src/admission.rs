@@ -524,9 +524,24 @@ async fn handle_validate(
         },
         Err(err) => {
             tracing::warn!(error = %err, project = %request.name, "admission lookup failed");
-            deny(response, format!("chassis could not check the project: {err}")).into_review()
+            lookup_failed(response, &err).into_review()
         }
     }
+}
+
+/// A lookup that failed (the API server busy, a timeout) refuses the create as an
+/// internal error to retry, not as Forbidden: clients and GitOps tools take a 403 as
+/// final. The API server's own message (it may name the operator's account) stays in
+/// the operator's log.
+fn lookup_failed(response: AdmissionResponse, err: &kube::Error) -> AdmissionResponse {
+    let why = match err {
+        kube::Error::Api(status) => format!("the API server answered {} {}", status.code, status.reason),
+        other => other.to_string(),
+    };
+    let mut denied = response.deny(format!("chassis could not check the project, try again: {why}"));
+    denied.result.code = 500;
+    denied.result.reason = "InternalError".into();
+    denied
 }
 
 /// The warp routes of both webhooks.
@@ -877,6 +892,40 @@ mod tests {
             assert_eq!(facts.max_projects_per_user, Some(5));
             assert_eq!(facts.user_projects, 0);
         }
+    }
+
+    #[test]
+    fn a_failed_lookup_is_an_internal_error_to_retry_not_forbidden() {
+        let alice = request("CREATE", "alice", project(json!(null), json!({})), None);
+        let busy = kube::Error::Api(
+            kube::core::Status::failure(
+                "User \"system:serviceaccount:chassis-system:chassis-operator\" is throttled",
+                "TooManyRequests",
+            )
+            .with_code(429)
+            .boxed(),
+        );
+        let answer = lookup_failed(AdmissionResponse::from(&alice), &busy);
+        assert!(!answer.allowed);
+        assert_eq!(
+            (answer.result.code, answer.result.reason.as_str()),
+            (500, "InternalError")
+        );
+        assert!(
+            answer.result.message.contains("try again"),
+            "{}",
+            answer.result.message
+        );
+        assert!(
+            answer.result.message.contains("429 TooManyRequests"),
+            "{}",
+            answer.result.message
+        );
+        assert!(
+            !answer.result.message.contains("serviceaccount"),
+            "{}",
+            answer.result.message
+        );
     }
 
     #[test]
