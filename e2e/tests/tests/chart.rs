@@ -6,13 +6,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use chassis_api::tenancy::v1alpha1::ProjectTemplate;
+use chassis_api::network::v1alpha1::NetworkProfile;
 use chassis_e2e::{cluster, eventually, pipe, repo_root, run, unique};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 
 fn chart() -> String {
@@ -221,6 +220,12 @@ fn the_values_schema_rejects_a_wrong_type_naming_the_key() -> Result<()> {
             "/network/baselineProfile/egress",
             "",
         ),
+        // The CRD's rule for a peer's name, refused at template time, not at apply.
+        (
+            "network.baselineProfile.allowFrom[0].name=Ingress_Nginx,network.baselineProfile.allowFrom[0].namespaceSelector.matchLabels.a=b",
+            "/network/baselineProfile/allowFrom/0/name",
+            "",
+        ),
         (
             "tenancy.enabled=false,network.enabled=false",
             "every area is disabled",
@@ -374,13 +379,17 @@ fn pod_hashes(pods: &[Pod]) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn install_upgrade_and_uninstall_on_kwok_nodes_keep_custom_resources() -> Result<()> {
+async fn install_upgrade_and_uninstall_on_kwok_nodes_keep_the_charts_profile() -> Result<()> {
     let admin = cluster().admin().await?;
     let release = unique("rel");
     let namespace = unique("chart");
     // Release-scoped names, and admission limited to Projects labelled for this
     // release, so parallel tests never meet this installation's (fake) pods.
     let selector = format!("webhook.objectSelector.matchLabels.chassis-e2e={release}");
+    // The chart's own baseline profile, under a name of this release's (no template
+    // names it, so it applies nowhere): uninstall must keep it, templates name it.
+    let profile = unique("kept-baseline");
+    let baseline = format!("network.baselineProfile.create=true,network.baselineProfile.name={profile}");
     let install = |cmd: &mut Command| {
         cmd.args([&release, &chart(), "-n", &namespace])
             .args([
@@ -388,6 +397,8 @@ async fn install_upgrade_and_uninstall_on_kwok_nodes_keep_custom_resources() -> 
                 "tenancy.selfProvisioner.create=false",
                 "--set",
                 &selector,
+                "--set",
+                &baseline,
             ])
             .args(["--wait", "--timeout", "120s"]);
     };
@@ -443,32 +454,24 @@ async fn install_upgrade_and_uninstall_on_kwok_nodes_keep_custom_resources() -> 
             .any(|e| e.name == "RUST_LOG" && e.value.as_deref() == Some("debug"))
     );
 
-    // A custom resource made while the release is installed.
-    let template = unique("kept");
-    Api::<ProjectTemplate>::all(admin.clone())
-        .create(
-            &PostParams::default(),
-            &ProjectTemplate::new(&template, Default::default()),
-        )
-        .await?;
+    let profiles: Api<NetworkProfile> = Api::all(admin.clone());
+    assert!(
+        profiles.get_opt(&profile).await?.is_some(),
+        "the release did not create its baseline profile"
+    );
     run(
         cluster()
             .helm()
             .args(["uninstall", &release, "-n", &namespace, "--wait"]),
         "helm uninstall",
     )?;
-
-    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    // Templates name the profile; deleting it with the release would open their
+    // projects' namespaces (helm.sh/resource-policy: keep).
+    let kept = profiles.get_opt(&profile).await?;
+    let _ = profiles.delete(&profile, &Default::default()).await;
     assert!(
-        crds.get_opt("projects.tenancy.chassis.dev").await?.is_some(),
-        "uninstall removed a CRD"
-    );
-    assert!(
-        Api::<ProjectTemplate>::all(admin.clone())
-            .get_opt(&template)
-            .await?
-            .is_some(),
-        "uninstall removed a custom resource"
+        kept.is_some(),
+        "uninstall removed the chart's baseline NetworkProfile"
     );
     let webhook = format!("{release}-chassis-tenancy");
     assert!(
@@ -485,9 +488,6 @@ async fn install_upgrade_and_uninstall_on_kwok_nodes_keep_custom_resources() -> 
     {
         bail!("uninstall left the Deployment behind");
     }
-    Api::<ProjectTemplate>::all(admin.clone())
-        .delete(&template, &Default::default())
-        .await?;
     Api::<Namespace>::all(admin)
         .delete(&namespace, &Default::default())
         .await?;

@@ -155,15 +155,27 @@ async fn a_project_being_deleted_does_not_get_its_namespace_back() -> Result<()>
     projects.delete(&name, &DeleteParams::foreground()).await?;
     wait_until_gone(&namespaces, &name, Duration::from_secs(150)).await?;
     // The Project is still there (held); the operator hears of the namespace's end.
+    // Five quiet seconds end the watch; a watch that fails or ends early fails the test
+    // (it would otherwise pass having seen nothing).
     let mut made_again = Vec::new();
-    while let Ok(Ok(Some(event))) = tokio::time::timeout(Duration::from_secs(5), events.try_next()).await {
-        if let WatchEvent::Added(ns) = event {
-            made_again.push(ns.uid());
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), events.try_next()).await {
+            Err(_quiet) => break,
+            Ok(Ok(Some(WatchEvent::Added(ns)))) => made_again.push(ns.uid()),
+            Ok(Ok(Some(WatchEvent::Error(e)))) => anyhow::bail!("the namespace watch failed: {e:?}"),
+            Ok(Ok(Some(_))) => {}
+            Ok(Ok(None)) => anyhow::bail!("the namespace watch ended early"),
+            Ok(Err(e)) => anyhow::bail!("the namespace watch failed: {e}"),
         }
     }
     ensure!(
         projects.get_opt(&name).await?.is_some(),
         "the Project should still be held by its finalizer"
+    );
+    // And no namespace of that name came after the quiet window either.
+    ensure!(
+        namespaces.get_opt(&name).await?.is_none(),
+        "the namespace was made again after the watch"
     );
     projects
         .patch(&name, &PatchParams::default(), &Patch::Merge(hold(vec![])))

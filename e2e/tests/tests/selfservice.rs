@@ -10,7 +10,7 @@ use chassis_e2e::{Operator, cluster, eventually, unique, wait_for_condition};
 use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 
 const REQUESTER: &str = "tenancy.chassis.dev/requester";
@@ -49,13 +49,16 @@ async fn a_developer_creates_a_project_with_only_a_name_and_owns_it() -> Result<
     let alice = cluster().user("alice").await?;
     let name = unique("alice");
 
-    let mine: Api<Project> = Api::all(alice.clone());
-    let created = mine
-        .create(
-            &PostParams::default(),
-            &Project::new(&name, ProjectSpec::default()),
-        )
-        .await?;
+    // Only a name, as `kubectl create -f` of a file with `metadata.name` alone: no
+    // `spec` at all (the mutating webhook adds it, with alice as the admin).
+    let bare: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "tenancy.chassis.dev/v1alpha1",
+        "kind": "Project",
+        "metadata": {"name": name},
+    }))?;
+    let mine: Api<DynamicObject> = Api::all_with(alice.clone(), &ApiResource::erase::<Project>(&()));
+    let created: Project = mine.create(&PostParams::default(), &bare).await?.try_parse()?;
+    assert_eq!(created.spec.template, "default");
     assert_eq!(
         created.annotations().get(REQUESTER).map(String::as_str),
         Some("alice")

@@ -15,16 +15,15 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-fn quota_template(name: &str, cpu: &str) -> ProjectTemplate {
+fn quota_template(name: &str, cpu: &str) -> Result<ProjectTemplate> {
     let spec: ProjectTemplateSpec = serde_json::from_value(serde_json::json!({
         "podSecurity": "baseline",
         "resourceQuota": {"hard": {"requests.cpu": cpu, "pods": "20"}},
         "limitRange": {"limits": [{"type": "Container", "default": {"cpu": "500m"}}]},
-    }))
-    .unwrap_or_default();
+    }))?;
     let mut t = ProjectTemplate::new(name, spec);
     t.spec.pod_security = PodSecurityLevel::Baseline;
-    t
+    Ok(t)
 }
 
 fn owned_by_alice(name: &str, template: &str) -> Project {
@@ -63,7 +62,7 @@ async fn ready_project(cpu: &str) -> Result<Fixture> {
     let client = cluster().admin().await?;
     let template = unique("quota");
     Api::<ProjectTemplate>::all(client.clone())
-        .create(&PostParams::default(), &quota_template(&template, cpu))
+        .create(&PostParams::default(), &quota_template(&template, cpu)?)
         .await?;
     let project = unique("team");
     let projects: Api<Project> = Api::all(client.clone());
@@ -120,19 +119,50 @@ async fn members_get_their_roles_and_nobody_else_gets_in() -> Result<()> {
         "bob must not read alice's project: {denied:?}"
     );
 
-    // Admins manage content, not the limits the platform set.
-    let quotas: Api<ResourceQuota> = Api::namespaced(alice, &f.project);
+    // Admins manage content, not the limits the platform set. The objects exist (a 403
+    // for an object that is not there would prove nothing about the limits).
+    Api::<ResourceQuota>::namespaced(f.client.clone(), &f.project)
+        .get("chassis-project-quota")
+        .await?;
+    Api::<LimitRange>::namespaced(f.client.clone(), &f.project)
+        .get("chassis-project-limits")
+        .await?;
+    let forbidden = |what: &str, answer: Result<serde_json::Value, kube::Error>| {
+        assert!(
+            matches!(&answer, Err(kube::Error::Api(s)) if s.code == 403),
+            "alice must not {what}: {answer:?}"
+        );
+    };
     let raise = serde_json::json!({"spec": {"hard": {"requests.cpu": "400"}}});
-    let refused = quotas
+    let quotas: Api<ResourceQuota> = Api::namespaced(alice.clone(), &f.project);
+    let answer = quotas
         .patch(
             "chassis-project-quota",
             &PatchParams::default(),
             &Patch::Merge(&raise),
         )
         .await;
-    assert!(
-        matches!(&refused, Err(kube::Error::Api(s)) if s.code == 403),
-        "alice must not raise her quota: {refused:?}"
+    forbidden("raise her quota", answer.map(|_| serde_json::Value::Null));
+    let answer = quotas
+        .delete("chassis-project-quota", &DeleteParams::default())
+        .await;
+    forbidden("delete her quota", answer.map(|_| serde_json::Value::Null));
+    let wider = serde_json::json!({"spec": {"limits": [{"type": "Container", "default": {"cpu": "64"}}]}});
+    let answer = Api::<LimitRange>::namespaced(alice.clone(), &f.project)
+        .patch(
+            "chassis-project-limits",
+            &PatchParams::default(),
+            &Patch::Merge(&wider),
+        )
+        .await;
+    forbidden("widen her LimitRange", answer.map(|_| serde_json::Value::Null));
+    let other = serde_json::json!({"spec": {"template": "default"}});
+    let answer = Api::<Project>::all(alice)
+        .patch(&f.project, &PatchParams::default(), &Patch::Merge(&other))
+        .await;
+    forbidden(
+        "switch her project's template",
+        answer.map(|_| serde_json::Value::Null),
     );
     f.cleanup().await
 }

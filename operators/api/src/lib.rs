@@ -31,3 +31,82 @@ pub const CATEGORY: &str = "chassis";
 
 /// The value of `app.kubernetes.io/managed-by` on every object Chassis creates.
 pub const MANAGED_BY: &str = "chassis";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The path of every property below `schema` that has no description.
+    fn undescribed(schema: &serde_json::Value, path: &str, out: &mut Vec<String>) {
+        if let Some(properties) = schema.get("properties").and_then(|p| p.as_object()) {
+            for (name, property) in properties {
+                let here = format!("{path}.{name}");
+                if property.get("description").is_none() {
+                    out.push(here.clone());
+                }
+                undescribed(property, &here, out);
+            }
+        }
+        if let Some(items) = schema.get("items") {
+            undescribed(items, &format!("{path}[]"), out);
+        }
+        if let Some(values) = schema.get("additionalProperties").filter(|v| v.is_object()) {
+            undescribed(values, &format!("{path}{{}}"), out);
+        }
+    }
+
+    #[test]
+    fn every_kind_is_listed_like_the_others_and_every_field_is_described() -> Result<(), serde_json::Error> {
+        for crd in all_crds() {
+            let kind = &crd.spec.names.kind;
+            // Every kind is in the `chassis` category, with a short name and the columns
+            // `kubectl get` shows for all of them.
+            assert!(
+                crd.spec.names.categories.iter().flatten().any(|c| c == CATEGORY),
+                "{kind}: not in the {CATEGORY} category"
+            );
+            assert!(
+                crd.spec.names.short_names.as_ref().is_some_and(|s| !s.is_empty()),
+                "{kind}: no short name"
+            );
+            for version in &crd.spec.versions {
+                assert!(
+                    version
+                        .subresources
+                        .as_ref()
+                        .and_then(|s| s.status.as_ref())
+                        .is_some(),
+                    "{kind}: no status subresource"
+                );
+                let columns: Vec<&str> = version
+                    .additional_printer_columns
+                    .iter()
+                    .flatten()
+                    .map(|c| c.name.as_str())
+                    .collect();
+                assert!(
+                    columns.contains(&"Ready") && columns.contains(&"Age"),
+                    "{kind}: columns {columns:?}"
+                );
+                let schema = serde_json::to_value(
+                    version
+                        .schema
+                        .as_ref()
+                        .and_then(|s| s.open_api_v3_schema.as_ref()),
+                )?;
+                let mut missing = Vec::new();
+                for part in ["spec", "status"] {
+                    if let Some(part_schema) = schema.pointer(&format!("/properties/{part}")) {
+                        undescribed(part_schema, part, &mut missing);
+                    }
+                }
+                assert!(
+                    missing.is_empty(),
+                    "{kind} {}: no description on {missing:?}",
+                    version.name
+                );
+            }
+        }
+        Ok(())
+    }
+}

@@ -718,7 +718,12 @@ mod tests {
         );
         let dropped = project(json!({"other": "x"}), json!({}));
         let ops = mutation(&request("UPDATE", "alice", dropped, Some(old.clone())));
-        assert_eq!(ops.len(), 1, "{ops:?}");
+        assert_eq!(
+            ops,
+            vec![
+                json!({"op": "add", "path": "/metadata/annotations/tenancy.chassis.dev~1requester", "value": "alice"})
+            ]
+        );
         let unchanged = mutation(&request("UPDATE", "bob", old.clone(), Some(old)));
         assert!(unchanged.is_empty(), "{unchanged:?}");
     }

@@ -137,6 +137,8 @@ pub struct StampedPolicy {
         length(min = 1, max = 40),
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     )]
+    /// Name of the policy within the profile (a DNS label of at most 40 characters);
+    /// the NetworkPolicy in each namespace is `profile.<profile>.<name>`.
     pub name: String,
     pub spec: NetworkPolicySpec,
 }
@@ -198,7 +200,9 @@ pub struct EgressPolicySpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct EgressRule {
+    /// `Allow` or `Deny` what the rule matches; the first matching rule decides.
     pub action: EgressAction,
+    /// The destination the rule matches.
     pub to: EgressDestination,
     /// Ports the rule applies to (all ports of every protocol when omitted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -231,6 +235,7 @@ pub struct EgressPort {
     /// `TCP` (default), `UDP` or `SCTP`.
     #[serde(default)]
     pub protocol: PortProtocol,
+    /// The port (1-65535), or the first of a range with `endPort`.
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
     /// Last port of a range starting at `port`.
@@ -268,6 +273,7 @@ impl PortProtocol {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct EgressPolicyStatus {
+    /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// `Ready` and its reason (a rule that cannot apply is named here).

@@ -88,6 +88,14 @@ fn cluster() -> Model {
     }
 }
 
+/// The policies `p` renders into `team-a`, parsed for the evaluator.
+fn parsed_for_team_a(p: &NetworkProfile) -> Result<Vec<Policy>, String> {
+    policies(p, "team-a")
+        .iter()
+        .map(|np| Policy::parse(np, "team-a"))
+        .collect()
+}
+
 /// The ingress controller's namespace (`role: ingress`) as an `allowFrom` peer.
 fn ingress_peer() -> AllowedPeer {
     AllowedPeer {
@@ -148,16 +156,37 @@ fn isolation_allow_from_and_egress_deny_mean_what_they_say() -> Result<(), Strin
 }
 
 #[test]
+fn egress_deny_without_allow_dns_keeps_cluster_dns_out_too() -> Result<(), String> {
+    let p = profile(NetworkProfileSpec {
+        egress: EgressDefault::Deny,
+        allow_dns: false,
+        ..NetworkProfileSpec::default()
+    });
+    let parsed = parsed_for_team_a(&p)?;
+    let model = cluster().with_namespace_name_labels();
+    let eval = Evaluator::new(&model, &parsed);
+    let at = |ns: &str, pod: &str| eval.find(ns, pod).ok_or(format!("{ns}/{pod}"));
+    let (a_web, a_db, dns) = (
+        at("team-a", "web")?,
+        at("team-a", "db")?,
+        at("kube-system", "coredns")?,
+    );
+    assert!(!eval.allowed(a_web, dns, 53, Protocol::Udp), "allowDNS: false");
+    assert!(
+        eval.allowed(a_web, a_db, 8080, Protocol::Tcp),
+        "its own namespace stays reachable"
+    );
+    Ok(())
+}
+
+#[test]
 fn allow_from_without_isolation_leaves_ingress_open() -> Result<(), String> {
     let p = profile(NetworkProfileSpec {
         isolation: Isolation::None,
         allow_from: vec![ingress_peer()],
         ..NetworkProfileSpec::default()
     });
-    let parsed: Vec<Policy> = policies(&p, "team-a")
-        .iter()
-        .map(|np| Policy::parse(np, "team-a"))
-        .collect::<Result<_, _>>()?;
+    let parsed = parsed_for_team_a(&p)?;
     let model = cluster().with_namespace_name_labels();
     let eval = Evaluator::new(&model, &parsed);
     let at = |ns: &str, pod: &str| eval.find(ns, pod).ok_or(format!("{ns}/{pod}"));
