@@ -137,15 +137,44 @@ async fn the_operator_keeps_its_certificate_in_a_secret_and_injects_the_ca() -> 
     };
     assert!(created.annotations().contains_key(REQUESTER));
 
-    // A second replica serves the same certificate: the Secret is not rewritten.
+    // A second replica serves the same certificate: the Secret is not rewritten, and a
+    // client trusting only the injected CA is served by it.
     let version = secret.metadata.resource_version.clone();
-    let second = start(format!("{id}-b"), &format!("127.0.0.1:{}", free_port()?))?;
+    let second_addr = format!("127.0.0.1:{}", free_port()?);
+    let second = start(format!("{id}-b"), &second_addr)?;
     second.wait_for_log("serving admission webhooks", Duration::from_secs(60))?;
     let again = secrets.get(&id).await?;
     assert_eq!(
         again.metadata.resource_version, version,
         "the second replica rewrote the Secret"
     );
+    let trusting_the_ca = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca)?)
+        .build()?;
+    let answer = trusting_the_ca
+        .post(format!("https://{second_addr}/validate-projects"))
+        .body("{}")
+        .send()
+        .await
+        .context("the second replica's certificate verified against the Secret's CA")?;
+    assert!(answer.status().as_u16() < 500, "{}", answer.status());
+
+    // A configuration that loses its caBundle (re-created by `helm upgrade --force`, a
+    // GitOps replace) gets it back without waiting for the hourly check.
+    let drop_bundle = serde_json::json!([{"op": "remove", "path": "/webhooks/0/clientConfig/caBundle"}]);
+    mutating_api
+        .patch(
+            &id,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Json::<()>(serde_json::from_value(drop_bundle)?),
+        )
+        .await?;
+    eventually("the caBundle set again", Duration::from_secs(20), || {
+        let (api, id, ca) = (mutating_api.clone(), id.clone(), ca.clone());
+        async move { Ok((bundle_of(&api.get(&id).await?) == Some(ca)).then_some(())) }
+    })
+    .await?;
 
     cleanup(&admin, &id, &created.name_any()).await
 }

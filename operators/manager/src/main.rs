@@ -214,8 +214,7 @@ async fn renew_certificate(
     secret: SecretCert,
     mut current: ServingCert,
     serving: std::sync::Arc<webhook::Reloadable>,
-    client: Client,
-    inject: Vec<String>,
+    ca: tokio::sync::watch::Sender<String>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -237,11 +236,8 @@ async fn renew_certificate(
             }
             tracing::info!(not_after = ?cert.not_after, "serving the renewed webhook certificate");
         }
-        if !inject.is_empty()
-            && let Err(err) = webhook_secret::inject_ca(&client, &inject, &cert.ca_pem).await
-        {
-            tracing::warn!(error = %err, "could not inject the webhook CA");
-        }
+        // `keep_ca_injected` sets a new CA (and an old one the configurations lost).
+        ca.send_replace(cert.ca_pem.clone());
         current = cert;
     }
 }
@@ -286,10 +282,17 @@ async fn run(args: Args) -> Result<()> {
                 ServingCert::self_signed(&[webhook_addr.ip().to_string(), "localhost".to_string()])?
             }
         };
+        let (ca, ca_changes) = tokio::sync::watch::channel(cert.ca_pem.clone());
         if !args.webhook_inject_ca.is_empty() {
             webhook_secret::inject_ca(&client, &args.webhook_inject_ca, &cert.ca_pem)
                 .await
                 .context("injecting the webhook CA into the webhook configurations")?;
+            tokio::spawn(webhook_secret::keep_ca_injected(
+                client.clone(),
+                args.webhook_inject_ca.clone(),
+                ca_changes,
+                shutdown.clone(),
+            ));
         }
         let serving = webhook::Reloadable::new(&cert)?;
         if let Some(dir) = &args.webhook_cert_dir {
@@ -306,8 +309,7 @@ async fn run(args: Args) -> Result<()> {
                 secret,
                 cert.clone(),
                 serving.clone(),
-                client.clone(),
-                args.webhook_inject_ca.clone(),
+                ca,
                 shutdown.clone(),
             ));
         }

@@ -202,6 +202,75 @@ pub async fn inject_ca(client: &Client, names: &[String], ca_pem: &str) -> Resul
     Ok(())
 }
 
+/// Keeps the CA of `ca_pem` in the named configurations for as long as the operator
+/// runs: sets it again when one of them changes without it (re-created by
+/// `helm upgrade --force` or a GitOps tool's replace, or edited by hand), and when the
+/// CA itself changes. Without this a configuration re-created after start-up would
+/// stay without a CA, and with `failurePolicy: Fail` refuse every Project, until the
+/// hourly check.
+pub async fn keep_ca_injected(
+    client: Client,
+    names: Vec<String>,
+    mut ca_pem: tokio::sync::watch::Receiver<String>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+
+    // One watch per kind and name, by name (RBAC grants list and watch on these names).
+    let streams = names.iter().flat_map(|name| {
+        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        [
+            watcher(
+                Api::<MutatingWebhookConfiguration>::all(client.clone()),
+                config.clone(),
+            )
+            .default_backoff()
+            .map(|e| e.map(|e| changed(&e)))
+            .boxed(),
+            watcher(Api::<ValidatingWebhookConfiguration>::all(client.clone()), config)
+                .default_backoff()
+                .map(|e| e.map(|e| changed(&e)))
+                .boxed(),
+        ]
+    });
+    let mut events = futures::stream::select_all(streams);
+    // Without a renewing task (a fixed certificate) the CA never changes.
+    let mut ca_may_change = true;
+    loop {
+        let inject = tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = ca_pem.changed(), if ca_may_change => {
+                ca_may_change = changed.is_ok();
+                ca_may_change
+            }
+            event = events.next() => match event {
+                None => return,
+                Some(Ok(changed)) => changed,
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, "watching the webhook configurations failed; retrying");
+                    false
+                }
+            },
+        };
+        if !inject {
+            continue;
+        }
+        let ca = ca_pem.borrow_and_update().clone();
+        // Our own patch comes back as an event; it finds nothing stale then.
+        if let Err(err) = inject_ca(&client, &names, &ca).await {
+            tracing::warn!(error = %err, "could not inject the webhook CA; trying again at the next change");
+        }
+    }
+}
+
+/// Whether a watch event may have left a configuration without the CA: a change, or
+/// the end of a (re)list.
+fn changed<K>(event: &kube::runtime::watcher::Event<K>) -> bool {
+    use kube::runtime::watcher::Event;
+    matches!(event, Event::Apply(_) | Event::InitDone)
+}
+
 async fn patch_bundles<K>(
     api: &Api<K>,
     name: &str,
