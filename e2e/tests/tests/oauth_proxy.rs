@@ -3,6 +3,7 @@
 //! them: the login form is posted, cookies are kept in a jar, redirects followed.
 //! Each attack test is named after the attack; docs/SECURITY.md lists them.
 
+use base64::Engine as _;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -1194,6 +1195,51 @@ struct TestIssuer {
     public_pem: Vec<u8>,
     misbehave: Arc<Mutex<Misbehaviour>>,
     exchanges: Arc<Mutex<Vec<Exchange>>>,
+    /// The issuer's own folder (its keys).
+    dir: std::path::PathBuf,
+    /// The JWK set it serves, changeable (key rotation), and how often it was fetched.
+    jwks: Arc<Mutex<Value>>,
+    jwks_fetches: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// `openssl` with `args`, its output.
+fn openssl(args: &[&str]) -> Result<Vec<u8>> {
+    let out = std::process::Command::new("openssl").args(args).output()?;
+    ensure!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out.stdout)
+}
+
+/// A new 2048-bit RSA key `<kid>.pem` in `dir`: its PEM and its modulus (JWK `n`).
+fn rsa_key(dir: &std::path::Path, kid: &str) -> Result<(Vec<u8>, String)> {
+    let key_path = dir.join(format!("{kid}.pem")).display().to_string();
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        &key_path,
+    ])?;
+    let modulus = String::from_utf8(openssl(&["rsa", "-in", &key_path, "-noout", "-modulus"])?)?;
+    let hex = modulus.trim().trim_start_matches("Modulus=");
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
+        .collect::<Result<_, _>>()?;
+
+    let n = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    Ok((std::fs::read(&key_path)?, n))
+}
+
+/// The public half of the key `<kid>.pem` in `dir`, as PEM.
+fn public_half(dir: &std::path::Path, kid: &str) -> Result<Vec<u8>> {
+    let key_path = dir.join(format!("{kid}.pem")).display().to_string();
+    openssl(&["rsa", "-in", &key_path, "-pubout"])
 }
 
 /// What the test issuer's token endpoint gets wrong on purpose.
@@ -1239,47 +1285,20 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
     // could be replaced between reading its public half and signing with it.
     let dir = state_dir().join(unique("jwt-issuer"));
     std::fs::create_dir_all(&dir)?;
-    let key = dir.join("key.pem");
-    let openssl = |args: &[&str]| -> Result<Vec<u8>> {
-        let out = std::process::Command::new("openssl").args(args).output()?;
-        ensure!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(out.stdout)
-    };
-    let key_path = key.display().to_string();
-    openssl(&[
-        "genpkey",
-        "-algorithm",
-        "RSA",
-        "-pkeyopt",
-        "rsa_keygen_bits:2048",
-        "-out",
-        &key_path,
-    ])?;
-    let public_pem = openssl(&["rsa", "-in", &key_path, "-pubout"])?;
-    let modulus = String::from_utf8(openssl(&["rsa", "-in", &key_path, "-noout", "-modulus"])?)?;
-    let hex = modulus.trim().trim_start_matches("Modulus=");
-    let bytes: Vec<u8> = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
-        .collect::<Result<_, _>>()?;
-    use base64::Engine;
-    let n = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let (private_pem, n) = rsa_key(&dir, "k1")?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://127.0.0.1:{}", listener.local_addr()?.port());
     let url = format!("{base}{suffix}");
-    let private_pem = std::fs::read(&key)?;
+    let public_pem = public_half(&dir, "k1")?;
     // Besides the signing key, keys the proxy cannot use (an X25519 encryption key, a
     // post-quantum one), as real issuers publish: they must be skipped, not fatal.
-    let jwks = json!({"keys": [
+    let jwks = Arc::new(Mutex::new(json!({"keys": [
         {"kty": "OKP", "crv": "X25519", "kid": "enc", "use": "enc",
          "x": "hSDwCYkwp1R0i33ctD73Wg2_Og0mOBr066SpjqqbTmo"},
         {"kty": "AKP", "kid": "pq", "alg": "ML-DSA-44", "pub": "AA"},
         {"kty": "RSA", "kid": "k1", "use": "sig", "alg": "RS256", "n": n, "e": "AQAB"},
-    ]});
+    ]})));
+    let jwks_fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let discovery = json!({
         "issuer": url,
         "jwks_uri": format!("{base}/jwks"),
@@ -1390,7 +1409,14 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
 
     let routes = warp::path!(".well-known" / "openid-configuration")
         .map(move || warp::reply::json(&discovery))
-        .or(warp::path!("jwks").map(move || warp::reply::json(&jwks)))
+        .or(warp::path!("jwks").map({
+            let (jwks, fetches) = (jwks.clone(), jwks_fetches.clone());
+            move || {
+                fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let keys = jwks.lock().map(|k| k.clone()).unwrap_or_default();
+                warp::reply::json(&keys)
+            }
+        }))
         .or(authorize)
         .or(token);
     tokio::spawn(warp::serve(routes).incoming(listener).run());
@@ -1400,7 +1426,18 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
         public_pem,
         misbehave,
         exchanges,
+        dir,
+        jwks,
+        jwks_fetches,
     })
+}
+
+/// `claims` signed (RS256) with the private key `pem`, naming `kid`.
+fn sign_with(pem: &[u8], claims: &Value, kid: &str) -> Result<String> {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some(kid.into());
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(pem)?;
+    Ok(jsonwebtoken::encode(&header, claims, &key)?)
 }
 
 /// A code is good for one token request, as with a real provider.
@@ -1423,10 +1460,25 @@ impl TestIssuer {
     }
 
     fn sign(&self, claims: &Value, kid: &str) -> Result<String> {
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
-        header.kid = Some(kid.into());
-        let key = jsonwebtoken::EncodingKey::from_rsa_pem(&self.private_pem)?;
-        Ok(jsonwebtoken::encode(&header, claims, &key)?)
+        sign_with(&self.private_pem, claims, kid)
+    }
+
+    /// A new signing key `kid`, not published yet; its private PEM.
+    fn new_key(&self, kid: &str) -> Result<(Vec<u8>, String)> {
+        rsa_key(&self.dir, kid)
+    }
+
+    /// Adds the key (`kid`, modulus `n`) to the JWK set the issuer serves.
+    fn publish(&self, kid: &str, n: &str) -> Result<()> {
+        let mut jwks = self.jwks.lock().map_err(|_| anyhow::anyhow!("jwks lock"))?;
+        if let Some(keys) = jwks["keys"].as_array_mut() {
+            keys.push(json!({"kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256", "n": n, "e": "AQAB"}));
+        }
+        Ok(())
+    }
+
+    fn fetches(&self) -> usize {
+        self.jwks_fetches.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn claims(&self) -> Value {
@@ -1518,6 +1570,51 @@ async fn an_extra_bearer_issuer_that_does_not_answer_leaves_browser_logins_worki
         log.contains("bearer issuer discovery failed"),
         "the failing issuer is logged:\n{log}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_rotated_signing_key_is_fetched_once_and_unknown_kids_cannot_force_fetches() -> Result<()> {
+    let issuer = test_issuer().await?;
+    let proxy = issuer
+        .proxy(
+            "jwks-rotation",
+            &["--extra-jwt-issuers", &format!("{}=api", issuer.url)],
+        )
+        .await?;
+    let client = reqwest::Client::new();
+    let call = |token: String| {
+        let (client, url) = (client.clone(), proxy.url("/api"));
+        async move { Ok::<_, anyhow::Error>(client.get(url).bearer_auth(token).send().await?.status().as_u16()) }
+    };
+    let (k2, n2) = issuer.new_key("k2")?;
+    let rotated = sign_with(&k2, &issuer.claims(), "k2")?;
+    // The key is not published yet: refused, after at most one refetch.
+    let before = issuer.fetches();
+    let status = call(rotated.clone()).await?;
+    ensure!(status == 401, "a key the issuer does not publish: {status}");
+    let refetched_at = std::time::Instant::now();
+    let after_first = issuer.fetches();
+    ensure!(after_first <= before + 1, "{before} -> {after_first} fetches");
+    // A burst of unknown key ids fetches nothing more within the interval.
+    for i in 0..20 {
+        let unknown = sign_with(&k2, &issuer.claims(), &format!("made-up-{i}"))?;
+        ensure!(call(unknown).await? == 401, "an unknown kid was accepted");
+    }
+    ensure!(
+        issuer.fetches() == after_first,
+        "unknown key ids made the proxy fetch the JWKS {} more times",
+        issuer.fetches() - after_first
+    );
+    // The issuer rotates: once the interval is over, the new key is fetched and trusted.
+    issuer.publish("k2", &n2)?;
+    let interval = Duration::from_secs(30);
+    tokio::time::sleep(interval.saturating_sub(refetched_at.elapsed()) + Duration::from_secs(1)).await;
+    let status = call(rotated.clone()).await?;
+    ensure!(status == 200, "a token of the rotated key: {status}");
+    ensure!(issuer.fetches() == after_first + 1, "one fetch for the rotation");
+    // The old key still works alongside.
+    ensure!(call(issuer.sign(&issuer.claims(), "k1")?).await? == 200);
     Ok(())
 }
 
@@ -1752,7 +1849,7 @@ async fn bearer_tokens_are_checked_for_algorithm_key_issuer_audience_and_time() 
     // The issuer's second configured audience is as good as the first.
     let (status, body) = call(with(&|c| c["aud"] = json!("cli"))?).await?;
     ensure!(status == 200, "a token for the second audience: {status} {body}");
-    use base64::Engine;
+
     let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
     let alg_none = format!(
         "{}.{}.",
