@@ -39,6 +39,56 @@ fn documents(rendered: &str) -> Result<Vec<serde_json::Value>> {
 }
 
 #[test]
+fn the_charts_webhooks_are_the_ones_the_operator_registers_locally() -> Result<()> {
+    // Two definitions of the same webhooks: the chart's (a Service) and the operator's
+    // `--webhook-register` (a URL, used by e2e, `make run` and `make demo`). Everything
+    // but the address must agree, or the chart ships what the tests never exercised.
+    let docs = documents(&render("chassis", &[])?)?;
+    let (mutating, validating) = chassis_tenancy::admission::configurations("https://127.0.0.1:9443", "ca");
+    let ours = [
+        serde_json::to_value(&mutating.webhooks)?,
+        serde_json::to_value(&validating.webhooks)?,
+    ];
+    let paths = [
+        chassis_tenancy::admission::MUTATE_PATH,
+        chassis_tenancy::admission::VALIDATE_PATH,
+    ];
+    for ((kind, code), path) in ["MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"]
+        .iter()
+        .zip(ours)
+        .zip(paths)
+    {
+        let chart = docs
+            .iter()
+            .find(|d| d["kind"] == *kind)
+            .with_context(|| format!("no {kind} rendered"))?;
+        let (mut chart_hooks, mut code_hooks) = (chart["webhooks"].clone(), code);
+        let (Some(chart_list), Some(code_list)) = (chart_hooks.as_array_mut(), code_hooks.as_array_mut())
+        else {
+            bail!("{kind}: no webhooks list");
+        };
+        assert_eq!(chart_list.len(), code_list.len(), "{kind}");
+        for (chart_hook, code_hook) in chart_list.iter_mut().zip(code_list.iter_mut()) {
+            assert_eq!(
+                chart_hook["clientConfig"]["service"]["path"],
+                format!("/{path}"),
+                "{kind}"
+            );
+            for hook in [&mut *chart_hook, &mut *code_hook] {
+                if let Some(h) = hook.as_object_mut() {
+                    h.remove("clientConfig");
+                }
+            }
+        }
+        assert_eq!(
+            chart_hooks, code_hooks,
+            "{kind}: the chart's and the operator's differ"
+        );
+    }
+    Ok(())
+}
+
+#[test]
 fn with_cert_manager_a_ca_of_the_charts_own_signs_the_webhook_certificate() -> Result<()> {
     // The caBundle is the serving Secret's ca.crt. Signed by a self-signed Issuer, the
     // serving certificate was its own ca.crt, and each renewal changed the caBundle
