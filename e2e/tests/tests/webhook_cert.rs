@@ -176,6 +176,50 @@ async fn the_operator_keeps_its_certificate_in_a_secret_and_injects_the_ca() -> 
     })
     .await?;
 
+    // Deleting the Secret rotates the certificate: a replica makes a new CA at once
+    // (not at its hourly check), the other serves the same, and the configurations
+    // trust it.
+    secrets.delete(&id, &DeleteParams::default()).await?;
+    let new_ca = eventually("a new CA in a new Secret", Duration::from_secs(20), || {
+        let (secrets, id, old) = (secrets.clone(), id.clone(), ca.clone());
+        async move {
+            let stored = secrets.get_opt(&id).await?;
+            let ca = stored.and_then(|s| s.data?.get("ca.crt").map(|b| b.0.clone()));
+            Ok(ca.filter(|ca| *ca != old))
+        }
+    })
+    .await?;
+    eventually(
+        "the configurations trust the new CA",
+        Duration::from_secs(20),
+        || {
+            let (api, id, ca) = (mutating_api.clone(), id.clone(), new_ca.clone());
+            async move { Ok((bundle_of(&api.get(&id).await?) == Some(ca)).then_some(())) }
+        },
+    )
+    .await?;
+    let trusting_the_new_ca = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&new_ca)?)
+        .build()?;
+    for replica in [&addr, &second_addr] {
+        eventually(
+            "both replicas serve the new certificate",
+            Duration::from_secs(20),
+            || {
+                let (client, url) = (
+                    trusting_the_new_ca.clone(),
+                    format!("https://{replica}/validate-projects"),
+                );
+                async move { Ok(client.post(url).body("{}").send().await.is_ok().then_some(())) }
+            },
+        )
+        .await?;
+    }
+
+    // Stopped first: they would make the Secret again after the cleanup deletes it.
+    drop(first);
+    drop(second);
     cleanup(&admin, &id, &created.name_any()).await
 }
 

@@ -128,8 +128,8 @@ fn namespaced_name(value: &str) -> Result<(String, String), String> {
     }
 }
 
-/// How often a replica re-reads the webhook certificate Secret (renewal, or a
-/// renewal another replica made).
+/// How often a replica re-reads the webhook certificate Secret to renew it in time;
+/// changes others make to the Secret arrive through its watch.
 const CERT_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 /// How often the webhook certificate folder (`--webhook-cert-dir`, cert-manager's
 /// Secret mounted) is read again; the kubelet updates a mounted Secret within about
@@ -217,9 +217,12 @@ async fn renew_certificate(
     ca: tokio::sync::watch::Sender<String>,
     shutdown: CancellationToken,
 ) {
+    use futures::StreamExt as _;
+    let mut changes = std::pin::pin!(secret.changes());
     loop {
         tokio::select! {
             () = tokio::time::sleep(CERT_CHECK_EVERY) => {}
+            Some(()) = changes.next() => {}
             () = shutdown.cancelled() => return,
         }
         let cert = match secret.ensure().await {

@@ -78,6 +78,27 @@ impl SecretCert {
         }
     }
 
+    /// A tick for each change to the Secret (deleted to rotate the certificate, renewed
+    /// by another replica): the caller runs [`SecretCert::ensure`] at once instead of
+    /// at its next periodic check, so replicas never serve different CAs for long.
+    pub fn changes(&self) -> impl futures::Stream<Item = ()> + Send + 'static {
+        use futures::StreamExt;
+        use kube::runtime::{WatchStreamExt, watcher};
+        let config = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
+        watcher(self.api.clone(), config)
+            .default_backoff()
+            .filter_map(|event| {
+                futures::future::ready(match event {
+                    Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Some(()),
+                    Ok(_) => None,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "watching the webhook certificate Secret failed; retrying");
+                        None
+                    }
+                })
+            })
+    }
+
     fn failed(&self, source: kube::Error) -> SecretCertError {
         SecretCertError::Api {
             name: self.name.clone(),
