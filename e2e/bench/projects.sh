@@ -70,4 +70,4 @@ fresh
 
 "$bench" report "${floors[@]}" "${operators[@]}" --projects-only "$results/projects-only.json" \
   --doc "$root/docs/BENCHMARKS.md" \
-  --command "make bench-projects (BENCH_PROJECTS=$n BENCH_ROUNDS=$rounds BENCH_CONCURRENCY=$inflight BENCH_IDLE=$idle)"
+  --command "make bench-projects (BENCH_PROJECTS=$n BENCH_ROUNDS=$rounds BENCH_CONCURRENCY=$inflight BENCH_IDLE=$idle BENCH_WEBHOOKS=${BENCH_WEBHOOKS:-true})"

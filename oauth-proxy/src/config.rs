@@ -75,6 +75,10 @@ pub struct Flags {
     /// PEM bundle of CAs to trust for an https:// upstream (in addition to the Mozilla roots).
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_UPSTREAM_CA_FILE")]
     pub upstream_ca_file: Option<PathBuf>,
+    /// How long the upstream may take to connect and send its response headers; then
+    /// the client gets 504 [default: 30s].
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_UPSTREAM_TIMEOUT")]
+    pub upstream_timeout: Option<String>,
 
     /// OpenID Connect issuer URL (discovery at <issuer>/.well-known/openid-configuration).
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_OIDC_ISSUER_URL")]
@@ -171,6 +175,7 @@ pub struct File {
     pub metrics_address: Option<SocketAddr>,
     pub upstream: Option<String>,
     pub upstream_ca_file: Option<PathBuf>,
+    pub upstream_timeout: Option<String>,
     pub oidc_issuer_url: Option<String>,
     pub client_id: Option<String>,
     pub client_secret: Option<Secret>,
@@ -217,6 +222,8 @@ pub struct Config {
     /// Trust anchors for an https:// upstream: the Mozilla roots plus `upstream-ca-file`,
     /// read and parsed at start-up so `--config-test` refuses what TLS would.
     pub upstream_roots: rustls::RootCertStore,
+    /// Until the upstream's response headers (connecting included).
+    pub upstream_timeout: Duration,
     /// The issuer identifier exactly as configured: discovery and the `iss` claim compare
     /// it as a string (OpenID Connect Discovery 4.3), so a trailing `/` (Auth0 has one)
     /// must neither be added nor removed.
@@ -531,6 +538,13 @@ impl Config {
                 "upstream-ca-file",
                 pick!(flags, file, upstream_ca_file).as_deref(),
             )?,
+            upstream_timeout: match parse_duration(
+                "upstream-timeout",
+                pick!(flags, file, upstream_timeout).as_deref().unwrap_or("30s"),
+            )? {
+                d if d.is_zero() => return Err("upstream-timeout: must be more than 0".into()),
+                d => d,
+            },
             issuer_url: {
                 url("oidc-issuer-url", &issuer, &["http", "https"])?;
                 issuer.clone()
@@ -713,7 +727,7 @@ mod tests {
         let not_pem = std::env::temp_dir().join(format!("chassis-not-pem-{}", std::process::id()));
         std::fs::write(&not_pem, "not a certificate\n").expect("writing the test's not-PEM file");
         let (upstream_not_pem, also_not_pem) = (not_pem.clone(), not_pem.clone());
-        let cases: [(&str, Edit); 20] = [
+        let cases: [(&str, Edit); 22] = [
             ("worker-threads", Box::new(|f| f.worker_threads = Some(0))),
             (
                 "upstream-ca-file",
@@ -752,6 +766,14 @@ mod tests {
             (
                 "extra-jwt-issuers",
                 Box::new(|f| f.extra_jwt_issuers = Some(vec!["https://idp=".into()])),
+            ),
+            (
+                "upstream-timeout",
+                Box::new(|f| f.upstream_timeout = Some("0".into())),
+            ),
+            (
+                "upstream-timeout",
+                Box::new(|f| f.upstream_timeout = Some("soon".into())),
             ),
             ("cookie-expire", Box::new(|f| f.cookie_expire = Some("7d".into()))),
             (

@@ -100,9 +100,14 @@ async fn run(app: Arc<App>) -> anyhow::Result<()> {
         let _ = stop.send(true);
     };
     server::serve(app, listener, shutdown).await;
-    for thread in threads {
-        let _ = thread.join();
-    }
+    // Joined off this thread's runtime: it keeps running the tasks other threads still
+    // use while they drain (the Kubernetes client's worker, /metrics).
+    let _ = tokio::task::spawn_blocking(move || {
+        for thread in threads {
+            let _ = thread.join();
+        }
+    })
+    .await;
     Ok(())
 }
 

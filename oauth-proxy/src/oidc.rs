@@ -44,6 +44,10 @@ pub enum Error {
     NoTokenEndpoint,
     #[error("the token request failed: {0}")]
     Token(String),
+    /// The issuer answered the token request with an OAuth error (`invalid_grant`...):
+    /// safe and useful to show, unlike a transport failure's details.
+    #[error("the issuer refused the token request: {0}")]
+    Refused(String),
     #[error("the token response has no ID token")]
     NoIdToken,
     #[error("the ID token is not valid: {0}")]
@@ -198,7 +202,12 @@ impl Provider {
             .set_pkce_verifier(PkceCodeVerifier::new(attempt.pkce_verifier.clone()))
             .request_async(&self.http)
             .await
-            .map_err(|e| Error::Token(error_chain(&e)))?;
+            .map_err(|e| match &e {
+                openidconnect::RequestTokenError::ServerResponse(answer) => {
+                    Error::Refused(answer.to_string())
+                }
+                _ => Error::Token(error_chain(&e)),
+            })?;
         let nonce = Nonce::new(attempt.nonce.clone());
         self.identity(&response, Some(&nonce), None).await
     }

@@ -374,6 +374,9 @@ fn upstream_client(config: &Config) -> Result<HttpClient<HttpsConnector<HttpConn
         .with_no_client_auth();
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
+    // A dead address that drops packets would otherwise hold the request for the
+    // kernel's connect timeout (about two minutes).
+    http.set_connect_timeout(Some(config.upstream_timeout.min(Duration::from_secs(10))));
     http.enforce_http(false);
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
@@ -666,6 +669,17 @@ fn header_identity(session: &Session, with_token: bool) -> HeaderIdentity {
 /// Serves one request (see the module doc for the order of the steps).
 pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
+    // CONNECT names an authority, not a path: the upstream would not see the path the
+    // rules judged. Two Host lines (RFC 9112 3.2 requires a 400) let the upstream pick
+    // another host than the one forwarded as X-Forwarded-Host.
+    if parts.method == Method::CONNECT {
+        app.metrics.refused("bad_request");
+        return text(StatusCode::METHOD_NOT_ALLOWED, "refused: CONNECT is not proxied");
+    }
+    if parts.headers.get_all(HOST).iter().nth(1).is_some() {
+        app.metrics.refused("bad_request");
+        return text(StatusCode::BAD_REQUEST, "refused: more than one Host header");
+    }
     let trusted = app
         .config
         .trusted_proxy_cidrs
@@ -737,14 +751,10 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -
 /// Removes our cookies (`name`, `name_<n>` chunks, `name_csrf`) from every Cookie
 /// header, keeping the application's own cookies.
 fn strip_own_cookies(headers: &mut HeaderMap, name: &str) {
-    let chunk_prefix = format!("{name}_");
     let kept: Vec<&str> = cookie_headers(headers)
         .flat_map(|v| v.split(';'))
         .map(str::trim)
-        .filter(|pair| {
-            let cookie = pair.split('=').next().unwrap_or_default();
-            cookie != name && !cookie.starts_with(&chunk_prefix)
-        })
+        .filter(|pair| !is_own_cookie(pair.split('=').next().unwrap_or_default(), name))
         .filter(|pair| !pair.is_empty())
         .collect();
     let kept = kept.join("; ");
@@ -753,6 +763,39 @@ fn strip_own_cookies(headers: &mut HeaderMap, name: &str) {
         && let Ok(v) = HeaderValue::from_str(&kept)
     {
         headers.insert(COOKIE, v);
+    }
+}
+
+/// Whether `cookie` is one of the proxy's: the session (`name`), its chunks
+/// (`name_1`, ...) or the login's CSRF cookie (`name_csrf`).
+fn is_own_cookie(cookie: &str, name: &str) -> bool {
+    let cookie = cookie.trim();
+    cookie == name
+        || cookie
+            .strip_prefix(name)
+            .is_some_and(|rest| rest.starts_with('_'))
+}
+
+/// Drops the upstream's `Set-Cookie` for the proxy's own cookie names: a stray chunk
+/// would be joined into the session (which then fails to open: the user is signed
+/// out), and the upstream must not set or clear the login's CSRF cookie.
+fn strip_own_set_cookies(headers: &mut HeaderMap, name: &str) {
+    if !headers.contains_key(SET_COOKIE) {
+        return;
+    }
+    let all: Vec<HeaderValue> = headers.get_all(SET_COOKIE).iter().cloned().collect();
+    headers.remove(SET_COOKIE);
+    for value in all {
+        let cookie = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.split(['=', ';']).next())
+            .unwrap_or_default();
+        if is_own_cookie(cookie, name) {
+            tracing::warn!(cookie = %cookie.trim(), "dropped the upstream's Set-Cookie for one of the proxy's own cookies");
+        } else {
+            headers.append(SET_COOKIE, value);
+        }
     }
 }
 
@@ -856,9 +899,19 @@ async fn proxy(
     };
     let host = parts.headers.get(HOST).cloned();
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-    let forwarded_for = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {}", remote.ip()),
-        None => remote.ip().to_string(),
+    // Every line a trusted proxy sent (HAProxy adds a line of its own rather than
+    // appending to the client's), in order: keeping only the first would drop the real
+    // client and keep what the client claimed. Untrusted clients' lines are gone already.
+    let prior: Vec<&str> = parts
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let forwarded_for = if prior.is_empty() {
+        remote.ip().to_string()
+    } else {
+        format!("{}, {}", prior.join(", "), remote.ip())
     };
     if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
         parts.headers.insert("x-forwarded-for", v);
@@ -888,13 +941,20 @@ async fn proxy(
     parts.uri = uri;
     let request = Request::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
     let started = std::time::Instant::now();
-    let mut response = match app.upstream().request(request).await {
-        Ok(r) => r,
-        Err(e) => {
+    // Until the response headers only: a streamed body or a WebSocket may last.
+    let answered = tokio::time::timeout(app.config.upstream_timeout, app.upstream().request(request)).await;
+    let mut response = match answered {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
             // The chain says why (refused, TLS verification, ...); the top error does not.
             tracing::warn!(error = %crate::oidc::error_chain(&e), "upstream request failed");
             app.metrics.refused("upstream_error");
             return text(StatusCode::BAD_GATEWAY, "the upstream is not reachable");
+        }
+        Err(_) => {
+            tracing::warn!(timeout = ?app.config.upstream_timeout, "the upstream did not answer in time");
+            app.metrics.refused("upstream_timeout");
+            return text(StatusCode::GATEWAY_TIMEOUT, "the upstream did not answer in time");
         }
     };
     app.metrics
@@ -921,6 +981,7 @@ async fn proxy(
     } else {
         headers::strip_hop_by_hop(response.headers_mut(), false);
     }
+    strip_own_set_cookies(response.headers_mut(), &app.config.cookie_name);
     response.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync())
 }
 
@@ -1126,7 +1187,13 @@ async fn callback(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
         Err(e) => {
             tracing::info!(error = %e, "login failed");
             app.metrics.refused("login_failed");
-            return text(StatusCode::FORBIDDEN, format!("forbidden: {e}"));
+            // A failed token request names the issuer's internal address and the OS
+            // error: that stays in the log. ID token checks say what was wrong.
+            let why = match e {
+                crate::oidc::Error::Token(_) => "the login could not be completed at the issuer".to_string(),
+                other => other.to_string(),
+            };
+            return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
         }
     };
     let session = to_session(identity, now(), session::new_login());
@@ -1344,6 +1411,12 @@ pub async fn serve_metrics(app: Arc<App>, listener: tokio::net::TcpListener) {
 /// connections (and their buffers) open for good by sending nothing (slowloris).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A connection's read buffer at most, so its request head too (larger heads get 431):
+/// room for a session split over 16 cookies of 3800 bytes and the rest of a browser's
+/// headers, and a third of hyper's default, which a client that sends a slow head
+/// could make every connection hold.
+pub const MAX_BUFFER: usize = 128 * 1024;
+
 /// How long requests in flight may take to finish once shutdown begins (SIGTERM),
 /// within the 30 s Kubernetes grants a pod by default before it kills it.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
@@ -1395,6 +1468,7 @@ async fn accept<H, F>(
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(header_read_timeout)
+                .max_buf_size(MAX_BUFFER)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::pin!(connection);
@@ -1575,6 +1649,27 @@ mod tests {
         let mut answer = Vec::new();
         quick.read_to_end(&mut answer).await.expect("read");
         assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    }
+
+    #[test]
+    fn the_upstream_cannot_set_or_clear_our_cookies() {
+        let mut headers = HeaderMap::new();
+        for cookie in [
+            "_chassis_oauth_1=junk; Path=/",
+            "_chassis_oauth=; Max-Age=0",
+            "_chassis_oauth_csrf=x",
+            "app=1; HttpOnly",
+            "_chassis_oauthx=kept",
+        ] {
+            headers.append(SET_COOKIE, HeaderValue::from_static(cookie));
+        }
+        strip_own_set_cookies(&mut headers, "_chassis_oauth");
+        let kept: Vec<&str> = headers
+            .get_all(SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        assert_eq!(kept, ["app=1; HttpOnly", "_chassis_oauthx=kept"]);
     }
 
     #[test]

@@ -31,8 +31,6 @@ use serde::{Deserialize, Serialize};
 
 const LABEL: &str = "chassis.dev/bench";
 const TEMPLATE: &str = "bench";
-/// The user the admission webhook records as requester for the admin kubeconfig.
-const REQUESTER: &str = "kubernetes-admin";
 
 #[derive(Parser)]
 #[command(about = "Chassis benchmarks against the local control plane")]
@@ -117,8 +115,21 @@ pub struct Phase {
     pub reads: metrics::Counts,
     /// Watches the API server closed during the phase because their client fell
     /// behind (by resource); each makes its client watch again and lag meanwhile.
+    /// The counter has no client label: the benchmark's own Project watch counts too
+    /// (see `bench_watch_restarts`).
     #[serde(default)]
     pub closed_watches: metrics::Counts,
+    /// Writes in the 10 s after the last project was Ready (operator phase): not part
+    /// of the comparison with the floor, but counted for writes per child.
+    #[serde(default)]
+    pub settle_writes: metrics::Counts,
+    /// Times the benchmark's own watch of the Projects failed or started over: its lag
+    /// would stop the clock late.
+    #[serde(default)]
+    pub bench_watch_restarts: u64,
+    /// Whether the admission webhooks were served (operator phase).
+    #[serde(default)]
+    pub webhooks: Option<bool>,
     /// Writes while idle (operator phase only).
     pub idle_writes: Option<metrics::Counts>,
     pub idle_seconds: Option<u64>,
@@ -263,14 +274,37 @@ fn project(i: usize) -> Project {
     project
 }
 
+/// Creates a child as the operator does: a POST under the operator's create manager,
+/// so the stored object (managedFields included) is the same.
 async fn post<K>(api: Api<K>, object: K) -> Result<()>
 where
     K: Resource<DynamicType = ()> + Clone + Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    api.create(&PostParams::default(), &object)
+    let params = PostParams {
+        field_manager: Some(chassis_runtime::apply::create_manager(
+            &chassis_runtime::context::field_manager(chassis_tenancy::project::NAME),
+        )),
+        ..Default::default()
+    };
+    api.create(&params, &object)
         .await
         .with_context(|| format!("creating {} {}", K::kind(&()), object.name_any()))?;
     Ok(())
+}
+
+/// The user name the API server gives this client: what the admission webhook records
+/// as requester in the operator phase.
+async fn whoami(client: &Client) -> Result<String> {
+    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+    let review = Api::<SelfSubjectReview>::all(client.clone())
+        .create(&PostParams::default(), &SelfSubjectReview::default())
+        .await
+        .context("asking the API server who the benchmark client is")?;
+    review
+        .status
+        .and_then(|s| s.user_info)
+        .and_then(|u| u.username)
+        .context("the SelfSubjectReview names no user")
 }
 
 /// The floor: every Project and its children, built by the operator's own builders
@@ -280,14 +314,15 @@ where
 async fn floor(common: &Common) -> Result<Phase> {
     let client = client(&common.kubeconfig).await?;
     let template = template()?;
+    let requester = whoami(&client).await?;
     let work = futures::stream::iter(0..common.count)
         .map(|i| {
-            let (client, template) = (client.clone(), &template);
+            let (client, template, requester) = (client.clone(), &template, &requester);
             async move {
                 let mut project = project(i);
                 project
                     .annotations_mut()
-                    .insert(REQUESTER_ANNOTATION.into(), REQUESTER.into());
+                    .insert(REQUESTER_ANNOTATION.into(), requester.clone());
                 let project = Api::<Project>::all(client.clone())
                     .create(&PostParams::default(), &project)
                     .await
@@ -333,6 +368,9 @@ async fn timed(common: &Common, client: &Client, work: impl Future<Output = Resu
         writes: after.writes_since(&before),
         reads: after.reads_since(&before),
         closed_watches: after.closed_watches_since(&before),
+        settle_writes: Default::default(),
+        bench_watch_restarts: 0,
+        webhooks: None,
         idle_writes: None,
         idle_seconds: None,
         rss_kib: None,
@@ -494,7 +532,7 @@ async fn with_operator(
         )
         .await
         .context("applying the bench ProjectTemplate")?;
-    let operator = start_operator(binary, common, logs, webhooks).await?;
+    let mut operator = start_operator(binary, common, logs, webhooks).await?;
     if webhooks {
         wait_for_admission(&client).await?;
     }
@@ -508,18 +546,23 @@ async fn with_operator(
         tokio::spawn(async move {
             let mut seen = std::collections::HashSet::new();
             let mut stream = std::pin::pin!(stream);
+            // The first list is the start; any later one, or an error, is a restart.
+            let (mut inits, mut errors) = (0u64, 0u64);
             while let Some(event) = stream.next().await {
-                if let Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) = event
-                    && is_ready(&p)
-                {
-                    seen.insert(p.name_any());
-                    ready.store(seen.len(), Ordering::SeqCst);
-                    if seen.len() == count {
-                        return Instant::now();
+                match event {
+                    Ok(watcher::Event::Init) => inits += 1,
+                    Err(_) => errors += 1,
+                    Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) if is_ready(&p) => {
+                        seen.insert(p.name_any());
+                        ready.store(seen.len(), Ordering::SeqCst);
+                        if seen.len() == count {
+                            return (Instant::now(), inits.saturating_sub(1) + errors);
+                        }
                     }
+                    Ok(_) => {}
                 }
             }
-            Instant::now()
+            (Instant::now(), inits.saturating_sub(1) + errors)
         })
     };
 
@@ -529,7 +572,7 @@ async fn with_operator(
     let start = Instant::now();
     create_projects(&projects, common).await?;
     let created_millis = start.elapsed().as_millis();
-    let done = tokio::time::timeout(Duration::from_secs(900), watch)
+    let (done, bench_watch_restarts) = tokio::time::timeout(Duration::from_secs(900), watch)
         .await
         .with_context(|| {
             format!(
@@ -543,23 +586,41 @@ async fn with_operator(
         &cpu_before,
         &cpu_snapshot(&common.pids, &[("chassis-operator", pid)]),
     );
+    // Counted up to the same moment as the time and the CPU seconds (and as the floor's),
+    // so rates and the comparison with the floor cover one window.
+    let at_ready = metrics::scrape(&client).await?;
 
     // Let trailing writes (the last status patches, events) land before the idle window.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let settled = metrics::scrape(&client).await?;
     tokio::time::sleep(Duration::from_secs(idle)).await;
     let idle_end = metrics::scrape(&client).await?;
+    // A dead operator writes nothing and holds no memory: that must not read as "idle"
+    // and "small".
+    if let Some(exit) = operator.0.try_wait()? {
+        bail!(
+            "chassis-operator exited ({exit}) before the end of the phase; see {}",
+            logs.join("bench-operator.log").display()
+        );
+    }
+    let (rss_kib, peak_rss_kib) = (status_kib(pid, "VmRSS"), status_kib(pid, "VmHWM"));
+    if peak_rss_kib.is_none() {
+        bail!("could not read chassis-operator's memory from /proc/{pid}/status");
+    }
     Ok(Phase {
         count: common.count,
         concurrency: common.concurrency,
         millis,
-        writes: settled.writes_since(&before),
-        reads: settled.reads_since(&before),
-        closed_watches: settled.closed_watches_since(&before),
+        writes: at_ready.writes_since(&before),
+        reads: at_ready.reads_since(&before),
+        closed_watches: at_ready.closed_watches_since(&before),
+        settle_writes: settled.writes_since(&at_ready),
+        bench_watch_restarts,
+        webhooks: Some(webhooks),
         idle_writes: Some(idle_end.writes_since(&settled)),
         idle_seconds: Some(idle),
-        rss_kib: status_kib(pid, "VmRSS"),
-        peak_rss_kib: status_kib(pid, "VmHWM"),
+        rss_kib,
+        peak_rss_kib,
         created_millis,
         cpu_seconds: cpu,
     })

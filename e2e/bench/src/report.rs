@@ -14,6 +14,10 @@ const END: &str = "<!-- projects:end -->";
 pub const CHILDREN_PER_PROJECT: u64 = 6;
 const CHILD_RESOURCES: [&str; 4] = ["namespaces", "rolebindings", "resourcequotas", "limitranges"];
 
+/// Writes of these classes count as the operator's: its own, and any the counters
+/// cannot attribute (so the idle goal cannot pass on a write nobody claimed).
+const UNATTRIBUTED: &str = "unattributed (counted as the operator's)";
+
 /// Who makes a write, by its resource (the API server's counters have no user label;
 /// the floor phase shows nothing else writes the child resources).
 fn class(key: &str) -> &'static str {
@@ -21,12 +25,22 @@ fn class(key: &str) -> &'static str {
     match resource {
         r if CHILD_RESOURCES.contains(&r) => "child objects",
         "projects/status" => "Project status (operator)",
-        "events" => "Events (operator)",
+        "projecttemplates/status" => "ProjectTemplate status (operator)",
+        "networkpolicies" | "networkprofiles/status" | "egresspolicies/status" => "network (operator)",
         "subjectaccessreviews" => "admission SubjectAccessReviews (operator; not stored)",
+        // The controller-manager's per-namespace work (the `default` ServiceAccount, the
+        // root CA ConfigMap) and quota status.
+        "configmaps" | "serviceaccounts" | "resourcequotas/status" => "control plane (controller-manager)",
         "leases" => "control plane and operator: Leases",
-        "projects" | "projecttemplates" => "Projects (the benchmark client)",
-        _ => "control plane (controller-manager)",
+        "projects" | "projecttemplates" | "selfsubjectreviews" => "the benchmark client",
+        // Any component may emit Events; the operator's among them.
+        "events" => "Events (any component; counted as the operator's)",
+        _ => UNATTRIBUTED,
     }
+}
+
+fn counts_as_operator(class: &str) -> bool {
+    class == "child objects" || class.ends_with("(operator)") || class.ends_with("counted as the operator's)")
 }
 
 fn sum(writes: &Counts, wanted: impl Fn(&str) -> bool) -> u64 {
@@ -41,9 +55,17 @@ fn children(writes: &Counts) -> u64 {
     sum(writes, |c| c == "child objects")
 }
 
-/// Stored writes the operator makes: its children, Project status and Events.
+/// Stored writes the operator makes (its children, status, network policies), with
+/// Events and writes no known component makes.
 fn operator_writes(writes: &Counts) -> u64 {
-    sum(writes, |c| c == "child objects" || c.ends_with("(operator)"))
+    sum(writes, counts_as_operator)
+}
+
+/// Writes to child objects per child, the settle window after the last Ready included
+/// (a child written twice counts twice wherever the second write fell).
+fn per_child(phase: &Phase) -> f64 {
+    let written = children(&phase.writes) + children(&phase.settle_writes);
+    written as f64 / (phase.count as u64 * CHILDREN_PER_PROJECT).max(1) as f64
 }
 
 fn table(writes: &Counts) -> String {
@@ -101,19 +123,33 @@ fn cpu_table(floor: &Phase, projects_only: &Phase, ours: &Phase) -> String {
     out
 }
 
-pub fn section(floor: &Phase, projects_only: &Phase, ours: &Phase, command: &str) -> String {
+/// The section; `per_child_rounds` are the writes per child of every round (the goal
+/// holds only if it holds in each).
+pub fn section(
+    floor: &Phase,
+    projects_only: &Phase,
+    ours: &Phase,
+    per_child_rounds: &[f64],
+    command: &str,
+) -> String {
     let (cores, mem) = machine();
     let n = ours.count as u64;
     let ratio = ours.millis as f64 / floor.millis.max(1) as f64;
-    let per_child = children(&ours.writes) as f64 / (n * CHILDREN_PER_PROJECT) as f64;
-    let floor_per_child = children(&floor.writes) as f64 / (floor.count as u64 * CHILDREN_PER_PROJECT) as f64;
+    let worst_per_child = per_child_rounds.iter().copied().fold(per_child(ours), f64::max);
+    let floor_per_child = per_child(floor);
     let idle = ours.idle_writes.clone().unwrap_or_default();
     let idle_ours = operator_writes(&idle);
-    let peak_mib = ours.peak_rss_kib.unwrap_or(0) / 1024;
+    let peak_kib = ours.peak_rss_kib.unwrap_or(u64::MAX);
+    let webhooks = match ours.webhooks {
+        Some(false) => "admission webhooks **off**",
+        _ => "admission webhooks on",
+    };
     let mut s = format!(
         "{BEGIN}\n### Projects run of {} ({cores} cores, {mem} GiB)\n\n\
-         Command: `{command}` (release build of chassis-operator, admission webhooks on; \
-         each phase on a fresh control plane; clients keep {} requests in flight).\n\n\
+         Command: `{command}` (release build of chassis-operator, {webhooks}; \
+         each phase on a fresh control plane; clients keep {} requests in flight). Counts \
+         of the operator phase cover the same window as its time: from the first create \
+         until the last project is Ready.\n\n\
          | measure | value | goal |\n| --- | --- | --- |\n",
         today(),
         ours.concurrency,
@@ -132,9 +168,11 @@ pub fn section(floor: &Phase, projects_only: &Phase, ours: &Phase, command: &str
         "| ratio operator / floor | {ratio:.2} | at most 1.5: {} |\n",
         verdict(ratio <= 1.5)
     ));
+    let rounds: Vec<String> = per_child_rounds.iter().map(|v| format!("{v:.3}")).collect();
     s.push_str(&format!(
-        "| operator writes to child objects, per child | {per_child:.3} (floor {floor_per_child:.3}) | at most 1: {} |\n",
-        verdict(per_child <= 1.0)
+        "| operator writes to child objects, per child, the 10 s after the last Ready included (worst round; rounds {}) | {worst_per_child:.3} (floor {floor_per_child:.3}) | at most 1: {} |\n",
+        rounds.join(", "),
+        verdict(worst_per_child <= 1.0)
     ));
     s.push_str(&format!(
         "| operator writes of any kind during creation | {} ({:.2} per project) | |\n",
@@ -147,9 +185,13 @@ pub fn section(floor: &Phase, projects_only: &Phase, ours: &Phase, command: &str
         by_resource(&floor.reads)
     ));
     s.push_str(&format!(
-        "| watches the API server closed because their client fell behind: operator phase / floor | {} / {} | |\n",
+        "| watches the API server closed because their client fell behind (the operator's and the benchmark's own Project watch; no client label): operator phase / floor | {} / {} | |\n",
         by_resource(&ours.closed_watches),
         by_resource(&floor.closed_watches)
+    ));
+    s.push_str(&format!(
+        "| restarts of the benchmark's own Project watch (its lag would stop the clock late) | {} | |\n",
+        ours.bench_watch_restarts
     ));
     s.push_str(&format!(
         "| operator writes in {} idle seconds with all Ready | {idle_ours} | 0: {} |\n",
@@ -157,9 +199,10 @@ pub fn section(floor: &Phase, projects_only: &Phase, ours: &Phase, command: &str
         verdict(idle_ours == 0)
     ));
     s.push_str(&format!(
-        "| chassis-operator peak RSS (RSS at the end) | {peak_mib} MiB ({} MiB) | at most 64 MiB: {} |\n",
-        ours.rss_kib.unwrap_or(0) / 1024,
-        verdict(peak_mib <= 64)
+        "| chassis-operator peak RSS (RSS at the end) | {:.1} MiB ({:.1} MiB) | at most 64 MiB: {} |\n",
+        ours.peak_rss_kib.unwrap_or(0) as f64 / 1024.0,
+        ours.rss_kib.unwrap_or(0) as f64 / 1024.0,
+        verdict(peak_kib <= 64 * 1024)
     ));
     s.push_str(&format!(
         "| time until the last create returned: operator phase (Projects) / floor | {} ms / {} ms | |\n",
@@ -175,6 +218,12 @@ pub fn section(floor: &Phase, projects_only: &Phase, ours: &Phase, command: &str
     s.push_str(&cpu_table(floor, projects_only, ours));
     s.push_str("\nWrite requests the API server counted while the operator created the projects:\n\n");
     s.push_str(&table(&ours.writes));
+    s.push_str("\nIn the 10 s after the last project was Ready (before the idle window):\n\n");
+    if ours.settle_writes.is_empty() {
+        s.push_str("none at all.\n");
+    } else {
+        s.push_str(&table(&ours.settle_writes));
+    }
     s.push_str("\nAnd during the floor phase:\n\n");
     s.push_str(&table(&floor.writes));
     s.push_str("\nAnd while the operator was idle:\n\n");
@@ -243,7 +292,8 @@ pub fn write(
     ours.idle_seconds = last.idle_seconds;
     ours.peak_rss_kib = rounds.iter().filter_map(|p| p.peak_rss_kib).max();
     ours.rss_kib = last.rss_kib;
-    let mut section = section(floor, projects_only, &ours, command);
+    let per_child_rounds: Vec<f64> = rounds.iter().map(per_child).collect();
+    let mut section = section(floor, projects_only, &ours, &per_child_rounds, command);
     let rounds_row = format!(
         "| rounds (median used): operator {} / floor {} | | |\n",
         times(rounds),
@@ -268,6 +318,59 @@ pub fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn counts(pairs: &[(&str, u64)]) -> Counts {
+        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    #[test]
+    fn writes_nobody_is_known_to_make_count_against_the_operator() {
+        // The idle goal must not pass on a write the table cannot attribute.
+        let idle = counts(&[
+            ("PUT configmaps", 5),
+            ("PUT leases", 4),
+            ("PATCH networkpolicies", 1),
+            ("PUT projecttemplates/status", 1),
+            ("POST widgets", 1),
+            ("POST events", 1),
+        ]);
+        assert_eq!(operator_writes(&idle), 4);
+        assert_eq!(class("POST widgets"), UNATTRIBUTED);
+        assert_eq!(
+            operator_writes(&counts(&[("PUT configmaps", 5), ("PUT leases", 4)])),
+            0
+        );
+    }
+
+    #[test]
+    fn a_child_written_again_after_ready_counts_per_child() {
+        let phase = |writes, settle| crate::Phase {
+            count: 1,
+            concurrency: 1,
+            millis: 1,
+            writes,
+            reads: Counts::new(),
+            closed_watches: Counts::new(),
+            settle_writes: settle,
+            bench_watch_restarts: 0,
+            webhooks: Some(true),
+            idle_writes: None,
+            idle_seconds: None,
+            rss_kib: None,
+            peak_rss_kib: None,
+            created_millis: 1,
+            cpu_seconds: Default::default(),
+        };
+        let once = counts(&[
+            ("POST namespaces", 1),
+            ("POST rolebindings", 3),
+            ("POST resourcequotas", 1),
+            ("POST limitranges", 1),
+        ]);
+        assert_eq!(per_child(&phase(once.clone(), Counts::new())), 1.0);
+        let again = counts(&[("PATCH rolebindings", 3)]);
+        assert_eq!(per_child(&phase(once, again)), 1.5);
+    }
 
     #[test]
     fn a_cell_gives_the_total_and_the_largest_counts_first() {

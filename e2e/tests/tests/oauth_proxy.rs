@@ -20,7 +20,7 @@ use warp::Filter;
 const COOKIE_SECRET: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 const OTHER_SECRET: &str = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
 /// Proxies this binary starts at most (a few tests start two or three).
-const SLOTS: usize = 28;
+const SLOTS: usize = 36;
 
 /// The provider, shared by the tests of this binary, with one registered redirect
 /// URI per proxy port slot.
@@ -544,6 +544,96 @@ async fn spoofed_forwarded_headers_from_an_untrusted_client_are_dropped() -> Res
     ensure!(header(&echo, "x-forwarded-for") == ["127.0.0.1"], "{echo}");
     ensure!(header(&echo, "x-forwarded-proto") == ["http"], "{echo}");
     ensure!(header(&echo, "forwarded").is_empty(), "{echo}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_trusted_proxys_forwarded_for_lines_are_all_kept_in_order() -> Result<()> {
+    // HAProxy's `option forwardfor` adds a line of its own after the client's: keeping
+    // only the first line handed on what the client claimed and dropped the real client.
+    let proxy = Proxy::start(
+        "forwarded-trusted",
+        echo_upstream().await?,
+        &[
+            "--skip-auth-paths",
+            "/public/.*",
+            "--trusted-proxy-cidrs",
+            "127.0.0.1/32",
+        ],
+    )
+    .await?;
+    let echo = echoed(
+        reqwest::Client::new()
+            .get(proxy.url("/public/x"))
+            .header("X-Forwarded-For", "1.1.1.1")
+            .header("X-Forwarded-For", "2.2.2.2")
+            .send()
+            .await?,
+    )
+    .await?;
+    ensure!(
+        header(&echo, "x-forwarded-for") == ["1.1.1.1, 2.2.2.2, 127.0.0.1"],
+        "{echo}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_upstream_that_never_answers_gets_504_in_time_and_connect_and_two_hosts_are_refused() -> Result<()>
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Accepts and reads, never answers (a deadlocked app).
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = hung.local_addr()?.port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hung.accept().await {
+            held.push(socket);
+        }
+    });
+    let proxy = Proxy::start(
+        "upstream-timeout",
+        port,
+        &["--skip-auth-paths", "/.*", "--upstream-timeout", "1s"],
+    )
+    .await?;
+    let started = std::time::Instant::now();
+    let answer = reqwest::Client::new().get(proxy.url("/slow")).send().await?;
+    let took = started.elapsed();
+    let status = answer.status();
+    ensure!(
+        status == 504 && took < Duration::from_secs(10),
+        "{status} after {took:?}: {}",
+        answer.text().await?
+    );
+    ensure!(
+        proxy
+            .metric("chassis_oauth_proxy_refusals_total{reason=\"upstream_timeout\"}")
+            .await?
+            >= 1.0
+    );
+
+    let address = proxy.base.trim_start_matches("http://").to_string();
+    let raw = |request: String| {
+        let address = address.clone();
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(&address).await?;
+            stream.write_all(request.as_bytes()).await?;
+            let mut response = Vec::new();
+            stream.read_to_end(&mut response).await?;
+            Ok::<_, anyhow::Error>(String::from_utf8_lossy(&response).to_string())
+        }
+    };
+    let connect = raw(format!(
+        "CONNECT /public/x HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    ))
+    .await?;
+    ensure!(connect.starts_with("HTTP/1.1 405"), "{connect}");
+    let two_hosts = raw(format!(
+        "GET /x HTTP/1.1\r\nHost: {address}\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+    ))
+    .await?;
+    ensure!(two_hosts.starts_with("HTTP/1.1 400"), "{two_hosts}");
     Ok(())
 }
 
