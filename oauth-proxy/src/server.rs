@@ -383,7 +383,11 @@ fn upstream_client(config: &Config) -> Result<HttpClient<HttpsConnector<HttpConn
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
-    Ok(HttpClient::builder(TokioExecutor::new()).build(connector))
+    // With a timer the pool closes connections idle for 90 s; without one it only checks
+    // when it hands a connection out, and a burst's connections stayed open for good.
+    Ok(HttpClient::builder(TokioExecutor::new())
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .build(connector))
 }
 
 /// The parts of the upstream URL every proxied request's URI starts with, parsed

@@ -47,7 +47,7 @@ struct Common {
     /// Number of projects.
     #[arg(long, default_value_t = 1000)]
     count: usize,
-    /// Requests the client keeps in flight (the same for both phases).
+    /// Requests the client keeps in flight (`projects.sh` gives the floor its fastest).
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
     /// Where the phase writes its result (JSON).

@@ -147,11 +147,13 @@ pub fn section(
     let mut s = format!(
         "{BEGIN}\n### Projects run of {} ({cores} cores, {mem} GiB)\n\n\
          Command: `{command}` (release build of chassis-operator, {webhooks}; \
-         each phase on a fresh control plane; clients keep {} requests in flight). Counts \
+         each phase on a fresh control plane; the floor client keeps {} requests in flight, \
+         the operator phase's client {}). Counts \
          of the operator phase cover the same window as its time: from the first create \
          until the last project is Ready.\n\n\
          | measure | value | goal |\n| --- | --- | --- |\n",
         today(),
+        floor.concurrency,
         ours.concurrency,
     );
     s.push_str(&format!(
