@@ -678,7 +678,12 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -
     // another host than the one forwarded as X-Forwarded-Host.
     if parts.method == Method::CONNECT {
         app.metrics.refused("bad_request");
-        return text(StatusCode::METHOD_NOT_ALLOWED, "refused: CONNECT is not proxied");
+        let mut refused = text(StatusCode::METHOD_NOT_ALLOWED, "refused: CONNECT is not proxied");
+        refused.headers_mut().insert(
+            http::header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+        );
+        return refused;
     }
     if parts.headers.get_all(HOST).iter().nth(1).is_some() {
         app.metrics.refused("bad_request");
@@ -790,12 +795,14 @@ fn strip_own_set_cookies(headers: &mut HeaderMap, name: &str) {
     let all: Vec<HeaderValue> = headers.get_all(SET_COOKIE).iter().cloned().collect();
     headers.remove(SET_COOKIE);
     for value in all {
-        let cookie = value
-            .to_str()
-            .ok()
-            .and_then(|v| v.split(['=', ';']).next())
-            .unwrap_or_default();
-        if is_own_cookie(cookie, name) {
+        // Bytes, not text: a value with non-ASCII bytes after the name must not slip by.
+        let bytes = value.as_bytes();
+        let end = bytes
+            .iter()
+            .position(|b| *b == b'=' || *b == b';')
+            .unwrap_or(bytes.len());
+        let cookie = String::from_utf8_lossy(&bytes[..end]);
+        if is_own_cookie(&cookie, name) {
             tracing::warn!(cookie = %cookie.trim(), "dropped the upstream's Set-Cookie for one of the proxy's own cookies");
         } else {
             headers.append(SET_COOKIE, value);
@@ -943,10 +950,20 @@ async fn proxy(
     // The session (sealed tokens) and CSRF cookies stay with the proxy.
     strip_own_cookies(&mut parts.headers, &app.config.cookie_name);
     parts.uri = uri;
-    let request = Request::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
+    let (sent, body_sent) = tokio::sync::oneshot::channel();
+    let body = SignalsEnd::new(body.map_err(|e| Box::new(e) as BoxError), sent);
+    let request = Request::from_parts(parts, body.boxed_unsync());
     let started = std::time::Instant::now();
-    // Until the response headers only: a streamed body or a WebSocket may last.
-    let answered = tokio::time::timeout(app.config.upstream_timeout, app.upstream().request(request)).await;
+    // The timeout runs from the end of the request body (an upload may take long) to
+    // the response headers (a streamed answer or a WebSocket may then last), as Go's
+    // ResponseHeaderTimeout does for oauth2-proxy.
+    let pending = app.upstream().request(request);
+    tokio::pin!(pending);
+    let answered = tokio::select! {
+        biased;
+        answer = &mut pending => Ok(answer),
+        _ = body_sent => tokio::time::timeout(app.config.upstream_timeout, &mut pending).await,
+    };
     let mut response = match answered {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
@@ -987,6 +1004,63 @@ async fn proxy(
     }
     strip_own_set_cookies(response.headers_mut(), &app.config.cookie_name);
     response.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync())
+}
+
+/// A request body that says when it has all been sent: `sent` fires once its last
+/// frame (or an error) has been read, or at once for a body that is empty.
+struct SignalsEnd<B> {
+    inner: B,
+    sent: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl<B: http_body::Body> SignalsEnd<B> {
+    fn new(inner: B, sent: tokio::sync::oneshot::Sender<()>) -> Self {
+        let mut body = Self {
+            inner,
+            sent: Some(sent),
+        };
+        // The client never polls a body that is already at its end (a GET).
+        if body.inner.is_end_stream() {
+            body.signal();
+        }
+        body
+    }
+
+    fn signal(&mut self) {
+        if let Some(sent) = self.sent.take() {
+            let _ = sent.send(());
+        }
+    }
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for SignalsEnd<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        let ended = match &polled {
+            std::task::Poll::Ready(None | Some(Err(_))) => true,
+            std::task::Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            std::task::Poll::Pending => false,
+        };
+        if ended {
+            this.signal();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Only what `hyper::upgrade::on` needs from the request: its extensions.
@@ -1667,6 +1741,11 @@ mod tests {
         ] {
             headers.append(SET_COOKIE, HeaderValue::from_static(cookie));
         }
+        // Not valid UTF-8 after the name: still one of ours.
+        headers.append(
+            SET_COOKIE,
+            HeaderValue::from_bytes(b"_chassis_oauth_2=\xe9").expect("a header value"),
+        );
         strip_own_set_cookies(&mut headers, "_chassis_oauth");
         let kept: Vec<&str> = headers
             .get_all(SET_COOKIE)

@@ -207,10 +207,26 @@ impl Proxy {
     /// outgoing connection's ephemeral port, say) may have taken one since: then the
     /// proxy is started again on other ports.
     async fn start_at(name: &str, upstream: &str, issuer: &str, extra: &[&str]) -> Result<Self> {
+        // Bearer issuers are discovered apart from the login issuer (`/ready` does not
+        // wait for them): tests that use bearer tokens wait for that too.
+        let bearer = extra
+            .iter()
+            .any(|a| *a == "--extra-jwt-issuers" || *a == "--skip-jwt-bearer-tokens");
+        Self::start_with(name, upstream, issuer, extra, bearer).await
+    }
+
+    /// [`Proxy::start_at`], waiting for the bearer issuers' discovery when `bearer`.
+    async fn start_with(
+        name: &str,
+        upstream: &str,
+        issuer: &str,
+        extra: &[&str],
+        bearer: bool,
+    ) -> Result<Self> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match Self::start_once(name, upstream, issuer, extra).await {
+            match Self::start_once(name, upstream, issuer, extra, bearer).await {
                 Err(e) if attempt < 3 && format!("{e:#}").contains("Address already in use") => {
                     eprintln!("{name}: a port was taken meanwhile, starting again on others: {e:#}");
                 }
@@ -219,7 +235,13 @@ impl Proxy {
         }
     }
 
-    async fn start_once(name: &str, upstream: &str, issuer: &str, extra: &[&str]) -> Result<Self> {
+    async fn start_once(
+        name: &str,
+        upstream: &str,
+        issuer: &str,
+        extra: &[&str],
+        bearer: bool,
+    ) -> Result<Self> {
         let idp = idp();
         let port = idp
             .free_slots
@@ -291,6 +313,7 @@ impl Proxy {
                 );
             }
             if log.contains("chassis-oauth-proxy listening")
+                && (!bearer || log.contains("bearer issuers discovered"))
                 && let Ok(r) = client.get(format!("{}/ready", proxy.base)).send().await
                 && r.status() == 200
             {
@@ -634,6 +657,46 @@ async fn an_upstream_that_never_answers_gets_504_in_time_and_connect_and_two_hos
     ))
     .await?;
     ensure!(two_hosts.starts_with("HTTP/1.1 400"), "{two_hosts}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_slow_upload_is_not_cut_off_by_the_upstream_timeout() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The upstream answers once it has read the whole body, as most do: the timeout
+    // must run from the end of the upload, not from its start.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let route = warp::body::bytes().map(|body: warp::hyper::body::Bytes| format!("got {}", body.len()));
+    tokio::spawn(warp::serve(route).incoming(listener).run());
+    let proxy = Proxy::start(
+        "slow-upload",
+        port,
+        &["--skip-auth-paths", "/.*", "--upstream-timeout", "1s"],
+    )
+    .await?;
+    let address = proxy.base.trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&address).await?;
+    stream
+        .write_all(
+            format!(
+                "POST /upload HTTP/1.1\r\nHost: {address}\r\nContent-Length: 3\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await?;
+    // Three bytes over about 2.4 s, more than twice the timeout.
+    for byte in [b"a", b"b", b"c"] {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        stream.write_all(byte).await?;
+    }
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let response = String::from_utf8_lossy(&response);
+    ensure!(
+        response.starts_with("HTTP/1.1 200") && response.ends_with("got 3"),
+        "{response}"
+    );
     Ok(())
 }
 
@@ -1637,9 +1700,9 @@ async fn an_extra_bearer_issuer_that_does_not_answer_leaves_browser_logins_worki
     let issuer = test_issuer().await?;
     let down = format!("https://127.0.0.1:{}=api", chassis_e2e::free_port()?);
     // `proxy` waits for /ready: it must come although the extra issuer never answers.
-    let proxy = issuer
-        .proxy("extra-issuer-down", &["--extra-jwt-issuers", &down])
-        .await?;
+    let upstream = format!("http://127.0.0.1:{}", echo_upstream().await?);
+    let extra = ["--extra-jwt-issuers", down.as_str()];
+    let proxy = Proxy::start_with("extra-issuer-down", &upstream, &issuer.url, &extra, false).await?;
     let (status, body, session) = sign_in_at_test_issuer(&proxy).await?;
     ensure!(status == 200 && session, "the login: {status} {body}");
     // Bearer tokens wait for their issuers, with an answer that says so.

@@ -14,7 +14,7 @@ use chassis_runtime::health::{self, Health};
 use chassis_runtime::leader::Election;
 use chassis_runtime::metrics::Metrics;
 use chassis_runtime::webhook::{self, ServingCert};
-use chassis_runtime::webhook_secret::{self, SecretCert};
+use chassis_runtime::webhook_secret::{self, Inject, SecretCert};
 use clap::{Parser, ValueEnum};
 use kube::Client;
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -131,6 +131,8 @@ fn namespaced_name(value: &str) -> Result<(String, String), String> {
 /// How often a replica re-reads the webhook certificate Secret to renew it in time;
 /// changes others make to the Secret arrive through its watch.
 const CERT_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+/// How soon a failed check of the certificate Secret (the API server busy) is repeated.
+const CERT_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
 /// How often the webhook certificate folder (`--webhook-cert-dir`, cert-manager's
 /// Secret mounted) is read again; the kubelet updates a mounted Secret within about
 /// a minute, so renewal reaches the server within two.
@@ -208,8 +210,9 @@ fn build(
     }
 }
 
-/// Re-reads the certificate Secret every hour: renews it when due (or picks up another
-/// replica's renewal) and serves the new certificate without a restart.
+/// Re-reads the certificate Secret when it changes and every hour: renews it when due
+/// (or picks up another replica's renewal, or a new CA after it was deleted) and serves
+/// the new certificate without a restart. A failed check is tried again soon.
 async fn renew_certificate(
     secret: SecretCert,
     mut current: ServingCert,
@@ -219,19 +222,22 @@ async fn renew_certificate(
 ) {
     use futures::StreamExt as _;
     let mut changes = std::pin::pin!(secret.changes());
+    let mut next_check = CERT_CHECK_EVERY;
     loop {
         tokio::select! {
-            () = tokio::time::sleep(CERT_CHECK_EVERY) => {}
+            () = tokio::time::sleep(next_check) => {}
             Some(()) = changes.next() => {}
             () = shutdown.cancelled() => return,
         }
         let cert = match secret.ensure().await {
             Ok(cert) => cert,
             Err(err) => {
-                tracing::warn!(error = %err, "could not check the webhook certificate; retrying in an hour");
+                next_check = CERT_RETRY_AFTER;
+                tracing::warn!(error = %err, retry_in = ?next_check, "could not check the webhook certificate");
                 continue;
             }
         };
+        next_check = CERT_CHECK_EVERY;
         if cert.cert_pem != current.cert_pem {
             if let Err(err) = serving.replace(&cert) {
                 tracing::warn!(error = %err, "the renewed webhook certificate is unusable");
@@ -239,8 +245,14 @@ async fn renew_certificate(
             }
             tracing::info!(not_after = ?cert.not_after, "serving the renewed webhook certificate");
         }
-        // `keep_ca_injected` sets a new CA (and an old one the configurations lost).
-        ca.send_replace(cert.ca_pem.clone());
+        // Only a new CA wakes `keep_ca_injected` to replace the configurations' bundle.
+        ca.send_if_modified(|current| {
+            let changed = *current != cert.ca_pem;
+            if changed {
+                current.clone_from(&cert.ca_pem);
+            }
+            changed
+        });
         current = cert;
     }
 }
@@ -287,7 +299,7 @@ async fn run(args: Args) -> Result<()> {
         };
         let (ca, ca_changes) = tokio::sync::watch::channel(cert.ca_pem.clone());
         if !args.webhook_inject_ca.is_empty() {
-            webhook_secret::inject_ca(&client, &args.webhook_inject_ca, &cert.ca_pem)
+            webhook_secret::inject_ca(&client, &args.webhook_inject_ca, &cert.ca_pem, Inject::Differing)
                 .await
                 .context("injecting the webhook CA into the webhook configurations")?;
             tokio::spawn(webhook_secret::keep_ca_injected(

@@ -39,6 +39,10 @@ pub struct Limits {
     pub header: Duration,
     /// How long one request may take, its body included.
     pub request: Duration,
+    /// How long requests in flight may take to finish at shutdown: past the API
+    /// server's `timeoutSeconds` (5 s in the chart) nobody waits for the answer, and the
+    /// pod's grace period (30 s, less the preStop pause) must hold the whole shutdown.
+    pub drain: Duration,
 }
 
 impl Default for Limits {
@@ -49,6 +53,7 @@ impl Default for Limits {
             // The API server gives up after the webhook's `timeoutSeconds` (at most
             // 30 s) anyway.
             request: Duration::from_secs(30),
+            drain: Duration::from_secs(10),
         }
     }
 }
@@ -309,11 +314,11 @@ where
             });
         }
         // The listener is closed now. The API server keeps its HTTP/2 connection to this
-        // pod after the endpoint is gone, so a request may be in flight on it: let every
-        // one finish (each is bounded by `limits.request`) before the process exits.
+        // pod after the endpoint is gone, so a request may be in flight on it: let those
+        // finish before the process exits.
         drop(listener);
         connections.close();
-        let deadline = limits.request + Duration::from_secs(1);
+        let deadline = limits.drain;
         if tokio::time::timeout(deadline, connections.wait()).await.is_err() {
             tracing::warn!(
                 ?deadline,
@@ -408,6 +413,7 @@ mod tests {
             handshake: Duration::from_secs(2),
             header: Duration::from_secs(2),
             request: Duration::from_secs(2),
+            drain: Duration::from_secs(2),
         };
         let (addr, _) = serve_with(
             "127.0.0.1:0".parse()?,

@@ -89,7 +89,8 @@ impl SecretCert {
             .default_backoff()
             .filter_map(|event| {
                 futures::future::ready(match event {
-                    Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Some(()),
+                    // A relist (InitDone) may hide a delete and re-create.
+                    Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => Some(()),
                     Ok(_) => None,
                     Err(err) => {
                         tracing::warn!(error = %err, "watching the webhook certificate Secret failed; retrying");
@@ -186,17 +187,41 @@ impl SecretCert {
     }
 }
 
-/// Sets `caBundle` on every webhook of the Mutating- and ValidatingWebhookConfigurations
-/// named `names` that exist and lack it (a strategic merge patch by webhook name, so
-/// nothing else in them changes).
-pub async fn inject_ca(client: &Client, names: &[String], ca_pem: &str) -> Result<(), kube::Error> {
+/// Which webhooks [`inject_ca`] sets the CA on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inject {
+    /// Those without a `caBundle` (a configuration re-created or emptied).
+    Missing,
+    /// Those whose `caBundle` is not this CA (start-up, or this replica's CA changed).
+    Differing,
+}
+
+impl Inject {
+    /// Whether a webhook whose bundle is `current` gets `bundle`.
+    fn applies_to(self, current: Option<&ByteString>, bundle: &ByteString) -> bool {
+        match self {
+            Inject::Missing => current.is_none_or(|ca| ca.0.is_empty()),
+            Inject::Differing => current != Some(bundle),
+        }
+    }
+}
+
+/// Sets `caBundle` on the webhooks `which` selects of the Mutating- and
+/// ValidatingWebhookConfigurations named `names` that exist (a strategic merge patch by
+/// webhook name, so nothing else in them changes).
+pub async fn inject_ca(
+    client: &Client,
+    names: &[String],
+    ca_pem: &str,
+    which: Inject,
+) -> Result<(), kube::Error> {
     let bundle = ByteString(ca_pem.as_bytes().to_vec());
     let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     let validating: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
     let stale = |webhooks: Vec<(&String, Option<&ByteString>)>| -> Vec<String> {
         webhooks
             .into_iter()
-            .filter(|(_, ca)| *ca != Some(&bundle))
+            .filter(|(_, ca)| which.applies_to(*ca, &bundle))
             .map(|(name, _)| name.clone())
             .collect()
     };
@@ -224,11 +249,12 @@ pub async fn inject_ca(client: &Client, names: &[String], ca_pem: &str) -> Resul
 }
 
 /// Keeps the CA of `ca_pem` in the named configurations for as long as the operator
-/// runs: sets it again when one of them changes without it (re-created by
-/// `helm upgrade --force` or a GitOps tool's replace, or edited by hand), and when the
-/// CA itself changes. Without this a configuration re-created after start-up would
-/// stay without a CA, and with `failurePolicy: Fail` refuse every Project, until the
-/// hourly check.
+/// runs: sets it where a change left none (re-created by `helm upgrade --force` or a
+/// GitOps tool's replace, or emptied by hand), and everywhere when this replica's CA
+/// changes. Without this a configuration re-created after start-up would stay without
+/// a CA, and with `failurePolicy: Fail` refuse every Project, until the hourly check.
+/// A change alone never replaces another CA: two replicas that disagree for a moment
+/// (one has not read a new Secret yet) would otherwise patch back and forth.
 pub async fn keep_ca_injected(
     client: Client,
     names: Vec<String>,
@@ -259,27 +285,27 @@ pub async fn keep_ca_injected(
     // Without a renewing task (a fixed certificate) the CA never changes.
     let mut ca_may_change = true;
     loop {
-        let inject = tokio::select! {
+        let which = tokio::select! {
             () = shutdown.cancelled() => return,
             changed = ca_pem.changed(), if ca_may_change => {
                 ca_may_change = changed.is_ok();
-                ca_may_change
+                ca_may_change.then_some(Inject::Differing)
             }
             event = events.next() => match event {
                 None => return,
-                Some(Ok(changed)) => changed,
+                Some(Ok(changed)) => changed.then_some(Inject::Missing),
                 Some(Err(err)) => {
                     tracing::warn!(error = %err, "watching the webhook configurations failed; retrying");
-                    false
+                    None
                 }
             },
         };
-        if !inject {
+        let Some(which) = which else {
             continue;
-        }
+        };
         let ca = ca_pem.borrow_and_update().clone();
-        // Our own patch comes back as an event; it finds nothing stale then.
-        if let Err(err) = inject_ca(&client, &names, &ca).await {
+        // Our own patch comes back as an event; it finds nothing missing then.
+        if let Err(err) = inject_ca(&client, &names, &ca, which).await {
             tracing::warn!(error = %err, "could not inject the webhook CA; trying again at the next change");
         }
     }
@@ -318,6 +344,21 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_configuration_change_fills_a_missing_bundle_but_never_replaces_another_ca() {
+        let (ours, theirs) = (ByteString(b"ours".to_vec()), ByteString(b"theirs".to_vec()));
+        let empty = ByteString(Vec::new());
+        // A change seen on the watch: only what has no CA is filled in, so two replicas
+        // that disagree about the CA for a moment do not patch back and forth.
+        assert!(Inject::Missing.applies_to(None, &ours));
+        assert!(Inject::Missing.applies_to(Some(&empty), &ours));
+        assert!(!Inject::Missing.applies_to(Some(&theirs), &ours));
+        // This replica's CA changed (or it starts): whatever differs is replaced.
+        assert!(Inject::Differing.applies_to(Some(&theirs), &ours));
+        assert!(Inject::Differing.applies_to(None, &ours));
+        assert!(!Inject::Differing.applies_to(Some(&ours), &ours));
+    }
     use rustls::client::danger::ServerCertVerifier;
     use rustls_pki_types::pem::PemObject;
 

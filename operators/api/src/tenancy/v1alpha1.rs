@@ -294,7 +294,7 @@ mod tests {
     #[test]
     fn the_project_crd_explains_a_service_account_subject_without_namespace() -> Result<(), serde_json::Error>
     {
-        // Category, short name, columns and descriptions: `every_field_of_every_kind_*`
+        // Category, short name, columns and descriptions: `every_kind_is_listed_like_the_others_and_every_field_is_described`
         // in the crate root checks them for every kind.
         let project = serde_json::to_string(&Project::crd())?;
         assert!(project.contains("namespace is required for a ServiceAccount subject"));
