@@ -39,9 +39,32 @@ pub struct Issuer {
     pub issuer: String,
     /// Every audience configured for this issuer (`issuer=aud` may repeat).
     pub audiences: Vec<String>,
-    jwks_uri: String,
+    /// Set once discovery found it (with the first keys): until then the issuer's
+    /// tokens wait, and other issuers' tokens do not.
+    jwks_uri: tokio::sync::OnceCell<String>,
     keys: RwLock<JwkSet>,
     last_fetch: Mutex<Option<Instant>>,
+}
+
+/// Why a bearer token is not accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The token is not valid (401): the text says why.
+    Invalid(String),
+    /// Its issuer has not been discovered yet (503: try again).
+    Pending(String),
+}
+
+impl From<String> for Refusal {
+    fn from(why: String) -> Self {
+        Refusal::Invalid(why)
+    }
+}
+
+impl From<&str> for Refusal {
+    fn from(why: &str) -> Self {
+        Refusal::Invalid(why.to_string())
+    }
 }
 
 pub struct BearerVerifier {
@@ -149,8 +172,9 @@ fn signs_with(key: &Jwk, alg: Algorithm) -> bool {
 }
 
 impl BearerVerifier {
-    /// Discovers each `(issuer, audience)` pair's JWKS.
-    pub async fn discover(
+    /// A verifier for each `(issuer, audience)` pair, none discovered yet (see
+    /// [`BearerVerifier::discover`]).
+    pub fn new(
         pairs: &[(String, String)],
         http: openidconnect::reqwest::Client,
         skew: Duration,
@@ -163,54 +187,72 @@ impl BearerVerifier {
         }
         // One verifier per issuer, with all of its audiences: a token is matched by
         // `iss`, so a second pair for the same issuer must add an audience, not hide.
-        let mut grouped: Vec<(&String, Vec<String>)> = Vec::new();
+        let mut issuers: Vec<Issuer> = Vec::new();
         for (issuer, audience) in pairs {
-            match grouped.iter_mut().find(|(i, _)| *i == issuer) {
-                Some((_, audiences)) if !audiences.contains(audience) => audiences.push(audience.clone()),
+            match issuers.iter_mut().find(|i| i.issuer == *issuer) {
+                Some(known) if !known.audiences.contains(audience) => known.audiences.push(audience.clone()),
                 Some(_) => {}
-                None => grouped.push((issuer, vec![audience.clone()])),
+                None => issuers.push(Issuer {
+                    issuer: issuer.clone(),
+                    audiences: vec![audience.clone()],
+                    jwks_uri: tokio::sync::OnceCell::new(),
+                    keys: RwLock::new(JwkSet { keys: Vec::new() }),
+                    last_fetch: Mutex::new(None),
+                }),
             }
-        }
-        let mut issuers = Vec::new();
-        for (issuer, audiences) in grouped {
-            let url = format!(
-                "{}/.well-known/openid-configuration",
-                issuer.trim_end_matches('/')
-            );
-            let doc = fetch_json(&http, &url).await?;
-            if doc.get("issuer").and_then(Value::as_str) != Some(issuer.as_str()) {
-                return Err(format!("{url} names another issuer than {issuer}"));
-            }
-            let jwks_uri = doc
-                .get("jwks_uri")
-                .and_then(Value::as_str)
-                .ok_or_else(|| format!("{url} has no jwks_uri"))?
-                .to_string();
-            let keys =
-                key_set(fetch_json(&http, &jwks_uri).await?).map_err(|e| format!("{jwks_uri}: {e}"))?;
-            issuers.push(Arc::new(Issuer {
-                issuer: issuer.clone(),
-                audiences,
-                jwks_uri,
-                keys: RwLock::new(keys),
-                last_fetch: Mutex::new(Some(Instant::now())),
-            }));
         }
         Ok(Self {
-            issuers,
+            issuers: issuers.into_iter().map(Arc::new).collect(),
             http,
             skew,
             groups_claim,
         })
     }
 
+    /// The configured issuers, each to [`BearerVerifier::discover`] on its own.
+    pub fn issuers(&self) -> impl Iterator<Item = &str> {
+        self.issuers.iter().map(|i| i.issuer.as_str())
+    }
+
+    /// Discovers `issuer`'s JWKS (once; later calls succeed at once).
+    pub async fn discover(&self, issuer: &str) -> Result<(), String> {
+        let Some(found) = self.issuers.iter().find(|i| i.issuer == issuer) else {
+            return Err(format!("{issuer} is not a configured bearer issuer"));
+        };
+        if found.jwks_uri.initialized() {
+            return Ok(());
+        }
+        let url = format!(
+            "{}/.well-known/openid-configuration",
+            issuer.trim_end_matches('/')
+        );
+        let doc = fetch_json(&self.http, &url).await?;
+        if doc.get("issuer").and_then(Value::as_str) != Some(issuer) {
+            return Err(format!("{url} names another issuer than {issuer}"));
+        }
+        let jwks_uri = doc
+            .get("jwks_uri")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("{url} has no jwks_uri"))?
+            .to_string();
+        let keys =
+            key_set(fetch_json(&self.http, &jwks_uri).await?).map_err(|e| format!("{jwks_uri}: {e}"))?;
+        *found.keys.write().await = keys;
+        *found.last_fetch.lock().await = Some(Instant::now());
+        let _ = found.jwks_uri.set(jwks_uri);
+        Ok(())
+    }
+
     async fn refetch(&self, issuer: &Issuer) -> bool {
+        let Some(jwks_uri) = issuer.jwks_uri.get() else {
+            return false;
+        };
         let mut last = issuer.last_fetch.lock().await;
         if last.is_some_and(|at| at.elapsed() < JWKS_REFETCH_INTERVAL) {
             return false;
         }
         *last = Some(Instant::now());
-        match fetch_json(&self.http, &issuer.jwks_uri).await.and_then(key_set) {
+        match fetch_json(&self.http, jwks_uri).await.and_then(key_set) {
             Ok(keys) => {
                 *issuer.keys.write().await = keys;
                 true
@@ -223,10 +265,10 @@ impl BearerVerifier {
     }
 
     /// Verifies `token`; the error says why it is refused.
-    pub async fn verify(&self, token: &str) -> Result<Identity, String> {
+    pub async fn verify(&self, token: &str) -> Result<Identity, Refusal> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| format!("not a JWT: {e}"))?;
         if !ALLOWED_ALGORITHMS.contains(&header.alg) {
-            return Err(format!("algorithm {:?} is not allowed", header.alg));
+            return Err(format!("algorithm {:?} is not allowed", header.alg).into());
         }
         let claims = unverified_payload(token).ok_or("not a JWT: the payload is not JSON")?;
         let iss = claims.get("iss").and_then(Value::as_str).ok_or("no iss claim")?;
@@ -235,13 +277,18 @@ impl BearerVerifier {
             .iter()
             .find(|i| i.issuer == iss)
             .ok_or_else(|| format!("issuer {iss} is not allowed"))?;
+        if !issuer.jwks_uri.initialized() {
+            return Err(Refusal::Pending(format!(
+                "the issuer {iss} has not been discovered yet"
+            )));
+        }
         // Readable numbers only: a string `exp` would be read as absent by lenient
         // parsers, and an `nbf` jsonwebtoken cannot read is not checked at all.
         for claim in ["exp", "nbf", "iat"] {
             if let Some(v) = claims.get(claim)
                 && numeric_date(v).is_none()
             {
-                return Err(format!("{claim} is not a number of seconds since 1970"));
+                return Err(format!("{claim} is not a number of seconds since 1970").into());
             }
         }
         if claims.get("exp").is_none() {
@@ -361,19 +408,44 @@ mod tests {
         assert!(key_set(json!({"nokeys": []})).is_err());
     }
 
+    /// A verifier of `https://idp.example.com` (discovered, with no keys) and of
+    /// `https://partner.example.com` (not discovered).
     fn verifier() -> Result<BearerVerifier, String> {
-        Ok(BearerVerifier {
-            issuers: vec![Arc::new(Issuer {
-                issuer: "https://idp.example.com".into(),
-                audiences: vec!["api".into()],
-                jwks_uri: "https://idp.example.com/jwks".into(),
-                keys: RwLock::new(JwkSet { keys: Vec::new() }),
-                last_fetch: Mutex::new(Some(Instant::now())),
-            })],
-            http: crate::oidc::http_client(&[]).map_err(|e| e.to_string())?,
-            skew: Duration::from_secs(30),
-            groups_claim: "groups".into(),
-        })
+        let http = crate::oidc::http_client(&[]).map_err(|e| e.to_string())?;
+        let pairs = [
+            ("https://idp.example.com".to_string(), "api".to_string()),
+            ("https://partner.example.com".to_string(), "api".to_string()),
+        ];
+        let v = BearerVerifier::new(&pairs, http, Duration::from_secs(30), "groups".into())?;
+        let _ = v.issuers[0].jwks_uri.set("https://idp.example.com/jwks".into());
+        *v.issuers[0].last_fetch.try_lock().map_err(|e| e.to_string())? = Some(Instant::now());
+        Ok(v)
+    }
+
+    fn refusal(answer: Result<Identity, Refusal>) -> String {
+        match answer {
+            Err(Refusal::Invalid(why)) => why,
+            other => format!("not refused as invalid: {:?}", other.err()),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_issuer_not_discovered_yet_holds_only_its_own_tokens() -> Result<(), String> {
+        let v = verifier()?;
+        let claims = |iss: &str| json!({"iss": iss, "aud": "api", "sub": "robot", "exp": 4_000_000_000u64});
+        // The partner's issuer is down: its tokens wait (503), with the reason.
+        let pending = v.verify(&token(&claims("https://partner.example.com"))).await;
+        assert!(
+            matches!(&pending, Err(Refusal::Pending(why)) if why.contains("partner.example.com")),
+            "{pending:?}"
+        );
+        // The discovered issuer's tokens are judged (here: no key), and a token of an
+        // issuer nobody configured is invalid (401), not pending.
+        let judged = refusal(v.verify(&token(&claims("https://idp.example.com"))).await);
+        assert!(judged.starts_with("no key of"), "{judged}");
+        let foreign = refusal(v.verify(&token(&claims("https://evil.example.com"))).await);
+        assert!(foreign.contains("is not allowed"), "{foreign}");
+        Ok(())
     }
 
     /// An unsigned token: these checks come before the key lookup and the signature.
@@ -400,7 +472,7 @@ mod tests {
         ] {
             let mut claims = base.clone();
             claims[claim] = value.clone();
-            let err = v.verify(&token(&claims)).await.err().unwrap_or_default();
+            let err = refusal(v.verify(&token(&claims)).await);
             assert!(
                 err.starts_with(&format!("{claim} is not a number")),
                 "{claim}={value}: {err}"
@@ -409,7 +481,7 @@ mod tests {
         // Readable ones pass these checks and fail later, at the (missing) key.
         let mut claims = base.clone();
         claims["nbf"] = json!(1.7e9);
-        let err = v.verify(&token(&claims)).await.err().unwrap_or_default();
+        let err = refusal(v.verify(&token(&claims)).await);
         assert!(err.starts_with("no key of"), "{err}");
         assert_eq!(numeric_date(&json!(1.5)), Some(2));
         assert_eq!(numeric_date(&json!(1_700_000_000u64)), Some(1_700_000_000));

@@ -1,6 +1,6 @@
 //! Start-up discovery, retried until it succeeds: the login issuer (until then
-//! `/ready` answers 503) and, on its own, the bearer-token issuers (until then their
-//! tokens get 503). An extra issuer that cannot be reached, a partner's identity
+//! `/ready` answers 503) and, each on its own, the bearer-token issuers (until one is
+//! discovered its tokens get 503). An extra issuer that cannot be reached, a partner's identity
 //! provider being down or a typo in `extra-jwt-issuers`, must not keep browser logins
 //! from working.
 
@@ -8,8 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::bearer::BearerVerifier;
-use crate::oidc::{self, Provider};
+use crate::oidc::Provider;
 use crate::server::App;
 
 /// First retry delay; doubled after each failure up to [`MAX_DELAY`].
@@ -45,23 +44,23 @@ pub async fn login_issuer(app: Arc<App>) {
     tracing::info!(issuer = %app.config.issuer_url, "issuer discovered");
 }
 
-/// Discovers the bearer-token issuers, if any are configured.
+/// Discovers each bearer-token issuer on its own: one that does not answer holds only
+/// its own tokens (503), not those of the others.
 pub async fn bearer_issuers(app: Arc<App>) {
-    if app.config.bearer_issuers.is_empty() {
+    let Some(verifier) = app.bearer.as_ref() else {
         return;
-    }
-    let verifier = retry("bearer issuer discovery", || async {
-        let http = oidc::http_client(&app.config.provider_cas).map_err(|e| e.to_string())?;
-        BearerVerifier::discover(
-            &app.config.bearer_issuers,
-            http,
-            app.config.bearer_clock_skew,
-            app.config.groups_claim.clone(),
-        )
-        .await
-    })
-    .await;
-    let _ = app.bearer.set(verifier);
+    };
+    let each = verifier.issuers().map(|issuer| {
+        let issuer = issuer.to_string();
+        async move {
+            retry(&format!("discovery of bearer issuer {issuer}"), || {
+                verifier.discover(&issuer)
+            })
+            .await;
+            tracing::info!(%issuer, "bearer issuer discovered");
+        }
+    });
+    futures::future::join_all(each).await;
     tracing::info!(
         issuers = app.config.bearer_issuers.len(),
         "bearer issuers discovered"

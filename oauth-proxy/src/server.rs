@@ -29,7 +29,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, OnceCell};
 use warp::Filter;
 
-use crate::bearer::BearerVerifier;
+use crate::bearer::{BearerVerifier, Refusal};
 use crate::config::{Config, SameSite};
 use crate::headers::{self, Identity as HeaderIdentity};
 use crate::metrics::Metrics;
@@ -57,8 +57,9 @@ const REFRESH_RETRY: u64 = 10;
 pub struct App {
     pub config: Config,
     pub provider: OnceCell<Provider>,
-    /// Bearer-token verification, when issuers are configured (see [`crate::bearer`]).
-    pub bearer: OnceCell<BearerVerifier>,
+    /// Bearer-token verification, when issuers are configured (see [`crate::bearer`]);
+    /// each issuer is discovered on its own ([`crate::discovery`]).
+    pub bearer: Option<BearerVerifier>,
     /// The Kubernetes client for SubjectAccessReviews, when they are configured.
     pub kube: OnceCell<kube::Client>,
     /// Allowed SubjectAccessReviews per user and groups, reused for [`SAR_TTL`].
@@ -448,10 +449,21 @@ impl App {
             .collect::<Result<Vec<_>, _>>()?;
         let upstream_base = UpstreamBase::new(&config.upstream)?;
         let opened = OpenedSessions::new(&config.cookie_name);
+        let bearer = if config.bearer_issuers.is_empty() {
+            None
+        } else {
+            let http = crate::oidc::http_client(&config.provider_cas).map_err(|e| e.to_string())?;
+            Some(BearerVerifier::new(
+                &config.bearer_issuers,
+                http,
+                config.bearer_clock_skew,
+                config.groups_claim.clone(),
+            )?)
+        };
         let app = Self {
             config,
             provider: OnceCell::new(),
-            bearer: OnceCell::new(),
+            bearer,
             kube: OnceCell::new(),
             sar_allowed: Mutex::new(HashMap::new()),
             opened,
@@ -835,16 +847,9 @@ async fn bearer(
 }
 
 /// The session a bearer JWT stands for, verified and authorized; otherwise the
-/// answer (401 or 403) that says why not.
+/// answer (401, 403, or 503 while its issuer is not discovered) that says why not.
 async fn bearer_session(app: &App, token: &str) -> Result<Session, Response<Body>> {
-    let Some(verifier) = app.bearer.get() else {
-        if !app.config.bearer_issuers.is_empty() {
-            app.metrics.refused("bearer_pending");
-            return Err(text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "service unavailable: the bearer token issuers have not been discovered yet",
-            ));
-        }
+    let Some(verifier) = app.bearer.as_ref() else {
         app.metrics.refused("bearer_disabled");
         return Err(text(
             StatusCode::UNAUTHORIZED,
@@ -853,12 +858,25 @@ async fn bearer_session(app: &App, token: &str) -> Result<Session, Response<Body
     };
     let identity = match verifier.verify(token).await {
         Ok(identity) => identity,
-        Err(why) => {
+        Err(Refusal::Invalid(why)) => {
             app.metrics.refused("bearer_invalid");
             return Err(text(
                 StatusCode::UNAUTHORIZED,
                 format!("unauthorized: bearer token {why}"),
             ));
+        }
+        // Its issuer did not answer discovery yet (a partner's identity provider down):
+        // worth trying again, unlike an invalid token.
+        Err(Refusal::Pending(why)) => {
+            app.metrics.refused("bearer_pending");
+            let mut answer = text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("service unavailable: {why}"),
+            );
+            answer
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("30"));
+            return Err(answer);
         }
     };
     // Bearer sessions live for one request and are never signed out.

@@ -1696,31 +1696,56 @@ async fn an_issuer_whose_identifier_ends_in_a_slash_is_discovered_and_trusted() 
 #[tokio::test]
 async fn an_extra_bearer_issuer_that_does_not_answer_leaves_browser_logins_working() -> Result<()> {
     // A partner's issuer down at start (nothing listens on its port): the proxy used to
-    // stay unready, logins included, until that issuer answered.
+    // stay unready, logins included, until that issuer answered; then every bearer token
+    // waited for it, the login issuer's too.
     let issuer = test_issuer().await?;
-    let down = format!("https://127.0.0.1:{}=api", chassis_e2e::free_port()?);
-    // `proxy` waits for /ready: it must come although the extra issuer never answers.
+    let down = format!("https://127.0.0.1:{}", chassis_e2e::free_port()?);
     let upstream = format!("http://127.0.0.1:{}", echo_upstream().await?);
-    let extra = ["--extra-jwt-issuers", down.as_str()];
+    let pairs = format!("{down}=api");
+    let extra = [
+        "--extra-jwt-issuers",
+        pairs.as_str(),
+        "--skip-jwt-bearer-tokens",
+        "true",
+    ];
+    // `start_with` waits for /ready: it must come although the extra issuer never answers.
     let proxy = Proxy::start_with("extra-issuer-down", &upstream, &issuer.url, &extra, false).await?;
     let (status, body, session) = sign_in_at_test_issuer(&proxy).await?;
     ensure!(status == 200 && session, "the login: {status} {body}");
-    // Bearer tokens wait for their issuers, with an answer that says so.
-    let token = issuer.sign(&issuer.claims(), "k1")?;
-    let answer = reqwest::Client::new()
-        .get(proxy.url("/api"))
-        .bearer_auth(token)
-        .send()
-        .await?;
-    let status = answer.status();
-    let text = answer.text().await?;
+    let call = |token: String| {
+        let url = proxy.url("/api");
+        async move {
+            let answer = reqwest::Client::new().get(url).bearer_auth(token).send().await?;
+            let status = answer.status().as_u16();
+            let retry = answer.headers().get("retry-after").is_some();
+            Ok::<_, anyhow::Error>((status, retry, answer.text().await?))
+        }
+    };
+    // The login issuer's API clients are served once it is discovered, whatever the
+    // partner's issuer does.
+    let mut ours = issuer.claims();
+    ours["aud"] = json!("chassis");
+    let token = issuer.sign(&ours, "k1")?;
+    chassis_e2e::eventually(
+        "the login issuer's bearer token accepted",
+        Duration::from_secs(20),
+        || {
+            let answer = call(token.clone());
+            async move { Ok((answer.await?.0 == 200).then_some(())) }
+        },
+    )
+    .await?;
+    // The partner's tokens wait for their issuer, with an answer that says so.
+    let mut theirs = issuer.claims();
+    theirs["iss"] = json!(down);
+    let (status, retry, text) = call(issuer.sign(&theirs, "k1")?).await?;
     ensure!(
-        status == 503 && text.contains("have not been discovered yet"),
-        "a bearer token before its issuers are known: {status} {text}"
+        status == 503 && retry && text.contains("has not been discovered yet"),
+        "a token of the issuer that is down: {status} {text}"
     );
     let log = std::fs::read_to_string(&proxy.process.log)?;
     ensure!(
-        log.contains("bearer issuer discovery failed"),
+        log.contains("discovery of bearer issuer") && log.contains(&down),
         "the failing issuer is logged:\n{log}"
     );
     Ok(())
