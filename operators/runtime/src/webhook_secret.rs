@@ -82,22 +82,7 @@ impl SecretCert {
     /// by another replica): the caller runs [`SecretCert::ensure`] at once instead of
     /// at its next periodic check, so replicas never serve different CAs for long.
     pub fn changes(&self) -> impl futures::Stream<Item = ()> + Send + 'static {
-        use futures::StreamExt;
-        use kube::runtime::{WatchStreamExt, watcher};
-        let config = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
-        watcher(self.api.clone(), config)
-            .default_backoff()
-            .filter_map(|event| {
-                futures::future::ready(match event {
-                    // A relist (InitDone) may hide a delete and re-create.
-                    Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => Some(()),
-                    Ok(_) => None,
-                    Err(err) => {
-                        tracing::warn!(error = %err, "watching the webhook certificate Secret failed; retrying");
-                        None
-                    }
-                })
-            })
+        changes_of(self.api.clone(), &self.name)
     }
 
     fn failed(&self, source: kube::Error) -> SecretCertError {
@@ -262,23 +247,12 @@ pub async fn keep_ca_injected(
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     use futures::StreamExt;
-    use kube::runtime::{WatchStreamExt, watcher};
 
     // One watch per kind and name, by name (RBAC grants list and watch on these names).
     let streams = names.iter().flat_map(|name| {
-        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
         [
-            watcher(
-                Api::<MutatingWebhookConfiguration>::all(client.clone()),
-                config.clone(),
-            )
-            .default_backoff()
-            .map(|e| e.map(|e| changed(&e)))
-            .boxed(),
-            watcher(Api::<ValidatingWebhookConfiguration>::all(client.clone()), config)
-                .default_backoff()
-                .map(|e| e.map(|e| changed(&e)))
-                .boxed(),
+            changes_of(Api::<MutatingWebhookConfiguration>::all(client.clone()), name).boxed(),
+            changes_of(Api::<ValidatingWebhookConfiguration>::all(client.clone()), name).boxed(),
         ]
     });
     let mut events = futures::stream::select_all(streams);
@@ -291,13 +265,9 @@ pub async fn keep_ca_injected(
                 ca_may_change = changed.is_ok();
                 ca_may_change.then_some(Inject::Differing)
             }
-            event = events.next() => match event {
+            changed = events.next() => match changed {
                 None => return,
-                Some(Ok(changed)) => changed.then_some(Inject::Missing),
-                Some(Err(err)) => {
-                    tracing::warn!(error = %err, "watching the webhook configurations failed; retrying");
-                    None
-                }
+                Some(()) => Some(Inject::Missing),
             },
         };
         let Some(which) = which else {
@@ -311,11 +281,28 @@ pub async fn keep_ca_injected(
     }
 }
 
-/// Whether a watch event may have left a configuration without the CA: a change, or
-/// the end of a (re)list.
-fn changed<K>(event: &kube::runtime::watcher::Event<K>) -> bool {
-    use kube::runtime::watcher::Event;
-    matches!(event, Event::Apply(_) | Event::InitDone)
+/// A tick for each change to the object `name` of `api` (watched by name): an update,
+/// a delete, or the end of a (re)list, which may hide a delete and re-create. Watch
+/// errors are logged and the watch retried with backoff.
+fn changes_of<K>(api: Api<K>, name: &str) -> impl futures::Stream<Item = ()> + Send + 'static
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K::DynamicType: Default,
+{
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let (kind, name) = (K::kind(&K::DynamicType::default()).into_owned(), name.to_string());
+    watcher(api, config).default_backoff().filter_map(move |event| {
+        futures::future::ready(match event {
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => Some(()),
+            Ok(_) => None,
+            Err(err) => {
+                tracing::warn!(error = %err, %kind, %name, "watch failed; retrying");
+                None
+            }
+        })
+    })
 }
 
 async fn patch_bundles<K>(
