@@ -968,6 +968,7 @@ async fn proxy(
     // The session (sealed tokens) and CSRF cookies stay with the proxy.
     strip_own_cookies(&mut parts.headers, &app.config.cookie_name);
     parts.uri = uri;
+    let again = Replay::of(&parts, &body, upgrade);
     let (sent, body_sent) = tokio::sync::oneshot::channel();
     let body = SignalsEnd::new(body.map_err(|e| Box::new(e) as BoxError), sent);
     let request = Request::from_parts(parts, body.boxed_unsync());
@@ -981,6 +982,18 @@ async fn proxy(
         biased;
         answer = &mut pending => Ok(answer),
         _ = body_sent => tokio::time::timeout(app.config.upstream_timeout, &mut pending).await,
+    };
+    let answered = match (answered, again) {
+        // A kept-alive connection the upstream closed just as the request went out (its
+        // idle timeout is shorter than ours): the request never reached the application.
+        // Sent once more on another connection, as Go's transport does for oauth2-proxy.
+        (Ok(Err(e)), Some(again)) if closed_before_answering(&e) => {
+            tracing::debug!(error = %crate::oidc::error_chain(&e), "upstream closed the connection unanswered; sending again");
+            // A request without a body started its timeout when it was sent.
+            let deadline = tokio::time::Instant::from_std(started) + app.config.upstream_timeout;
+            tokio::time::timeout_at(deadline, app.upstream().request(again.request())).await
+        }
+        (answered, _) => answered,
     };
     let mut response = match answered {
         Ok(Ok(r)) => r,
@@ -1022,6 +1035,68 @@ async fn proxy(
     }
     strip_own_set_cookies(response.headers_mut(), &app.config.cookie_name);
     response.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync())
+}
+
+/// What it takes to send a request again: only for methods without side effects
+/// (RFC 9110 9.2.2: GET, HEAD, OPTIONS, TRACE, as Go's transport) and without a body,
+/// so nothing the client sent is held back or replayed.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Replay {
+    fn of(parts: &http::request::Parts, body: &Incoming, upgrade: bool) -> Option<Self> {
+        let safe = matches!(
+            parts.method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+        );
+        (safe && !upgrade && http_body::Body::is_end_stream(body)).then(|| Self {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+        })
+    }
+
+    fn request(self) -> Request<Body> {
+        let mut request = Request::new(
+            http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        );
+        *request.method_mut() = self.method;
+        *request.uri_mut() = self.uri;
+        *request.headers_mut() = self.headers;
+        request
+    }
+}
+
+/// Whether the upstream closed (or reset) an established connection before any byte
+/// of an answer: what an idle timeout racing the request looks like. Connecting
+/// failures and answers cut off midway are not this.
+fn closed_before_answering(e: &hyper_util::client::legacy::Error) -> bool {
+    if e.is_connect() {
+        return false;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if let Some(h) = cause.downcast_ref::<hyper::Error>()
+            && h.is_incomplete_message()
+        {
+            return true;
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// A request body that says when it has all been sent: `sent` fires once its last

@@ -20,7 +20,7 @@ use warp::Filter;
 const COOKIE_SECRET: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 const OTHER_SECRET: &str = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
 /// Proxies this binary starts at most (a few tests start two or three).
-const SLOTS: usize = 36;
+const SLOTS: usize = 38;
 
 /// The provider, shared by the tests of this binary, with one registered redirect
 /// URI per proxy port slot.
@@ -696,6 +696,102 @@ async fn a_slow_upload_is_not_cut_off_by_the_upstream_timeout() -> Result<()> {
     ensure!(
         response.starts_with("HTTP/1.1 200") && response.ends_with("got 3"),
         "{response}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_kept_alive_upstream_connection_closed_under_a_get_is_retried_but_a_post_is_not() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream whose idle timeout fires just as the proxy reuses the connection: it
+    // answers the first request of each connection and closes under the second
+    // unanswered (after reading it, so the close is a clean FIN).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                for nth in 1.. {
+                    let head_end = loop {
+                        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break at + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match socket.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buffer[..head_end]).to_string();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().to_string())
+                        })
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    while buffer.len() < head_end + length {
+                        let mut chunk = [0u8; 4096];
+                        match socket.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buffer.drain(..head_end + length);
+                    let line = head.lines().next().unwrap_or_default().to_string();
+                    if let Ok(mut log) = log.lock() {
+                        log.push(format!("{nth} {line}"));
+                    }
+                    if nth == 2 {
+                        return;
+                    }
+                    let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    if socket.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start("closing-upstream", port, &["--skip-auth-paths", "/.*"]).await?;
+    let client = reqwest::Client::new();
+    let pause = || tokio::time::sleep(Duration::from_millis(200));
+    let first = client.get(proxy.url("/first")).send().await?;
+    ensure!(first.status() == 200 && first.text().await? == "ok");
+    // Time for the proxy to put the connection back into its pool.
+    pause().await;
+    let again = client.get(proxy.url("/again")).send().await?;
+    let status = again.status();
+    ensure!(
+        status == 200,
+        "a GET on a connection closed under it: {status} {}",
+        again.text().await?
+    );
+    pause().await;
+    let post = client.post(proxy.url("/post")).body("x").send().await?;
+    let status = post.status();
+    ensure!(
+        status == 502,
+        "a POST on a connection closed under it: {status} {}",
+        post.text().await?
+    );
+    let seen = seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    // The GET met a closed connection and was sent again on a fresh one; the POST met
+    // one too and reached the upstream once, never twice.
+    ensure!(
+        seen == [
+            "1 GET /first HTTP/1.1",
+            "2 GET /again HTTP/1.1",
+            "1 GET /again HTTP/1.1",
+            "2 POST /post HTTP/1.1",
+        ],
+        "{seen:?}"
     );
     Ok(())
 }
