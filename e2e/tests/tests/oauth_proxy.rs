@@ -100,7 +100,7 @@ async fn echo_upstream() -> Result<u16> {
                 for (k, v) in &headers {
                     h.entry(k.as_str().to_string())
                         .or_default()
-                        .push(v.to_str().unwrap_or("<binary>").to_string());
+                        .push(String::from_utf8_lossy(v.as_bytes()).to_string());
                 }
                 warp::reply::json(&json!({"path": path.as_str(), "query": query, "headers": h}))
             },
@@ -437,6 +437,23 @@ async fn a_user_signs_in_on_the_providers_form_and_the_upstream_sees_who_they_ar
             .iter()
             .any(|c| c.contains("_chassis_oauth")),
         "the session cookie stays with the proxy"
+    );
+
+    // An application cookie with UTF-8 in it (page script sets such) neither hides the
+    // session nor is lost on the way.
+    let with_utf8 = format!("{}; lang=fran\u{e7}ais", cookie_header(&jar, &proxy)?);
+    let echo: Value = reqwest::Client::new()
+        .get(proxy.url("/app"))
+        .header(COOKIE, HeaderValue::from_bytes(with_utf8.as_bytes())?)
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(header(&echo, "x-forwarded-user") == ["alice"], "{echo}");
+    // (The jar also holds the provider's cookies: same host, another port.)
+    ensure!(
+        matches!(header(&echo, "cookie")[..], [c] if c.ends_with("; lang=fran\u{e7}ais") && !c.contains("_chassis_oauth")),
+        "{echo}"
     );
 
     // For ingress auth_request: 202 and the identity in X-Auth-Request-*.
