@@ -245,6 +245,43 @@ async fn deleted_or_edited_children_are_put_back() -> Result<()> {
         },
     )
     .await?;
+
+    // A member with `admin` in the namespace may edit RoleBindings: cutting the owner
+    // reference while changing the subjects must not hide the edit from Chassis.
+    let hijack: json_patch::Patch = serde_json::from_value(serde_json::json!([
+        {"op": "remove", "path": "/metadata/ownerReferences"},
+        {"op": "replace", "path": "/subjects", "value": [
+            {"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": "mallory"}]},
+    ]))?;
+    bindings
+        .patch(
+            "chassis-project-admins",
+            &PatchParams {
+                field_manager: Some("kubectl-patch".into()),
+                ..Default::default()
+            },
+            &Patch::<()>::Json(hijack),
+        )
+        .await?;
+    eventually(
+        "the admins RoleBinding to be restored with its owner",
+        Duration::from_secs(20),
+        || async {
+            let binding = bindings.get("chassis-project-admins").await?;
+            let names: Vec<String> = binding
+                .subjects
+                .unwrap_or_default()
+                .into_iter()
+                .map(|s| s.name)
+                .collect();
+            let owned = binding
+                .metadata
+                .owner_references
+                .is_some_and(|o| o.iter().any(|r| r.kind == "Project" && r.name == f.project));
+            Ok((names == ["alice"] && owned).then_some(()))
+        },
+    )
+    .await?;
     f.cleanup().await
 }
 

@@ -422,20 +422,14 @@ async fn publish(ctx: &ProjectContext, project: &Project, type_: EventType, reas
     }
 }
 
-/// The Project controlling a namespaced child. `owns_stream` cannot be used: it keeps
-/// the child's namespace in the owner's reference, and for a cluster-scoped owner that
-/// names a second key for the same Project, which kube-runtime then reconciles in
-/// parallel with the first (two reconciles, two writes per child).
-fn owning_project<K: Resource>(child: K) -> Option<ObjectRef<Project>> {
-    child
-        .owner_references()
-        .iter()
-        .find(|r| {
-            r.controller == Some(true)
-                && r.kind == Project::kind(&())
-                && r.api_version == Project::api_version(&())
-        })
-        .map(|r| ObjectRef::new(&r.name))
+/// The Project a managed child belongs to: the one its namespace is named after. Not
+/// read from the owner reference: whoever may edit a child (a project admin may edit
+/// RoleBindings) may cut that reference too, and the edit must still wake the project.
+/// Not `owns_stream` either: it keeps the child's namespace in the owner's reference,
+/// and for a cluster-scoped owner that names a second key for the same Project, which
+/// kube-runtime then reconciles in parallel with the first (two writes per child).
+fn project_of_child<K: Resource>(child: K) -> Option<ObjectRef<Project>> {
+    child.meta().namespace.as_deref().map(ObjectRef::new)
 }
 
 /// Projects a template change wakes per second (and at once), so editing a template
@@ -587,9 +581,9 @@ pub fn controller(
             project_names.get(&project).map(|_| project)
         })
         // A child deleted or edited by someone wakes its project (drift repair).
-        .watches_stream(rb_stream, owning_project)
-        .watches_stream(quota_stream, owning_project)
-        .watches_stream(limits_stream, owning_project)
+        .watches_stream(rb_stream, project_of_child)
+        .watches_stream(quota_stream, project_of_child)
+        .watches_stream(limits_stream, project_of_child)
         .watches_stream(profile_stream, move |profile: NetworkProfile| {
             let name = profile.name_any();
             // A deleted profile arrives with its last status: judge it as gone.

@@ -328,7 +328,14 @@ fn a_child_wakes_its_project_under_the_projects_own_key() {
         .find_map(|(_, binding)| binding)
         .expect("an admins binding");
     assert_eq!(binding.metadata.namespace.as_deref(), Some("payments"));
-    let woken = super::owning_project(binding).expect("the project owns its child");
+    let mut cut = binding.clone();
+    cut.metadata.owner_references = None;
+    let woken = super::project_of_child(binding).expect("the project owns its child");
+    assert_eq!(
+        super::project_of_child(cut),
+        Some(woken.clone()),
+        "a child whose owner reference was cut still wakes its project"
+    );
     // The key the project's own events use: without the child's namespace, so
     // kube-runtime never runs two reconciles of one project at once.
     assert_eq!(
