@@ -365,6 +365,34 @@ async fn a_project_whose_template_names_a_profile_becomes_network_ready() -> Res
         "the project namespace has the profile's policy"
     );
 
+    // Editing the profile replaces its policies; the old ones isolate meanwhile, so
+    // the project stays Ready throughout (it used to go False and back, every project
+    // bound to the profile, on every edit).
+    let since = chassis_e2e::condition(&ready, "Ready")
+        .context("Ready")?
+        .last_transition_time;
+    let edited = profiles
+        .patch(
+            &profile,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"allowDNS": false}})),
+        )
+        .await?;
+    eventually("the profile to catch up with its edit", TIMEOUT, || async {
+        let now = profiles.get(&profile).await?;
+        let seen = now.status.as_ref().and_then(|s| s.observed_generation);
+        Ok((seen == edited.metadata.generation).then_some(()))
+    })
+    .await?;
+    // Time for a wrongly woken project to write its status.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = projects.get(&name).await?;
+    let still = chassis_e2e::condition(&after, "Ready").context("Ready")?;
+    ensure!(
+        still.status == "True" && still.last_transition_time == since,
+        "Ready changed during the profile's edit: {still:?}"
+    );
+
     projects.delete(&name, &DeleteParams::default()).await?;
     wait_until_gone(&projects, &name, TIMEOUT).await?;
     profiles.delete(&profile, &DeleteParams::default()).await?;

@@ -138,12 +138,15 @@ pub fn profile_states(
         .collect()
 }
 
+/// Whether `profile`'s status lists `namespace`, of whatever generation: after an edit
+/// of the profile its previous policies stay in place until the new ones replace them,
+/// so the namespace stays isolated meanwhile. Requiring the latest generation turned
+/// every bound project `Ready=False` and back (two status writes each) on every edit.
 fn profile_lists(profile: &NetworkProfile, namespace: &str) -> bool {
     profile.status.as_ref().is_some_and(|s| {
-        s.observed_generation == profile.metadata.generation
-            && s.matched_namespaces
-                .binary_search_by(|n| n.as_str().cmp(namespace))
-                .is_ok()
+        s.matched_namespaces
+            .binary_search_by(|n| n.as_str().cmp(namespace))
+            .is_ok()
     })
 }
 
@@ -554,6 +557,7 @@ pub fn controller(
     let profile_templates = templates.clone();
     let profile_store = profiles.clone();
     let project_names = projects.clone();
+    let profile_ctx = ctx.clone();
     let mut changes = TemplateChanges::default();
     let rollout = pace::paced(
         template_stream,
@@ -596,7 +600,16 @@ pub fn controller(
                     let binds = profile_templates
                         .get(&ObjectRef::new(&p.spec.template))
                         .is_some_and(|t| t.spec.network_profiles.contains(&name));
-                    binds && network_ready(p) != Some(!gone && profile_lists(&profile, &p.name_any()))
+                    // Judged by our last status write when the cache has not caught
+                    // up with it: the cached copy could already agree with the profile
+                    // while the written one does not, and then nothing would wake it.
+                    binds && {
+                        let current = profile_ctx.written_projects.observe(&p.name_any(), || {
+                            profile_projects.get(&ObjectRef::from_obj(p.as_ref()))
+                        });
+                        current.as_deref().and_then(network_ready)
+                            != Some(!gone && profile_lists(&profile, &p.name_any()))
+                    }
                 })
                 .map(|p| ObjectRef::from_obj(p.as_ref()))
                 .collect::<Vec<_>>()

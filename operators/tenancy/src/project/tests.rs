@@ -665,3 +665,31 @@ fn an_invalid_project_keeps_no_part_conditions_from_before() {
     let types: Vec<&str> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
     assert_eq!(types, ["NamespaceReady", "Ready"], "{types:?}");
 }
+
+#[test]
+fn a_profile_being_edited_still_counts_where_its_policies_were_in_place() {
+    use chassis_api::network::v1alpha1::{NetworkProfile, NetworkProfileSpec, NetworkProfileStatus};
+    use kube::runtime::{reflector, watcher};
+
+    let mut profile = NetworkProfile::new("baseline", NetworkProfileSpec::default());
+    // Edited (generation 2); the network controller has not caught up yet.
+    profile.metadata.generation = Some(2);
+    profile.status = Some(NetworkProfileStatus {
+        observed_generation: Some(1),
+        matched_namespaces: vec!["billing".into(), "payments".into()],
+        ..Default::default()
+    });
+    let (reader, mut writer) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Apply(profile));
+    let bound = ["baseline".to_string(), "strict".to_string()];
+    assert_eq!(
+        super::profile_states(&reader, &bound, "payments"),
+        [("baseline".to_string(), Some(true)), ("strict".to_string(), None)],
+        "the previous generation's policies isolate the namespace until replaced"
+    );
+    assert_eq!(
+        super::profile_states(&reader, &bound[..1], "orders"),
+        [("baseline".to_string(), Some(false))],
+        "a namespace the profile never listed is still pending"
+    );
+}
