@@ -353,6 +353,57 @@ pub fn authorize(config: &Config, identity: &Session) -> Option<String> {
     None
 }
 
+/// The rules an ingress may add per route on `/oauth2/auth`, as with oauth2-proxy:
+/// `allowed_groups`, `allowed_emails` and `allowed_email_domains` in the query, each
+/// comma-separated and repeatable. Every rule given must pass (one proxy guards
+/// ingresses with different audiences); ignoring them would let everyone in.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RouteRules {
+    groups: Vec<String>,
+    emails: Vec<String>,
+    email_domains: Vec<String>,
+}
+
+impl RouteRules {
+    pub fn from_query(query: &str) -> Self {
+        let mut rules = Self::default();
+        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            let list = match key.as_ref() {
+                "allowed_groups" => &mut rules.groups,
+                "allowed_emails" => &mut rules.emails,
+                "allowed_email_domains" => &mut rules.email_domains,
+                _ => continue,
+            };
+            list.extend(value.split(',').filter(|e| !e.is_empty()).map(str::to_string));
+        }
+        rules
+    }
+
+    /// Why `identity` is refused on this route; `None` lets them in. Emails count only
+    /// when verified, as for `--email-domains`.
+    pub fn refuse(&self, identity: &Session) -> Option<String> {
+        if !self.groups.is_empty() && !identity.groups.iter().any(|g| self.groups.contains(g)) {
+            return Some(format!(
+                "{} is in none of this route's allowed groups",
+                identity.user
+            ));
+        }
+        if self.emails.is_empty() && self.email_domains.is_empty() {
+            return None;
+        }
+        let Some(email) = verified_email(identity) else {
+            return Some(format!("{} has no verified email address", identity.user));
+        };
+        if !self.emails.is_empty() && !self.emails.iter().any(|e| e.eq_ignore_ascii_case(email)) {
+            return Some(format!("{email} is not among this route's allowed emails"));
+        }
+        if !self.email_domains.is_empty() && !email_domain_allowed(email, &self.email_domains) {
+            return Some(format!("{email} is not in this route's allowed email domains"));
+        }
+        None
+    }
+}
+
 /// Exactly one `@`, a non-empty local part, and a domain equal (ignoring case) to
 /// an allowed one; `*` allows every domain. `a@evil.com@corp.com` has two `@`s and
 /// is refused rather than guessed at.
@@ -1202,6 +1253,7 @@ async fn own_routes(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let query = warp::query::<OAuthQuery>()
         .or(warp::any().map(OAuthQuery::default))
         .unify();
+    let raw_query = warp::query::raw().or(warp::any().map(String::new)).unify();
     let routes = warp::path!("ping")
         .map(|| warp::reply::with_status(String::from("OK"), StatusCode::OK).into_response())
         .or(warp::path!("ready").and(with_app.clone()).map(|app: Arc<App>| {
@@ -1222,11 +1274,14 @@ async fn own_routes(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
             .and(warp::method())
             .and(warp::header::headers_cloned())
             .and(query)
+            .and(raw_query)
             .and(with_app)
-            .then(|endpoint, method, headers, query, app| -> RouteFuture {
-                // Boxed as `Send` here, where the compiler can prove it.
-                Box::pin(oauth2_route(endpoint, method, headers, query, app))
-            }))
+            .then(
+                |endpoint, method, headers, query, raw_query, app| -> RouteFuture {
+                    // Boxed as `Send` here, where the compiler can prove it.
+                    Box::pin(oauth2_route(endpoint, method, headers, query, raw_query, app))
+                },
+            ))
         .unify();
     let mut service = warp::service(routes);
     match tower_service::Service::call(&mut service, req).await {
@@ -1244,6 +1299,7 @@ async fn oauth2_route(
     method: Method,
     headers: HeaderMap,
     query: OAuthQuery,
+    raw_query: String,
     app: Arc<App>,
 ) -> warp::reply::Response {
     let response = match (endpoint.as_str(), method) {
@@ -1251,7 +1307,9 @@ async fn oauth2_route(
         ("callback", Method::GET) => callback(&app, &headers, query).await,
         ("sign_out", Method::GET | Method::POST) => sign_out(&app, &headers, query).await,
         ("userinfo", Method::GET) => userinfo(&app, &headers).await,
-        ("auth", Method::GET | Method::HEAD) => auth(&app, &headers).await,
+        ("auth", Method::GET | Method::HEAD) => {
+            auth(&app, &headers, &RouteRules::from_query(&raw_query)).await
+        }
         (_, _) => text(StatusCode::NOT_FOUND, "not found"),
     };
     let (parts, body) = response.into_parts();
@@ -1494,14 +1552,14 @@ async fn userinfo(app: &App, headers: &HeaderMap) -> Response<Body> {
 /// session due for refresh is refreshed as on proxied requests (its new cookies in
 /// Set-Cookie, for the ingress to pass on, as with oauth2-proxy), so the access
 /// token handed on does not go stale and a refresh the issuer refuses ends it.
-async fn auth(app: &App, headers: &HeaderMap) -> Response<Body> {
+async fn auth(app: &App, headers: &HeaderMap, rules: &RouteRules) -> Response<Body> {
     let Some(s) = app.session(headers).await else {
         // API clients behind an ingress in auth_request mode, as on proxied routes.
         let Some(token) = bearer_token(headers) else {
             return text(StatusCode::UNAUTHORIZED, "unauthorized");
         };
         return match bearer_session(app, &token).await {
-            Ok(session) => accepted(app, &session),
+            Ok(session) => accepted(app, &session, rules),
             Err(refused) => refused,
         };
     };
@@ -1509,7 +1567,7 @@ async fn auth(app: &App, headers: &HeaderMap) -> Response<Body> {
         Ok(checked) => checked,
         Err(refused) => return refused,
     };
-    let mut response = accepted(app, &s);
+    let mut response = accepted(app, &s, rules);
     if refreshed && response.status() == StatusCode::ACCEPTED {
         app.write_refreshed(&mut response, &s, app.chunks_in(headers));
     }
@@ -1517,7 +1575,12 @@ async fn auth(app: &App, headers: &HeaderMap) -> Response<Body> {
 }
 
 /// `/oauth2/auth`'s 202 with the identity in `X-Auth-Request-*`.
-fn accepted(app: &App, session: &Session) -> Response<Body> {
+fn accepted(app: &App, session: &Session, rules: &RouteRules) -> Response<Body> {
+    // 403, not 401: an ingress sends a 401 to the login, which would loop.
+    if let Some(why) = rules.refuse(session) {
+        app.metrics.refused("route_rules");
+        return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
+    }
     let mut response = text(StatusCode::ACCEPTED, "authenticated");
     if let Err(e) = headers::set_auth_request_response(
         response.headers_mut(),
@@ -1977,6 +2040,54 @@ mod tests {
         assert!(!out.contains(&carol, 2000));
     }
 
+    /// A session without tokens: what the authorization rules look at.
+    fn identity(user: &str, email: &str, verified: bool, groups: &[&str]) -> Session {
+        Session {
+            user: user.into(),
+            email: Some(email.into()),
+            email_verified: verified,
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            preferred_username: None,
+            access_token: None,
+            id_token: None,
+            refresh_token: None,
+            expires_at: 10,
+            created_at: 5,
+            login: 1,
+        }
+    }
+
+    #[test]
+    fn route_rules_on_the_auth_endpoint_each_must_pass() {
+        let user = |email: &str, verified: bool, groups: &[&str]| identity("alice", email, verified, groups);
+        let alice = user("alice@example.com", true, &["developers"]);
+        assert_eq!(RouteRules::from_query("rd=/x&other=1"), RouteRules::default());
+        assert_eq!(RouteRules::default().refuse(&alice), None, "no rules, no refusal");
+        let rules = RouteRules::from_query("allowed_groups=admins,&allowed_groups=developers");
+        assert_eq!(
+            rules.groups,
+            ["admins", "developers"],
+            "repeated and comma-separated"
+        );
+        assert_eq!(rules.refuse(&alice), None, "any one group");
+        let admins = RouteRules::from_query("allowed_groups=admins");
+        assert!(admins.refuse(&alice).is_some_and(|w| w.contains("groups")));
+        // Both rules given: both must pass.
+        let both = RouteRules::from_query("allowed_groups=developers&allowed_email_domains=corp.example");
+        assert!(both.refuse(&alice).is_some_and(|w| w.contains("domains")));
+        let emails = RouteRules::from_query("allowed_emails=Alice%40Example.com,bob%40example.com");
+        assert_eq!(emails.refuse(&alice), None);
+        let unverified = user("alice@example.com", false, &["developers"]);
+        assert!(emails.refuse(&unverified).is_some_and(|w| w.contains("verified")));
+        let tricky = user("a@evil.com@example.com", true, &[]);
+        let domain = RouteRules::from_query("allowed_email_domains=example.com");
+        assert_eq!(domain.refuse(&alice), None);
+        assert!(
+            domain.refuse(&tricky).is_some(),
+            "two @ are refused, not guessed at"
+        );
+    }
+
     #[test]
     fn the_session_id_survives_a_refresh_so_sign_out_kills_copies() {
         let mut s = Session {
@@ -2039,19 +2150,7 @@ mod tests {
 
     #[test]
     fn an_unverified_email_is_never_handed_on() {
-        let mut s = Session {
-            user: "mallory".into(),
-            email: Some("admin@corp.example".into()),
-            email_verified: false,
-            groups: vec!["developers".into()],
-            preferred_username: None,
-            access_token: None,
-            id_token: None,
-            refresh_token: None,
-            expires_at: 10,
-            created_at: 5,
-            login: 1,
-        };
+        let mut s = identity("mallory", "admin@corp.example", false, &["developers"]);
         assert_eq!(header_identity(&s, false).email, None);
         assert_eq!(verified_email(&s), None);
         s.email_verified = true;

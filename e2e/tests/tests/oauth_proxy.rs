@@ -464,6 +464,23 @@ async fn a_user_signs_in_on_the_providers_form_and_the_upstream_sees_who_they_ar
             .get("x-auth-request-user")
             .is_some_and(|v| v == "alice")
     );
+    // Per-route rules an ingress adds to the auth URL (oauth2-proxy's query parameters).
+    for (query, want) in [
+        ("allowed_groups=admins", 403),
+        ("allowed_groups=qa,developers", 202),
+        (
+            "allowed_groups=developers&allowed_email_domains=corp.example",
+            403,
+        ),
+        ("allowed_emails=alice%40example.com", 202),
+    ] {
+        let status = browser
+            .get(proxy.url(&format!("/oauth2/auth?{query}")))
+            .send()
+            .await?
+            .status();
+        ensure!(status == want, "{query}: {status}");
+    }
     let info = browser.get(proxy.url("/oauth2/userinfo")).send().await?;
     // Per-user answers: a shared cache must not keep them for the next user.
     for (route, headers) in [("auth", auth.headers()), ("userinfo", info.headers())] {
