@@ -736,6 +736,8 @@ fn header_identity(session: &Session, with_token: bool) -> HeaderIdentity {
     }
 }
 
+const X_AUTH_REQUEST_REDIRECT: &str = "x-auth-request-redirect";
+
 /// Serves one request (see the module doc for the order of the steps).
 pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
@@ -760,6 +762,10 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -
         .trusted_proxy_cidrs
         .iter()
         .any(|c| c.contains(&remote.ip()));
+    // Where to go after the login, as an ingress asks (oauth2-proxy's nginx setup sets
+    // it from `$request_uri`): only a wish, checked against the allow-list like `rd`,
+    // so taken from any client, for our own routes only; never passed upstream.
+    let wanted_redirect = parts.headers.get(X_AUTH_REQUEST_REDIRECT).cloned();
     headers::strip_identity(&mut parts.headers, !trusted);
     if !trusted {
         parts.headers.remove("forwarded");
@@ -780,6 +786,9 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -
         };
         if let Ok(uri) = Uri::builder().path_and_query(pq).build() {
             parts.uri = uri;
+        }
+        if let Some(wanted) = wanted_redirect {
+            parts.headers.insert(X_AUTH_REQUEST_REDIRECT, wanted);
         }
         let mut response = own_routes(app, Request::from_parts(parts, body)).await;
         // Identities, sign-in redirects and auth answers are per user: never from a
@@ -1303,7 +1312,9 @@ async fn oauth2_route(
     app: Arc<App>,
 ) -> warp::reply::Response {
     let response = match (endpoint.as_str(), method) {
-        ("start", Method::GET) => start(&app, &headers, query).await,
+        // `sign_in` as oauth2-proxy names it in its nginx setup (`error_page 401 =
+        // /oauth2/sign_in`); there is no page of buttons here, so it starts the login.
+        ("start" | "sign_in", Method::GET) => start(&app, &headers, query).await,
         ("callback", Method::GET) => callback(&app, &headers, query).await,
         ("sign_out", Method::GET | Method::POST) => sign_out(&app, &headers, query).await,
         ("userinfo", Method::GET) => userinfo(&app, &headers).await,
@@ -1328,7 +1339,7 @@ async fn start(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response<Bo
         .rd
         .or_else(|| {
             headers
-                .get("x-auth-request-redirect")
+                .get(X_AUTH_REQUEST_REDIRECT)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         })

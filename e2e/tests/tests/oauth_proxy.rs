@@ -912,6 +912,15 @@ async fn open_redirects_through_rd_and_x_auth_request_redirect_are_refused() -> 
     login(&browser, &proxy, "/", "alice").await?;
     let port = proxy.base.rsplit(':').next().unwrap_or_default().to_string();
     ensure!(landing_after_start(&browser, &proxy, "/allowed?x=1", false).await? == "/allowed");
+    // From an ingress that is not a trusted proxy (oauth2-proxy's nginx setup sets the
+    // header from `$request_uri`): honoured, and checked like `rd` (the attacks below).
+    ensure!(landing_after_start(&browser, &proxy, "/from-header", true).await? == "/from-header");
+    // The login route under oauth2-proxy's other name (`error_page 401 = /oauth2/sign_in`).
+    let signed_in = browser
+        .get(proxy.url("/oauth2/sign_in?rd=/via-sign-in"))
+        .send()
+        .await?;
+    ensure!(echoed(signed_in).await?["path"] == "/via-sign-in");
     let absolute_ok = format!("http://127.0.0.1:{port}/absolute");
     ensure!(landing_after_start(&browser, &proxy, &absolute_ok, false).await? == "/absolute");
     let attacks = [
