@@ -1013,9 +1013,18 @@ async fn proxy(
         parts.headers.insert("x-forwarded-for", v);
     }
     if !parts.headers.contains_key("x-forwarded-proto") {
+        // The scheme users reach the proxy by, as its redirect URL says, not the one the
+        // request came in with: behind a TLS-terminating ingress outside the trusted
+        // CIDRs, "http" would send an app that enforces HTTPS (Rails' force_ssl,
+        // Django's SECURE_SSL_REDIRECT) into a redirect loop.
+        let public = if app.config.redirect_url.scheme() == "https" {
+            "https"
+        } else {
+            "http"
+        };
         parts
             .headers
-            .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+            .insert("x-forwarded-proto", HeaderValue::from_static(public));
     }
     if let Some(h) = host
         && !parts.headers.contains_key("x-forwarded-host")

@@ -264,8 +264,6 @@ impl Proxy {
             "chassis",
             "--client-secret",
             "chassis-secret",
-            "--redirect-url",
-            &format!("{base}/oauth2/callback"),
             "--scope",
             "openid email profile groups offline_access",
             "--cookie-secure",
@@ -276,6 +274,9 @@ impl Proxy {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if !extra.contains(&"--redirect-url") {
+            args.extend(["--redirect-url".to_string(), format!("{base}/oauth2/callback")]);
+        }
         if !extra.contains(&"--cookie-secret") {
             args.extend(["--cookie-secret".to_string(), COOKIE_SECRET.to_string()]);
         }
@@ -601,6 +602,29 @@ async fn spoofed_forwarded_headers_from_an_untrusted_client_are_dropped() -> Res
     ensure!(header(&echo, "x-forwarded-for") == ["127.0.0.1"], "{echo}");
     ensure!(header(&echo, "x-forwarded-proto") == ["http"], "{echo}");
     ensure!(header(&echo, "forwarded").is_empty(), "{echo}");
+
+    // Behind an ingress that terminates TLS (not a trusted proxy): the public scheme,
+    // from the redirect URL, not the plain HTTP the request arrived by.
+    let public = Proxy::start(
+        "public-https",
+        echo_upstream().await?,
+        &[
+            "--skip-auth-paths",
+            "/.*",
+            "--redirect-url",
+            "https://app.example.com/oauth2/callback",
+        ],
+    )
+    .await?;
+    let echo = echoed(
+        reqwest::Client::new()
+            .get(public.url("/x"))
+            .header("X-Forwarded-Proto", "http")
+            .send()
+            .await?,
+    )
+    .await?;
+    ensure!(header(&echo, "x-forwarded-proto") == ["https"], "{echo}");
     Ok(())
 }
 
