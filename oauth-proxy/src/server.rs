@@ -644,7 +644,7 @@ impl App {
         let Some(window) = self.config.cookie_refresh else {
             return Some((session, false));
         };
-        if session.expires_at > now() + window.as_secs() {
+        if !refresh_due(&session, window.as_secs(), now()) {
             return Some((session, false));
         }
         let failed = |session: Arc<Session>| (session.expires_at > now()).then_some((session, false));
@@ -702,6 +702,21 @@ impl App {
     }
 }
 
+/// How long before the access token expires a session is refreshed at the latest
+/// (when `cookie-refresh` is on).
+const EXPIRY_MARGIN: u64 = 60;
+
+/// Whether `session` is due for a refresh at `now` with a `cookie-refresh` of `window`
+/// seconds: as with oauth2-proxy, once its tokens are older than the window; and also
+/// shortly before the access token expires, so that a window longer than the tokens
+/// live does not end the session. (Counting the window back from the expiry instead
+/// made a window as long as the token lifetime, a common oauth2-proxy setting, due on
+/// every request.)
+fn refresh_due(session: &Session, window: u64, now: u64) -> bool {
+    let issued = session.refreshed_at.max(session.created_at);
+    now >= issued.saturating_add(window) || session.expires_at <= now + window.min(EXPIRY_MARGIN)
+}
+
 fn to_session(identity: Identity, created_at: u64, login: u64) -> Session {
     Session {
         user: identity.subject,
@@ -715,6 +730,7 @@ fn to_session(identity: Identity, created_at: u64, login: u64) -> Session {
         expires_at: identity.expires_at,
         created_at,
         login,
+        refreshed_at: now(),
     }
 }
 
@@ -2074,6 +2090,7 @@ mod tests {
             expires_at: 10,
             created_at: 5,
             login: 1,
+            refreshed_at: 0,
         }
     }
 
@@ -2122,6 +2139,7 @@ mod tests {
             expires_at: 10,
             created_at: 5,
             login: 77,
+            refreshed_at: 0,
         };
         let before = session_id(&s);
         s.access_token = Some("a2".into());
@@ -2154,6 +2172,7 @@ mod tests {
                 expires_at,
                 created_at: 1,
                 login: 1,
+                refreshed_at: 0,
             })
         };
         assert!(
@@ -2166,6 +2185,31 @@ mod tests {
         );
         assert!(app.maybe_refresh(session(now() + 3600)).await.is_some());
         Ok(())
+    }
+
+    #[test]
+    fn a_refresh_is_due_by_the_age_of_the_tokens_or_just_before_they_expire() {
+        const HOUR: u64 = 3600;
+        let mut s = identity("alice", "alice@example.com", true, &[]);
+        s.created_at = 1000;
+        s.refreshed_at = 10_000;
+        s.expires_at = 10_000 + HOUR;
+        // oauth2-proxy's `cookie-refresh: 1h` with tokens that live an hour: not due
+        // right after the refresh (it was on every request when counted from the expiry).
+        assert!(!refresh_due(&s, HOUR, 10_001));
+        assert!(!refresh_due(&s, HOUR, 10_000 + HOUR - 61));
+        assert!(
+            refresh_due(&s, HOUR, 10_000 + HOUR - 60),
+            "a minute before expiry"
+        );
+        // A short window: by age.
+        assert!(!refresh_due(&s, 600, 10_599));
+        assert!(refresh_due(&s, 600, 10_600));
+        // A window longer than the token lifetime still refreshes before the expiry.
+        assert!(refresh_due(&s, 2 * HOUR, 10_000 + HOUR - 30));
+        // Cookies sealed before `refreshed_at` existed count from the login.
+        s.refreshed_at = 0;
+        assert!(refresh_due(&s, 600, 1600));
     }
 
     #[test]

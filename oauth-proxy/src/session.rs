@@ -81,6 +81,11 @@ pub struct Session {
     /// same second are two sessions. 0 in cookies sealed before it existed.
     #[serde(default)]
     pub login: u64,
+    /// When its tokens were issued (the login or the last refresh), unix seconds:
+    /// `cookie-refresh` counts from here. 0 in cookies sealed before it existed (then
+    /// `created_at` counts).
+    #[serde(default)]
+    pub refreshed_at: u64,
 }
 
 // Hand-written instead of derived so a logged session never carries tokens.
@@ -98,6 +103,7 @@ impl std::fmt::Debug for Session {
             .field("refresh_token", &redact(&self.refresh_token))
             .field("expires_at", &self.expires_at)
             .field("created_at", &self.created_at)
+            .field("refreshed_at", &self.refreshed_at)
             .field("login", &self.login)
             .finish()
     }
@@ -671,6 +677,7 @@ mod tests {
             expires_at: NOW + 300,
             created_at: NOW,
             login: 42,
+            refreshed_at: 0,
         }
     }
 
