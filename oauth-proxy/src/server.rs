@@ -450,7 +450,8 @@ fn upstream_client(config: &Config) -> Result<HttpClient<HttpsConnector<HttpConn
 struct UpstreamBase {
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
-    /// The URL's path without its trailing `/`, put before the request's path.
+    /// The URL's path without its trailing `/`: as with oauth2-proxy, only requests
+    /// under it go upstream (the others get 404), their path unchanged.
     path: String,
 }
 
@@ -468,16 +469,20 @@ impl UpstreamBase {
         })
     }
 
+    /// Whether a request's normalized path is under the upstream URL's path (whole
+    /// segments: `/app` covers `/app` and `/app/x`, not `/apple`).
+    fn serves(&self, normalized: &str) -> bool {
+        normalized
+            .strip_prefix(self.path.as_str())
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
+
     /// The upstream URI for a request's normalized path and its query.
     fn uri(&self, normalized: &str, query: Option<&str>) -> Result<Uri, http::Error> {
-        let mut path_and_query =
-            String::with_capacity(self.path.len() + normalized.len() + query.map_or(0, |q| q.len() + 1));
-        path_and_query.push_str(&self.path);
-        path_and_query.push_str(normalized);
-        if let Some(q) = query {
-            path_and_query.push('?');
-            path_and_query.push_str(q);
-        }
+        let path_and_query = match query {
+            Some(q) => format!("{normalized}?{q}"),
+            None => normalized.to_string(),
+        };
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
@@ -1005,6 +1010,9 @@ async fn proxy(
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     let client_upgrade =
         upgrade.then(|| hyper::upgrade::on(Request::from_parts(parts.clone_without_body(), ())));
+    if !app.upstream_base.serves(normalized) {
+        return text(StatusCode::NOT_FOUND, "not found: no upstream serves this path");
+    }
     let uri = match app.upstream_base.uri(normalized, parts.uri.query()) {
         Ok(u) => u,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("refused: {e}")),
@@ -2044,19 +2052,40 @@ mod tests {
     }
 
     #[test]
-    fn the_upstream_uri_keeps_the_upstream_path_and_the_request_query() {
+    fn the_upstream_path_selects_requests_and_is_not_prepended() {
+        // As with oauth2-proxy: `--upstream http://grafana:3000/grafana/` serves
+        // `/grafana/...` as it is (Grafana under a sub-path), not `/grafana/grafana/...`.
         let cases = [
-            ("http://up", "/a", None, "http://up:80/a"),
-            ("http://up/", "/a", Some("x=1"), "http://up:80/a?x=1"),
-            ("https://up/base/", "/a/b", None, "https://up:443/base/a/b"),
-            ("http://up:8080/base", "/", Some("q"), "http://up:8080/base/?q"),
-            ("http://[::1]:8080/?ignored=1", "/a", None, "http://[::1]:8080/a"),
+            ("http://up", "/a", None, Some("http://up:80/a")),
+            ("http://up/", "/a", Some("x=1"), Some("http://up:80/a?x=1")),
+            (
+                "https://up/base/",
+                "/base/a/b",
+                None,
+                Some("https://up:443/base/a/b"),
+            ),
+            (
+                "http://up:8080/base",
+                "/base",
+                Some("q"),
+                Some("http://up:8080/base?q"),
+            ),
+            ("http://up/base/", "/a/b", None, None),
+            ("http://up/base", "/basement", None, None),
+            (
+                "http://[::1]:8080/?ignored=1",
+                "/a",
+                None,
+                Some("http://[::1]:8080/a"),
+            ),
         ];
         for (upstream, path, query, want) in cases {
             let url = url::Url::parse(upstream).expect("a valid URL");
             let base = UpstreamBase::new(&url).expect("has a host");
-            let uri = base.uri(path, query).expect("a valid URI");
-            assert_eq!(uri.to_string(), want, "{upstream} + {path} {query:?}");
+            let got = base
+                .serves(path)
+                .then(|| base.uri(path, query).expect("a valid URI").to_string());
+            assert_eq!(got.as_deref(), want, "{upstream} + {path} {query:?}");
         }
     }
 

@@ -20,7 +20,7 @@ use warp::Filter;
 const COOKIE_SECRET: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 const OTHER_SECRET: &str = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
 /// Proxies this binary starts at most (a few tests start two or three).
-const SLOTS: usize = 38;
+const SLOTS: usize = 44;
 
 /// The provider, shared by the tests of this binary, with one registered redirect
 /// URI per proxy port slot.
@@ -851,6 +851,27 @@ async fn a_kept_alive_upstream_connection_closed_under_a_get_is_retried_but_a_po
         ],
         "{seen:?}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_path_in_the_upstream_url_selects_requests_as_with_oauth2_proxy() -> Result<()> {
+    // `--upstream http://grafana:3000/grafana/` for an app served under a sub-path.
+    let upstream = format!("http://127.0.0.1:{}/sub/", echo_upstream().await?);
+    let proxy = Proxy::start_at(
+        "sub-path",
+        &upstream,
+        &idp().issuer,
+        &["--skip-auth-paths", "/.*"],
+    )
+    .await?;
+    let client = reqwest::Client::new();
+    let echo = echoed(client.get(proxy.url("/sub/page?x=1")).send().await?).await?;
+    ensure!(echo["path"] == "/sub/page" && echo["query"] == "x=1", "{echo}");
+    for outside in ["/other", "/subway"] {
+        let status = client.get(proxy.url(outside)).send().await?.status();
+        ensure!(status == 404, "{outside}: {status}");
+    }
     Ok(())
 }
 
