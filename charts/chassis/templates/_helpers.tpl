@@ -56,6 +56,13 @@ app.kubernetes.io/component: operator
   scope: Cluster
 {{- end -}}
 
+{{/* The mutating webhook's match condition (chassis_tenancy::admission::mutation_conditions): every create, and updates that change the requester annotation. */}}
+{{- define "chassis.requesterChanged" -}}
+{{- $key := "tenancy.chassis.dev/requester" -}}
+{{- $of := "(has(%[1]s.metadata.annotations) && '%[2]s' in %[1]s.metadata.annotations ? 'set:' + %[1]s.metadata.annotations['%[2]s'] : 'unset')" -}}
+{{- printf "request.operation != 'UPDATE' || %s != %s" (printf $of "object" $key) (printf $of "oldObject" $key) -}}
+{{- end -}}
+
 {{/* The controllers of the enabled areas, for --controllers. */}}
 {{- define "chassis.controllers" -}}
 {{- $controllers := list -}}

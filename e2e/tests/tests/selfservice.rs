@@ -121,6 +121,82 @@ async fn the_requester_cannot_be_forged_or_changed() -> Result<()> {
 }
 
 #[tokio::test]
+async fn while_the_webhook_is_down_only_requester_changes_wait_for_it() -> Result<()> {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+    let admin = cluster().admin().await?;
+    default_template(&admin).await?;
+    let name = unique("hook-down");
+    let label = "e2e.chassis.dev/dead-webhook";
+    let projects: Api<Project> = Api::all(admin.clone());
+    let mut project = Project::new(&name, ProjectSpec::default());
+    project.metadata.labels = Some([(label.to_string(), name.clone())].into());
+    projects.create(&PostParams::default(), &project).await?;
+
+    // Chassis' mutating webhook as the operator registers it, served by nobody and for
+    // this project alone: as if the operator were down.
+    let (mut dead, _) = chassis_tenancy::admission::configurations("https://127.0.0.1:1", "");
+    // Named to sort first: mutating webhooks run in name order, and the live one
+    // (`chassis-tenancy`) would undo the change before this one is asked.
+    let hook_name = format!("a-{name}");
+    dead.metadata.name = Some(hook_name.clone());
+    for hook in dead.webhooks.iter_mut().flatten() {
+        hook.object_selector = Some(LabelSelector {
+            match_labels: Some([(label.to_string(), name.clone())].into()),
+            ..Default::default()
+        });
+    }
+    let hooks: Api<MutatingWebhookConfiguration> = Api::all(admin.clone());
+    hooks.create(&PostParams::default(), &dead).await?;
+    let result = async {
+        // The API server loads webhook configurations asynchronously: a requester change
+        // fails once it uses this one.
+        let forge = serde_json::json!({"metadata": {"annotations": {REQUESTER: "mallory"}}});
+        let message = eventually(
+            "the dead webhook to hold up a requester change",
+            Duration::from_secs(30),
+            || async {
+                match projects
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(&forge))
+                    .await
+                {
+                    Err(kube::Error::Api(s)) if s.message.contains("failed calling webhook") => {
+                        Ok(Some(s.message))
+                    }
+                    _ => Ok(None),
+                }
+            },
+        )
+        .await?;
+        anyhow::ensure!(
+            message.contains("mutate.projects.tenancy.chassis.dev"),
+            "{message}"
+        );
+        // Any other update goes through: the garbage collector's removal of a finalizer
+        // from a Project being deleted, a label.
+        let relabel = serde_json::json!({"metadata": {"labels": {"team": "payments"},
+                                                       "finalizers": ["e2e.chassis.dev/held"]}});
+        projects
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&relabel))
+            .await?;
+        let release = serde_json::json!({"metadata": {"finalizers": null}});
+        let released = projects
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&release))
+            .await?;
+        anyhow::ensure!(
+            released.finalizers().is_empty()
+                && released.labels().get("team").is_some_and(|t| t == "payments")
+        );
+        Ok(())
+    }
+    .await;
+    hooks.delete(&hook_name, &DeleteParams::default()).await?;
+    projects.delete(&name, &DeleteParams::default()).await?;
+    result
+}
+
+#[tokio::test]
 async fn the_per_user_limit_refuses_the_third_project_with_the_numbers() -> Result<()> {
     let admin = cluster().admin().await?;
     let tpl = limited_template(&admin, "limited").await?;

@@ -22,7 +22,7 @@ use chassis_runtime::controller::{InitialSync, Synced};
 use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ValidatingWebhook,
+    MatchCondition, MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ValidatingWebhook,
     ValidatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
@@ -581,6 +581,28 @@ fn rules(operations: &[&str]) -> Vec<RuleWithOperations> {
     }]
 }
 
+/// When the mutating webhook is asked: on every create, and on an update only when the
+/// requester annotation differs from the stored one (the one change it undoes). Other
+/// updates never wait on it, so while the operator is down the garbage collector can
+/// still drop its finalizers from a Project being deleted, and labels can change.
+/// `set:` tells an empty value from a missing annotation.
+pub fn mutation_conditions() -> Vec<MatchCondition> {
+    let requester = |object: &str| {
+        format!(
+            "(has({object}.metadata.annotations) && '{REQUESTER_ANNOTATION}' in {object}.metadata.annotations \
+             ? 'set:' + {object}.metadata.annotations['{REQUESTER_ANNOTATION}'] : 'unset')"
+        )
+    };
+    vec![MatchCondition {
+        name: "create-or-requester-changed".into(),
+        expression: format!(
+            "request.operation != 'UPDATE' || {} != {}",
+            requester("object"),
+            requester("oldObject")
+        ),
+    }]
+}
+
 fn client_config(base_url: &str, path: &str, ca_pem: &str) -> WebhookClientConfig {
     WebhookClientConfig {
         url: Some(format!("{}/{path}", base_url.trim_end_matches('/'))),
@@ -610,6 +632,7 @@ pub fn configurations(
             side_effects: "None".into(),
             timeout_seconds: Some(5),
             rules: Some(rules(&["CREATE", "UPDATE"])),
+            match_conditions: Some(mutation_conditions()),
             reinvocation_policy: Some("IfNeeded".into()),
             ..Default::default()
         }]),
