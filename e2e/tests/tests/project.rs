@@ -435,10 +435,32 @@ async fn a_template_naming_a_missing_role_is_not_ready_until_the_role_exists() -
         ready.message
     );
 
+    // A project whose editors would be bound to it: the binding would grant nothing,
+    // so the project is not Ready either, and says which binding and role.
+    let projects: Api<Project> = Api::all(client.clone());
+    let proj = unique("missing-role");
+    let mut editors = project(&proj, &name);
+    editors.spec.editors = vec![Subject {
+        kind: SubjectKind::User,
+        name: "bob".into(),
+        namespace: None,
+    }];
+    projects.create(&PostParams::default(), &editors).await?;
+    let stuck = wait_for_condition(&projects, &proj, "Ready", "False", READY_TIMEOUT, Some(op)).await?;
+    let rbac = chassis_e2e::condition(&stuck, "RBACReady").context("RBACReady")?;
+    ensure!(
+        rbac.reason == "RoleNotFound" && rbac.message.contains(&format!("binds ClusterRole {role:?}")),
+        "{rbac:?}"
+    );
+
     let mut cr = ClusterRole::default();
     cr.metadata.name = Some(role.clone());
     roles.create(&PostParams::default(), &cr).await?;
     wait_for_condition(&templates, &name, "Ready", "True", READY_TIMEOUT, Some(op)).await?;
+    // The template's word reaches the project without a change of its own.
+    wait_for_condition(&projects, &proj, "Ready", "True", READY_TIMEOUT, Some(op)).await?;
+    projects.delete(&proj, &DeleteParams::default()).await?;
+    wait_until_gone(&projects, &proj, READY_TIMEOUT).await?;
 
     for t in [&good, &name] {
         templates.delete(t, &DeleteParams::default()).await?;

@@ -73,13 +73,31 @@ pub fn validate(template: &ProjectTemplate, role_exists: impl Fn(&str) -> bool) 
     let missing: Vec<String> = roles(template)
         .into_iter()
         .filter(|(_, role)| !role_exists(role))
-        .map(|(kind, role)| format!("roles.{kind}: ClusterRole {role:?} does not exist"))
+        .map(|(kind, role)| format!("roles.{kind}: {}", missing_role(role)))
         .collect();
     if missing.is_empty() {
         Ok(())
     } else {
         Err(missing.join("; "))
     }
+}
+
+/// How a template's status names a ClusterRole that does not exist; projects look
+/// for it to tell whether one of their bindings is affected.
+pub fn missing_role(role: &str) -> String {
+    format!("ClusterRole {role:?} does not exist")
+}
+
+/// The ClusterRoles its status says do not exist, as the sentence it gives (`None`
+/// when the status is about an older generation: the template controller has not
+/// judged the current spec yet).
+pub fn roles_missing(template: &ProjectTemplate) -> Option<&str> {
+    let status = template.status.as_ref()?;
+    let ready = status.conditions.iter().find(|c| c.type_ == READY)?;
+    (ready.status == "False"
+        && ready.reason == reason::ROLE_NOT_FOUND
+        && status.observed_generation == template.metadata.generation)
+        .then_some(ready.message.as_str())
 }
 
 /// The distinct roles a template binds, each with the first of its member kinds.

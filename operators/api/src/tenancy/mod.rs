@@ -39,4 +39,7 @@ pub mod reason {
     /// The API server refused a child object (a RoleBinding to a role the operator
     /// may not bind, a quota it rejects); the message has its answer.
     pub const APPLY_FAILED: &str = "ApplyFailed";
+    /// A member binding names a ClusterRole that does not exist (the API server accepts
+    /// such a RoleBinding; it grants nothing). The template says `RoleNotFound` too.
+    pub const ROLE_NOT_FOUND: &str = "RoleNotFound";
 }

@@ -35,6 +35,9 @@ pub struct Parts {
     pub rbac_failure: Option<String>,
     /// Why the ResourceQuota or LimitRange could not be put in place.
     pub quota_failure: Option<String>,
+    /// The template's word that some of its ClusterRoles do not exist (a RoleBinding
+    /// to a missing role is accepted and grants nothing). Filled in by the reconcile.
+    pub roles_missing: Option<String>,
 }
 
 /// What a namespaced child kind needs to be observed and ensured.
@@ -294,6 +297,7 @@ pub async fn reconcile(
         writes,
         rbac_failure,
         quota_failure,
+        roles_missing: None,
     };
     (parts, first_passing.or(first_refusal))
 }

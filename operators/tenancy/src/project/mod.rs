@@ -321,6 +321,7 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
         refusal => refusal,
     };
     let parts = parts.map(|mut p| {
+        p.roles_missing = crate::template::roles_missing(&template).map(str::to_string);
         p.network_profiles = profile_states(
             &ctx.profiles,
             &template.spec.network_profiles,
@@ -439,25 +440,30 @@ fn project_of_child<K: Resource>(child: K) -> Option<ObjectRef<Project>> {
 /// under thousands of projects does not flood the API server.
 pub const ROLLOUT_PER_SECOND: u32 = 50;
 
-/// Which template events concern its projects: a new generation (a spec change; the
-/// template's own status writes are not) or a deletion. Keyed by uid too: a template
-/// deleted and made again while the watch was down starts again at generation 1.
+/// Which template events concern its projects: a new generation (a spec change), its
+/// status starting or ceasing to say that a role does not exist (its other status
+/// writes do not), or a deletion. Keyed by uid too: a template deleted and made again
+/// while the watch was down starts again at generation 1.
 #[derive(Default)]
 struct TemplateChanges {
-    generations: std::collections::HashMap<String, (Option<String>, Option<i64>)>,
+    seen: std::collections::HashMap<String, TemplateSeen>,
 }
+
+/// A template's uid, generation and missing-role sentence, as last seen.
+type TemplateSeen = (Option<String>, Option<i64>, Option<String>);
 
 impl TemplateChanges {
     fn changed(&mut self, event: Result<watcher::Event<ProjectTemplate>, watcher::Error>) -> Option<String> {
         match event.ok()? {
             watcher::Event::Apply(t) | watcher::Event::InitApply(t) => {
                 let name = t.name_any();
-                let seen = (t.metadata.uid.clone(), t.metadata.generation);
-                (self.generations.insert(name.clone(), seen.clone()).as_ref() != Some(&seen)).then_some(name)
+                let missing = crate::template::roles_missing(&t).map(str::to_string);
+                let seen = (t.metadata.uid.clone(), t.metadata.generation, missing);
+                (self.seen.insert(name.clone(), seen.clone()).as_ref() != Some(&seen)).then_some(name)
             }
             watcher::Event::Delete(t) => {
                 let name = t.name_any();
-                self.generations.remove(&name);
+                self.seen.remove(&name);
                 Some(name)
             }
             watcher::Event::Init | watcher::Event::InitDone => None,

@@ -86,7 +86,12 @@ pub fn reconciled(project: &Project, namespace: &Namespace, parts: Option<&Parts
 
 /// One condition per part: RBAC, quota and network.
 pub fn part_conditions(parts: &Parts) -> Vec<Desired<'static>> {
-    let rbac = if let Some(why) = &parts.rbac_failure {
+    // A missing role first: the API server refuses a binding to it unless the operator
+    // may `bind` it by name (then it accepts one that grants nothing), and its refusal
+    // ("not found") would hide the cause.
+    let rbac = if let Some(missing) = missing_roles_bound(parts) {
+        Desired::new(condition::RBAC_READY, false, reason::ROLE_NOT_FOUND, missing)
+    } else if let Some(why) = &parts.rbac_failure {
         Desired::new(condition::RBAC_READY, false, reason::APPLY_FAILED, why.clone())
     } else if parts.bindings.is_empty() {
         Desired::new(
@@ -132,6 +137,23 @@ pub fn part_conditions(parts: &Parts) -> Vec<Desired<'static>> {
     };
     let network = network_condition(&parts.network_profiles);
     vec![rbac, quota, network]
+}
+
+/// The bindings whose ClusterRole the template says does not exist, as a sentence.
+fn missing_roles_bound(parts: &Parts) -> Option<String> {
+    let said = parts.roles_missing.as_deref()?;
+    let affected: Vec<String> = parts
+        .bindings
+        .iter()
+        .filter(|(_, role, _)| said.contains(&crate::template::missing_role(role)))
+        .map(|(binding, role, _)| format!("{binding} binds ClusterRole {role:?}, which does not exist"))
+        .collect();
+    (!affected.is_empty()).then(|| {
+        format!(
+            "{}: its members have none of its rights until the role is created",
+            affected.join("; ")
+        )
+    })
 }
 
 /// Writes `status` unless it equals what the project already shows, so a status

@@ -693,3 +693,84 @@ fn a_profile_being_edited_still_counts_where_its_policies_were_in_place() {
         "a namespace the profile never listed is still pending"
     );
 }
+
+#[test]
+fn a_binding_to_a_role_the_template_says_is_missing_keeps_the_project_from_ready() {
+    use crate::template::{self, Verdict};
+    use kube::runtime::watcher::Event;
+
+    let mut t = template();
+    t.metadata.uid = Some("u1".into());
+    t.metadata.generation = Some(1);
+    t.spec.roles.admin = "team-admin".into();
+    let missing = template::validate(&t, |role| role != "team-admin").expect_err("team-admin is missing");
+    let judged = |verdict: &Verdict| {
+        let mut judged = t.clone();
+        judged.status = Some(template::status(&t, verdict));
+        judged
+    };
+    let broken = judged(&Verdict::RoleNotFound(missing));
+    let p = project("payments");
+    let ns = build::namespace(&p, &broken);
+    let parts = |roles_missing: Option<&str>, bindings: &[(&str, &str)]| Parts {
+        bindings: bindings
+            .iter()
+            .map(|(b, r)| (b.to_string(), r.to_string(), 1))
+            .collect(),
+        roles_missing: roles_missing.map(str::to_string),
+        ..Default::default()
+    };
+    let said = template::roles_missing(&broken);
+    let status = status::reconciled(
+        &p,
+        &ns,
+        Some(&parts(
+            said,
+            &[
+                ("chassis-project-admins", "team-admin"),
+                ("chassis-project-viewers", "view"),
+            ],
+        )),
+    );
+    let rbac = chassis_runtime::conditions::find(&status.conditions, "RBACReady").expect("RBACReady");
+    assert_eq!(
+        (rbac.status.as_str(), rbac.reason.as_str()),
+        ("False", reason::ROLE_NOT_FOUND)
+    );
+    assert!(
+        rbac.message.contains("chassis-project-admins") && !rbac.message.contains("viewers"),
+        "{}",
+        rbac.message
+    );
+    let ready = chassis_runtime::conditions::find(&status.conditions, "Ready").expect("Ready");
+    assert_eq!(ready.status, "False");
+    // A project whose members use none of the missing roles is not affected.
+    let viewers_only = status::reconciled(
+        &p,
+        &ns,
+        Some(&parts(said, &[("chassis-project-viewers", "view")])),
+    );
+    let rbac = chassis_runtime::conditions::find(&viewers_only.conditions, "RBACReady").expect("RBACReady");
+    assert_eq!(rbac.status, "True");
+    // A status about an older generation is not taken for the current spec.
+    let mut edited = broken.clone();
+    edited.metadata.generation = Some(2);
+    assert_eq!(template::roles_missing(&edited), None);
+
+    // The template's word changing wakes its projects; its other status writes do not.
+    let mut changes = super::TemplateChanges::default();
+    assert!(changes.changed(Ok(Event::Apply(t.clone()))).is_some());
+    assert!(
+        changes
+            .changed(Ok(Event::Apply(judged(&Verdict::Accepted))))
+            .is_none()
+    );
+    assert!(changes.changed(Ok(Event::Apply(broken.clone()))).is_some());
+    assert!(changes.changed(Ok(Event::Apply(broken))).is_none());
+    assert!(
+        changes
+            .changed(Ok(Event::Apply(judged(&Verdict::Accepted))))
+            .is_some(),
+        "the role was created"
+    );
+}
