@@ -297,3 +297,50 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_within_20s() -> Res
     cleanup(&client, &name, &tpl).await?;
     cleanup(&client, &name2, &tpl2).await
 }
+
+/// Chassis makes the create entry of a child its own once (so fields it stops setting
+/// are removed), with the version it read as the precondition. When the object moved
+/// on meanwhile (quota admission bumps a ResourceQuota on every pod), the API server
+/// must answer 409, which is retried as a passing conflict, not 422, which the project
+/// would show as the API server refusing its quota.
+#[tokio::test]
+async fn folding_the_create_entry_of_an_object_that_moved_on_is_a_conflict() -> Result<()> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Patch, PatchParams};
+
+    let client = cluster().admin().await?;
+    let maps: Api<ConfigMap> = Api::namespaced(client, "default");
+    let name = unique("fold");
+    let mut map = ConfigMap::default();
+    map.metadata.name = Some(name.clone());
+    map.data = Some([("a".to_string(), "1".to_string())].into());
+    let created = maps.create(&PostParams::default(), &map).await?;
+    let read_at = created.metadata.resource_version.clone().unwrap_or_default();
+    let entries = created.metadata.managed_fields.clone().unwrap_or_default();
+    let moved = serde_json::json!({"data": {"b": "2"}});
+    maps.patch(&name, &PatchParams::default(), &Patch::Merge(&moved))
+        .await?;
+
+    let stale = chassis_runtime::apply::fold_patch(&read_at, &entries)?;
+    let answer = maps
+        .patch(&name, &PatchParams::default(), &Patch::Json::<()>(stale))
+        .await;
+    let outcome = match answer {
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        other => Err(anyhow::anyhow!("expected 409 Conflict, got {other:?}")),
+    };
+    let now = maps
+        .get(&name)
+        .await?
+        .metadata
+        .resource_version
+        .unwrap_or_default();
+    let current = chassis_runtime::apply::fold_patch(&now, &entries)?;
+    let folded = maps
+        .patch(&name, &PatchParams::default(), &Patch::Json::<()>(current))
+        .await;
+    maps.delete(&name, &DeleteParams::default()).await?;
+    outcome?;
+    folded.context("the same patch at the current version")?;
+    Ok(())
+}

@@ -392,15 +392,27 @@ where
         && let Some(folded) = fold_create_entry(current, field_manager)
     {
         let version = current.meta().resource_version.clone().unwrap_or_default();
-        let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
-            {"op": "test", "path": "/metadata/resourceVersion", "value": version},
-            {"op": "replace", "path": "/metadata/managedFields", "value": folded},
-        ]))
-        .map_err(kube::Error::SerdeError)?;
+        let patch = fold_patch(&version, &folded).map_err(kube::Error::SerdeError)?;
         api.patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
             .await?;
     }
     apply(api, desired, field_manager).await
+}
+
+/// The patch that puts `folded` in place of the managed fields of the object read at
+/// `version`. The version travels in the body, which makes it a precondition: an
+/// object changed since (quota admission bumps a ResourceQuota on every pod) is
+/// refused with 409 Conflict, retried like any conflict. A JSON patch `test` of the
+/// version is refused with 422 instead, which reads as the API server refusing the
+/// object itself.
+pub fn fold_patch(
+    version: &str,
+    folded: &[ManagedFieldsEntry],
+) -> Result<json_patch::Patch, serde_json::Error> {
+    serde_json::from_value(serde_json::json!([
+        {"op": "replace", "path": "/metadata/resourceVersion", "value": version},
+        {"op": "replace", "path": "/metadata/managedFields", "value": folded},
+    ]))
 }
 
 #[cfg(test)]
