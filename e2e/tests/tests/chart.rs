@@ -297,6 +297,12 @@ fn the_values_schema_rejects_a_wrong_type_naming_the_key() -> Result<()> {
             "metrics.port and webhook.port must differ",
             "",
         ),
+        // A budget keeping every replica blocks every node drain.
+        (
+            "podDisruptionBudget.minAvailable=100%",
+            "/podDisruptionBudget/minAvailable",
+            "",
+        ),
         (
             "webhook.certManager.enabled=true,webhook.certManager.issuerRef.kind=ClusterIssuer",
             "/webhook/certManager/issuerRef",
@@ -541,5 +547,48 @@ async fn install_upgrade_and_uninstall_on_kwok_nodes_keep_the_charts_profile() -
     Api::<Namespace>::all(admin)
         .delete(&namespace, &Default::default())
         .await?;
+    Ok(())
+}
+
+#[test]
+fn the_commands_in_the_install_notes_run_as_pasted() -> Result<()> {
+    // The notes show commands to paste; a heredoc whose end marker is indented never
+    // ends, and bash would swallow the commands after it. Run them with a `kubectl`
+    // that records each call and what it was given.
+    let out = run(
+        cluster().helm().args([
+            "install",
+            "notes",
+            &chart(),
+            "--dry-run=client",
+            "--set",
+            "tenancy.defaultTemplate.create=false",
+        ]),
+        "helm install --dry-run",
+    )?;
+    let notes = out
+        .split_once("NOTES:\n")
+        .map(|(_, n)| n)
+        .context("no NOTES in the output")?;
+    // From the first pasted command to the prose after the last one.
+    let commands: String = notes
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("kubectl apply"))
+        .take_while(|l| !l.starts_with("To let developers"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let script = format!("kubectl() {{ echo \"CALL $*\"; if [ \"$2\" = '-f' ]; then cat; fi; }}\n{commands}");
+    let mut bash = Command::new("bash");
+    bash.args(["-c", &script]);
+    let recorded = run(&mut bash, "the notes' commands")?;
+    let calls: Vec<&str> = recorded.lines().filter(|l| l.starts_with("CALL ")).collect();
+    anyhow::ensure!(
+        calls == ["CALL apply -f -", "CALL create -f -", "CALL get projects"],
+        "{recorded}"
+    );
+    anyhow::ensure!(
+        recorded.contains("kind: ProjectTemplate") && recorded.contains("kind: Project\n"),
+        "{recorded}"
+    );
     Ok(())
 }
