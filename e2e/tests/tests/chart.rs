@@ -182,6 +182,18 @@ fn the_chart_lints_strictly_and_every_object_passes_a_server_side_dry_run() -> R
         cluster().kubectl().args(["create", "namespace", &namespace]),
         "kubectl create namespace",
     )?;
+    // The API server's Pod Security admission judges the operator's pod template: it
+    // warns about a workload that the `restricted` level would refuse.
+    run(
+        cluster().kubectl().args([
+            "label",
+            "namespace",
+            &namespace,
+            "pod-security.kubernetes.io/enforce=restricted",
+            "pod-security.kubernetes.io/warn=restricted",
+        ]),
+        "kubectl label namespace",
+    )?;
     // Not the release name of the e2e operator, whose webhook configurations (with a
     // URL) exist already.
     let release = unique("dry");
@@ -196,8 +208,23 @@ fn the_chart_lints_strictly_and_every_object_passes_a_server_side_dry_run() -> R
             "tenancy.selfProvisioner.groups={developers}",
         ],
     )?;
-    let count = documents(&rendered)?.len();
+    let docs = documents(&rendered)?;
+    let count = docs.len();
     assert!(count >= 14, "only {count} objects rendered");
+    // Beyond the restricted level (checked below): nothing written to the image, and
+    // no fixed user (OpenShift's restricted-v2 assigns one per namespace).
+    let pod = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .map(|d| &d["spec"]["template"]["spec"])
+        .context("no Deployment")?;
+    for container in pod["containers"].as_array().context("containers")? {
+        assert_eq!(
+            container["securityContext"]["readOnlyRootFilesystem"], true,
+            "{container}"
+        );
+    }
+    assert!(pod["securityContext"]["runAsUser"].is_null(), "{pod}");
     let out = pipe(
         cluster()
             .kubectl()
@@ -206,10 +233,14 @@ fn the_chart_lints_strictly_and_every_object_passes_a_server_side_dry_run() -> R
         &rendered,
     )?;
     let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "the API server refused part of the chart:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        "the API server refused part of the chart:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("would violate PodSecurity"),
+        "the operator's pods would not run in a restricted namespace:\n{stderr}"
     );
     assert_eq!(
         stdout.lines().filter(|l| l.contains("(server dry run)")).count(),
