@@ -144,6 +144,10 @@ pub struct Flags {
     /// Send the access token upstream in X-Forwarded-Access-Token.
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_PASS_ACCESS_TOKEN")]
     pub pass_access_token: Option<bool>,
+    /// Sign-out also ends the session at the issuer (its end-session endpoint), when
+    /// it has one [default: true].
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_PROVIDER_SIGN_OUT")]
+    pub provider_sign_out: Option<bool>,
     /// Serving threads, each with its own event loop and listening socket; 1 runs
     /// everything on one thread [default: the CPUs available].
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_WORKER_THREADS")]
@@ -198,6 +202,7 @@ pub struct File {
     pub skip_auth_paths: Option<Vec<String>>,
     pub trusted_proxy_cidrs: Option<Vec<String>>,
     pub pass_access_token: Option<bool>,
+    pub provider_sign_out: Option<bool>,
     pub worker_threads: Option<usize>,
     pub skip_jwt_bearer_tokens: Option<bool>,
     pub extra_jwt_issuers: Option<Vec<String>>,
@@ -248,6 +253,8 @@ pub struct Config {
     pub skip_auth_paths: Vec<regex::Regex>,
     pub trusted_proxy_cidrs: Vec<IpNet>,
     pub pass_access_token: bool,
+    /// Sign-out sends the browser to the issuer's end-session endpoint too.
+    pub provider_sign_out: bool,
     pub worker_threads: usize,
     /// `(issuer, audience)` pairs whose JWTs are accepted as bearer tokens.
     pub bearer_issuers: Vec<(String, String)>,
@@ -571,6 +578,7 @@ impl Config {
             skip_auth_paths,
             trusted_proxy_cidrs,
             pass_access_token: pick!(flags, file, pass_access_token).unwrap_or(false),
+            provider_sign_out: pick!(flags, file, provider_sign_out).unwrap_or(true),
             worker_threads: match pick!(flags, file, worker_threads) {
                 Some(0) => return Err("worker-threads: must be at least 1".into()),
                 Some(n) if n > 1024 => return Err(format!("worker-threads: {n} is more than 1024")),

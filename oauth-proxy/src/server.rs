@@ -1516,10 +1516,12 @@ async fn sign_out(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
         app.opened.forget(s);
     }
     let target = app.redirects.validate(query.rd.as_deref().unwrap_or("/"));
-    let to = match (
-        app.provider.get().and_then(Provider::end_session_endpoint),
-        &session,
-    ) {
+    let end_session = app
+        .provider
+        .get()
+        .and_then(Provider::end_session_endpoint)
+        .filter(|_| app.config.provider_sign_out);
+    let to = match (end_session, &session) {
         (Some(end), Some(s)) => {
             let mut url = end.clone();
             {

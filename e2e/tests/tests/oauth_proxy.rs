@@ -1145,6 +1145,34 @@ async fn sign_out_ends_the_session_and_a_copied_cookie_with_it() -> Result<()> {
         "the provider refused the end-session request: {}",
         page.status()
     );
+
+    // Turned off (an issuer whose end-session page signs the user out of everything
+    // else too): only the proxy's session ends, and the browser goes straight to `rd`.
+    let local = Proxy::start(
+        "signout-local",
+        echo_upstream().await?,
+        &["--provider-sign-out", "false"],
+    )
+    .await?;
+    let third = Arc::new(Jar::default());
+    echoed(login(&self::browser(&third)?, &local, "/", "alice").await?).await?;
+    let cookie = cookie_header(&third, &local)?;
+    let out = plain
+        .get(local.url("/oauth2/sign_out?rd=/bye"))
+        .header(COOKIE, &cookie)
+        .send()
+        .await?;
+    ensure!(location(&out) == "/bye", "local sign-out: {}", location(&out));
+    let after = plain
+        .get(local.url("/app"))
+        .header(COOKIE, &cookie)
+        .send()
+        .await?;
+    ensure!(
+        after.status() == 401,
+        "after a local sign-out: {}",
+        after.status()
+    );
     Ok(())
 }
 
