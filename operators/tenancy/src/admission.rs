@@ -250,7 +250,7 @@ async fn facts(
     // Limited creates are judged one at a time, and projects admitted moments ago count
     // even when the cache does not show them yet: two quick creates cannot both slip in.
     let mut recent = admitted.lock().await;
-    names.extend(recent.of(&user, Instant::now()));
+    names.extend(recent.of(&user, Instant::now(), |name| caches.project_exists(name)));
     facts.user_projects = names.len();
     let allowed = decide(&request.name, &user, &request.operation, &facts).is_ok();
     // A name already taken fails after admission (AlreadyExists): recorded, it would
@@ -431,12 +431,14 @@ impl Granted {
     }
 }
 
-/// How long an admitted project counts towards its user's limit before the project
-/// cache is trusted to show it (it is stored right after admission and its watch event
-/// follows, so seconds are plenty).
-const RECENT_WINDOW: Duration = Duration::from_secs(30);
+/// How long an admitted project counts towards its user's limit at most while the
+/// project cache does not show it: normally seconds (it is stored right after
+/// admission and its watch event follows); longer only when the watch stalls, or when
+/// the create failed after admission (then the user waits this long at their limit).
+/// A fixed 30 s let a stalled watch admit one project over the limit after another.
+const RECENT_WINDOW: Duration = Duration::from_secs(300);
 
-/// Projects this webhook admitted in the last [`RECENT_WINDOW`], per user. Each
+/// Projects this webhook admitted and its cache does not show yet, per user. Each
 /// replica knows only its own: the chart runs two that both serve admission, so a
 /// burst of creates spread over them can pass the limit on each before their caches
 /// show the other's (a known limit, in docs/projects.md).
@@ -446,16 +448,17 @@ pub struct Recent {
 }
 
 impl Recent {
-    fn prune(&mut self, now: Instant) {
+    fn prune(&mut self, now: Instant, cached: &impl Fn(&str) -> bool) {
         self.admitted.retain(|_, names| {
-            names.retain(|(_, at)| now.saturating_duration_since(*at) < RECENT_WINDOW);
+            names.retain(|(name, at)| now.saturating_duration_since(*at) < RECENT_WINDOW && !cached(name));
             !names.is_empty()
         });
     }
 
-    /// Names admitted for `user` within the window.
-    pub fn of(&mut self, user: &str, now: Instant) -> Vec<String> {
-        self.prune(now);
+    /// Names admitted for `user` that `cached` (the project cache) does not show yet,
+    /// within the window.
+    pub fn of(&mut self, user: &str, now: Instant, cached: impl Fn(&str) -> bool) -> Vec<String> {
+        self.prune(now, &cached);
         self.admitted
             .get(user)
             .map(|names| names.iter().map(|(n, _)| n.clone()).collect())
@@ -770,19 +773,27 @@ mod tests {
     }
 
     #[test]
-    fn recently_admitted_projects_count_until_the_window_closes() {
+    fn recently_admitted_projects_count_until_the_cache_shows_them() {
         let start = Instant::now();
+        let never = |_: &str| false;
         let mut recent = Recent::default();
         recent.record("alice", "one", start);
         recent.record("alice", "two", start + Duration::from_secs(20));
         recent.record("bob", "x", start);
+        // A watch that stalls: they keep counting long after the seconds it normally takes.
         assert_eq!(
-            recent.of("alice", start + Duration::from_secs(25)),
+            recent.of("alice", start + Duration::from_secs(120), never),
             vec!["one", "two"]
         );
-        assert_eq!(recent.of("alice", start + Duration::from_secs(31)), vec!["two"]);
-        assert!(recent.of("bob", start + Duration::from_secs(31)).is_empty());
-        assert!(recent.of("carol", start).is_empty());
+        // Once the cache shows one, the cache counts it.
+        assert_eq!(
+            recent.of("alice", start + Duration::from_secs(121), |n| n == "one"),
+            vec!["two"]
+        );
+        assert_eq!(recent.of("alice", start + Duration::from_secs(122), never), vec!["two"]);
+        // A create that failed after admission is never shown: it stops counting at last.
+        assert!(recent.of("bob", start + RECENT_WINDOW, never).is_empty());
+        assert!(recent.of("carol", start, never).is_empty());
     }
 
     #[tokio::test]
