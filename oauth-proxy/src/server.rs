@@ -465,7 +465,11 @@ impl UpstreamBase {
             authority: format!("{host}:{port}")
                 .parse()
                 .map_err(|e| format!("upstream {url}: {e}"))?,
-            path: url.path().trim_end_matches('/').to_string(),
+            // Normalized as request paths are, so that the two compare.
+            path: path::normalize(url.path())
+                .map_err(|e| format!("upstream {url}: its path: {e}"))?
+                .trim_end_matches('/')
+                .to_string(),
         })
     }
 
@@ -786,7 +790,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -
     // Where to go after the login, as an ingress asks (oauth2-proxy's nginx setup sets
     // it from `$request_uri`): only a wish, checked against the allow-list like `rd`,
     // so taken from any client, for our own routes only; never passed upstream.
-    let wanted_redirect = parts.headers.get(X_AUTH_REQUEST_REDIRECT).cloned();
+    let wanted_redirect = parts.headers.remove(X_AUTH_REQUEST_REDIRECT);
     headers::strip_identity(&mut parts.headers, !trusted);
     if !trusted {
         parts.headers.remove("forwarded");
@@ -1084,9 +1088,12 @@ async fn proxy(
         _ = body_sent => tokio::time::timeout(app.config.upstream_timeout, &mut pending).await,
     };
     let answered = match (answered, again) {
-        // A kept-alive connection the upstream closed just as the request went out (its
-        // idle timeout is shorter than ours): the request never reached the application.
-        // Sent once more on another connection, as Go's transport does for oauth2-proxy.
+        // A connection the upstream closed or reset before any byte of an answer: mostly
+        // a kept-alive one whose idle timeout (shorter than ours) fired just as the
+        // request went out, so the application never saw it. Sent once more on another
+        // connection, as Go's transport does for oauth2-proxy. hyper does not say
+        // whether the connection was reused (Go retries only then), so a fresh one that
+        // fails so is retried too, as nginx's `proxy_next_upstream error` does.
         (Ok(Err(e)), Some(again)) if closed_before_answering(&e) => {
             tracing::debug!(error = %crate::oidc::error_chain(&e), "upstream closed the connection unanswered; sending again");
             // A request without a body started its timeout when it was sent.
@@ -2074,6 +2081,8 @@ mod tests {
             ),
             ("http://up/base/", "/a/b", None, None),
             ("http://up/base", "/basement", None, None),
+            // Compared as normalized, like the request's path.
+            ("http://up/%7euser/", "/~user/x", None, Some("http://up:80/~user/x")),
             (
                 "http://[::1]:8080/?ignored=1",
                 "/a",

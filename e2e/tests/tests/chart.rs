@@ -390,6 +390,18 @@ fn the_charts_own_template_and_profile_survive_uninstall_and_one_replica_has_no_
         !single.iter().any(|d| d["kind"] == "PodDisruptionBudget"),
         "a budget of one available pod for one replica blocks every drain"
     );
+    // A percentage is rounded up: 60 % of two replicas keeps both.
+    for (percent, budget) in [("60%", false), ("50%", true)] {
+        let docs = documents(&render(
+            "chassis",
+            &["--set", &format!("podDisruptionBudget.minAvailable={percent}")],
+        )?)?;
+        assert_eq!(
+            docs.iter().any(|d| d["kind"] == "PodDisruptionBudget"),
+            budget,
+            "minAvailable {percent} of 2 replicas"
+        );
+    }
     Ok(())
 }
 

@@ -371,6 +371,9 @@ async fn a_project_whose_template_names_a_profile_becomes_network_ready() -> Res
     let since = chassis_e2e::condition(&ready, "Ready")
         .context("Ready")?
         .last_transition_time;
+    // Transition times have whole seconds: a flip and back within the second of the
+    // last one would not show.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let edited = profiles
         .patch(
             &profile,

@@ -388,11 +388,12 @@ where
         Some(current) if has_create_entry(current, field_manager) => api.get_opt(&name).await?,
         _ => None,
     };
+    // Without a version the patch would be unconditional: no fold then.
     if let Some(current) = live.as_ref()
+        && let Some(version) = current.meta().resource_version.as_deref()
         && let Some(folded) = fold_create_entry(current, field_manager)
     {
-        let version = current.meta().resource_version.clone().unwrap_or_default();
-        let patch = fold_patch(&version, &folded).map_err(kube::Error::SerdeError)?;
+        let patch = fold_patch(version, &folded).map_err(kube::Error::SerdeError)?;
         api.patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
             .await?;
     }

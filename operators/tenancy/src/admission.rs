@@ -250,7 +250,9 @@ async fn facts(
     // Limited creates are judged one at a time, and projects admitted moments ago count
     // even when the cache does not show them yet: two quick creates cannot both slip in.
     let mut recent = admitted.lock().await;
-    names.extend(recent.of(&user, Instant::now(), |name| caches.project_exists(name)));
+    names.extend(recent.of(&user, Instant::now(), |name, admitted| {
+        caches.project_seen_since(name, admitted)
+    }));
     facts.user_projects = names.len();
     let allowed = decide(&request.name, &user, &request.operation, &facts).is_ok();
     // A name already taken fails after admission (AlreadyExists): recorded, it would
@@ -290,6 +292,9 @@ pub struct Caches {
 struct Projects {
     store: Store<PartialObjectMeta<Project>>,
     synced: Synced,
+    /// When the watch last delivered an event (made or changed, or deleted) per name,
+    /// for [`Recent`]: kept for [`RECENT_WINDOW`].
+    seen: Arc<std::sync::Mutex<HashMap<String, Instant>>>,
 }
 
 /// Drives `stream` (after `InitialSync::reflect`) and `done` until `shutdown`.
@@ -326,8 +331,32 @@ impl Projects {
             },
         );
         let synced = sync.flag();
+        let seen: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
+        let record = seen.clone();
+        let stream = stream.inspect(move |event| {
+            let object = match event {
+                Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p) | watcher::Event::Delete(p)) => p,
+                _ => return,
+            };
+            let now = Instant::now();
+            let mut seen = record.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.len() >= 4096 {
+                seen.retain(|_, at| now.saturating_duration_since(*at) < RECENT_WINDOW);
+            }
+            seen.insert(object.name_any(), now);
+        });
         drive(stream, sync.done(), shutdown);
-        Self { store, synced }
+        Self { store, synced, seen }
+    }
+
+    /// Whether the watch delivered an event for `name` at or after `since`: the cache
+    /// then counts the project (or knows it is gone).
+    fn seen_since(&self, name: &str, since: Instant) -> bool {
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .is_some_and(|at| *at >= since)
     }
 
     /// Whether a Project named `name` exists (whoever requested it), once listed.
@@ -374,6 +403,11 @@ impl Caches {
         self.projects
             .get_or_init(|| Projects::start(&self.client, self.shutdown.clone()))
             .of(user)
+    }
+
+    /// Whether the Project cache had word of `name` at or after `since`.
+    fn project_seen_since(&self, name: &str, since: Instant) -> bool {
+        self.projects.get().is_some_and(|p| p.seen_since(name, since))
     }
 
     /// Whether the Project cache holds a project named `name` (any requester): its
@@ -432,13 +466,13 @@ impl Granted {
 }
 
 /// How long an admitted project counts towards its user's limit at most while the
-/// project cache does not show it: normally seconds (it is stored right after
+/// project watch has not delivered it: normally milliseconds (it is stored right after
 /// admission and its watch event follows); longer only when the watch stalls, or when
 /// the create failed after admission (then the user waits this long at their limit).
 /// A fixed 30 s let a stalled watch admit one project over the limit after another.
-const RECENT_WINDOW: Duration = Duration::from_secs(300);
+const RECENT_WINDOW: Duration = Duration::from_secs(120);
 
-/// Projects this webhook admitted and its cache does not show yet, per user. Each
+/// Projects this webhook admitted that its watch has not delivered yet, per user. Each
 /// replica knows only its own: the chart runs two that both serve admission, so a
 /// burst of creates spread over them can pass the limit on each before their caches
 /// show the other's (a known limit, in docs/projects.md).
@@ -448,17 +482,20 @@ pub struct Recent {
 }
 
 impl Recent {
-    fn prune(&mut self, now: Instant, cached: &impl Fn(&str) -> bool) {
+    fn prune(&mut self, now: Instant, delivered: &impl Fn(&str, Instant) -> bool) {
         self.admitted.retain(|_, names| {
-            names.retain(|(name, at)| now.saturating_duration_since(*at) < RECENT_WINDOW && !cached(name));
+            names.retain(|(name, at)| {
+                now.saturating_duration_since(*at) < RECENT_WINDOW && !delivered(name, *at)
+            });
             !names.is_empty()
         });
     }
 
-    /// Names admitted for `user` that `cached` (the project cache) does not show yet,
-    /// within the window.
-    pub fn of(&mut self, user: &str, now: Instant, cached: impl Fn(&str) -> bool) -> Vec<String> {
-        self.prune(now, &cached);
+    /// Names admitted for `user`, within the window, that the project watch has not
+    /// delivered since (`delivered(name, admitted_at)`): once it has, the cache counts
+    /// the project, or knows it was deleted again.
+    pub fn of(&mut self, user: &str, now: Instant, delivered: impl Fn(&str, Instant) -> bool) -> Vec<String> {
+        self.prune(now, &delivered);
         self.admitted
             .get(user)
             .map(|names| names.iter().map(|(n, _)| n.clone()).collect())
@@ -773,25 +810,30 @@ mod tests {
     }
 
     #[test]
-    fn recently_admitted_projects_count_until_the_cache_shows_them() {
+    fn recently_admitted_projects_count_until_the_watch_delivers_them() {
         let start = Instant::now();
-        let never = |_: &str| false;
+        let never = |_: &str, _: Instant| false;
         let mut recent = Recent::default();
         recent.record("alice", "one", start);
         recent.record("alice", "two", start + Duration::from_secs(20));
         recent.record("bob", "x", start);
-        // A watch that stalls: they keep counting long after the seconds it normally takes.
+        // A watch that stalls: they keep counting long after the moment it normally takes.
         assert_eq!(
-            recent.of("alice", start + Duration::from_secs(120), never),
+            recent.of("alice", start + Duration::from_secs(100), never),
             vec!["one", "two"]
         );
-        // Once the cache shows one, the cache counts it.
+        // Once the watch has delivered one since its admission (made, or made and
+        // deleted again), the cache counts it, or knows it is gone.
+        let delivered_one = |n: &str, admitted: Instant| n == "one" && admitted == start;
         assert_eq!(
-            recent.of("alice", start + Duration::from_secs(121), |n| n == "one"),
+            recent.of("alice", start + Duration::from_secs(101), delivered_one),
             vec!["two"]
         );
-        assert_eq!(recent.of("alice", start + Duration::from_secs(122), never), vec!["two"]);
-        // A create that failed after admission is never shown: it stops counting at last.
+        assert_eq!(
+            recent.of("alice", start + Duration::from_secs(102), never),
+            vec!["two"]
+        );
+        // A create that failed after admission is never delivered: it stops counting at last.
         assert!(recent.of("bob", start + RECENT_WINDOW, never).is_empty());
         assert!(recent.of("carol", start, never).is_empty());
     }
@@ -806,6 +848,7 @@ mod tests {
         let projects = Projects {
             store,
             synced: sync.flag(),
+            seen: Arc::default(),
         };
         let cached = |name: &str, requester: Option<&str>, deleting: bool| {
             ObjectMeta {
@@ -868,6 +911,7 @@ mod tests {
         let never_listed = Projects {
             store: project_store,
             synced: InitialSync::default().flag(),
+            seen: Arc::default(),
         };
         assert!(projects.set(never_listed).is_ok());
         let caches = Caches {
