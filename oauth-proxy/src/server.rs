@@ -2082,7 +2082,12 @@ mod tests {
             ("http://up/base/", "/a/b", None, None),
             ("http://up/base", "/basement", None, None),
             // Compared as normalized, like the request's path.
-            ("http://up/%7euser/", "/~user/x", None, Some("http://up:80/~user/x")),
+            (
+                "http://up/%7euser/",
+                "/~user/x",
+                None,
+                Some("http://up:80/~user/x"),
+            ),
             (
                 "http://[::1]:8080/?ignored=1",
                 "/a",
