@@ -760,7 +760,7 @@ async fn a_slow_upload_is_not_cut_off_by_the_upstream_timeout() -> Result<()> {
 
 #[tokio::test]
 async fn a_kept_alive_upstream_connection_closed_under_a_get_is_retried_but_a_post_is_not() -> Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
     // An upstream whose idle timeout fires just as the proxy reuses the connection: it
     // answers the first request of each connection and closes under the second
     // unanswered (after reading it, so the close is a clean FIN).
@@ -769,48 +769,39 @@ async fn a_kept_alive_upstream_connection_closed_under_a_get_is_retried_but_a_po
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let log = seen.clone();
     tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
+        while let Ok((socket, _)) = listener.accept().await {
             let log = log.clone();
             tokio::spawn(async move {
-                let mut buffer = Vec::new();
+                let mut reader = tokio::io::BufReader::new(socket);
                 for nth in 1.. {
-                    let head_end = loop {
-                        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break at + 4;
+                    // The request line, the header lines up to the empty one, the body.
+                    let (mut line, mut length) = (String::new(), 0);
+                    if !matches!(reader.read_line(&mut line).await, Ok(n) if n > 0) {
+                        return;
+                    }
+                    loop {
+                        let mut header = String::new();
+                        if !matches!(reader.read_line(&mut header).await, Ok(n) if n > 0) {
+                            return;
                         }
-                        let mut chunk = [0u8; 4096];
-                        match socket.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                        if header == "\r\n" {
+                            break;
                         }
-                    };
-                    let head = String::from_utf8_lossy(&buffer[..head_end]).to_string();
-                    let length: usize = head
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase()
-                                .strip_prefix("content-length:")
-                                .map(|v| v.trim().to_string())
-                        })
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0);
-                    while buffer.len() < head_end + length {
-                        let mut chunk = [0u8; 4096];
-                        match socket.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                        if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
                         }
                     }
-                    buffer.drain(..head_end + length);
-                    let line = head.lines().next().unwrap_or_default().to_string();
+                    if reader.read_exact(&mut vec![0; length]).await.is_err() {
+                        return;
+                    }
                     if let Ok(mut log) = log.lock() {
-                        log.push(format!("{nth} {line}"));
+                        log.push(format!("{nth} {}", line.trim_end()));
                     }
                     if nth == 2 {
                         return;
                     }
                     let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                    if socket.write_all(answer).await.is_err() {
+                    if reader.get_mut().write_all(answer).await.is_err() {
                         return;
                     }
                 }

@@ -51,6 +51,20 @@ fn hard_cpu(quota: &ResourceQuota) -> Option<String> {
         .map(|q| q.0.clone())
 }
 
+/// `kubectl patch --type=json`: the JSON patch `ops` under kubectl's field manager.
+async fn kubectl_json_patch<K>(api: &Api<K>, name: &str, ops: serde_json::Value) -> Result<()>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let ops: json_patch::Patch = serde_json::from_value(ops)?;
+    let params = PatchParams {
+        field_manager: Some("kubectl-patch".into()),
+        ..Default::default()
+    };
+    api.patch(name, &params, &Patch::<()>::Json(ops)).await?;
+    Ok(())
+}
+
 struct Fixture {
     client: kube::Client,
     project: String,
@@ -220,18 +234,8 @@ async fn deleted_or_edited_children_are_put_back() -> Result<()> {
     .await?;
 
     // A limit removed outright: no field manager owns a removed field any more.
-    let remove: json_patch::Patch =
-        serde_json::from_value(serde_json::json!([{"op": "remove", "path": "/spec/hard/pods"}]))?;
-    quotas
-        .patch(
-            "chassis-project-quota",
-            &PatchParams {
-                field_manager: Some("kubectl-patch".into()),
-                ..Default::default()
-            },
-            &Patch::<()>::Json(remove),
-        )
-        .await?;
+    let remove = serde_json::json!([{"op": "remove", "path": "/spec/hard/pods"}]);
+    kubectl_json_patch(&quotas, "chassis-project-quota", remove).await?;
     eventually(
         "the removed quota limit to come back",
         Duration::from_secs(20),
@@ -248,21 +252,12 @@ async fn deleted_or_edited_children_are_put_back() -> Result<()> {
 
     // A member with `admin` in the namespace may edit RoleBindings: cutting the owner
     // reference while changing the subjects must not hide the edit from Chassis.
-    let hijack: json_patch::Patch = serde_json::from_value(serde_json::json!([
+    let hijack = serde_json::json!([
         {"op": "remove", "path": "/metadata/ownerReferences"},
         {"op": "replace", "path": "/subjects", "value": [
             {"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": "mallory"}]},
-    ]))?;
-    bindings
-        .patch(
-            "chassis-project-admins",
-            &PatchParams {
-                field_manager: Some("kubectl-patch".into()),
-                ..Default::default()
-            },
-            &Patch::<()>::Json(hijack),
-        )
-        .await?;
+    ]);
+    kubectl_json_patch(&bindings, "chassis-project-admins", hijack).await?;
     eventually(
         "the admins RoleBinding to be restored with its owner",
         Duration::from_secs(20),
