@@ -77,3 +77,8 @@ app.kubernetes.io/component: operator
 {{- end -}}
 {{- join "," $controllers -}}
 {{- end -}}
+
+{{/* The ValidatingAdmissionPolicy that keeps the operator's writes inside project namespaces. */}}
+{{- define "chassis.operatorScope" -}}
+{{- printf "%s-scope" (include "chassis.operator" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}

@@ -173,7 +173,8 @@ pub const CHART_NAMESPACE: &str = "chassis-system";
 pub const CHART_SERVICE_ACCOUNT: &str = "chassis-operator";
 
 /// Gives the operators the tests start exactly the chart's permissions: the chart's
-/// ServiceAccount and RBAC are installed as `helm template` renders them, and a token
+/// ServiceAccount, RBAC and the admission policy that keeps the operator's writes in
+/// project namespaces are installed as `helm template` renders them, and a token
 /// of that ServiceAccount goes into `kubeconfig-operator`. The webhook configurations
 /// exist before the operator registers into them (the chart installs them; the
 /// operator may only patch them).
@@ -200,6 +201,8 @@ fn chart_identity(cluster: &Cluster) -> Result<()> {
                 "templates/serviceaccount.yaml",
                 "--show-only",
                 "templates/rbac.yaml",
+                "--show-only",
+                "templates/operator-scope.yaml",
             ]),
         "rendering the chart's RBAC",
     )?;

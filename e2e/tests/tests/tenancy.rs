@@ -8,9 +8,10 @@ use chassis_api::tenancy::v1alpha1::{
     PodSecurityLevel, Project, ProjectSpec, ProjectTemplate, ProjectTemplateSpec, Subject, SubjectKind,
 };
 use chassis_e2e::{Operator, cluster, eventually, unique, wait_for_condition};
-use k8s_openapi::api::core::v1::{ConfigMap, LimitRange, ResourceQuota};
-use k8s_openapi::api::rbac::v1::RoleBinding;
+use k8s_openapi::api::core::v1::{ConfigMap, LimitRange, Namespace, ResourceQuota};
+use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject as RbacSubject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -322,4 +323,121 @@ async fn a_bigger_quota_in_the_template_reaches_every_project() -> Result<()> {
     }
     projects.delete(&second, &DeleteParams::default()).await?;
     f.cleanup().await
+}
+
+fn named_namespace(name: &str) -> Namespace {
+    Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// The chart's ValidatingAdmissionPolicy (`templates/operator-scope.yaml`, installed by
+/// the e2e setup as the chart renders it): the operator's own token, which RBAC lets
+/// create RoleBindings anywhere, may write them (and quotas, limits, namespaces) only in
+/// namespaces that Projects own.
+#[tokio::test]
+async fn a_stolen_operator_token_cannot_bind_admin_or_take_namespaces_outside_projects() -> Result<()> {
+    let fixture = ready_project("2").await?;
+    let admin = fixture.client.clone();
+    let stolen = chassis_e2e::client_from(&cluster().operator_kubeconfig()).await?;
+    let foreign = unique("foreign");
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    namespaces
+        .create(&PostParams::default(), &named_namespace(&foreign))
+        .await?;
+    let grant = |namespace: &str| RoleBinding {
+        metadata: ObjectMeta {
+            name: Some("mallory-admin".into()),
+            namespace: Some(namespace.into()),
+            ..Default::default()
+        },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "ClusterRole".into(),
+            name: "admin".into(),
+        },
+        subjects: Some(vec![RbacSubject {
+            kind: "User".into(),
+            name: "mallory".into(),
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            ..Default::default()
+        }]),
+    };
+    let refused = |what: &str, answer: Result<_, kube::Error>, says: &str| match answer {
+        Err(kube::Error::Api(status)) if status.code == 403 && status.message.contains(says) => {}
+        other => panic!("the operator's token may {what}: {other:?}"),
+    };
+
+    for namespace in [foreign.as_str(), "kube-system", "default"] {
+        let bindings: Api<RoleBinding> = Api::namespaced(stolen.clone(), namespace);
+        let answer = bindings.create(&PostParams::default(), &grant(namespace)).await;
+        refused(
+            &format!("bind admin in {namespace}"),
+            answer.map(|_| ()),
+            "in namespaces of Projects",
+        );
+        let quotas: Api<ResourceQuota> = Api::namespaced(stolen.clone(), namespace);
+        let quota = ResourceQuota {
+            metadata: ObjectMeta {
+                name: Some("squeeze".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        refused(
+            &format!("create a quota in {namespace}"),
+            quotas.create(&PostParams::default(), &quota).await.map(|_| ()),
+            "in namespaces of Projects",
+        );
+    }
+
+    // Taking a namespace over by naming a Project as its controller would hand it to
+    // the garbage collector once that Project is absent.
+    let adopt = serde_json::json!({"metadata": {"ownerReferences": [{
+        "apiVersion": "tenancy.chassis.dev/v1alpha1", "kind": "Project", "name": foreign,
+        "uid": "00000000-0000-0000-0000-000000000000", "controller": true,
+    }]}});
+    let answer = Api::<Namespace>::all(stolen.clone())
+        .patch(&foreign, &PatchParams::default(), &Patch::Merge(&adopt))
+        .await;
+    refused(
+        "adopt a namespace",
+        answer.map(|_| ()),
+        "may only create or change a namespace that the Project of the same name controls",
+    );
+    let answer = Api::<Namespace>::all(stolen.clone())
+        .create(&PostParams::default(), &named_namespace(&unique("loose")))
+        .await;
+    refused(
+        "create an unowned namespace",
+        answer.map(|_| ()),
+        "may only create or change a namespace",
+    );
+
+    // What it is for still works: a dry run anywhere (the template's bind check runs
+    // in `default`) and a binding inside the project's namespace.
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    Api::<RoleBinding>::namespaced(stolen.clone(), "default")
+        .create(&dry, &grant("default"))
+        .await
+        .context("a dry-run binding in default")?;
+    let inside: Api<RoleBinding> = Api::namespaced(stolen.clone(), &fixture.project);
+    inside
+        .create(&PostParams::default(), &grant(&fixture.project))
+        .await
+        .context("a binding in the project's namespace")?;
+    inside
+        .delete("mallory-admin", &DeleteParams::default())
+        .await
+        .context("deleting it again")?;
+
+    namespaces.delete(&foreign, &DeleteParams::default()).await?;
+    fixture.cleanup().await
 }
