@@ -61,8 +61,11 @@ e2e: deps build cluster-up ## End-to-end tests against the local control plane
 
 test: deps fmt-check lint unit crds-check e2e ## Everything CI runs
 
-run: build ## Run the operator in the foreground against $$KUBECONFIG
-	./target/debug/chassis-operator --log-format text
+# The API server must reach the webhooks on this machine's loopback (the local control
+# plane of `make cluster-up`); against a remote cluster run with RUN_WEBHOOKS= .
+RUN_WEBHOOKS ?= --webhook-addr 127.0.0.1:9443 --webhook-register
+run: build ## Run the operator in the foreground against $$KUBECONFIG, its admission webhooks served and registered on loopback
+	./target/debug/chassis-operator --log-format text $(RUN_WEBHOOKS)
 
 demo: deps build cluster-up ## Start everything and create the example project
 	bash hack/demo.sh

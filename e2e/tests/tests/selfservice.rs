@@ -120,6 +120,38 @@ async fn the_requester_cannot_be_forged_or_changed() -> Result<()> {
     Ok(())
 }
 
+/// GitOps tools apply Projects server-side. The admin the webhook adds at creation
+/// must not count as the applier's field: applying the same manifest (no `admins`)
+/// again would then remove it and leave the project without an admin.
+#[tokio::test]
+async fn reapplying_a_manifest_without_admins_keeps_the_requester_as_admin() -> Result<()> {
+    let admin = cluster().admin().await?;
+    default_template(&admin).await?;
+    let name = unique("applied");
+    let manifest = serde_json::json!({
+        "apiVersion": "tenancy.chassis.dev/v1alpha1",
+        "kind": "Project",
+        "metadata": {"name": name},
+        "spec": {"template": "default"},
+    });
+    // The first apply creates it (the GitOps controller is the cluster admin here).
+    let all: Api<Project> = Api::all(admin);
+    let apply = PatchParams::apply("gitops").force();
+    let created = all.patch(&name, &apply, &Patch::Apply(&manifest)).await?;
+    let requester = created
+        .annotations()
+        .get(REQUESTER)
+        .cloned()
+        .context("the requester is recorded")?;
+    for round in 1..=3 {
+        let applied = all.patch(&name, &apply, &Patch::Apply(&manifest)).await?;
+        let admins: Vec<&str> = applied.spec.admins.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(admins, [requester.as_str()], "after apply {round}");
+    }
+    all.delete(&name, &DeleteParams::default()).await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn while_the_webhook_is_down_only_requester_changes_wait_for_it() -> Result<()> {
     use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;

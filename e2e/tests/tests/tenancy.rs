@@ -93,6 +93,14 @@ async fn ready_project(cpu: &str) -> Result<Fixture> {
             "{part}: {found:?}"
         );
     }
+    // The template binds no NetworkProfile, and the project says so plainly.
+    let network = chassis_e2e::condition(&ready, "NetworkReady");
+    assert!(
+        network.as_ref().is_some_and(|c| c.reason == "NoNetworkProfiles"
+            && c.message.contains("no NetworkProfile is bound")
+            && c.message.contains("not restricted")),
+        "{network:?}"
+    );
     Ok(Fixture {
         client,
         project,

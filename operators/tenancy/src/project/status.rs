@@ -168,10 +168,15 @@ pub async fn write(
     }
     let name = project.name_any();
     let patch = serde_json::json!({ "status": status });
-    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+    match api
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
-        .map(Some)
-        .map_err(|source| Error::WriteStatus { name, source })
+    {
+        Ok(written) => Ok(Some(written)),
+        // Deleted while it was reconciled: nobody is left to read the status.
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
+        Err(source) => Err(Error::WriteStatus { name, source }),
+    }
 }
 
 /// `NetworkReady` from the bound profiles: each exists and lists the namespace in

@@ -774,3 +774,34 @@ fn a_binding_to_a_role_the_template_says_is_missing_keeps_the_project_from_ready
         "the role was created"
     );
 }
+
+/// A project deleted while it was reconciled: its status write answers 404, which is
+/// the end of the story, not a failure to log and retry.
+#[tokio::test]
+async fn a_status_write_for_a_project_deleted_meanwhile_is_not_an_error() -> Result<(), String> {
+    use http::{Request, Response};
+    use kube::client::Body;
+
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    tokio::spawn(async move {
+        while let Some((request, send)) = handle.next_request().await {
+            let code = if request.uri().path().ends_with("/projects/gone/status") {
+                404
+            } else {
+                500
+            };
+            let answer = serde_json::json!({"kind": "Status", "status": "Failure", "code": code, "reason": "NotFound", "message": "projects.tenancy.chassis.dev \"gone\" not found"});
+            let answer = serde_json::to_vec(&answer).unwrap_or_default();
+            if let Ok(response) = Response::builder().status(code).body(Body::from(answer)) {
+                send.send_response(response);
+            }
+        }
+    });
+    let api: kube::Api<Project> = kube::Api::all(kube::Client::new(service, "default"));
+    let status = chassis_api::tenancy::v1alpha1::ProjectStatus::default();
+    let written = super::status::write(&api, &project("gone"), status)
+        .await
+        .map_err(|e| e.to_string())?;
+    assert!(written.is_none(), "{written:?}");
+    Ok(())
+}
