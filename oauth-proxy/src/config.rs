@@ -166,6 +166,18 @@ pub struct Flags {
     /// for the signed-in user and groups.
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_SAR_RESOURCE_ATTRIBUTES")]
     pub sar_resource_attributes: Option<String>,
+    /// The claim that names the user in SubjectAccessReviews: sub, email (verified
+    /// only) or preferred_username [default: sub]; as the API server's --oidc-username-claim.
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_SAR_USERNAME_CLAIM")]
+    pub sar_username_claim: Option<String>,
+    /// Put before the user name in SubjectAccessReviews (the API server's
+    /// --oidc-username-prefix, e.g. "oidc:") [default: none].
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_SAR_USERNAME_PREFIX")]
+    pub sar_username_prefix: Option<String>,
+    /// Put before each group in SubjectAccessReviews (the API server's
+    /// --oidc-groups-prefix) [default: none].
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_SAR_GROUPS_PREFIX")]
+    pub sar_groups_prefix: Option<String>,
     /// Kubeconfig for SubjectAccessReviews (in-cluster configuration when unset).
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
@@ -208,7 +220,19 @@ pub struct File {
     pub extra_jwt_issuers: Option<Vec<String>>,
     pub bearer_clock_skew: Option<String>,
     pub sar_resource_attributes: Option<serde_json::Value>,
+    pub sar_username_claim: Option<String>,
+    pub sar_username_prefix: Option<String>,
+    pub sar_groups_prefix: Option<String>,
     pub kubeconfig: Option<PathBuf>,
+}
+
+/// The claim that names the user in a SubjectAccessReview.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SarClaim {
+    Sub,
+    /// Only when `email_verified` (the API server's OIDC authenticator insists too).
+    Email,
+    PreferredUsername,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -261,6 +285,11 @@ pub struct Config {
     pub bearer_clock_skew: Duration,
     /// SubjectAccessReview resource attributes every user must be allowed.
     pub sar: Option<k8s_openapi::api::authorization::v1::ResourceAttributes>,
+    /// How the review names the user and groups: as the cluster's API server names the
+    /// same people when they sign in with this issuer, so its RoleBindings match.
+    pub sar_username_claim: SarClaim,
+    pub sar_username_prefix: String,
+    pub sar_groups_prefix: String,
     pub kubeconfig: Option<PathBuf>,
 }
 
@@ -394,6 +423,92 @@ macro_rules! pick {
     };
 }
 
+/// A list value with its entries trimmed (`a, b` in an environment variable is two
+/// entries, not `a` and ` b`); an empty entry is refused, as it matches nothing.
+fn list(key: &str, values: Option<Vec<String>>) -> Result<Vec<String>, String> {
+    values
+        .unwrap_or_default()
+        .iter()
+        .map(|v| match v.trim() {
+            "" => Err(format!("{key}: an entry is empty (a stray comma?)")),
+            t => Ok(t.to_string()),
+        })
+        .collect()
+}
+
+/// `*`, a domain, or `.domain` / `*.domain` for its subdomains; anything else (an
+/// `@`, a wildcard inside) would match no email at all.
+fn email_domain(text: &str) -> Result<(), String> {
+    let name = text
+        .strip_prefix("*.")
+        .or_else(|| text.strip_prefix('.'))
+        .unwrap_or(text);
+    let label_ok =
+        |l: &str| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if text == "*" || name.split('.').all(label_ok) {
+        Ok(())
+    } else {
+        Err(format!(
+            "email-domains: {text:?} is not a domain (corp.com; .corp.com or *.corp.com for its subdomains; * for any)"
+        ))
+    }
+}
+
+/// The prefix of every environment variable the proxy reads.
+const ENV_PREFIX: &str = "CHASSIS_OAUTH_PROXY_";
+
+/// Refuses a `CHASSIS_OAUTH_PROXY_*` variable that is no setting: a typo such as
+/// `..._ALLOWED_GROUP` would otherwise be ignored and the proxy start with a wider
+/// rule than intended. The variables kubelet derives from a Service named
+/// `chassis-oauth-proxy` (`..._SERVICE_HOST`, `..._PORT_4180_TCP`, ...) are not ours
+/// and are left alone.
+pub fn check_environment<I>(vars: I) -> Result<(), String>
+where
+    I: IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+{
+    use clap::CommandFactory;
+    let command = Flags::command();
+    let known: Vec<&str> = command
+        .get_arguments()
+        .filter_map(|a| a.get_env()?.to_str())
+        .collect();
+    for (name, _) in vars {
+        let Some(name) = name.to_str() else { continue };
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let service_link = rest.starts_with("SERVICE_") || rest == "PORT" || rest.starts_with("PORT_");
+        if service_link || known.contains(&name) {
+            continue;
+        }
+        let closest = known
+            .iter()
+            .map(|k| (strsim::levenshtein(k, name), k))
+            .min()
+            .filter(|(distance, _)| *distance <= 3)
+            .map(|(_, k)| format!(" (did you mean {k}?)"))
+            .unwrap_or_default();
+        return Err(format!(
+            "environment: {name} is not a setting of chassis-oauth-proxy{closest}"
+        ));
+    }
+    Ok(())
+}
+
+/// The keys of Kubernetes' ResourceAttributes. k8s-openapi skips unknown keys, so a
+/// typo (`resourceName`, `subResource`) would silently widen the check.
+const SAR_KEYS: [&str; 9] = [
+    "namespace",
+    "verb",
+    "group",
+    "version",
+    "resource",
+    "subresource",
+    "name",
+    "fieldSelector",
+    "labelSelector",
+];
+
 impl Config {
     /// Reads the file named by `--config` (if any) and merges it under the flags.
     pub fn load(flags: &Flags) -> Result<Self, String> {
@@ -443,8 +558,7 @@ impl Config {
             "cookie-refresh",
             pick!(flags, file, cookie_refresh).as_deref().unwrap_or("0"),
         )?;
-        let skip_auth_paths = pick!(flags, file, skip_auth_paths)
-            .unwrap_or_default()
+        let skip_auth_paths = list("skip-auth-paths", pick!(flags, file, skip_auth_paths))?
             .iter()
             .map(|p| {
                 // Anchored whatever the user wrote: a rule never matches a mere substring.
@@ -453,8 +567,7 @@ impl Config {
                     .map_err(|e| format!("skip-auth-paths: {p:?} is not a valid regex: {e}"))
             })
             .collect::<Result<_, _>>()?;
-        let trusted_proxy_cidrs = pick!(flags, file, trusted_proxy_cidrs)
-            .unwrap_or_default()
+        let trusted_proxy_cidrs = list("trusted-proxy-cidrs", pick!(flags, file, trusted_proxy_cidrs))?
             .iter()
             .map(|c| {
                 c.parse::<IpNet>()
@@ -501,7 +614,7 @@ impl Config {
         if pick!(flags, file, skip_jwt_bearer_tokens).unwrap_or(false) {
             bearer_issuers.push((issuer.clone(), client_id.clone()));
         }
-        for pair in pick!(flags, file, extra_jwt_issuers).unwrap_or_default() {
+        for pair in list("extra-jwt-issuers", pick!(flags, file, extra_jwt_issuers))? {
             let (iss, aud) = pair
                 .rsplit_once('=')
                 .filter(|(i, a)| !i.is_empty() && !a.is_empty())
@@ -525,6 +638,15 @@ impl Config {
             .map_err(|e| format!("sar-resource-attributes: not JSON: {e}"))?;
         let sar = sar_text
             .map(|v| {
+                let Some(keys) = v.as_object() else {
+                    return Err("sar-resource-attributes: must be a JSON object".to_string());
+                };
+                if let Some(unknown) = keys.keys().find(|k| !SAR_KEYS.contains(&k.as_str())) {
+                    return Err(format!(
+                        "sar-resource-attributes: unknown key {unknown:?} (known: {})",
+                        SAR_KEYS.join(", ")
+                    ));
+                }
                 let attrs: k8s_openapi::api::authorization::v1::ResourceAttributes =
                     serde_json::from_value(v).map_err(|e| format!("sar-resource-attributes: {e}"))?;
                 if attrs.verb.as_deref().is_none_or(str::is_empty) {
@@ -572,9 +694,13 @@ impl Config {
             cookie_samesite: samesite,
             cookie_expire,
             cookie_refresh: (!refresh.is_zero()).then_some(refresh),
-            allowed_groups: pick!(flags, file, allowed_groups).unwrap_or_default(),
-            email_domains: pick!(flags, file, email_domains).unwrap_or_default(),
-            whitelist_domains: pick!(flags, file, whitelist_domains).unwrap_or_default(),
+            allowed_groups: list("allowed-groups", pick!(flags, file, allowed_groups))?,
+            email_domains: {
+                let domains = list("email-domains", pick!(flags, file, email_domains))?;
+                domains.iter().try_for_each(|d| email_domain(d))?;
+                domains
+            },
+            whitelist_domains: list("whitelist-domains", pick!(flags, file, whitelist_domains))?,
             skip_auth_paths,
             trusted_proxy_cidrs,
             pass_access_token: pick!(flags, file, pass_access_token).unwrap_or(false),
@@ -588,6 +714,18 @@ impl Config {
             bearer_issuers,
             bearer_clock_skew,
             sar,
+            sar_username_claim: match pick!(flags, file, sar_username_claim).as_deref() {
+                None | Some("sub") => SarClaim::Sub,
+                Some("email") => SarClaim::Email,
+                Some("preferred_username") => SarClaim::PreferredUsername,
+                Some(other) => {
+                    return Err(format!(
+                        "sar-username-claim: {other:?} must be sub, email or preferred_username"
+                    ));
+                }
+            },
+            sar_username_prefix: pick!(flags, file, sar_username_prefix).unwrap_or_default(),
+            sar_groups_prefix: pick!(flags, file, sar_groups_prefix).unwrap_or_default(),
             kubeconfig: pick!(flags, file, kubeconfig),
         };
         if config.http_address == config.metrics_address {
@@ -735,7 +873,7 @@ mod tests {
         let not_pem = std::env::temp_dir().join(format!("chassis-not-pem-{}", std::process::id()));
         std::fs::write(&not_pem, "not a certificate\n").expect("writing the test's not-PEM file");
         let (upstream_not_pem, also_not_pem) = (not_pem.clone(), not_pem.clone());
-        let cases: [(&str, Edit); 22] = [
+        let cases: [(&str, Edit); 30] = [
             ("worker-threads", Box::new(|f| f.worker_threads = Some(0))),
             (
                 "upstream-ca-file",
@@ -817,6 +955,46 @@ mod tests {
                 "bearer-clock-skew",
                 Box::new(|f| f.bearer_clock_skew = Some("1h".into())),
             ),
+            // openshift/oauth-proxy's spelling, and a typo: both would be dropped by
+            // k8s-openapi and the check become a plain `get services`.
+            (
+                "sar-resource-attributes",
+                Box::new(|f| {
+                    f.sar_resource_attributes =
+                        Some(r#"{"verb":"get","resource":"services","resourceName":"web"}"#.into())
+                }),
+            ),
+            (
+                "sar-resource-attributes",
+                Box::new(|f| {
+                    f.sar_resource_attributes =
+                        Some(r#"{"verb":"get","resource":"services","subResource":"proxy"}"#.into())
+                }),
+            ),
+            (
+                "sar-resource-attributes",
+                Box::new(|f| f.sar_resource_attributes = Some(r#"["get"]"#.into())),
+            ),
+            (
+                "email-domains",
+                Box::new(|f| f.email_domains = Some(vec!["@corp.com".into()])),
+            ),
+            (
+                "email-domains",
+                Box::new(|f| f.email_domains = Some(vec!["corp.*".into()])),
+            ),
+            (
+                "email-domains",
+                Box::new(|f| f.email_domains = Some(vec!["corp.com".into(), "".into()])),
+            ),
+            (
+                "allowed-groups",
+                Box::new(|f| f.allowed_groups = Some(vec!["admins".into(), " ".into()])),
+            ),
+            (
+                "sar-username-claim",
+                Box::new(|f| f.sar_username_claim = Some("upn".into())),
+            ),
         ];
         for (key, edit) in cases {
             let mut flags = minimal();
@@ -835,6 +1013,54 @@ mod tests {
         flags.client_secret = None;
         let err = Config::merge(&flags, File::default()).err().unwrap_or_default();
         assert_eq!(err, "client-secret (or client-secret-file) is required");
+    }
+
+    #[test]
+    fn list_entries_are_trimmed_and_subdomain_rules_accepted() -> Result<(), String> {
+        let mut flags = minimal();
+        // What `CHASSIS_OAUTH_PROXY_EMAIL_DOMAINS="corp.com, .partner.com"` gives.
+        flags.email_domains = Some(vec![
+            "corp.com".into(),
+            " .partner.com".into(),
+            "*.eu.corp.com".into(),
+        ]);
+        flags.allowed_groups = Some(vec![" admins ".into()]);
+        let c = Config::merge(&flags, File::default())?;
+        assert_eq!(c.email_domains, ["corp.com", ".partner.com", "*.eu.corp.com"]);
+        assert_eq!(c.allowed_groups, ["admins"]);
+        Ok(())
+    }
+
+    #[test]
+    fn an_unknown_environment_variable_of_ours_is_named() {
+        let var = |name: &str| (std::ffi::OsString::from(name), std::ffi::OsString::from("x"));
+        let err = check_environment([var("CHASSIS_OAUTH_PROXY_ALLOWED_GROUP")])
+            .err()
+            .unwrap_or_default();
+        assert_eq!(
+            err,
+            "environment: CHASSIS_OAUTH_PROXY_ALLOWED_GROUP is not a setting of chassis-oauth-proxy (did you mean CHASSIS_OAUTH_PROXY_ALLOWED_GROUPS?)"
+        );
+        let err = check_environment([var("CHASSIS_OAUTH_PROXY_NONSENSE_XYZ")])
+            .err()
+            .unwrap_or_default();
+        assert_eq!(
+            err,
+            "environment: CHASSIS_OAUTH_PROXY_NONSENSE_XYZ is not a setting of chassis-oauth-proxy"
+        );
+        // Ours, other programs', and what kubelet derives from a Service named
+        // chassis-oauth-proxy.
+        let fine = [
+            "CHASSIS_OAUTH_PROXY_ALLOWED_GROUPS",
+            "CHASSIS_OAUTH_PROXY_CONFIG",
+            "OAUTH2_PROXY_EMAIL_DOMAINS",
+            "PATH",
+            "CHASSIS_OAUTH_PROXY_SERVICE_HOST",
+            "CHASSIS_OAUTH_PROXY_SERVICE_PORT_HTTP",
+            "CHASSIS_OAUTH_PROXY_PORT",
+            "CHASSIS_OAUTH_PROXY_PORT_4180_TCP_ADDR",
+        ];
+        assert_eq!(check_environment(fine.map(var)), Ok(()));
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use chassis_oauth_proxy::config::{Config, Flags};
+use chassis_oauth_proxy::config::{self, Config, Flags};
 use chassis_oauth_proxy::discovery;
 use chassis_oauth_proxy::server::{self, App};
 use clap::Parser;
@@ -122,7 +122,10 @@ fn main() -> ExitCode {
         .init();
     // The whole configuration is checked here, the cookie secret and the redirect
     // allow-list included, so `--config-test` and a start fail alike (exit 2).
-    let app = match Config::load(&flags).and_then(App::new) {
+    let app = match config::check_environment(std::env::vars_os())
+        .and_then(|()| Config::load(&flags))
+        .and_then(App::new)
+    {
         Ok(app) => app,
         Err(e) => {
             eprintln!("chassis-oauth-proxy: invalid configuration: {e}");

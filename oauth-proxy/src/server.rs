@@ -30,7 +30,7 @@ use tokio::sync::{Mutex, OnceCell};
 use warp::Filter;
 
 use crate::bearer::{BearerVerifier, Refusal};
-use crate::config::{Config, SameSite};
+use crate::config::{Config, SameSite, SarClaim};
 use crate::headers::{self, Identity as HeaderIdentity};
 use crate::metrics::Metrics;
 use crate::oidc::{Identity, LoginAttempt, Provider};
@@ -254,6 +254,43 @@ const SAR_TIMEOUT: Duration = Duration::from_secs(5);
 /// Kubernetes' reserved prefix for users and groups.
 const SYSTEM_PREFIX: &str = "system:";
 
+/// The user and groups a SubjectAccessReview names for `session`: the configured
+/// claim and prefixes, as the API server's OIDC authenticator names the same people
+/// (`--oidc-username-claim`, `--oidc-username-prefix`, `--oidc-groups-prefix`), so
+/// the cluster's RoleBindings for them match.
+fn review_subject(config: &Config, session: &Session) -> Result<(String, Vec<String>), String> {
+    let claim = match config.sar_username_claim {
+        SarClaim::Sub => Some(session.user.as_str()),
+        SarClaim::Email => session.email.as_deref().filter(|_| session.email_verified),
+        SarClaim::PreferredUsername => session.preferred_username.as_deref(),
+    };
+    let Some(claim) = claim.filter(|c| !c.is_empty()) else {
+        let what = match config.sar_username_claim {
+            SarClaim::Email => "verified email address",
+            _ => "preferred_username",
+        };
+        return Err(format!(
+            "{} has no {what}, which names users for the access review",
+            session.user
+        ));
+    };
+    let user = format!("{}{claim}", config.sar_username_prefix);
+    // `system:` names belong to the cluster (`system:masters` passes every review);
+    // an issuer's claims must not reach them, as the API server's own OIDC
+    // authenticator refuses them.
+    if user.starts_with(SYSTEM_PREFIX) {
+        return Err(format!("{user} is a reserved Kubernetes user name"));
+    }
+    let mut groups: Vec<String> = session
+        .groups
+        .iter()
+        .map(|g| format!("{}{g}", config.sar_groups_prefix))
+        .filter(|g| !g.starts_with(SYSTEM_PREFIX))
+        .collect();
+    groups.push("system:authenticated".into());
+    Ok((user, groups))
+}
+
 impl App {
     /// Every authorization rule: groups, email domains, then Kubernetes RBAC.
     async fn authorized(&self, session: &Session) -> Option<String> {
@@ -261,7 +298,11 @@ impl App {
             return Some(why);
         }
         let attrs = self.config.sar.as_ref()?;
-        let key = format!("{}\n{}", session.user, session.groups.join(","));
+        let (user, groups) = match review_subject(&self.config, session) {
+            Ok(named) => named,
+            Err(why) => return Some(why),
+        };
+        let key = format!("{user}\n{}", groups.join(","));
         if self
             .sar_allowed
             .lock()
@@ -274,22 +315,9 @@ impl App {
         let Some(client) = self.kube.get() else {
             return Some("the Kubernetes API is not reachable yet".into());
         };
-        // `system:` names belong to the cluster (`system:masters` passes every review);
-        // an issuer's claims must not reach them, as the API server's own OIDC
-        // authenticator refuses them.
-        if session.user.starts_with(SYSTEM_PREFIX) {
-            return Some(format!("{} is a reserved Kubernetes user name", session.user));
-        }
-        let mut groups: Vec<String> = session
-            .groups
-            .iter()
-            .filter(|g| !g.starts_with(SYSTEM_PREFIX))
-            .cloned()
-            .collect();
-        groups.push("system:authenticated".into());
         let review = k8s_openapi::api::authorization::v1::SubjectAccessReview {
             spec: k8s_openapi::api::authorization::v1::SubjectAccessReviewSpec {
-                user: Some(session.user.clone()),
+                user: Some(user.clone()),
                 groups: Some(groups),
                 resource_attributes: Some(attrs.clone()),
                 ..Default::default()
@@ -315,7 +343,7 @@ impl App {
                 let reason = answer.status.and_then(|s| s.reason).unwrap_or_default();
                 Some(format!(
                     "RBAC does not allow {} to {} {}{}",
-                    session.user,
+                    user,
                     attrs.verb.as_deref().unwrap_or_default(),
                     attrs.resource.as_deref().unwrap_or_default(),
                     if reason.is_empty() {
@@ -405,8 +433,9 @@ impl RouteRules {
 }
 
 /// Exactly one `@`, a non-empty local part, and a domain equal (ignoring case) to
-/// an allowed one; `*` allows every domain. `a@evil.com@corp.com` has two `@`s and
-/// is refused rather than guessed at.
+/// an allowed one; `*` allows every domain, and `.corp.com` or `*.corp.com` every
+/// subdomain of corp.com but not corp.com itself (oauth2-proxy's forms).
+/// `a@evil.com@corp.com` has two `@`s and is refused rather than guessed at.
 pub fn email_domain_allowed(email: &str, domains: &[String]) -> bool {
     let mut parts = email.split('@');
     let (Some(local), Some(domain), None) = (parts.next(), parts.next(), parts.next()) else {
@@ -415,7 +444,21 @@ pub fn email_domain_allowed(email: &str, domains: &[String]) -> bool {
     if local.is_empty() || domain.is_empty() {
         return false;
     }
-    domains.iter().any(|d| d == "*" || d.eq_ignore_ascii_case(domain))
+    domains.iter().any(|d| {
+        if d == "*" {
+            return true;
+        }
+        match d.strip_prefix('*').unwrap_or(d).strip_prefix('.') {
+            // `.corp.com`: a label of the email's own before the suffix.
+            Some(parent) => domain
+                .len()
+                .checked_sub(parent.len() + 1)
+                .filter(|&cut| cut > 0)
+                .and_then(|cut| domain.get(cut..))
+                .is_some_and(|suffix| suffix.starts_with('.') && suffix[1..].eq_ignore_ascii_case(parent)),
+            None => d.eq_ignore_ascii_case(domain),
+        }
+    })
 }
 
 /// The upstream client: plain HTTP, or TLS verified against the Mozilla roots plus
@@ -1358,9 +1401,9 @@ async fn oauth2_route(
         ("callback", Method::GET) => callback(&app, &headers, query).await,
         ("sign_out", Method::GET | Method::POST) => sign_out(&app, &headers, query).await,
         ("userinfo", Method::GET) => userinfo(&app, &headers).await,
-        ("auth", Method::GET | Method::HEAD) => {
-            auth(&app, &headers, &RouteRules::from_query(&raw_query)).await
-        }
+        // Any method, as oauth2-proxy: an Envoy ext_authz check forwards the original
+        // request's method (a POST to the app is a POST here).
+        ("auth", _) => auth(&app, &headers, &RouteRules::from_query(&raw_query)).await,
         (_, _) => text(StatusCode::NOT_FOUND, "not found"),
     };
     let (parts, body) = response.into_parts();
@@ -2061,6 +2104,24 @@ mod tests {
     }
 
     #[test]
+    fn a_leading_dot_or_star_dot_allows_subdomains_only() {
+        for rule in [".corp.com", "*.corp.com"] {
+            let rule = vec![rule.to_string()];
+            assert!(email_domain_allowed("alice@eu.corp.com", &rule), "{rule:?}");
+            assert!(email_domain_allowed("alice@a.b.CORP.com", &rule), "{rule:?}");
+            for refused in [
+                "alice@corp.com",
+                "alice@evilcorp.com",
+                "alice@.corp.com",
+                "alice@corp.com.evil.org",
+                "a@evil.com@eu.corp.com",
+            ] {
+                assert!(!email_domain_allowed(refused, &rule), "{refused} by {rule:?}");
+            }
+        }
+    }
+
+    #[test]
     fn the_upstream_path_selects_requests_and_is_not_prepended() {
         // As with oauth2-proxy: `--upstream http://grafana:3000/grafana/` serves
         // `/grafana/...` as it is (Grafana under a sub-path), not `/grafana/grafana/...`.
@@ -2137,6 +2198,53 @@ mod tests {
             login: 1,
             refreshed_at: 0,
         }
+    }
+
+    #[test]
+    fn the_access_review_names_people_as_the_api_servers_oidc_authenticator_does() -> Result<(), String> {
+        let config = |claim: Option<&str>, user_prefix: Option<&str>, groups_prefix: Option<&str>| {
+            let flags = crate::config::Flags {
+                sar_username_claim: claim.map(str::to_string),
+                sar_username_prefix: user_prefix.map(str::to_string),
+                sar_groups_prefix: groups_prefix.map(str::to_string),
+                ..crate::config::minimal_flags()
+            };
+            crate::config::Config::merge(&flags, Default::default())
+        };
+        let mut alice = identity("1234", "alice@corp.com", true, &["developers", "system:masters"]);
+        alice.preferred_username = Some("alice".into());
+        let named = |c: &Config, s: &Session| review_subject(c, s);
+
+        let (user, groups) = named(&config(None, None, None)?, &alice)?;
+        assert_eq!(user, "1234", "sub by default");
+        assert_eq!(
+            groups,
+            ["developers", "system:authenticated"],
+            "system: groups dropped"
+        );
+
+        let (user, groups) = named(&config(Some("email"), Some("oidc:"), Some("oidc:"))?, &alice)?;
+        assert_eq!(user, "oidc:alice@corp.com");
+        assert_eq!(
+            groups,
+            ["oidc:developers", "oidc:system:masters", "system:authenticated"],
+            "prefixed groups are the issuer's own, not the cluster's"
+        );
+        let (user, _) = named(&config(Some("preferred_username"), None, None)?, &alice)?;
+        assert_eq!(user, "alice");
+
+        alice.email_verified = false;
+        let why = named(&config(Some("email"), None, None)?, &alice)
+            .err()
+            .unwrap_or_default();
+        assert!(why.contains("no verified email address"), "{why}");
+        let reserved = identity("system:admin", "x@corp.com", true, &[]);
+        let why = named(&config(None, None, None)?, &reserved)
+            .err()
+            .unwrap_or_default();
+        assert!(why.contains("reserved Kubernetes user name"), "{why}");
+        assert!(named(&config(None, Some("oidc:"), None)?, &reserved).is_ok());
+        Ok(())
     }
 
     #[test]

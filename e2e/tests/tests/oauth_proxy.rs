@@ -482,6 +482,9 @@ async fn a_user_signs_in_on_the_providers_form_and_the_upstream_sees_who_they_ar
             .status();
         ensure!(status == want, "{query}: {status}");
     }
+    // Envoy's ext_authz forwards the original method: a POST is judged alike.
+    let posted = browser.post(proxy.url("/oauth2/auth")).body("a=1").send().await?;
+    ensure!(posted.status() == 202, "POST auth: {}", posted.status());
     let info = browser.get(proxy.url("/oauth2/userinfo")).send().await?;
     // Per-user answers: a shared cache must not keep them for the next user.
     for (route, headers) in [("auth", auth.headers()), ("userinfo", info.headers())] {
@@ -500,6 +503,12 @@ async fn a_user_signs_in_on_the_providers_form_and_the_upstream_sees_who_they_ar
     let anonymous = reqwest::Client::builder().redirect(Policy::none()).build()?;
     let api = anonymous.get(proxy.url("/app")).send().await?;
     ensure!(api.status() == 401, "API client: {}", api.status());
+    let posted = anonymous
+        .post(proxy.url("/oauth2/auth"))
+        .body("a=1")
+        .send()
+        .await?;
+    ensure!(posted.status() == 401, "anonymous POST auth: {}", posted.status());
     let page = anonymous
         .get(proxy.url("/app"))
         .header(ACCEPT, "text/html")
@@ -602,6 +611,37 @@ async fn spoofed_forwarded_headers_from_an_untrusted_client_are_dropped() -> Res
     ensure!(header(&echo, "x-forwarded-for") == ["127.0.0.1"], "{echo}");
     ensure!(header(&echo, "x-forwarded-proto") == ["http"], "{echo}");
     ensure!(header(&echo, "forwarded").is_empty(), "{echo}");
+
+    // The attack itself (GHSA-7x63-xv5r-3p2x): a protected path whose headers claim a
+    // skipped one. Skip-auth rules look at the request's own path only, whoever sends
+    // the headers, a trusted proxy included.
+    let trusting = Proxy::start(
+        "forwarded-claims",
+        echo_upstream().await?,
+        &[
+            "--skip-auth-paths",
+            "/public/.*",
+            "--trusted-proxy-cidrs",
+            "127.0.0.1/32",
+        ],
+    )
+    .await?;
+    for target in [&proxy, &trusting] {
+        let status = client
+            .get(target.url("/admin"))
+            .header("X-Forwarded-Uri", "/public/x")
+            .header("X-Original-URL", "/public/x")
+            .header("X-Rewrite-URL", "/public/x")
+            .header("X-Forwarded-Prefix", "/public")
+            .send()
+            .await?
+            .status();
+        ensure!(
+            status == 401,
+            "{}: /admin claiming /public/x: {status}",
+            target.base
+        );
+    }
 
     // Behind an ingress that terminates TLS (not a trusted proxy): the public scheme,
     // from the redirect URL, not the plain HTTP the request arrived by.
@@ -2382,6 +2422,65 @@ async fn subject_access_review_lets_in_the_user_rbac_allows_and_refuses_the_othe
         status == 403 && body.contains("RBAC does not allow eve to get services"),
         "eve: {status} {body}"
     );
+
+    // Named as an API server with `--oidc-username-claim=email
+    // --oidc-username-prefix=oidc: --oidc-groups-prefix=oidc:` names the same people,
+    // so the RoleBindings the cluster already has for them match.
+    Api::<RoleBinding>::namespaced(client.clone(), &ns)
+        .create(
+            &PostParams::default(),
+            &RoleBinding {
+                metadata: meta("prefixed-open-app"),
+                role_ref: RoleRef {
+                    api_group: "rbac.authorization.k8s.io".into(),
+                    kind: "Role".into(),
+                    name: "open-app".into(),
+                },
+                subjects: Some(
+                    [("User", "oidc:carol@corp.example"), ("Group", "oidc:developers")]
+                        .map(|(kind, name)| Subject {
+                            kind: kind.into(),
+                            name: name.into(),
+                            api_group: Some("rbac.authorization.k8s.io".into()),
+                            ..Default::default()
+                        })
+                        .to_vec(),
+                ),
+            },
+        )
+        .await?;
+    let prefixed = Proxy::start(
+        "sar-prefixed",
+        echo_upstream().await?,
+        &[
+            "--sar-resource-attributes",
+            &attributes,
+            "--kubeconfig",
+            &kubeconfig,
+            "--sar-username-claim",
+            "email",
+            "--sar-username-prefix",
+            "oidc:",
+            "--sar-groups-prefix",
+            "oidc:",
+        ],
+    )
+    .await?;
+    // carol by her prefixed email, alice by her prefixed group (her bare name's
+    // binding no longer applies), bob has no verified email to be named by.
+    for (user, want, says) in [
+        ("carol", 200, ""),
+        ("alice", 200, ""),
+        ("bob", 403, "no verified email address"),
+    ] {
+        let answer = login(&browser(&Arc::new(Jar::default()))?, &prefixed, "/app", user).await?;
+        let status = answer.status();
+        let body = answer.text().await?;
+        ensure!(
+            status == want && body.contains(says),
+            "{user} with prefixes: {status} {body}"
+        );
+    }
     Api::<Namespace>::all(client)
         .delete(&ns, &DeleteParams::default())
         .await?;
