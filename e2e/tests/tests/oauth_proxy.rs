@@ -14,7 +14,7 @@ use reqwest::cookie::{CookieStore, Jar};
 use reqwest::header::{ACCEPT, COOKIE, HeaderValue, SET_COOKIE};
 use reqwest::redirect::Policy;
 use serde_json::{Value, json};
-use warp::Filter;
+use warp::{Filter, Reply};
 
 /// 32 bytes ("0123456789abcdef" twice), base64.
 const COOKIE_SECRET: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
@@ -193,6 +193,88 @@ fn a_configuration_that_would_let_everyone_in_or_break_logins_is_refused_at_star
         code == Some(2) && said.contains("cookie"),
         "short secret: {code:?} {said}"
     );
+    Ok(())
+}
+
+/// Configured by the environment alone or by a file alone, as oauth2-proxy users do in
+/// Deployments and ConfigMaps; a mistyped variable or key stops the start by name.
+#[test]
+fn the_environment_or_a_config_file_configures_the_proxy_and_a_typo_in_either_stops_it() -> Result<()> {
+    let check = |env: &[(&str, &str)], args: &[&str]| -> Result<(Option<i32>, String)> {
+        let out = std::process::Command::new(proxy_binary())
+            .env_clear()
+            .envs(env.iter().copied())
+            .arg("--config-test")
+            .args(args)
+            .output()?;
+        let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        Ok((out.status.code(), said))
+    };
+    let env = [
+        ("CHASSIS_OAUTH_PROXY_UPSTREAM", "http://127.0.0.1:8080"),
+        ("CHASSIS_OAUTH_PROXY_OIDC_ISSUER_URL", "https://idp.example.com"),
+        ("CHASSIS_OAUTH_PROXY_CLIENT_ID", "app"),
+        ("CHASSIS_OAUTH_PROXY_CLIENT_SECRET", "s"),
+        (
+            "CHASSIS_OAUTH_PROXY_REDIRECT_URL",
+            "https://app.example.com/oauth2/callback",
+        ),
+        ("CHASSIS_OAUTH_PROXY_COOKIE_SECRET", COOKIE_SECRET),
+        (
+            "CHASSIS_OAUTH_PROXY_EMAIL_DOMAINS",
+            "corp.example, .partner.example",
+        ),
+        // What kubelet adds for a Service named chassis-oauth-proxy.
+        ("CHASSIS_OAUTH_PROXY_SERVICE_HOST", "10.0.0.7"),
+        ("CHASSIS_OAUTH_PROXY_PORT_4180_TCP", "tcp://10.0.0.7:4180"),
+    ];
+    let (code, said) = check(&env, &[])?;
+    ensure!(code == Some(0), "environment only: {code:?} {said}");
+    let typo = [&env[..], &[("CHASSIS_OAUTH_PROXY_ALLOWED_GROUP", "admins")]].concat();
+    let (code, said) = check(&typo, &[])?;
+    ensure!(
+        code == Some(2)
+            && said.contains("CHASSIS_OAUTH_PROXY_ALLOWED_GROUP is not a setting")
+            && said.contains("did you mean CHASSIS_OAUTH_PROXY_ALLOWED_GROUPS?"),
+        "a mistyped variable: {code:?} {said}"
+    );
+
+    let dir = state_dir().join(format!("config-sources-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = |name: &str, extra: &str| -> Result<String> {
+        let path = dir.join(name);
+        let yaml = format!(
+            "upstream: http://127.0.0.1:8080\noidc-issuer-url: https://idp.example.com\n\
+             client-id: app\nclient-secret: s\nredirect-url: https://app.example.com/oauth2/callback\n\
+             cookie-secret: {COOKIE_SECRET}\n{extra}"
+        );
+        std::fs::write(&path, yaml)?;
+        Ok(path.display().to_string())
+    };
+    let good = file(
+        "good.yaml",
+        "sar-resource-attributes: {verb: get, resource: services, namespace: a}\n",
+    )?;
+    let (code, said) = check(&[], &["--config", &good])?;
+    ensure!(code == Some(0), "file only: {code:?} {said}");
+    for (name, extra, names) in [
+        ("key.yaml", "alowed-groups: [admins]\n", "alowed-groups"),
+        (
+            "sar.yaml",
+            "sar-resource-attributes: {verb: get, resource: services, resourceName: web}\n",
+            "unknown key \"resourceName\"",
+        ),
+        (
+            "domain.yaml",
+            "email-domains: ['@corp.example']\n",
+            "email-domains",
+        ),
+    ] {
+        let path = file(name, extra)?;
+        let (code, said) = check(&[], &["--config", &path])?;
+        ensure!(code == Some(2) && said.contains(names), "{name}: {code:?} {said}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
@@ -1596,7 +1678,14 @@ struct TestIssuer {
     /// The JWK set it serves, changeable (key rotation), and how often it was fetched.
     jwks: Arc<Mutex<Value>>,
     jwks_fetches: Arc<std::sync::atomic::AtomicUsize>,
+    /// When set, ID tokens are signed with this key (`kid`, private PEM) instead of k1.
+    login_key: LoginKey,
+    /// Requests that reached `/token-elsewhere`.
+    elsewhere: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// A signing key (`kid`, private PEM) that replaces the issuer's first one.
+type LoginKey = Arc<Mutex<Option<(String, Vec<u8>)>>>;
 
 /// `openssl` with `args`, its output.
 fn openssl(args: &[&str]) -> Result<Vec<u8>> {
@@ -1653,6 +1742,9 @@ enum Misbehaviour {
     /// Tokens live 8 s and come with a refresh token that the issuer then refuses
     /// (`invalid_grant`), as when the user was disabled or the grant revoked.
     ShortLivedRefusingRefresh,
+    /// `/token` answers with a redirect to `/token-elsewhere` (an IdP client that
+    /// follows redirects can be steered to send the code and secret anywhere).
+    RedirectedToken,
 }
 
 /// One token request as the issuer saw it.
@@ -1740,7 +1832,10 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
         });
 
     let signing_key = jsonwebtoken::EncodingKey::from_rsa_pem(&private_pem)?;
+    let login_key: LoginKey = Arc::default();
+    let elsewhere = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (token_issuer, token_mode, token_exchanges) = (url.clone(), misbehave.clone(), exchanges.clone());
+    let (token_key, token_base) = (login_key.clone(), base.clone());
     let token = warp::path!("token")
         .and(warp::post())
         .and(warp::body::form::<BTreeMap<String, String>>())
@@ -1750,7 +1845,17 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
                     warp::reply::json(&json!({"error": error})),
                     warp::http::StatusCode::BAD_REQUEST,
                 )
+                .into_response()
             };
+            if token_mode
+                .lock()
+                .is_ok_and(|m| *m == Misbehaviour::RedirectedToken)
+            {
+                let moved =
+                    warp::reply::with_status(warp::reply(), warp::http::StatusCode::TEMPORARY_REDIRECT);
+                return warp::reply::with_header(moved, "location", format!("{token_base}/token-elsewhere"))
+                    .into_response();
+            }
             let login = form.get("code").and_then(|c| take_code(&logins, c));
             let Some(login) = login else {
                 return refuse("invalid_grant");
@@ -1785,10 +1890,20 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
                 Misbehaviour::ExtraAudience => claims["aud"] = json!(["chassis", "someone-else"]),
                 // Refresh requests carry no code: the branch above refuses them.
                 Misbehaviour::ShortLivedRefusingRefresh => claims["exp"] = json!(unix_now() + 8),
+                Misbehaviour::RedirectedToken => {}
             }
             let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
             header.kid = Some("k1".into());
-            match jsonwebtoken::encode(&header, &claims, &signing_key) {
+            let rotated = token_key.lock().ok().and_then(|k| k.clone());
+            let signed = match rotated {
+                Some((kid, pem)) => {
+                    header.kid = Some(kid);
+                    jsonwebtoken::EncodingKey::from_rsa_pem(&pem)
+                        .and_then(|key| jsonwebtoken::encode(&header, &claims, &key))
+                }
+                None => jsonwebtoken::encode(&header, &claims, &signing_key),
+            };
+            match signed {
                 Ok(id_token) => warp::reply::with_status(
                     warp::reply::json(&if mode == Misbehaviour::ShortLivedRefusingRefresh {
                         json!({"access_token": "at", "token_type": "Bearer", "expires_in": 8,
@@ -1798,10 +1913,16 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
                                "expires_in": 300, "id_token": id_token})
                     }),
                     warp::http::StatusCode::OK,
-                ),
+                )
+                .into_response(),
                 Err(_) => refuse("server_error"),
             }
         });
+    let elsewhere_hits = elsewhere.clone();
+    let token_elsewhere = warp::path!("token-elsewhere").map(move || {
+        elsewhere_hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        warp::reply::json(&json!({"error": "the code and secret went where they should not"}))
+    });
 
     let routes = warp::path!(".well-known" / "openid-configuration")
         .map(move || warp::reply::json(&discovery))
@@ -1814,7 +1935,8 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
             }
         }))
         .or(authorize)
-        .or(token);
+        .or(token)
+        .or(token_elsewhere);
     tokio::spawn(warp::serve(routes).incoming(listener).run());
     Ok(TestIssuer {
         url,
@@ -1825,6 +1947,8 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
         dir,
         jwks,
         jwks_fetches,
+        login_key,
+        elsewhere,
     })
 }
 
@@ -2139,6 +2263,57 @@ async fn id_tokens_with_a_bad_nonce_a_foreign_azp_or_an_extra_audience_are_refus
             .iter()
             .all(|e| e.challenge_method == "S256" && e.verifier_matches),
         "PKCE: {exchanges:?}"
+    );
+    Ok(())
+}
+
+/// The IdP client follows no redirect: a token endpoint that answers 307 (a
+/// compromised or misconfigured issuer, or a network path that rewrites) would
+/// otherwise receive the code, the PKCE verifier and the client secret elsewhere.
+#[tokio::test]
+async fn a_token_endpoint_that_redirects_is_not_followed() -> Result<()> {
+    let issuer = test_issuer().await?;
+    let proxy = issuer.proxy("redirected-token", &[]).await?;
+    let (status, body, session) = sign_in_at_test_issuer(&proxy).await?;
+    ensure!(status == 200 && session, "honest issuer: {status} {body}");
+    *issuer.misbehave.lock().map_err(|_| anyhow::anyhow!("lock"))? = Misbehaviour::RedirectedToken;
+    let (status, body, session) = sign_in_at_test_issuer(&proxy).await?;
+    ensure!(
+        status != 200 && !session,
+        "a redirected token request signed in: {status} {body}"
+    );
+    let followed = issuer.elsewhere.load(std::sync::atomic::Ordering::SeqCst);
+    ensure!(followed == 0, "the proxy followed the redirect {followed} times");
+    Ok(())
+}
+
+/// The login issuer's keys rotate (Dex every 6 hours by default): an ID token signed
+/// with a newly published key is verified after one JWKS fetch; a key that is not
+/// published is not trusted.
+#[tokio::test]
+async fn logins_go_on_after_the_issuer_rotates_its_signing_key() -> Result<()> {
+    let issuer = test_issuer().await?;
+    let proxy = issuer.proxy("rotated-login", &[]).await?;
+    let (status, body, session) = sign_in_at_test_issuer(&proxy).await?;
+    ensure!(status == 200 && session, "before rotation: {status} {body}");
+    let before = issuer.fetches();
+
+    let (pem, n) = issuer.new_key("k2")?;
+    issuer.publish("k2", &n)?;
+    *issuer.login_key.lock().map_err(|_| anyhow::anyhow!("lock"))? = Some(("k2".into(), pem));
+    let (status, body, session) = sign_in_at_test_issuer(&proxy).await?;
+    ensure!(status == 200 && session, "after rotation: {status} {body}");
+    ensure!(
+        issuer.fetches() > before,
+        "the new key was verified without fetching the key set"
+    );
+
+    let (unpublished, _) = issuer.new_key("k3")?;
+    *issuer.login_key.lock().map_err(|_| anyhow::anyhow!("lock"))? = Some(("k3".into(), unpublished));
+    let (status, body, session) = sign_in_at_test_issuer(&proxy).await?;
+    ensure!(
+        status != 200 && !session,
+        "an ID token signed with an unpublished key signed in: {status} {body}"
     );
     Ok(())
 }
