@@ -48,7 +48,8 @@ impl From<&str> for Secret {
 }
 
 /// The flags. Each is optional here so that the file can supply it; [`Config::load`]
-/// applies defaults and checks that required keys are present.
+/// applies defaults and checks that required keys are present. A boolean flag given
+/// bare means true (`--pass-access-token`), as Go's flags do for oauth2-proxy users.
 #[derive(Parser, Debug, Default, Clone)]
 #[command(
     name = "chassis-oauth-proxy",
@@ -114,7 +115,7 @@ pub struct Flags {
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_COOKIE_DOMAIN")]
     pub cookie_domain: Option<String>,
     /// Send cookies only over HTTPS [default: true].
-    #[arg(long, env = "CHASSIS_OAUTH_PROXY_COOKIE_SECURE")]
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_COOKIE_SECURE", num_args = 0..=1, default_missing_value = "true")]
     pub cookie_secure: Option<bool>,
     /// lax, strict or none [default: lax].
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_COOKIE_SAMESITE")]
@@ -122,7 +123,8 @@ pub struct Flags {
     /// Session lifetime, e.g. 168h [default: 168h].
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_COOKIE_EXPIRE")]
     pub cookie_expire: Option<String>,
-    /// Refresh the tokens when the access token has less than this left; 0 disables [default: 0].
+    /// Refresh the tokens once they are older than this (and at the latest a minute
+    /// before the access token expires); 0 disables [default: 0].
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_COOKIE_REFRESH")]
     pub cookie_refresh: Option<String>,
 
@@ -142,18 +144,18 @@ pub struct Flags {
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_TRUSTED_PROXY_CIDRS", value_delimiter = ',')]
     pub trusted_proxy_cidrs: Option<Vec<String>>,
     /// Send the access token upstream in X-Forwarded-Access-Token.
-    #[arg(long, env = "CHASSIS_OAUTH_PROXY_PASS_ACCESS_TOKEN")]
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_PASS_ACCESS_TOKEN", num_args = 0..=1, default_missing_value = "true")]
     pub pass_access_token: Option<bool>,
     /// Sign-out also ends the session at the issuer (its end-session endpoint), when
     /// it has one [default: true].
-    #[arg(long, env = "CHASSIS_OAUTH_PROXY_PROVIDER_SIGN_OUT")]
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_PROVIDER_SIGN_OUT", num_args = 0..=1, default_missing_value = "true")]
     pub provider_sign_out: Option<bool>,
     /// Serving threads, each with its own event loop and listening socket; 1 runs
     /// everything on one thread [default: the CPUs available].
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
     /// Accept `Authorization: Bearer <JWT>` from the login issuer for this client id.
-    #[arg(long, env = "CHASSIS_OAUTH_PROXY_SKIP_JWT_BEARER_TOKENS")]
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_SKIP_JWT_BEARER_TOKENS", num_args = 0..=1, default_missing_value = "true")]
     pub skip_jwt_bearer_tokens: Option<bool>,
     /// More issuers whose JWTs are accepted as bearer tokens: `issuer-url=audience`.
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_EXTRA_JWT_ISSUERS", value_delimiter = ',')]
@@ -563,8 +565,11 @@ impl Config {
             .map(|p| {
                 // Anchored whatever the user wrote: a rule never matches a mere substring.
                 let anchored = format!("^(?:{})$", p.trim_start_matches('^').trim_end_matches('$'));
-                regex::Regex::new(&anchored)
-                    .map_err(|e| format!("skip-auth-paths: {p:?} is not a valid regex: {e}"))
+                regex::Regex::new(&anchored).map_err(|e| {
+                    format!(
+                        "skip-auth-paths: {p:?} is not a valid regex: {e} (the flag and the environment variable split on commas: a regex with a comma, such as a{{1,3}}, goes in the config file's list)"
+                    )
+                })
             })
             .collect::<Result<_, _>>()?;
         let trusted_proxy_cidrs = list("trusted-proxy-cidrs", pick!(flags, file, trusted_proxy_cidrs))?
@@ -1013,6 +1018,28 @@ mod tests {
         flags.client_secret = None;
         let err = Config::merge(&flags, File::default()).err().unwrap_or_default();
         assert_eq!(err, "client-secret (or client-secret-file) is required");
+    }
+
+    #[test]
+    fn a_bare_boolean_flag_means_true_and_a_valued_one_its_value() -> Result<(), String> {
+        let base = [
+            "chassis-oauth-proxy",
+            "--upstream",
+            "http://127.0.0.1:8080",
+            "--cookie-secure",
+            "false",
+            "--pass-access-token",
+            "--skip-jwt-bearer-tokens",
+        ];
+        let flags = Flags::try_parse_from(base).map_err(|e| e.to_string())?;
+        assert_eq!(flags.cookie_secure, Some(false));
+        assert_eq!(flags.pass_access_token, Some(true));
+        assert_eq!(flags.skip_jwt_bearer_tokens, Some(true));
+        assert_eq!(flags.provider_sign_out, None);
+        let flags = Flags::try_parse_from(["chassis-oauth-proxy", "--provider-sign-out=false"])
+            .map_err(|e| e.to_string())?;
+        assert_eq!(flags.provider_sign_out, Some(false));
+        Ok(())
     }
 
     #[test]

@@ -20,10 +20,38 @@ use kube::core::crd::CustomResourceExt;
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
     vec![
         tenancy::v1alpha1::ProjectTemplate::crd(),
-        tenancy::v1alpha1::Project::crd(),
+        spec_may_be_left_out(tenancy::v1alpha1::Project::crd()),
         network::v1alpha1::NetworkProfile::crd(),
         network::v1alpha1::EgressPolicy::crd(),
     ]
+}
+
+/// A Project of only a name is complete (every spec field has a default), but kube's
+/// derive makes `spec` required: the API server would then refuse it wherever the
+/// mutating webhook, which adds `spec`, does not run (`webhook.objectSelector`, an
+/// operator run without webhooks). With `default: {}` it defaults `spec` and then the
+/// fields inside it, and every stored Project has one.
+fn spec_may_be_left_out(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSON;
+    for version in &mut crd.spec.versions {
+        let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        else {
+            continue;
+        };
+        if let Some(required) = schema.required.as_mut() {
+            required.retain(|r| r != "spec");
+            if required.is_empty() {
+                schema.required = None;
+            }
+        }
+        if let Some(spec) = schema.properties.as_mut().and_then(|p| p.get_mut("spec")) {
+            spec.default = Some(JSON(serde_json::json!({})));
+        }
+    }
+    crd
 }
 
 /// The category every Chassis kind belongs to, so `kubectl get chassis` lists them all.
@@ -53,6 +81,30 @@ mod tests {
         if let Some(values) = schema.get("additionalProperties").filter(|v| v.is_object()) {
             undescribed(values, &format!("{path}{{}}"), out);
         }
+    }
+
+    #[test]
+    fn a_project_of_only_a_name_gets_a_defaulted_spec() -> Result<(), serde_json::Error> {
+        let crd = all_crds()
+            .into_iter()
+            .find(|c| c.spec.names.kind == "Project")
+            .map(serde_json::to_value)
+            .transpose()?
+            .unwrap_or_default();
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        assert_eq!(schema["properties"]["spec"]["default"], serde_json::json!({}));
+        assert!(
+            !schema["required"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|f| f == "spec")),
+            "{schema}"
+        );
+        // What the API server then defaults inside it.
+        assert_eq!(
+            schema["properties"]["spec"]["properties"]["template"]["default"],
+            "default"
+        );
+        Ok(())
     }
 
     #[test]
