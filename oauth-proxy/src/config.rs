@@ -143,6 +143,15 @@ pub struct Flags {
     /// CIDRs of reverse proxies whose X-Forwarded-* headers are trusted (none by default).
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_TRUSTED_PROXY_CIDRS", value_delimiter = ',')]
     pub trusted_proxy_cidrs: Option<Vec<String>>,
+    /// Pass the client's Host header to the upstream; false sends the upstream URL's
+    /// host (the public one stays in X-Forwarded-Host) [default: true].
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_PASS_HOST_HEADER", num_args = 0..=1, default_missing_value = "true")]
+    pub pass_host_header: Option<bool>,
+    /// How long a client connection may sit idle between requests, and take to send a
+    /// request's head (hyper counts both from the end of the previous response). Keep
+    /// it above the idle timeout of the load balancer in front [default: 75s].
+    #[arg(long, env = "CHASSIS_OAUTH_PROXY_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<String>,
     /// Send the access token upstream in X-Forwarded-Access-Token.
     #[arg(long, env = "CHASSIS_OAUTH_PROXY_PASS_ACCESS_TOKEN", num_args = 0..=1, default_missing_value = "true")]
     pub pass_access_token: Option<bool>,
@@ -216,6 +225,8 @@ pub struct File {
     pub skip_auth_paths: Option<Vec<String>>,
     pub trusted_proxy_cidrs: Option<Vec<String>>,
     pub pass_access_token: Option<bool>,
+    pub pass_host_header: Option<bool>,
+    pub idle_timeout: Option<String>,
     pub provider_sign_out: Option<bool>,
     pub worker_threads: Option<usize>,
     pub skip_jwt_bearer_tokens: Option<bool>,
@@ -279,6 +290,9 @@ pub struct Config {
     pub skip_auth_paths: Vec<regex::Regex>,
     pub trusted_proxy_cidrs: Vec<IpNet>,
     pub pass_access_token: bool,
+    pub pass_host_header: bool,
+    /// Idle time allowed between a client's requests (and for a request head).
+    pub idle_timeout: Duration,
     /// Sign-out sends the browser to the issuer's end-session endpoint too.
     pub provider_sign_out: bool,
     pub worker_threads: usize,
@@ -709,6 +723,17 @@ impl Config {
             skip_auth_paths,
             trusted_proxy_cidrs,
             pass_access_token: pick!(flags, file, pass_access_token).unwrap_or(false),
+            pass_host_header: pick!(flags, file, pass_host_header).unwrap_or(true),
+            // Above the 60 s that AWS load balancers and ingress-nginx's upstream
+            // keep-alive default to: the side in front must close an idle connection
+            // first, or a request it sends as this side closes gets a 502.
+            idle_timeout: match parse_duration(
+                "idle-timeout",
+                pick!(flags, file, idle_timeout).as_deref().unwrap_or("75s"),
+            )? {
+                d if d.is_zero() => return Err("idle-timeout: must be more than 0".into()),
+                d => d,
+            },
             provider_sign_out: pick!(flags, file, provider_sign_out).unwrap_or(true),
             worker_threads: match pick!(flags, file, worker_threads) {
                 Some(0) => return Err("worker-threads: must be at least 1".into()),
@@ -805,6 +830,11 @@ mod tests {
             "no client is trusted with X-Forwarded-* by default"
         );
         assert!(!c.pass_access_token);
+        assert!(c.pass_host_header);
+        assert!(
+            c.idle_timeout > Duration::from_secs(60),
+            "idle connections outlive a load balancer's 60 s idle timeout"
+        );
         Ok(())
     }
 
@@ -878,7 +908,7 @@ mod tests {
         let not_pem = std::env::temp_dir().join(format!("chassis-not-pem-{}", std::process::id()));
         std::fs::write(&not_pem, "not a certificate\n").expect("writing the test's not-PEM file");
         let (upstream_not_pem, also_not_pem) = (not_pem.clone(), not_pem.clone());
-        let cases: [(&str, Edit); 30] = [
+        let cases: [(&str, Edit); 31] = [
             ("worker-threads", Box::new(|f| f.worker_threads = Some(0))),
             (
                 "upstream-ca-file",
@@ -1000,6 +1030,7 @@ mod tests {
                 "sar-username-claim",
                 Box::new(|f| f.sar_username_claim = Some("upn".into())),
             ),
+            ("idle-timeout", Box::new(|f| f.idle_timeout = Some("0".into()))),
         ];
         for (key, edit) in cases {
             let mut flags = minimal();

@@ -483,10 +483,16 @@ fn upstream_client(config: &Config) -> Result<HttpClient<HttpsConnector<HttpConn
         .wrap_connector(http);
     // With a timer the pool closes connections idle for 90 s; without one it only checks
     // when it hands a connection out, and a burst's connections stayed open for good.
+    // hyper refuses a response of more than 100 header fields (502 here); nginx and
+    // Go's proxy count none. 256 keeps a bound.
     Ok(HttpClient::builder(TokioExecutor::new())
         .pool_timer(hyper_util::rt::TokioTimer::new())
+        .http1_max_headers(UPSTREAM_MAX_HEADERS)
         .build(connector))
 }
+
+/// Header fields an upstream response may carry.
+const UPSTREAM_MAX_HEADERS: usize = 256;
 
 /// The parts of the upstream URL every proxied request's URI starts with, parsed
 /// once rather than per request.
@@ -496,6 +502,9 @@ struct UpstreamBase {
     /// The URL's path without its trailing `/`: as with oauth2-proxy, only requests
     /// under it go upstream (the others get 404), their path unchanged.
     path: String,
+    /// The Host header naming the upstream (port only when not the scheme's default),
+    /// sent instead of the client's with `pass-host-header: false`.
+    host: HeaderValue,
 }
 
 impl UpstreamBase {
@@ -513,6 +522,11 @@ impl UpstreamBase {
                 .map_err(|e| format!("upstream {url}: its path: {e}"))?
                 .trim_end_matches('/')
                 .to_string(),
+            host: HeaderValue::from_str(&match url.port() {
+                Some(port) => format!("{host}:{port}"),
+                None => host.to_string(),
+            })
+            .map_err(|e| format!("upstream {url}: {e}"))?,
         })
     }
 
@@ -633,6 +647,14 @@ impl App {
         let sealed = self.sealer.seal(name, session, now())?;
         let options = self.cookie_options(Some(self.config.cookie_expire.as_secs()));
         let chunks = session::split(name, &sealed, COOKIE_CHUNK);
+        // `join` reads no more: a longer session would never open, a login loop.
+        if chunks.len() > session::MAX_CHUNKS {
+            return Err(format!(
+                "the session is {} bytes sealed, more than {} cookies hold; ask the issuer for smaller tokens (fewer groups in them)",
+                sealed.len(),
+                session::MAX_CHUNKS
+            ));
+        }
         let mut out = chunks
             .iter()
             .map(|(n, v)| session::set_cookie(n, v, &options))
@@ -736,7 +758,12 @@ impl App {
         self.metrics.refreshes.inc();
         match provider.refresh(&refresh_token, &previous).await {
             Ok(identity) => {
-                let refreshed = Arc::new(to_session(identity, session.created_at, session.login));
+                let refreshed = Arc::new(to_session(
+                    identity,
+                    session.created_at,
+                    session.login,
+                    self.config.pass_access_token,
+                ));
                 *result = Some((now(), Some(refreshed.clone())));
                 Some((refreshed, true))
             }
@@ -769,14 +796,18 @@ fn refresh_due(session: &Session, window: u64, now: u64) -> bool {
     now >= issued.saturating_add(window) || session.expires_at <= now + window.min(EXPIRY_MARGIN)
 }
 
-fn to_session(identity: Identity, created_at: u64, login: u64) -> Session {
+/// The session for `identity`. The access token is kept only when it is handed on
+/// (`keep_access_token`): nothing else here uses it, and it is often the largest of the
+/// tokens, so the cookies (which a browser sends with every request, and ingress-nginx
+/// refuses above 8 KB a header by default) stay smaller.
+fn to_session(identity: Identity, created_at: u64, login: u64, keep_access_token: bool) -> Session {
     Session {
         user: identity.subject,
         email: identity.email,
         email_verified: identity.email_verified,
         groups: identity.groups,
         preferred_username: identity.preferred_username,
-        access_token: Some(identity.access_token),
+        access_token: Some(identity.access_token).filter(|_| keep_access_token),
         id_token: Some(identity.id_token),
         refresh_token: identity.refresh_token,
         expires_at: identity.expires_at,
@@ -926,10 +957,21 @@ fn strip_own_cookies(headers: &mut HeaderMap, name: &str) {
 /// chunks (`name_1`, ...) or the login's CSRF cookie (`name_csrf`).
 fn is_own_cookie(cookie: &[u8], name: &str) -> bool {
     let cookie = cookie.trim_ascii();
-    cookie == name.as_bytes()
-        || cookie
-            .strip_prefix(name.as_bytes())
-            .is_some_and(|rest| rest.starts_with(b"_"))
+    let Some(rest) = cookie.strip_prefix(name.as_bytes()) else {
+        return false;
+    };
+    // Exactly ours: `name`, `name_csrf`, `name_1` .. `name_15`. An application's
+    // `session_id` beside a proxy cookie named `session` is the application's.
+    match rest {
+        b"" | b"_csrf" => true,
+        [b'_', first @ b'1'..=b'9', more @ ..] if more.len() <= 1 && more.iter().all(u8::is_ascii_digit) => {
+            let n = more
+                .iter()
+                .fold(usize::from(first - b'0'), |n, d| n * 10 + usize::from(d - b'0'));
+            n < session::MAX_CHUNKS
+        }
+        _ => false,
+    }
 }
 
 /// Drops the upstream's `Set-Cookie` for the proxy's own cookie names: a stray chunk
@@ -1015,7 +1057,7 @@ async fn bearer_session(app: &App, token: &str) -> Result<Session, Response<Body
         }
     };
     // Bearer sessions live for one request and are never signed out.
-    let session = to_session(identity, now(), 0);
+    let session = to_session(identity, now(), 0, app.config.pass_access_token);
     if let Some(why) = app.authorized(&session).await {
         app.metrics.refused("forbidden");
         return Err(text(StatusCode::FORBIDDEN, format!("forbidden: {why}")));
@@ -1101,6 +1143,11 @@ async fn proxy(
         && !parts.headers.contains_key("x-forwarded-host")
     {
         parts.headers.insert("x-forwarded-host", h);
+    }
+    // An upstream behind name-based virtual hosting (another ingress, a PaaS, a CDN)
+    // knows itself by its own name, not the public one (still in X-Forwarded-Host).
+    if !app.config.pass_host_header {
+        parts.headers.insert(HOST, app.upstream_base.host.clone());
     }
     if let Some(session) = session {
         // The upstream trusts these: set after every client variant was removed.
@@ -1326,6 +1373,7 @@ struct OAuthQuery {
     code: Option<String>,
     state: Option<String>,
     error: Option<String>,
+    error_description: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -1427,7 +1475,12 @@ async fn start(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response<Bo
                 .map(str::to_string)
         })
         .unwrap_or_else(|| "/".into());
-    let target = app.redirects.validate(&wanted);
+    let mut target = app.redirects.validate(&wanted);
+    // The target travels sealed in the login cookie (at most 4096 bytes with its
+    // attributes): a longer one lands on `/` rather than failing the login.
+    if target.len() > MAX_LOGIN_TARGET {
+        target = "/".into();
+    }
     let (url, attempt) = provider.start(target).await;
     let sealed = match app.sealer.seal(&app.csrf_cookie(), &attempt, now()) {
         Ok(s) => s,
@@ -1458,6 +1511,10 @@ async fn start(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response<Bo
     }
 }
 
+/// The longest return target a login keeps: sealed (base64 of about 180 bytes plus
+/// the target) it fits the CSRF cookie's 4096 bytes with room to spare.
+const MAX_LOGIN_TARGET: usize = 2048;
+
 async fn callback(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response<Body> {
     let Some(provider) = app.provider.get() else {
         return text(
@@ -1466,9 +1523,29 @@ async fn callback(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
         );
     };
     if let Some(error) = query.error {
+        app.metrics.refused("issuer_error");
+        // RFC 6749 4.1.2.1: the issuer's own description, as text, and a way back in.
+        let described = query
+            .error_description
+            .filter(|d| !d.is_empty())
+            .map(|d| {
+                format!(
+                    " ({})",
+                    d.chars()
+                        .filter(|c| !c.is_control())
+                        .take(300)
+                        .collect::<String>()
+                )
+            })
+            .unwrap_or_default();
+        let status = match error.as_str() {
+            "temporarily_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+            "server_error" => StatusCode::BAD_GATEWAY,
+            _ => StatusCode::FORBIDDEN,
+        };
         return text(
-            StatusCode::FORBIDDEN,
-            format!("the issuer refused the login: {error}"),
+            status,
+            format!("the issuer refused the login: {error}{described}; sign in again at /oauth2/start"),
         );
     }
     let (Some(code), Some(state)) = (query.code, query.state) else {
@@ -1526,7 +1603,12 @@ async fn callback(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
             return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
         }
     };
-    let session = to_session(identity, now(), session::new_login());
+    let session = to_session(
+        identity,
+        now(),
+        session::new_login(),
+        app.config.pass_access_token,
+    );
     if let Some(why) = app.authorized(&session).await {
         app.metrics.refused("forbidden");
         return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
@@ -1708,8 +1790,9 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    let idle = app.config.idle_timeout;
     let handler = move |req, remote| handle(app.clone(), req, remote);
-    accept(listener, shutdown, handler, HEADER_READ_TIMEOUT, DRAIN_TIMEOUT).await;
+    accept(listener, shutdown, handler, idle, DRAIN_TIMEOUT).await;
 }
 
 /// Serves `GET /metrics` (OpenMetrics text) on the metrics address, for good.
@@ -1743,9 +1826,10 @@ pub async fn serve_metrics(app: Arc<App>, listener: tokio::net::TcpListener) {
     .await;
 }
 
-/// How long a client may take to send a request's headers, and how long a kept-alive
-/// connection may sit idle before its next request: without it a client could hold
-/// connections (and their buffers) open for good by sending nothing (slowloris).
+/// How long a client of `/metrics` may take to send a request's headers, and how long
+/// a kept-alive connection may sit idle before its next request (the proxy's own port
+/// uses `idle-timeout`): without it a client could hold connections (and their
+/// buffers) open for good by sending nothing (slowloris).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A connection's read buffer at most, so its request head too (larger heads get 431):
@@ -2045,6 +2129,46 @@ mod tests {
         only_ours.insert(COOKIE, HeaderValue::from_static("_chassis_oauth=sealed"));
         strip_own_cookies(&mut only_ours, "_chassis_oauth");
         assert!(only_ours.get(COOKIE).is_none());
+    }
+
+    #[test]
+    fn only_the_proxys_exact_cookie_names_are_its_own() {
+        for own in ["session", "session_csrf", "session_1", "session_9", "session_15"] {
+            assert!(is_own_cookie(own.as_bytes(), "session"), "{own}");
+        }
+        // An application's cookies that merely start with the proxy's cookie name.
+        for app in [
+            "session_id",
+            "session_16",
+            "session_01",
+            "session_+1",
+            "session_",
+            "sessions",
+            "session_1x",
+            "session_csrf2",
+        ] {
+            assert!(!is_own_cookie(app.as_bytes(), "session"), "{app}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert(
+            COOKIE,
+            HeaderValue::from_static("session=s; session_id=42; session_2=t"),
+        );
+        strip_own_cookies(&mut h, "session");
+        assert_eq!(h.get(COOKIE), Some(&HeaderValue::from_static("session_id=42")));
+    }
+
+    #[test]
+    fn the_upstream_host_header_leaves_out_the_default_port() -> Result<(), String> {
+        for (url, host) in [
+            ("https://app.example.com/", "app.example.com"),
+            ("http://app.example.com:80", "app.example.com"),
+            ("http://up:8080/base/", "up:8080"),
+        ] {
+            let url = url::Url::parse(url).map_err(|e| e.to_string())?;
+            assert_eq!(UpstreamBase::new(&url)?.host, host);
+        }
+        Ok(())
     }
 
     #[test]

@@ -20,7 +20,7 @@ use warp::{Filter, Reply};
 const COOKIE_SECRET: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 const OTHER_SECRET: &str = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
 /// Proxies this binary starts at most (a few tests start two or three).
-const SLOTS: usize = 44;
+const SLOTS: usize = 64;
 
 /// The provider, shared by the tests of this binary, with one registered redirect
 /// URI per proxy port slot.
@@ -2771,5 +2771,128 @@ async fn in_headless_chromium_a_user_signs_in_sees_the_upstream_and_signs_out() 
         after.starts_with(&format!("{}/interaction/", idp().issuer)),
         "after sign-out the page asks for a login again, not {after}"
     );
+    Ok(())
+}
+
+/// An upstream behind name-based virtual hosting (another ingress, a PaaS, a CDN)
+/// answers only to its own name: `--pass-host-header=false` sends it, as
+/// oauth2-proxy's flag of that name does, and the public one stays in X-Forwarded-Host.
+#[tokio::test]
+async fn without_pass_host_header_the_upstream_sees_its_own_host() -> Result<()> {
+    let upstream = echo_upstream().await?;
+    let proxy = Proxy::start(
+        "own-host",
+        upstream,
+        &["--skip-auth-paths", "/.*", "--pass-host-header=false"],
+    )
+    .await?;
+    let echo = echoed(reqwest::get(proxy.url("/x")).await?).await?;
+    let public = proxy.base.trim_start_matches("http://");
+    let own = format!("127.0.0.1:{upstream}");
+    ensure!(header(&echo, "host") == [own.as_str()], "{echo}");
+    ensure!(header(&echo, "x-forwarded-host") == [public], "{echo}");
+    Ok(())
+}
+
+/// hyper refuses more than 100 header fields in a response unless told otherwise;
+/// an application that sends many (a CSP report-only set, many cookies) must not turn
+/// into a 502 behind the proxy.
+#[tokio::test]
+async fn an_upstream_answer_with_150_header_fields_is_passed_on() -> Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let route = warp::any().map(|| {
+        let mut reply = warp::http::Response::builder().status(200);
+        for i in 0..150 {
+            reply = reply.header(format!("x-field-{i}"), i.to_string());
+        }
+        reply.body("many".to_string()).unwrap_or_default()
+    });
+    tokio::spawn(warp::serve(route).incoming(listener).run());
+    let proxy = Proxy::start("many-headers", port, &["--skip-auth-paths", "/.*"]).await?;
+    // Read raw: client libraries (reqwest included) stop at 100 fields themselves.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = proxy.base.trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&address).await?;
+    let request = format!("GET /x HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await??;
+    let answer = String::from_utf8_lossy(&answer);
+    ensure!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let fields = answer.lines().filter(|l| l.starts_with("x-field-")).count();
+    ensure!(
+        fields == 150 && answer.contains("x-field-149: 149"),
+        "{fields} fields: {answer}"
+    );
+    Ok(())
+}
+
+/// A load balancer in front keeps idle connections to the proxy (AWS and ingress-nginx
+/// for 60 s): the proxy must keep them at least as long, or a request sent as it
+/// closes one gets a 502. `--idle-timeout` says how long; after it the connection is
+/// closed.
+#[tokio::test]
+async fn idle_client_connections_are_kept_for_the_idle_timeout_then_closed() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let proxy = Proxy::start(
+        "idle",
+        echo_upstream().await?,
+        &["--skip-auth-paths", "/.*", "--idle-timeout", "2s"],
+    )
+    .await?;
+    let address = proxy.base.trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&address).await?;
+    let request = format!("GET /ping HTTP/1.1\r\nHost: {address}\r\n\r\n");
+    let mut buf = vec![0u8; 4096];
+    for pause in [Duration::ZERO, Duration::from_millis(1200)] {
+        tokio::time::sleep(pause).await;
+        stream.write_all(request.as_bytes()).await?;
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await??;
+        let head = String::from_utf8_lossy(&buf[..n]).to_string();
+        ensure!(head.starts_with("HTTP/1.1 200"), "after {pause:?} idle: {head}");
+    }
+    // Idle past the timeout: the proxy closes its side.
+    let closed = tokio::time::timeout(Duration::from_secs(6), stream.read(&mut buf)).await??;
+    ensure!(closed == 0, "the idle connection was not closed");
+    Ok(())
+}
+
+/// A deep link too long to keep through the login (it travels sealed in a cookie of
+/// at most 4 KB) lands on `/` after signing in instead of failing the login.
+#[tokio::test]
+async fn a_login_with_a_very_long_return_target_lands_on_the_root() -> Result<()> {
+    let proxy = Proxy::start("long-rd", echo_upstream().await?, &[]).await?;
+    let jar = Arc::new(Jar::default());
+    let browser = browser(&jar)?;
+    let long = format!("/app?q={}", "a".repeat(3000));
+    let landed = login(&browser, &proxy, &long, "alice").await?;
+    ensure!(landed.status() == 200, "{}", landed.status());
+    let echo = echoed(landed).await?;
+    ensure!(echo["path"] == "/" && echo["query"] == "", "{echo}");
+    ensure!(header(&echo, "x-forwarded-user") == ["alice"], "{echo}");
+    Ok(())
+}
+
+/// The issuer sends the browser back with an error (the user cancelled, the issuer is
+/// down): the page says what the issuer said and where to start again.
+#[tokio::test]
+async fn an_issuers_error_on_the_callback_is_shown_with_a_way_back() -> Result<()> {
+    let proxy = Proxy::start("idp-error", echo_upstream().await?, &[]).await?;
+    let client = reqwest::Client::new();
+    for (error, status) in [("access_denied", 403), ("temporarily_unavailable", 503)] {
+        let answer = client
+            .get(proxy.url(&format!(
+                "/oauth2/callback?error={error}&error_description=The+user+cancelled%0D%0Ahere&state=s"
+            )))
+            .send()
+            .await?;
+        ensure!(answer.status() == status, "{error}: {}", answer.status());
+        let body = answer.text().await?;
+        ensure!(
+            body.contains(error) && body.contains("The user cancelledhere") && body.contains("/oauth2/start"),
+            "{error}: {body}"
+        );
+    }
     Ok(())
 }
