@@ -155,6 +155,27 @@ fn redirect(to: &str) -> Response<Body> {
     response
 }
 
+/// The end of a login with `SameSite=Strict` session cookies: a page that moves on to
+/// `to` by itself. The callback is reached by a navigation the issuer started, so a
+/// redirect from it stays cross-site and the browser would not send the new Strict
+/// cookie with it: the target would send the browser round the login forever. A
+/// navigation this page starts is same-site.
+fn same_site_hop(to: &str) -> Response<Body> {
+    let escaped = to
+        .replace('&', "&amp;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;");
+    full(
+        StatusCode::OK,
+        "text/html; charset=utf-8",
+        format!(
+            "<!doctype html><meta http-equiv=\"refresh\" content=\"0;url={escaped}\"><title>Signed in</title><p><a href=\"{escaped}\">Continue</a></p>\n"
+        ),
+    )
+}
+
 /// A session's identity for revocation and single-flight refresh: the user, the
 /// login time and the login's random number, which a refresh keeps, so signing out
 /// also kills cookies copied before a refresh. Half a SHA-256, kept as bytes (a map
@@ -1613,7 +1634,12 @@ async fn callback(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
         app.metrics.refused("forbidden");
         return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
     }
-    let mut response = redirect(&app.redirects.validate(&attempt.redirect));
+    let target = app.redirects.validate(&attempt.redirect);
+    let mut response = if app.config.cookie_samesite == SameSite::Strict {
+        same_site_hop(&target)
+    } else {
+        redirect(&target)
+    };
     // A new login replaces whatever session cookies the browser still holds, all chunks.
     let mut set = match app.session_cookies(&session, app.chunks_in(headers)) {
         Ok(s) => s,
@@ -2129,6 +2155,23 @@ mod tests {
         only_ours.insert(COOKIE, HeaderValue::from_static("_chassis_oauth=sealed"));
         strip_own_cookies(&mut only_ours, "_chassis_oauth");
         assert!(only_ours.get(COOKIE).is_none());
+    }
+
+    #[tokio::test]
+    async fn the_strict_hop_page_escapes_its_target() {
+        let page = same_site_hop("/a?x=1&y=\"><script>");
+        let body = page
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let body = String::from_utf8_lossy(&body);
+        assert!(
+            body.contains("content=\"0;url=/a?x=1&amp;y=&quot;&gt;&lt;script&gt;\""),
+            "{body}"
+        );
+        assert!(!body.contains("<script>"), "{body}");
     }
 
     #[test]

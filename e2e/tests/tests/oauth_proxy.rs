@@ -2896,3 +2896,32 @@ async fn an_issuers_error_on_the_callback_is_shown_with_a_way_back() -> Result<(
     }
     Ok(())
 }
+
+/// With `SameSite=Strict` session cookies a redirect from the callback (a navigation
+/// the issuer started, so cross-site) would arrive without the new cookie and send the
+/// browser round the login for good: the callback answers with a page that moves on by
+/// itself (a same-site navigation), and the session cookie is Strict.
+#[tokio::test]
+async fn with_samesite_strict_the_login_ends_on_a_page_that_moves_on_by_itself() -> Result<()> {
+    let proxy = Proxy::start("strict", echo_upstream().await?, &["--cookie-samesite", "strict"]).await?;
+    let jar = Arc::new(Jar::default());
+    let browser = browser(&jar)?;
+    let page = login(&browser, &proxy, "/app?x=1&y=2", "alice").await?;
+    ensure!(page.status() == 200, "{}", page.status());
+    ensure!(page.url().path() == "/oauth2/callback", "{}", page.url());
+    let strict = page
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|c| c.starts_with("_chassis_oauth=") && c.contains("SameSite=Strict"));
+    ensure!(strict, "{:?}", page.headers());
+    let body = page.text().await?;
+    ensure!(
+        body.contains(r#"<meta http-equiv="refresh" content="0;url=/app?x=1&amp;y=2">"#),
+        "{body}"
+    );
+    let echo = echoed(browser.get(proxy.url("/app?x=1&y=2")).send().await?).await?;
+    ensure!(header(&echo, "x-forwarded-user") == ["alice"], "{echo}");
+    Ok(())
+}
