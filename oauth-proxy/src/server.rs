@@ -1572,42 +1572,56 @@ async fn callback(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
     let (Some(code), Some(state)) = (query.code, query.state) else {
         return text(StatusCode::BAD_REQUEST, "the callback needs code and state");
     };
+    // A callback this browser cannot complete (a tab restored with an old login, the
+    // back button to the issuer's page, another tab's login finished first) in a
+    // browser already signed in goes on to the app: nothing of the callback is used.
+    // Without a session it is refused, as a login CSRF would be.
+    let refuse = |reason: &'static str, why: &'static str, to: &str| {
+        let to = app.redirects.validate(to);
+        async move {
+            if app.session(headers).await.is_some() {
+                return redirect(&to);
+            }
+            app.metrics.refused(reason);
+            text(StatusCode::FORBIDDEN, why)
+        }
+    };
     let jar = cookies(headers);
     let Some(sealed) = jar.get(&app.csrf_cookie()) else {
-        app.metrics.refused("csrf");
-        return text(
-            StatusCode::FORBIDDEN,
+        return refuse(
+            "csrf",
             "forbidden: no login is in progress in this browser (CSRF cookie missing)",
-        );
+            "/",
+        )
+        .await;
     };
     let attempt: LoginAttempt = match app.sealer.open(&app.csrf_cookie(), sealed, now(), LOGIN_WINDOW) {
         Ok(a) => a,
         Err(_) => {
-            app.metrics.refused("csrf");
-            return text(
-                StatusCode::FORBIDDEN,
-                "forbidden: the login attempt is invalid or expired",
-            );
+            return refuse("csrf", "forbidden: the login attempt is invalid or expired", "/").await;
         }
     };
     if !bool::from(subtle::ConstantTimeEq::ct_eq(
         attempt.state.as_bytes(),
         state.as_bytes(),
     )) {
-        app.metrics.refused("csrf");
-        return text(
-            StatusCode::FORBIDDEN,
+        return refuse(
+            "csrf",
             "forbidden: state does not match this browser's login (CSRF)",
-        );
+            &attempt.redirect,
+        )
+        .await;
     }
     {
         let mut used = app.used_states.lock().await;
         if !used.redeem(&state, now()) {
-            app.metrics.refused("replay");
-            return text(
-                StatusCode::FORBIDDEN,
+            drop(used);
+            return refuse(
+                "replay",
                 "forbidden: this login callback was already used",
-            );
+                &attempt.redirect,
+            )
+            .await;
         }
     }
     let identity = match provider.finish(code, &attempt).await {

@@ -1190,6 +1190,29 @@ async fn callbacks_without_the_csrf_cookie_with_a_foreign_state_or_replayed_are_
     Ok(())
 }
 
+/// A callback the browser cannot complete any more (a restored tab's old login, the
+/// back button to the issuer's page) in a browser that is signed in goes on to the app
+/// instead of a dead-end 403; the callback itself is not used.
+#[tokio::test]
+async fn a_stale_callback_in_a_signed_in_browser_goes_on_to_the_app() -> Result<()> {
+    let proxy = Proxy::start("stale-callback", echo_upstream().await?, &[]).await?;
+    let jar = Arc::new(Jar::default());
+    let callback = callback_url(&jar, &proxy, "alice").await?;
+    let browser = browser(&jar)?;
+    let signed_in = browser.get(&callback).send().await?;
+    ensure!(signed_in.status() == 200, "first use: {}", signed_in.status());
+    // The same callback again (its CSRF cookie is gone): the app, as alice.
+    let again = browser.get(&callback).send().await?;
+    ensure!(again.url().path() == "/", "landed on {}", again.url());
+    let echo = echoed(again).await?;
+    ensure!(header(&echo, "x-forwarded-user") == ["alice"], "{echo}");
+    ensure!(
+        proxy.metric("chassis_oauth_proxy_logins_total").await? == 1.0,
+        "the stale callback made no second login"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn sign_out_ends_the_session_and_a_copied_cookie_with_it() -> Result<()> {
     let proxy = Proxy::start("signout", echo_upstream().await?, &[]).await?;
