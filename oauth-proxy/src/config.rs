@@ -461,7 +461,9 @@ fn email_domain(text: &str) -> Result<(), String> {
         .unwrap_or(text);
     let label_ok =
         |l: &str| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-    if text == "*" || name.split('.').all(label_ok) {
+    // `.com` would let in every address under a top-level domain.
+    let subdomains = name.len() < text.len();
+    if text == "*" || (name.split('.').all(label_ok) && (!subdomains || name.contains('.'))) {
         Ok(())
     } else {
         Err(format!(
@@ -493,8 +495,7 @@ where
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
             continue;
         };
-        let service_link = rest.starts_with("SERVICE_") || rest == "PORT" || rest.starts_with("PORT_");
-        if service_link || known.contains(&name) {
+        if service_link(rest) || known.contains(&name) {
             continue;
         }
         let closest = known
@@ -509,6 +510,27 @@ where
         ));
     }
     Ok(())
+}
+
+/// Whether `rest` (a variable's name after [`ENV_PREFIX`]) has the shape of what
+/// kubelet derives from a Service whose name starts with `chassis-oauth-proxy`
+/// (`chassis-oauth-proxy-grafana` gives `..._GRAFANA_SERVICE_HOST`,
+/// `..._GRAFANA_PORT_4180_TCP_ADDR`, ...): such a variable appears in every pod of
+/// the namespace when anyone creates such a Service, and must not stop the proxy.
+/// No setting of ours has a `SERVICE` or `PORT` word.
+fn service_link(rest: &str) -> bool {
+    let words: Vec<&str> = rest.split('_').collect();
+    let service = words
+        .windows(2)
+        .any(|w| w[0] == "SERVICE" && (w[1] == "HOST" || w[1] == "PORT"));
+    let port = words.last() == Some(&"PORT")
+        || words.windows(3).any(|w| {
+            w[0] == "PORT"
+                && !w[1].is_empty()
+                && w[1].bytes().all(|b| b.is_ascii_digit())
+                && matches!(w[2], "TCP" | "UDP" | "SCTP")
+        });
+    service || port
 }
 
 /// The keys of Kubernetes' ResourceAttributes. k8s-openapi skips unknown keys, so a
@@ -754,7 +776,10 @@ impl Config {
                     ));
                 }
             },
-            sar_username_prefix: pick!(flags, file, sar_username_prefix).unwrap_or_default(),
+            // `-` means none, as in the API server's --oidc-username-prefix.
+            sar_username_prefix: pick!(flags, file, sar_username_prefix)
+                .filter(|p| p != "-")
+                .unwrap_or_default(),
             sar_groups_prefix: pick!(flags, file, sar_groups_prefix).unwrap_or_default(),
             kubeconfig: pick!(flags, file, kubeconfig),
         };
@@ -908,7 +933,7 @@ mod tests {
         let not_pem = std::env::temp_dir().join(format!("chassis-not-pem-{}", std::process::id()));
         std::fs::write(&not_pem, "not a certificate\n").expect("writing the test's not-PEM file");
         let (upstream_not_pem, also_not_pem) = (not_pem.clone(), not_pem.clone());
-        let cases: [(&str, Edit); 31] = [
+        let cases: [(&str, Edit); 32] = [
             ("worker-threads", Box::new(|f| f.worker_threads = Some(0))),
             (
                 "upstream-ca-file",
@@ -1020,6 +1045,10 @@ mod tests {
             ),
             (
                 "email-domains",
+                Box::new(|f| f.email_domains = Some(vec!["*.com".into()])),
+            ),
+            (
+                "email-domains",
                 Box::new(|f| f.email_domains = Some(vec!["corp.com".into(), "".into()])),
             ),
             (
@@ -1117,6 +1146,12 @@ mod tests {
             "CHASSIS_OAUTH_PROXY_SERVICE_PORT_HTTP",
             "CHASSIS_OAUTH_PROXY_PORT",
             "CHASSIS_OAUTH_PROXY_PORT_4180_TCP_ADDR",
+            // ... and from Services named chassis-oauth-proxy-grafana and -metrics.
+            "CHASSIS_OAUTH_PROXY_GRAFANA_SERVICE_HOST",
+            "CHASSIS_OAUTH_PROXY_GRAFANA_SERVICE_PORT_HTTP",
+            "CHASSIS_OAUTH_PROXY_GRAFANA_PORT",
+            "CHASSIS_OAUTH_PROXY_GRAFANA_PORT_4180_TCP_PROTO",
+            "CHASSIS_OAUTH_PROXY_METRICS_PORT_9180_UDP",
         ];
         assert_eq!(check_environment(fine.map(var)), Ok(()));
     }

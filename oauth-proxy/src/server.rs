@@ -167,13 +167,18 @@ fn same_site_hop(to: &str) -> Response<Body> {
         .replace('\'', "&#39;")
         .replace('<', "&lt;")
         .replace('>', "&gt;");
-    full(
+    let mut page = full(
         StatusCode::OK,
         "text/html; charset=utf-8",
         format!(
-            "<!doctype html><meta http-equiv=\"refresh\" content=\"0;url={escaped}\"><title>Signed in</title><p><a href=\"{escaped}\">Continue</a></p>\n"
+            "<!doctype html><meta name=\"referrer\" content=\"no-referrer\"><meta http-equiv=\"refresh\" content=\"0;url={escaped}\"><title>Signed in</title><p><a href=\"{escaped}\">Continue</a></p>\n"
         ),
-    )
+    );
+    // The page's URL holds the authorization code: the next page must not get it as
+    // its Referer (a redirect never sent one).
+    page.headers_mut()
+        .insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    page
 }
 
 /// A session's identity for revocation and single-flight refresh: the user, the
@@ -406,11 +411,14 @@ pub fn authorize(config: &Config, identity: &Session) -> Option<String> {
 /// `allowed_groups`, `allowed_emails` and `allowed_email_domains` in the query, each
 /// comma-separated and repeatable. Every rule given must pass (one proxy guards
 /// ingresses with different audiences); ignoring them would let everyone in.
+///
+/// `None`: the rule is not given. A rule given with no entry (`allowed_groups=`, an
+/// annotation templated from an empty value) lets nobody in rather than everyone.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RouteRules {
-    groups: Vec<String>,
-    emails: Vec<String>,
-    email_domains: Vec<String>,
+    groups: Option<Vec<String>>,
+    emails: Option<Vec<String>>,
+    email_domains: Option<Vec<String>>,
 }
 
 impl RouteRules {
@@ -423,7 +431,14 @@ impl RouteRules {
                 "allowed_email_domains" => &mut rules.email_domains,
                 _ => continue,
             };
-            list.extend(value.split(',').filter(|e| !e.is_empty()).map(str::to_string));
+            // Trimmed, as `--email-domains` entries are: `a, b` is `a` and `b`.
+            list.get_or_insert_with(Vec::new).extend(
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|e| !e.is_empty())
+                    .map(str::to_string),
+            );
         }
         rules
     }
@@ -431,22 +446,28 @@ impl RouteRules {
     /// Why `identity` is refused on this route; `None` lets them in. Emails count only
     /// when verified, as for `--email-domains`.
     pub fn refuse(&self, identity: &Session) -> Option<String> {
-        if !self.groups.is_empty() && !identity.groups.iter().any(|g| self.groups.contains(g)) {
+        if let Some(groups) = &self.groups
+            && !identity.groups.iter().any(|g| groups.contains(g))
+        {
             return Some(format!(
                 "{} is in none of this route's allowed groups",
                 identity.user
             ));
         }
-        if self.emails.is_empty() && self.email_domains.is_empty() {
+        if self.emails.is_none() && self.email_domains.is_none() {
             return None;
         }
         let Some(email) = verified_email(identity) else {
             return Some(format!("{} has no verified email address", identity.user));
         };
-        if !self.emails.is_empty() && !self.emails.iter().any(|e| e.eq_ignore_ascii_case(email)) {
+        if let Some(emails) = &self.emails
+            && !emails.iter().any(|e| e.eq_ignore_ascii_case(email))
+        {
             return Some(format!("{email} is not among this route's allowed emails"));
         }
-        if !self.email_domains.is_empty() && !email_domain_allowed(email, &self.email_domains) {
+        if let Some(domains) = &self.email_domains
+            && !email_domain_allowed(email, domains)
+        {
             return Some(format!("{email} is not in this route's allowed email domains"));
         }
         None
@@ -2425,6 +2446,9 @@ mod tests {
             .unwrap_or_default();
         assert!(why.contains("reserved Kubernetes user name"), "{why}");
         assert!(named(&config(None, Some("oidc:"), None)?, &reserved).is_ok());
+        // `-` is no prefix, as for the API server.
+        let (user, _) = named(&config(None, Some("-"), None)?, &alice)?;
+        assert_eq!(user, "1234");
         Ok(())
     }
 
@@ -2434,15 +2458,20 @@ mod tests {
         let alice = user("alice@example.com", true, &["developers"]);
         assert_eq!(RouteRules::from_query("rd=/x&other=1"), RouteRules::default());
         assert_eq!(RouteRules::default().refuse(&alice), None, "no rules, no refusal");
-        let rules = RouteRules::from_query("allowed_groups=admins,&allowed_groups=developers");
+        let rules = RouteRules::from_query("allowed_groups=admins,&allowed_groups=%20developers");
         assert_eq!(
-            rules.groups,
-            ["admins", "developers"],
-            "repeated and comma-separated"
+            rules.groups.as_deref(),
+            Some(&["admins".to_string(), "developers".to_string()][..]),
+            "repeated, comma-separated and trimmed"
         );
         assert_eq!(rules.refuse(&alice), None, "any one group");
         let admins = RouteRules::from_query("allowed_groups=admins");
         assert!(admins.refuse(&alice).is_some_and(|w| w.contains("groups")));
+        // Given but empty (an annotation templated from an empty value): nobody, not
+        // everybody.
+        for empty in ["allowed_groups=", "allowed_emails=%20", "allowed_email_domains=,"] {
+            assert!(RouteRules::from_query(empty).refuse(&alice).is_some(), "{empty}");
+        }
         // Both rules given: both must pass.
         let both = RouteRules::from_query("allowed_groups=developers&allowed_email_domains=corp.example");
         assert!(both.refuse(&alice).is_some_and(|w| w.contains("domains")));

@@ -1206,9 +1206,18 @@ async fn a_stale_callback_in_a_signed_in_browser_goes_on_to_the_app() -> Result<
     ensure!(again.url().path() == "/", "landed on {}", again.url());
     let echo = echoed(again).await?;
     ensure!(header(&echo, "x-forwarded-user") == ["alice"], "{echo}");
+    // Another tab started a login since (its CSRF cookie is in the jar now): the old
+    // callback's state is not that login's, and it goes on to that login's target.
+    callback_url(&jar, &proxy, "alice").await?;
+    let mismatched = browser.get(&callback).send().await?;
+    ensure!(
+        mismatched.url().path() == "/done",
+        "landed on {}",
+        mismatched.url()
+    );
     ensure!(
         proxy.metric("chassis_oauth_proxy_logins_total").await? == 1.0,
-        "the stale callback made no second login"
+        "the stale callbacks made no second login"
     );
     Ok(())
 }

@@ -405,10 +405,14 @@ async fn a_stolen_operator_token_cannot_bind_admin_or_take_namespaces_outside_pr
 
     // Taking a namespace over by naming a Project as its controller would hand it to
     // the garbage collector once that Project is absent.
-    let adopt = serde_json::json!({"metadata": {"ownerReferences": [{
-        "apiVersion": "tenancy.chassis.dev/v1alpha1", "kind": "Project", "name": foreign,
-        "uid": "00000000-0000-0000-0000-000000000000", "controller": true,
-    }]}});
+    // The label too, so that only the check of the namespace as it was refuses it.
+    let adopt = serde_json::json!({"metadata": {
+        "labels": {"tenancy.chassis.dev/project": foreign},
+        "ownerReferences": [{
+            "apiVersion": "tenancy.chassis.dev/v1alpha1", "kind": "Project", "name": foreign,
+            "uid": "00000000-0000-0000-0000-000000000000", "controller": true,
+        }],
+    }});
     let answer = Api::<Namespace>::all(stolen.clone())
         .patch(&foreign, &PatchParams::default(), &Patch::Merge(&adopt))
         .await;
