@@ -439,6 +439,14 @@ macro_rules! pick {
     };
 }
 
+/// `text` (or `default`) as a duration that must be more than 0; errors name `key`.
+fn positive_duration(key: &str, text: Option<String>, default: &str) -> Result<Duration, String> {
+    match parse_duration(key, text.as_deref().unwrap_or(default))? {
+        d if d.is_zero() => Err(format!("{key}: must be more than 0")),
+        d => Ok(d),
+    }
+}
+
 /// A list value with its entries trimmed (`a, b` in an environment variable is two
 /// entries, not `a` and ` b`); an empty entry is refused, as it matches nothing.
 fn list(key: &str, values: Option<Vec<String>>) -> Result<Vec<String>, String> {
@@ -459,11 +467,13 @@ fn email_domain(text: &str) -> Result<(), String> {
         .strip_prefix("*.")
         .or_else(|| text.strip_prefix('.'))
         .unwrap_or(text);
-    let label_ok =
-        |l: &str| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
     // `.com` would let in every address under a top-level domain.
     let subdomains = name.len() < text.len();
-    if text == "*" || (name.split('.').all(label_ok) && (!subdomains || name.contains('.'))) {
+    if text == "*"
+        || (crate::session::valid_domain(name)
+            && !name.starts_with('.')
+            && (!subdomains || name.contains('.')))
+    {
         Ok(())
     } else {
         Err(format!(
@@ -585,13 +595,7 @@ impl Config {
                 "cookie-samesite: none requires cookie-secure: true (browsers refuse it otherwise)".into(),
             );
         }
-        let cookie_expire = parse_duration(
-            "cookie-expire",
-            pick!(flags, file, cookie_expire).as_deref().unwrap_or("168h"),
-        )?;
-        if cookie_expire.is_zero() {
-            return Err("cookie-expire: must be more than 0".into());
-        }
+        let cookie_expire = positive_duration("cookie-expire", pick!(flags, file, cookie_expire), "168h")?;
         let refresh = parse_duration(
             "cookie-refresh",
             pick!(flags, file, cookie_refresh).as_deref().unwrap_or("0"),
@@ -708,13 +712,11 @@ impl Config {
                 "upstream-ca-file",
                 pick!(flags, file, upstream_ca_file).as_deref(),
             )?,
-            upstream_timeout: match parse_duration(
+            upstream_timeout: positive_duration(
                 "upstream-timeout",
-                pick!(flags, file, upstream_timeout).as_deref().unwrap_or("30s"),
-            )? {
-                d if d.is_zero() => return Err("upstream-timeout: must be more than 0".into()),
-                d => d,
-            },
+                pick!(flags, file, upstream_timeout),
+                "30s",
+            )?,
             issuer_url: {
                 url("oidc-issuer-url", &issuer, &["http", "https"])?;
                 issuer.clone()
@@ -749,13 +751,7 @@ impl Config {
             // Above the 60 s that AWS load balancers and ingress-nginx's upstream
             // keep-alive default to: the side in front must close an idle connection
             // first, or a request it sends as this side closes gets a 502.
-            idle_timeout: match parse_duration(
-                "idle-timeout",
-                pick!(flags, file, idle_timeout).as_deref().unwrap_or("75s"),
-            )? {
-                d if d.is_zero() => return Err("idle-timeout: must be more than 0".into()),
-                d => d,
-            },
+            idle_timeout: positive_duration("idle-timeout", pick!(flags, file, idle_timeout), "75s")?,
             provider_sign_out: pick!(flags, file, provider_sign_out).unwrap_or(true),
             worker_threads: match pick!(flags, file, worker_threads) {
                 Some(0) => return Err("worker-threads: must be at least 1".into()),

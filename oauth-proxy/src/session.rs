@@ -607,7 +607,8 @@ fn valid_path(path: &str) -> bool {
     path.starts_with('/') && path.bytes().all(path_char)
 }
 
-fn valid_domain(domain: &str) -> bool {
+/// A DNS name (an optional leading `.` aside): letters, digits and inner `-` per label.
+pub(crate) fn valid_domain(domain: &str) -> bool {
     let domain = domain.strip_prefix('.').unwrap_or(domain);
     !domain.is_empty()
         && domain.len() <= 253

@@ -22,26 +22,10 @@ use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const PROFILE_LABEL: &str = "network.chassis.dev/profile";
-
-fn namespace(name: &str, labels: &[(&str, &str)]) -> Namespace {
-    Namespace {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            labels: Some(
-                labels
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            ),
-            ..Default::default()
-        },
-        ..Default::default()
-    }
-}
 
 /// Names of the NetworkPolicies `profile` has in `ns`, sorted.
 async fn profile_policies(ns: &str, profile: &str) -> Result<Vec<String>> {
@@ -95,7 +79,7 @@ async fn a_profile_follows_namespace_labels_reverts_edits_and_leaves_with_its_pr
     namespaces
         .create(
             &PostParams::default(),
-            &namespace(&ns, &[("e2e.chassis.dev/team", &team)]),
+            &chassis_e2e::namespace(&ns, &[("e2e.chassis.dev/team", &team)]),
         )
         .await?;
     let started = std::time::Instant::now();
@@ -217,7 +201,7 @@ async fn a_profile_follows_namespace_labels_reverts_edits_and_leaves_with_its_pr
     namespaces
         .create(
             &PostParams::default(),
-            &namespace(&other, &[("e2e.chassis.dev/team", &team)]),
+            &chassis_e2e::namespace(&other, &[("e2e.chassis.dev/team", &team)]),
         )
         .await?;
     let relabel = serde_json::json!({"metadata": {"labels": {"e2e.chassis.dev/team": team}}});
@@ -471,7 +455,7 @@ async fn egress_policies_render_into_exactly_what_their_ordered_rules_say() -> R
     let client = cluster().admin().await?;
     let ns = unique("egress");
     Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &namespace(&ns, &[]))
+        .create(&PostParams::default(), &chassis_e2e::namespace(&ns, &[]))
         .await?;
     let egresses: Api<EgressPolicy> = Api::namespaced(client.clone(), &ns);
     let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);

@@ -132,29 +132,37 @@ fn proxy_binary() -> std::path::PathBuf {
         .join("debug/chassis-oauth-proxy")
 }
 
+/// `chassis-oauth-proxy --config-test` with only `env` in its environment and `args`:
+/// its exit code and everything it printed.
+fn config_test(env: &[(&str, &str)], args: &[&str]) -> Result<(Option<i32>, String)> {
+    let out = std::process::Command::new(proxy_binary())
+        .env_clear()
+        .envs(env.iter().copied())
+        .arg("--config-test")
+        .args(args)
+        .output()?;
+    let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    Ok((out.status.code(), said))
+}
+
 /// A configuration that would let the whole issuer in, or fail every login, is
 /// refused by `--config-test` and at start-up alike, with a sentence and exit code 2.
 #[test]
 fn a_configuration_that_would_let_everyone_in_or_break_logins_is_refused_at_start() -> Result<()> {
     let check = |extra: &[&str]| -> Result<(Option<i32>, String)> {
-        let out = std::process::Command::new(proxy_binary())
-            .args([
-                "--config-test",
-                "--upstream",
-                "http://127.0.0.1:8080",
-                "--oidc-issuer-url",
-                "https://idp.example.com",
-                "--client-id",
-                "app",
-                "--client-secret",
-                "s",
-                "--redirect-url",
-                "https://app.example.com/oauth2/callback",
-            ])
-            .args(extra)
-            .output()?;
-        let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-        Ok((out.status.code(), said))
+        let base = [
+            "--upstream",
+            "http://127.0.0.1:8080",
+            "--oidc-issuer-url",
+            "https://idp.example.com",
+            "--client-id",
+            "app",
+            "--client-secret",
+            "s",
+            "--redirect-url",
+            "https://app.example.com/oauth2/callback",
+        ];
+        config_test(&[], &[&base[..], extra].concat())
     };
     let secret = ["--cookie-secret", COOKIE_SECRET];
     let (code, said) = check(&secret)?;
@@ -200,16 +208,6 @@ fn a_configuration_that_would_let_everyone_in_or_break_logins_is_refused_at_star
 /// Deployments and ConfigMaps; a mistyped variable or key stops the start by name.
 #[test]
 fn the_environment_or_a_config_file_configures_the_proxy_and_a_typo_in_either_stops_it() -> Result<()> {
-    let check = |env: &[(&str, &str)], args: &[&str]| -> Result<(Option<i32>, String)> {
-        let out = std::process::Command::new(proxy_binary())
-            .env_clear()
-            .envs(env.iter().copied())
-            .arg("--config-test")
-            .args(args)
-            .output()?;
-        let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-        Ok((out.status.code(), said))
-    };
     let env = [
         ("CHASSIS_OAUTH_PROXY_UPSTREAM", "http://127.0.0.1:8080"),
         ("CHASSIS_OAUTH_PROXY_OIDC_ISSUER_URL", "https://idp.example.com"),
@@ -228,10 +226,10 @@ fn the_environment_or_a_config_file_configures_the_proxy_and_a_typo_in_either_st
         ("CHASSIS_OAUTH_PROXY_SERVICE_HOST", "10.0.0.7"),
         ("CHASSIS_OAUTH_PROXY_PORT_4180_TCP", "tcp://10.0.0.7:4180"),
     ];
-    let (code, said) = check(&env, &[])?;
+    let (code, said) = config_test(&env, &[])?;
     ensure!(code == Some(0), "environment only: {code:?} {said}");
     let typo = [&env[..], &[("CHASSIS_OAUTH_PROXY_ALLOWED_GROUP", "admins")]].concat();
-    let (code, said) = check(&typo, &[])?;
+    let (code, said) = config_test(&typo, &[])?;
     ensure!(
         code == Some(2)
             && said.contains("CHASSIS_OAUTH_PROXY_ALLOWED_GROUP is not a setting")
@@ -255,7 +253,7 @@ fn the_environment_or_a_config_file_configures_the_proxy_and_a_typo_in_either_st
         "good.yaml",
         "sar-resource-attributes: {verb: get, resource: services, namespace: a}\n",
     )?;
-    let (code, said) = check(&[], &["--config", &good])?;
+    let (code, said) = config_test(&[], &["--config", &good])?;
     ensure!(code == Some(0), "file only: {code:?} {said}");
     for (name, extra, names) in [
         ("key.yaml", "alowed-groups: [admins]\n", "alowed-groups"),
@@ -271,7 +269,7 @@ fn the_environment_or_a_config_file_configures_the_proxy_and_a_typo_in_either_st
         ),
     ] {
         let path = file(name, extra)?;
-        let (code, said) = check(&[], &["--config", &path])?;
+        let (code, said) = config_test(&[], &["--config", &path])?;
         ensure!(code == Some(2) && said.contains(names), "{name}: {code:?} {said}");
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -2553,16 +2551,7 @@ async fn subject_access_review_lets_in_the_user_rbac_allows_and_refuses_the_othe
         ..Default::default()
     };
     Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &Namespace {
-                metadata: ObjectMeta {
-                    name: Some(ns.clone()),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        )
+        .create(&PostParams::default(), &chassis_e2e::namespace(&ns, &[]))
         .await?;
     Api::<Role>::namespaced(client.clone(), &ns)
         .create(

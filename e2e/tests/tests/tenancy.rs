@@ -333,16 +333,6 @@ async fn a_bigger_quota_in_the_template_reaches_every_project() -> Result<()> {
     f.cleanup().await
 }
 
-fn named_namespace(name: &str) -> Namespace {
-    Namespace {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        ..Default::default()
-    }
-}
-
 /// The chart's ValidatingAdmissionPolicy (`templates/operator-scope.yaml`, installed by
 /// the e2e setup as the chart renders it): the operator's own token, which RBAC lets
 /// create RoleBindings anywhere, may write them (and quotas, limits, namespaces) only in
@@ -355,7 +345,7 @@ async fn a_stolen_operator_token_cannot_bind_admin_or_take_namespaces_outside_pr
     let foreign = unique("foreign");
     let namespaces: Api<Namespace> = Api::all(admin.clone());
     namespaces
-        .create(&PostParams::default(), &named_namespace(&foreign))
+        .create(&PostParams::default(), &chassis_e2e::namespace(&foreign, &[]))
         .await?;
     let grant = |namespace: &str| RoleBinding {
         metadata: ObjectMeta {
@@ -422,7 +412,10 @@ async fn a_stolen_operator_token_cannot_bind_admin_or_take_namespaces_outside_pr
         "may only create or change a namespace that the Project of the same name controls",
     );
     let answer = Api::<Namespace>::all(stolen.clone())
-        .create(&PostParams::default(), &named_namespace(&unique("loose")))
+        .create(
+            &PostParams::default(),
+            &chassis_e2e::namespace(&unique("loose"), &[]),
+        )
         .await;
     refused(
         "create an unowned namespace",
