@@ -228,7 +228,7 @@ pub fn set_identity(
     identity: &Identity,
     pass_access_token: bool,
 ) -> Result<(), String> {
-    set_names(headers, identity, pass_access_token, &FORWARDED)
+    IdentityValues::new(identity, pass_access_token).set_forwarded(headers)
 }
 
 /// Sets the `X-Auth-Request-*` response headers that `/oauth2/auth` answers an
@@ -239,7 +239,80 @@ pub fn set_auth_request_response(
     identity: &Identity,
     pass_access_token: bool,
 ) -> Result<(), String> {
-    set_names(headers, identity, pass_access_token, &AUTH_REQUEST)
+    IdentityValues::new(identity, pass_access_token).set_auth_request(headers)
+}
+
+/// An identity's header values, checked and built once: a session keeps its own
+/// (`Session::headers`), so the requests it makes copy no claim and build no value
+/// (a clone of a built value shares its bytes). Same rules as [`set_identity`].
+#[derive(Clone, Debug)]
+pub struct IdentityValues {
+    /// User, Email, Groups, Preferred-Username, Access-Token (as in [`Names`]).
+    values: [Option<HeaderValue>; 5],
+    /// The indexes of the values refused as unsafe, named in the error.
+    refused: Vec<usize>,
+}
+
+impl IdentityValues {
+    pub fn new(identity: &Identity, pass_access_token: bool) -> Self {
+        let mut refused = Vec::new();
+        // Empty optional claims are simply absent; the user is always set.
+        fn present(v: &Option<String>) -> Option<Cow<'_, str>> {
+            v.as_deref().filter(|v| !v.is_empty()).map(Cow::Borrowed)
+        }
+        let groups = if identity.groups.is_empty() {
+            None
+        } else if identity.groups.iter().all(|g| safe_value(g) && !g.contains(',')) {
+            Some(Cow::Owned(identity.groups.join(",")))
+        } else {
+            // Refused whole: dropping one group would change what the set means.
+            refused.push(GROUPS);
+            None
+        };
+        let texts = [
+            Some(Cow::Borrowed(identity.user.as_str())),
+            present(&identity.email),
+            groups,
+            present(&identity.preferred_username),
+            present(&identity.access_token).filter(|_| pass_access_token),
+        ];
+        let mut values: [Option<HeaderValue>; 5] = Default::default();
+        for (i, text) in texts.into_iter().enumerate() {
+            let Some(text) = text else { continue };
+            match checked_value(&text) {
+                Some(value) => values[i] = Some(value),
+                None => refused.push(i),
+            }
+        }
+        Self { values, refused }
+    }
+
+    /// As [`set_identity`], from the values built already.
+    pub fn set_forwarded(&self, headers: &mut HeaderMap) -> Result<(), String> {
+        self.set(headers, &FORWARDED)
+    }
+
+    /// As [`set_auth_request_response`], from the values built already.
+    pub fn set_auth_request(&self, headers: &mut HeaderMap) -> Result<(), String> {
+        self.set(headers, &AUTH_REQUEST)
+    }
+
+    fn set(&self, headers: &mut HeaderMap, names: &Names) -> Result<(), String> {
+        strip_identity(headers, false);
+        for (i, value) in self.values.iter().enumerate() {
+            if let Some(value) = value {
+                headers.insert(names.parsed[i].clone(), value.clone());
+            }
+        }
+        if self.refused.is_empty() {
+            return Ok(());
+        }
+        let named: Vec<&str> = self.refused.iter().map(|i| names.display[*i]).collect();
+        Err(format!(
+            "not set, value not allowed in a header: {}",
+            named.join(", ")
+        ))
+    }
 }
 
 /// The names one family of identity headers is set under, as displayed in errors
@@ -286,55 +359,6 @@ static AUTH_REQUEST: Names = Names {
         HeaderName::from_static("x-auth-request-access-token"),
     ],
 };
-
-fn set_names(
-    headers: &mut HeaderMap,
-    identity: &Identity,
-    pass_access_token: bool,
-    names: &Names,
-) -> Result<(), String> {
-    strip_identity(headers, false);
-
-    let mut bad = Vec::new();
-    // Empty optional claims are simply absent; the user is always set.
-    fn present(v: &Option<String>) -> Option<Cow<'_, str>> {
-        v.as_deref().filter(|v| !v.is_empty()).map(Cow::Borrowed)
-    }
-    let groups = if identity.groups.is_empty() {
-        None
-    } else if identity.groups.iter().all(|g| safe_value(g) && !g.contains(',')) {
-        Some(Cow::Owned(identity.groups.join(",")))
-    } else {
-        // Refused whole: dropping one group would change what the set means.
-        bad.push(names.display[GROUPS]);
-        None
-    };
-    let values = [
-        Some(Cow::Borrowed(identity.user.as_str())),
-        present(&identity.email),
-        groups,
-        present(&identity.preferred_username),
-        present(&identity.access_token).filter(|_| pass_access_token),
-    ];
-
-    for (i, value) in values.into_iter().enumerate() {
-        let Some(value) = value else { continue };
-        match checked_value(&value) {
-            Some(value) => {
-                headers.insert(names.parsed[i].clone(), value);
-            }
-            None => bad.push(names.display[i]),
-        }
-    }
-    if bad.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
-            "not set, value not allowed in a header: {}",
-            bad.join(", ")
-        ))
-    }
-}
 
 /// Whether `value` is safe to hand to an upstream as one header value: not
 /// empty, no control characters (CR/LF would split headers, NUL truncates in C

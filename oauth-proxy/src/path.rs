@@ -69,6 +69,32 @@ pub enum PathError {
 /// From the request-target's path component (no query; the caller splits it off, but be defensive: a '?' or '#' in the input is an error),
 /// returns the canonical path: percent-decoded once for unreserved characters only, dot-segments ("." and "..") resolved, repeated slashes collapsed.
 pub fn normalize(raw_path: &str) -> Result<String, PathError> {
+    // Most paths are canonical already; the general walk below allocates per segment.
+    if is_canonical_already(raw_path) {
+        return Ok(raw_path.to_string());
+    }
+    normalize_segments(raw_path)
+}
+
+/// Whether `normalize` would return `raw_path` unchanged, judged in one pass: it starts
+/// with '/', has only characters kept raw (no '%'), no empty segment but a last one
+/// (a trailing slash), and no dot-segment. A path this misses takes the general walk.
+fn is_canonical_already(raw_path: &str) -> bool {
+    let Some(rest) = raw_path.strip_prefix('/') else {
+        return false;
+    };
+    let mut segments = rest.split('/').peekable();
+    while let Some(segment) = segments.next() {
+        let last = segments.peek().is_none();
+        let plain = segment.bytes().all(|b| is_unreserved(b) || is_safe_raw(b));
+        if !plain || matches!(segment, "." | "..") || (segment.is_empty() && !last) {
+            return false;
+        }
+    }
+    true
+}
+
+fn normalize_segments(raw_path: &str) -> Result<String, PathError> {
     let rest = raw_path.strip_prefix('/').ok_or(PathError::NotAbsolute)?;
     let raw_segments: Vec<&str> = rest.split('/').collect();
     let last = raw_segments.len().saturating_sub(1);
@@ -220,6 +246,40 @@ mod tests {
     fn refused(raws: &[&str], expected: PathError) {
         for raw in raws {
             assert_eq!(normalize(raw), Err(expected.clone()), "{raw:?}");
+        }
+    }
+
+    /// The shortcut for paths that are canonical already must agree with the general
+    /// walk on every input: all strings up to six characters long over an alphabet
+    /// of separators, dots, escapes and characters of every class.
+    #[test]
+    fn the_shortcut_agrees_with_the_general_walk() {
+        let alphabet = ['/', '.', 'a', '%', '2', 'E', ';', '|', ':', ' ', '~'];
+        let mut inputs = vec![String::new()];
+        let mut checked = 0;
+        for _ in 0..6 {
+            let mut longer = Vec::with_capacity(inputs.len() * alphabet.len());
+            for prefix in &inputs {
+                for c in alphabet {
+                    let path = format!("{prefix}{c}");
+                    if is_canonical_already(&path) {
+                        assert_eq!(
+                            normalize_segments(&path).as_deref(),
+                            Ok(path.as_str()),
+                            "{path:?}"
+                        );
+                        checked += 1;
+                    }
+                    longer.push(path);
+                }
+            }
+            inputs = longer;
+        }
+        assert!(checked > 1000, "only {checked} inputs took the shortcut");
+        for path in [
+            "/", "/a/", "/a/b", "//", "/a//b", "/.", "/a/..", "/...", "/a/./b", "/%41", "/a|b",
+        ] {
+            assert_eq!(normalize(path), normalize_segments(path), "{path:?}");
         }
     }
 

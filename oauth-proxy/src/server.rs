@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{ACCEPT, CONTENT_TYPE, COOKIE, HOST, LOCATION, SET_COOKIE};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -237,38 +237,61 @@ fn cookie_pairs(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
     headers
         .get_all(COOKIE)
         .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+        .flat_map(|v| split_at_semicolons(v.as_bytes()))
         .map(<[u8]>::trim_ascii)
         .filter(|pair| !pair.is_empty())
 }
 
+/// `bytes.split(|b| *b == b';')`, found with memchr: a session cookie is kilobytes
+/// long and the Cookie header is split twice on every request.
+fn split_at_semicolons(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut start = 0;
+    memchr::memchr_iter(b';', bytes)
+        .chain(std::iter::once(bytes.len()))
+        .map(move |end| {
+            let piece = bytes.get(start..end).unwrap_or_default();
+            start = end + 1;
+            piece
+        })
+}
+
 /// The request's cookies, from every Cookie header, borrowed from the headers (read
 /// on every request, so nothing is copied).
-struct Jar<'a>(Vec<(&'a str, &'a str)>);
+struct Jar<'a>(Vec<(&'a [u8], &'a [u8])>);
 
 impl<'a> Jar<'a> {
-    /// The value of cookie `name`; when a name repeats, the last one counts.
+    /// The value of cookie `name`; when a name repeats, the last one counts. Only a
+    /// value that is text can be ours: one that is not is passed over.
     fn get(&self, name: &str) -> Option<&'a str> {
-        self.0.iter().rev().find(|(k, _)| *k == name).map(|(_, v)| *v)
+        self.0
+            .iter()
+            .rev()
+            .filter(|(k, _)| *k == name.as_bytes())
+            .find_map(|(_, v)| std::str::from_utf8(v).ok())
     }
 
     fn contains_key(&self, name: &str) -> bool {
         self.get(name).is_some()
     }
 
-    /// The distinct cookie names.
+    /// The distinct cookie names (of pairs that are text).
     #[cfg(test)]
     fn names(&self) -> std::collections::HashSet<&'a str> {
-        self.0.iter().map(|(k, _)| *k).collect()
+        self.0
+            .iter()
+            .filter(|(_, v)| std::str::from_utf8(v).is_ok())
+            .filter_map(|(k, _)| std::str::from_utf8(k).ok())
+            .collect()
     }
 }
 
 fn cookies(headers: &HeaderMap) -> Jar<'_> {
-    // Only pairs that are text can be ours (`from_utf8` checks a word at a time; a
-    // session cookie is kilobytes long and read on every request).
+    // Text only where it is needed (`get`): the other cookies are never read here.
     Jar(cookie_pairs(headers)
-        .filter_map(|pair| std::str::from_utf8(pair).ok())
-        .filter_map(|pair| pair.split_once('='))
+        .filter_map(|pair| {
+            let eq = memchr::memchr(b'=', pair)?;
+            Some((&pair[..eq], &pair[eq + 1..]))
+        })
         .collect())
 }
 
@@ -852,6 +875,7 @@ fn to_session(identity: Identity, created_at: u64, login: u64, keep_access_token
         created_at,
         login,
         refreshed_at: now(),
+        headers: Default::default(),
     }
 }
 
@@ -860,6 +884,14 @@ fn to_session(identity: Identity, created_at: u64, login: u64, keep_access_token
 /// refuses such logins outright).
 fn verified_email(session: &Session) -> Option<&str> {
     session.email.as_deref().filter(|_| session.email_verified)
+}
+
+/// The session's identity header values, built on its first request.
+fn identity_values<'a>(app: &App, session: &'a Session) -> &'a headers::IdentityValues {
+    let pass = app.config.pass_access_token;
+    session
+        .headers
+        .get_or_init(|| headers::IdentityValues::new(&header_identity(session, pass), pass))
 }
 
 /// `with_token`: copy the access token too (only when it is passed on).
@@ -874,6 +906,11 @@ fn header_identity(session: &Session, with_token: bool) -> HeaderIdentity {
 }
 
 const X_AUTH_REQUEST_REDIRECT: &str = "x-auth-request-redirect";
+// Parsed once: a name given as text is copied into a new allocation on every insert
+// (a clone of these copies nothing).
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Serves one request (see the module doc for the order of the steps).
 pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
@@ -972,7 +1009,8 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -
 /// Removes our cookies (`name`, `name_<n>` chunks, `name_csrf`) from every Cookie
 /// header, keeping the application's own cookies.
 fn strip_own_cookies(headers: &mut HeaderMap, name: &str) {
-    let mut kept: Vec<u8> = Vec::new();
+    let total: usize = headers.get_all(COOKIE).iter().map(|v| v.len() + 2).sum();
+    let mut kept: Vec<u8> = Vec::with_capacity(total);
     for pair in cookie_pairs(headers) {
         let cookie = pair.split(|b| *b == b'=').next().unwrap_or_default();
         if is_own_cookie(cookie, name) {
@@ -985,7 +1023,7 @@ fn strip_own_cookies(headers: &mut HeaderMap, name: &str) {
     }
     headers.remove(COOKIE);
     if !kept.is_empty()
-        && let Ok(v) = HeaderValue::from_bytes(&kept)
+        && let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(kept))
     {
         headers.insert(COOKIE, v);
     }
@@ -1151,19 +1189,25 @@ async fn proxy(
     // client and keep what the client claimed. Untrusted clients' lines are gone already.
     let prior: Vec<&str> = parts
         .headers
-        .get_all("x-forwarded-for")
+        .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .collect();
     let forwarded_for = if prior.is_empty() {
-        remote.ip().to_string()
+        // Formatted on the stack: this runs for every request.
+        use std::io::Write as _;
+        let mut text = [0u8; 64];
+        let mut cursor = std::io::Cursor::new(&mut text[..]);
+        let _ = write!(cursor, "{}", remote.ip());
+        let end = usize::try_from(cursor.position()).unwrap_or(0);
+        HeaderValue::from_bytes(&text[..end])
     } else {
-        format!("{}, {}", prior.join(", "), remote.ip())
+        HeaderValue::from_str(&format!("{}, {}", prior.join(", "), remote.ip()))
     };
-    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
-        parts.headers.insert("x-forwarded-for", v);
+    if let Ok(v) = forwarded_for {
+        parts.headers.insert(X_FORWARDED_FOR.clone(), v);
     }
-    if !parts.headers.contains_key("x-forwarded-proto") {
+    if !parts.headers.contains_key(&X_FORWARDED_PROTO) {
         // The scheme users reach the proxy by, as its redirect URL says, not the one the
         // request came in with: behind a TLS-terminating ingress outside the trusted
         // CIDRs, "http" would send an app that enforces HTTPS (Rails' force_ssl,
@@ -1175,12 +1219,12 @@ async fn proxy(
         };
         parts
             .headers
-            .insert("x-forwarded-proto", HeaderValue::from_static(public));
+            .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(public));
     }
     if let Some(h) = host
-        && !parts.headers.contains_key("x-forwarded-host")
+        && !parts.headers.contains_key(&X_FORWARDED_HOST)
     {
-        parts.headers.insert("x-forwarded-host", h);
+        parts.headers.insert(X_FORWARDED_HOST.clone(), h);
     }
     // An upstream behind name-based virtual hosting (another ingress, a PaaS, a CDN)
     // knows itself by its own name, not the public one (still in X-Forwarded-Host).
@@ -1189,11 +1233,7 @@ async fn proxy(
     }
     if let Some(session) = session {
         // The upstream trusts these: set after every client variant was removed.
-        if let Err(e) = headers::set_identity(
-            &mut parts.headers,
-            &header_identity(session, app.config.pass_access_token),
-            app.config.pass_access_token,
-        ) {
+        if let Err(e) = identity_values(app, session).set_forwarded(&mut parts.headers) {
             return text(StatusCode::FORBIDDEN, format!("forbidden: {e}"));
         }
     }
@@ -1201,19 +1241,27 @@ async fn proxy(
     strip_own_cookies(&mut parts.headers, &app.config.cookie_name);
     parts.uri = uri;
     let again = Replay::of(&parts, &body, upgrade);
-    let (sent, body_sent) = tokio::sync::oneshot::channel();
-    let body = SignalsEnd::new(body.map_err(|e| Box::new(e) as BoxError), sent);
-    let request = Request::from_parts(parts, body.boxed_unsync());
-    let started = std::time::Instant::now();
     // The timeout runs from the end of the request body (an upload may take long) to
     // the response headers (a streamed answer or a WebSocket may then last), as Go's
-    // ResponseHeaderTimeout does for oauth2-proxy.
+    // ResponseHeaderTimeout does for oauth2-proxy. Without a body (most requests) it
+    // starts now, and nothing needs to watch the body.
+    let (request, body_sent) = if http_body::Body::is_end_stream(&body) {
+        (Request::from_parts(parts, empty_body()), None)
+    } else {
+        let (sent, body_sent) = tokio::sync::oneshot::channel();
+        let body = SignalsEnd::new(body.map_err(|e| Box::new(e) as BoxError), sent);
+        (Request::from_parts(parts, body.boxed_unsync()), Some(body_sent))
+    };
+    let started = std::time::Instant::now();
     let pending = app.upstream().request(request);
     tokio::pin!(pending);
-    let answered = tokio::select! {
-        biased;
-        answer = &mut pending => Ok(answer),
-        _ = body_sent => tokio::time::timeout(app.config.upstream_timeout, &mut pending).await,
+    let answered = match body_sent {
+        None => tokio::time::timeout(app.config.upstream_timeout, &mut pending).await,
+        Some(body_sent) => tokio::select! {
+            biased;
+            answer = &mut pending => Ok(answer),
+            _ = body_sent => tokio::time::timeout(app.config.upstream_timeout, &mut pending).await,
+        },
     };
     let answered = match (answered, again) {
         // A connection the upstream closed or reset before any byte of an answer: mostly
@@ -1272,6 +1320,13 @@ async fn proxy(
     response.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync())
 }
 
+/// A body with nothing in it (boxing it allocates nothing: it has no size).
+fn empty_body() -> Body {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
 /// What it takes to send a request again: only for methods without side effects
 /// (RFC 9110 9.2.2: GET, HEAD, OPTIONS, TRACE, as Go's transport) and without a body,
 /// so nothing the client sent is held back or replayed.
@@ -1295,11 +1350,7 @@ impl Replay {
     }
 
     fn request(self) -> Request<Body> {
-        let mut request = Request::new(
-            http_body_util::Empty::new()
-                .map_err(|never| match never {})
-                .boxed_unsync(),
-        );
+        let mut request = Request::new(empty_body());
         *request.method_mut() = self.method;
         *request.uri_mut() = self.uri;
         *request.headers_mut() = self.headers;
@@ -1817,11 +1868,7 @@ fn accepted(app: &App, session: &Session, rules: &RouteRules) -> Response<Body> 
         return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
     }
     let mut response = text(StatusCode::ACCEPTED, "authenticated");
-    if let Err(e) = headers::set_auth_request_response(
-        response.headers_mut(),
-        &header_identity(session, app.config.pass_access_token),
-        app.config.pass_access_token,
-    ) {
+    if let Err(e) = identity_values(app, session).set_auth_request(response.headers_mut()) {
         return text(StatusCode::FORBIDDEN, format!("forbidden: {e}"));
     }
     response
@@ -2395,6 +2442,7 @@ mod tests {
             created_at: 5,
             login: 1,
             refreshed_at: 0,
+            headers: Default::default(),
         }
     }
 
@@ -2499,6 +2547,7 @@ mod tests {
             created_at: 5,
             login: 77,
             refreshed_at: 0,
+            headers: Default::default(),
         };
         let before = session_id(&s);
         s.access_token = Some("a2".into());
@@ -2509,6 +2558,56 @@ mod tests {
         s.login = 78;
         assert_ne!(session_id(&s), before);
         assert_ne!(session::new_login(), session::new_login());
+    }
+
+    /// A session builds its identity headers once; a changed copy (a refresh with new
+    /// groups, say) must carry its own, never the headers of the session it came from.
+    #[test]
+    fn identity_headers_are_built_once_per_session_and_never_for_a_changed_copy() -> Result<(), String> {
+        let app = App::new(crate::config::Config::merge(
+            &crate::config::minimal_flags(),
+            Default::default(),
+        )?)?;
+        let forwarded = |session: &Session| {
+            let mut h = HeaderMap::new();
+            identity_values(&app, session).set_forwarded(&mut h).map(|()| h)
+        };
+        let before = identity("alice", "alice@corp.example", true, &["developers"]);
+        let first = forwarded(&before)?;
+        assert_eq!(
+            first.get("x-forwarded-groups").map(HeaderValue::as_bytes),
+            Some(&b"developers"[..])
+        );
+        assert!(
+            std::ptr::eq(identity_values(&app, &before), identity_values(&app, &before)),
+            "built once, then reused"
+        );
+        let mut after = before.clone();
+        after.groups = vec!["admins".into()];
+        after.user = "alice2".into();
+        let second = forwarded(&after)?;
+        assert_eq!(
+            second.get("x-forwarded-groups").map(HeaderValue::as_bytes),
+            Some(&b"admins"[..])
+        );
+        assert_eq!(
+            second.get("x-forwarded-user").map(HeaderValue::as_bytes),
+            Some(&b"alice2"[..])
+        );
+        assert_eq!(
+            before,
+            before.clone(),
+            "what a session has built is not part of its value"
+        );
+        let mut bad = identity("alice", "alice@corp.example", true, &["a,b"]);
+        assert!(forwarded(&bad).is_err_and(|e| e.contains("X-Forwarded-Groups")));
+        bad = bad.clone();
+        bad.groups = vec!["ok".into()];
+        assert!(
+            forwarded(&bad).is_ok(),
+            "a refused value is not remembered for a mended copy"
+        );
+        Ok(())
     }
 
     #[tokio::test]
@@ -2532,6 +2631,7 @@ mod tests {
                 created_at: 1,
                 login: 1,
                 refreshed_at: 0,
+                headers: Default::default(),
             })
         };
         assert!(

@@ -86,6 +86,39 @@ pub struct Session {
     /// `created_at` counts).
     #[serde(default)]
     pub refreshed_at: u64,
+    /// The identity headers built from the fields above, once (see [`Memo`]).
+    #[serde(skip)]
+    pub headers: Memo<crate::headers::IdentityValues>,
+}
+
+/// A value worked out from a session once and kept beside it, for the requests that
+/// reuse the session (sessions are shared, read-only, from the cache of opened
+/// cookies). Not part of the session: never sealed, equal whatever it holds, and
+/// empty in a clone, since a clone is made to be changed.
+pub struct Memo<T>(std::sync::OnceLock<T>);
+
+impl<T> Memo<T> {
+    pub fn get_or_init(&self, init: impl FnOnce() -> T) -> &T {
+        self.0.get_or_init(init)
+    }
+}
+
+impl<T> Default for Memo<T> {
+    fn default() -> Self {
+        Self(std::sync::OnceLock::new())
+    }
+}
+
+impl<T> Clone for Memo<T> {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl<T> PartialEq for Memo<T> {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 // Hand-written instead of derived so a logged session never carries tokens.
@@ -415,7 +448,10 @@ pub fn split(name: &str, value: &str, chunk: usize) -> Vec<(String, String)> {
 /// `name_N` and after `MAX_CHUNKS` (16) cookies.
 pub fn join<'a>(name: &str, cookies: impl Fn(&str) -> Option<&'a str>) -> Option<Cow<'a, str>> {
     let mut value = Cow::Borrowed(cookies(name)?);
-    let mut chunk = format!("{name}_");
+    // Sized for `name_15` up front: this runs on every request.
+    let mut chunk = String::with_capacity(name.len() + 3);
+    chunk.push_str(name);
+    chunk.push('_');
     for i in 1..MAX_CHUNKS {
         chunk.truncate(name.len() + 1);
         let _ = write!(chunk, "{i}");
@@ -679,6 +715,7 @@ mod tests {
             created_at: NOW,
             login: 42,
             refreshed_at: 0,
+            headers: Default::default(),
         }
     }
 
