@@ -245,7 +245,8 @@ pub fn set_auth_request_response(
 /// An identity's header values, checked and built once: a session keeps its own
 /// (`Session::headers`), so the requests it makes copy no claim and build no value
 /// (a clone of a built value shares its bytes). Same rules as [`set_identity`].
-#[derive(Clone, Debug)]
+/// No `Debug`: the values may hold the access token.
+#[derive(Clone)]
 pub struct IdentityValues {
     /// User, Email, Groups, Preferred-Username, Access-Token (as in [`Names`]).
     values: [Option<HeaderValue>; 5],

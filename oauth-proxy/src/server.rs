@@ -1009,11 +1009,13 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -
 /// Removes our cookies (`name`, `name_<n>` chunks, `name_csrf`) from every Cookie
 /// header, keeping the application's own cookies.
 fn strip_own_cookies(headers: &mut HeaderMap, name: &str) {
-    let total: usize = headers.get_all(COOKIE).iter().map(|v| v.len() + 2).sum();
-    let mut kept: Vec<u8> = Vec::with_capacity(total);
+    // Sized exactly, so that the Bytes the header takes over needs no second allocation.
+    let (size, count) = cookie_pairs(headers)
+        .filter(|pair| !is_own_cookie(cookie_name(pair), name))
+        .fold((0, 0), |(size, count), pair| (size + pair.len(), count + 1));
+    let mut kept: Vec<u8> = Vec::with_capacity(size + 2 * usize::saturating_sub(count, 1));
     for pair in cookie_pairs(headers) {
-        let cookie = pair.split(|b| *b == b'=').next().unwrap_or_default();
-        if is_own_cookie(cookie, name) {
+        if is_own_cookie(cookie_name(pair), name) {
             continue;
         }
         if !kept.is_empty() {
@@ -1027,6 +1029,11 @@ fn strip_own_cookies(headers: &mut HeaderMap, name: &str) {
     {
         headers.insert(COOKIE, v);
     }
+}
+
+/// The name of a `name=value` pair (all of it when it has no `=`).
+fn cookie_name(pair: &[u8]) -> &[u8] {
+    pair.split(|b| *b == b'=').next().unwrap_or_default()
 }
 
 /// Whether the cookie named `cookie` is one of the proxy's: the session (`name`), its
