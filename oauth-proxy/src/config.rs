@@ -461,8 +461,9 @@ fn list(key: &str, values: Option<Vec<String>>) -> Result<Vec<String>, String> {
 }
 
 /// `*`, a domain, or `.domain` / `*.domain` for its subdomains; anything else (an
-/// `@`, a wildcard inside) would match no email at all.
-fn email_domain(text: &str) -> Result<(), String> {
+/// `@`, a wildcard inside) would match no email at all. The error says why, without
+/// naming the setting (`--email-domains`, or a route's `allowed_email_domains`).
+pub(crate) fn email_domain(text: &str) -> Result<(), String> {
     let name = text
         .strip_prefix("*.")
         .or_else(|| text.strip_prefix('.'))
@@ -477,7 +478,7 @@ fn email_domain(text: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "email-domains: {text:?} is not a domain (corp.com; .corp.com or *.corp.com for its subdomains; * for any)"
+            "{text:?} is not a domain (corp.com; .corp.com or *.corp.com for its subdomains; * for any)"
         ))
     }
 }
@@ -740,7 +741,9 @@ impl Config {
             allowed_groups: list("allowed-groups", pick!(flags, file, allowed_groups))?,
             email_domains: {
                 let domains = list("email-domains", pick!(flags, file, email_domains))?;
-                domains.iter().try_for_each(|d| email_domain(d))?;
+                domains
+                    .iter()
+                    .try_for_each(|d| email_domain(d).map_err(|e| format!("email-domains: {e}")))?;
                 domains
             },
             whitelist_domains: list("whitelist-domains", pick!(flags, file, whitelist_domains))?,

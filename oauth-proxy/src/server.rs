@@ -442,6 +442,9 @@ pub struct RouteRules {
     groups: Option<Vec<String>>,
     emails: Option<Vec<String>>,
     email_domains: Option<Vec<String>>,
+    /// Why an entry can match nobody (a domain with an `@`, an email without one):
+    /// the route then lets nobody in and says so, rather than refusing in silence.
+    invalid: Option<String>,
 }
 
 impl RouteRules {
@@ -463,12 +466,28 @@ impl RouteRules {
                     .map(str::to_string),
             );
         }
+        let bad_email = rules.emails.iter().flatten().find(|e| {
+            let mut parts = e.split('@');
+            !matches!((parts.next(), parts.next(), parts.next()), (Some(l), Some(d), None) if !l.is_empty() && !d.is_empty())
+        });
+        rules.invalid = match bad_email {
+            Some(e) => Some(format!("allowed_emails: {e:?} is not an email address")),
+            None => rules
+                .email_domains
+                .iter()
+                .flatten()
+                .find_map(|d| crate::config::email_domain(d).err())
+                .map(|e| format!("allowed_email_domains: {e}")),
+        };
         rules
     }
 
     /// Why `identity` is refused on this route; `None` lets them in. Emails count only
     /// when verified, as for `--email-domains`.
     pub fn refuse(&self, identity: &Session) -> Option<String> {
+        if let Some(why) = &self.invalid {
+            return Some(format!("this route's rules cannot be met: {why}"));
+        }
         if let Some(groups) = &self.groups
             && !identity.groups.iter().any(|g| groups.contains(g))
         {
@@ -1871,6 +1890,10 @@ async fn auth(app: &App, headers: &HeaderMap, rules: &RouteRules) -> Response<Bo
 fn accepted(app: &App, session: &Session, rules: &RouteRules) -> Response<Body> {
     // 403, not 401: an ingress sends a 401 to the login, which would loop.
     if let Some(why) = rules.refuse(session) {
+        if rules.invalid.is_some() {
+            // The ingress's configuration, not the user: whoever runs it reads this log.
+            tracing::warn!(%why, "an ingress asked /oauth2/auth with rules that let nobody in");
+        }
         app.metrics.refused("route_rules");
         return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
     }
@@ -2537,6 +2560,31 @@ mod tests {
             domain.refuse(&tricky).is_some(),
             "two @ are refused, not guessed at"
         );
+        // An entry that can match nobody says so (it refused in silence before).
+        for (query, named) in [
+            (
+                "allowed_email_domains=%40example.com",
+                "\"@example.com\" is not a domain",
+            ),
+            (
+                "allowed_email_domains=example.com,*.com",
+                "\"*.com\" is not a domain",
+            ),
+            ("allowed_emails=alice", "\"alice\" is not an email address"),
+            (
+                "allowed_emails=alice%40example.com,%40example.com",
+                "\"@example.com\"",
+            ),
+        ] {
+            let why = RouteRules::from_query(query).refuse(&alice);
+            assert!(
+                why.as_deref()
+                    .is_some_and(|w| w.contains("cannot be met") && w.contains(named)),
+                "{query}: {why:?}"
+            );
+        }
+        let subdomains = RouteRules::from_query("allowed_email_domains=.example.com,*.corp.example,*");
+        assert_eq!(subdomains.invalid, None);
     }
 
     #[test]

@@ -562,6 +562,18 @@ async fn a_user_signs_in_on_the_providers_form_and_the_upstream_sees_who_they_ar
             .status();
         ensure!(status == want, "{query}: {status}");
     }
+    // An entry that can match nobody (a typo in an ingress annotation): nobody, and the
+    // answer says why instead of refusing in silence.
+    let typo = browser
+        .get(proxy.url("/oauth2/auth?allowed_email_domains=%40example.com"))
+        .send()
+        .await?;
+    ensure!(typo.status() == 403, "typo: {}", typo.status());
+    let why = typo.text().await?;
+    ensure!(
+        why.contains("allowed_email_domains") && why.contains("\"@example.com\" is not a domain"),
+        "{why}"
+    );
     // Envoy's ext_authz forwards the original method: a POST is judged alike.
     let posted = browser.post(proxy.url("/oauth2/auth")).body("a=1").send().await?;
     ensure!(posted.status() == 202, "POST auth: {}", posted.status());
