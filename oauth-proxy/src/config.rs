@@ -468,19 +468,22 @@ pub(crate) fn email_domain(text: &str) -> Result<(), String> {
         .strip_prefix("*.")
         .or_else(|| text.strip_prefix('.'))
         .unwrap_or(text);
-    // `.com` would let in every address under a top-level domain.
     let subdomains = name.len() < text.len();
-    if text == "*"
-        || (crate::session::valid_domain(name)
-            && !name.starts_with('.')
-            && (!subdomains || name.contains('.')))
-    {
-        Ok(())
-    } else {
-        Err(format!(
-            "{text:?} is not a domain (corp.com; .corp.com or *.corp.com for its subdomains; * for any)"
-        ))
+    if text == "*" {
+        return Ok(());
     }
+    if !crate::session::valid_domain(name) || name.starts_with('.') {
+        return Err(format!(
+            "{text:?} is not a domain (corp.com; .corp.com or *.corp.com for its subdomains; * for any)"
+        ));
+    }
+    // `.com` would let in every address under a top-level domain.
+    if subdomains && !name.contains('.') {
+        return Err(format!(
+            "{text:?} would let in every address under a top-level domain; name the organisation's domain (.corp.com)"
+        ));
+    }
+    Ok(())
 }
 
 /// The prefix of every environment variable the proxy reads.

@@ -64,6 +64,8 @@ pub struct App {
     pub kube: OnceCell<kube::Client>,
     /// Allowed SubjectAccessReviews per user and groups, reused for [`SAR_TTL`].
     sar_allowed: Mutex<HashMap<String, u64>>,
+    /// When unusable route rules were last logged (unix s).
+    route_warned: std::sync::atomic::AtomicU64,
     pub sealer: Sealer,
     /// Session cookies opened lately (see [`OpenedSessions`]).
     opened: OpenedSessions,
@@ -341,6 +343,17 @@ fn review_subject(config: &Config, session: &Session) -> Result<(String, Vec<Str
 }
 
 impl App {
+    /// Whether to log unusable route rules now: at most once a minute per process.
+    fn route_warning_due(&self, now: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        let last = self.route_warned.load(Ordering::Relaxed);
+        now >= last.saturating_add(60)
+            && self
+                .route_warned
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
     /// Every authorization rule: groups, email domains, then Kubernetes RBAC.
     async fn authorized(&self, session: &Session) -> Option<String> {
         if let Some(why) = authorize(&self.config, session) {
@@ -442,8 +455,9 @@ pub struct RouteRules {
     groups: Option<Vec<String>>,
     emails: Option<Vec<String>>,
     email_domains: Option<Vec<String>>,
-    /// Why an entry can match nobody (a domain with an `@`, an email without one):
-    /// the route then lets nobody in and says so, rather than refusing in silence.
+    /// Why an entry cannot be used (a domain with an `@`, an email without one, a
+    /// whole top-level domain): the route then lets nobody in, even those another
+    /// entry names, and says so, as a bad `--email-domains` entry stops the proxy.
     invalid: Option<String>,
 }
 
@@ -466,12 +480,22 @@ impl RouteRules {
                     .map(str::to_string),
             );
         }
-        let bad_email = rules.emails.iter().flatten().find(|e| {
+        let bad_email = rules.emails.iter().flatten().find_map(|e| {
             let mut parts = e.split('@');
-            !matches!((parts.next(), parts.next(), parts.next()), (Some(l), Some(d), None) if !l.is_empty() && !d.is_empty())
+            if !matches!((parts.next(), parts.next(), parts.next()), (Some(l), Some(d), None) if !l.is_empty() && !d.is_empty())
+            {
+                Some(format!("allowed_emails: {e:?} is not an email address"))
+            } else if e.contains(char::is_whitespace) {
+                // The usual way to get here: `alice+ops@corp.com` unescaped in a URL.
+                Some(format!(
+                    "allowed_emails: {e:?} has a space (a '+' in a URL's query is a space: write %2B)"
+                ))
+            } else {
+                None
+            }
         });
         rules.invalid = match bad_email {
-            Some(e) => Some(format!("allowed_emails: {e:?} is not an email address")),
+            Some(why) => Some(why),
             None => rules
                 .email_domains
                 .iter()
@@ -666,6 +690,7 @@ impl App {
             bearer,
             kube: OnceCell::new(),
             sar_allowed: Mutex::new(HashMap::new()),
+            route_warned: std::sync::atomic::AtomicU64::new(0),
             opened,
             sealer,
             redirects,
@@ -1890,8 +1915,9 @@ async fn auth(app: &App, headers: &HeaderMap, rules: &RouteRules) -> Response<Bo
 fn accepted(app: &App, session: &Session, rules: &RouteRules) -> Response<Body> {
     // 403, not 401: an ingress sends a 401 to the login, which would loop.
     if let Some(why) = rules.refuse(session) {
-        if rules.invalid.is_some() {
-            // The ingress's configuration, not the user: whoever runs it reads this log.
+        if rules.invalid.is_some() && app.route_warning_due(now()) {
+            // The ingress's configuration, not the user: whoever runs it reads this log,
+            // once a minute rather than once per request.
             tracing::warn!(%why, "an ingress asked /oauth2/auth with rules that let nobody in");
         }
         app.metrics.refused("route_rules");
@@ -2560,7 +2586,8 @@ mod tests {
             domain.refuse(&tricky).is_some(),
             "two @ are refused, not guessed at"
         );
-        // An entry that can match nobody says so (it refused in silence before).
+        // An entry that cannot be used says so (it refused in silence before), and the
+        // route lets nobody in, even those another entry names.
         for (query, named) in [
             (
                 "allowed_email_domains=%40example.com",
@@ -2568,13 +2595,18 @@ mod tests {
             ),
             (
                 "allowed_email_domains=example.com,*.com",
-                "\"*.com\" is not a domain",
+                "\"*.com\" would let in every address under a top-level domain",
+            ),
+            (
+                "allowed_email_domains=.com",
+                "every address under a top-level domain",
             ),
             ("allowed_emails=alice", "\"alice\" is not an email address"),
             (
                 "allowed_emails=alice%40example.com,%40example.com",
                 "\"@example.com\"",
             ),
+            ("allowed_emails=alice+ops%40example.com", "write %2B"),
         ] {
             let why = RouteRules::from_query(query).refuse(&alice);
             assert!(
@@ -2615,14 +2647,29 @@ mod tests {
         assert_ne!(session::new_login(), session::new_login());
     }
 
+    /// An App from the smallest valid configuration.
+    fn minimal_app() -> Result<Arc<App>, String> {
+        App::new(crate::config::Config::merge(
+            &crate::config::minimal_flags(),
+            Default::default(),
+        )?)
+    }
+
+    #[test]
+    fn unusable_route_rules_are_logged_once_a_minute_not_per_request() -> Result<(), String> {
+        let app = minimal_app()?;
+        assert!(app.route_warning_due(1_000));
+        assert!(!app.route_warning_due(1_001));
+        assert!(!app.route_warning_due(1_059));
+        assert!(app.route_warning_due(1_060));
+        Ok(())
+    }
+
     /// A session builds its identity headers once; a changed copy (a refresh with new
     /// groups, say) must carry its own, never the headers of the session it came from.
     #[test]
     fn identity_headers_are_built_once_per_session_and_never_for_a_changed_copy() -> Result<(), String> {
-        let app = App::new(crate::config::Config::merge(
-            &crate::config::minimal_flags(),
-            Default::default(),
-        )?)?;
+        let app = minimal_app()?;
         let forwarded = |session: &Session| {
             let mut h = HeaderMap::new();
             identity_values(&app, session).set_forwarded(&mut h).map(|()| h)
