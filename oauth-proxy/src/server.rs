@@ -289,12 +289,7 @@ impl<'a> Jar<'a> {
 
 fn cookies(headers: &HeaderMap) -> Jar<'_> {
     // Text only where it is needed (`get`): the other cookies are never read here.
-    Jar(cookie_pairs(headers)
-        .filter_map(|pair| {
-            let eq = memchr::memchr(b'=', pair)?;
-            Some((&pair[..eq], &pair[eq + 1..]))
-        })
-        .collect())
+    Jar(cookie_pairs(headers).filter_map(cookie_pair).collect())
 }
 
 /// How long an allowed SubjectAccessReview is reused (refusals are never reused).
@@ -481,9 +476,7 @@ impl RouteRules {
             );
         }
         let bad_email = rules.emails.iter().flatten().find_map(|e| {
-            let mut parts = e.split('@');
-            if !matches!((parts.next(), parts.next(), parts.next()), (Some(l), Some(d), None) if !l.is_empty() && !d.is_empty())
-            {
+            if email_parts(e).is_none() {
                 Some(format!("allowed_emails: {e:?} is not an email address"))
             } else if e.contains(char::is_whitespace) {
                 // The usual way to get here: `alice+ops@corp.com` unescaped in a URL.
@@ -545,13 +538,9 @@ impl RouteRules {
 /// subdomain of corp.com but not corp.com itself (oauth2-proxy's forms).
 /// `a@evil.com@corp.com` has two `@`s and is refused rather than guessed at.
 pub fn email_domain_allowed(email: &str, domains: &[String]) -> bool {
-    let mut parts = email.split('@');
-    let (Some(local), Some(domain), None) = (parts.next(), parts.next(), parts.next()) else {
+    let Some((_, domain)) = email_parts(email) else {
         return false;
     };
-    if local.is_empty() || domain.is_empty() {
-        return false;
-    }
     domains.iter().any(|d| {
         if d == "*" {
             return true;
@@ -567,6 +556,15 @@ pub fn email_domain_allowed(email: &str, domains: &[String]) -> bool {
             None => d.eq_ignore_ascii_case(domain),
         }
     })
+}
+
+/// The local part and domain of an address with exactly one `@` and neither part empty.
+fn email_parts(email: &str) -> Option<(&str, &str)> {
+    let mut parts = email.split('@');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(local), Some(domain), None) if !local.is_empty() && !domain.is_empty() => Some((local, domain)),
+        _ => None,
+    }
 }
 
 /// The upstream client: plain HTTP, or TLS verified against the Mozilla roots plus
@@ -1075,9 +1073,15 @@ fn strip_own_cookies(headers: &mut HeaderMap, name: &str) {
     }
 }
 
+/// The name and value of a `name=value` pair, split at the first `=`.
+fn cookie_pair(pair: &[u8]) -> Option<(&[u8], &[u8])> {
+    let eq = memchr::memchr(b'=', pair)?;
+    Some((&pair[..eq], &pair[eq + 1..]))
+}
+
 /// The name of a `name=value` pair (all of it when it has no `=`).
 fn cookie_name(pair: &[u8]) -> &[u8] {
-    pair.split(|b| *b == b'=').next().unwrap_or_default()
+    cookie_pair(pair).map_or(pair, |(name, _)| name)
 }
 
 /// Whether the cookie named `cookie` is one of the proxy's: the session (`name`), its
