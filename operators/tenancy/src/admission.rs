@@ -231,28 +231,33 @@ async fn facts(
     if max.is_none() {
         return Ok(facts);
     }
-    // Read before the lock below: until the cache has listed, this is a LIST of every
-    // Project, and holding the one lock of all users across it would queue every
-    // limited create behind it (past the API server's webhook timeout). What it cannot
-    // show yet, projects admitted since, the lock's record of recent admissions adds.
-    let mut names = match caches.projects_of(&user) {
-        Some(names) => names,
-        // Until the cache has listed once, ask the API server.
-        None => Api::<PartialObjectMeta<Project>>::all(client.clone())
-            .list_metadata(&ListParams::default())
-            .await?
-            .items
-            .iter()
-            .filter(|p| requested_by(&p.metadata, &user))
-            .map(ResourceExt::name_any)
-            .collect(),
+    // Until the cache has listed once, ask the API server, before the lock below: a
+    // LIST of every Project under the one lock of all users would queue every limited
+    // create behind it (past the API server's webhook timeout). What it cannot show
+    // yet, projects admitted since, the lock's record of recent admissions adds.
+    let listed = match caches.projects_of(&user) {
+        Some(_) => None,
+        None => Some(
+            Api::<PartialObjectMeta<Project>>::all(client.clone())
+                .list_metadata(&ListParams::default())
+                .await?
+                .items
+                .iter()
+                .filter(|p| requested_by(&p.metadata, &user))
+                .map(ResourceExt::name_any)
+                .collect(),
+        ),
     };
     // Limited creates are judged one at a time, and projects admitted moments ago count
     // even when the cache does not show them yet: two quick creates cannot both slip in.
     let mut recent = admitted.lock().await;
-    names.extend(recent.of(&user, Instant::now(), |name, admitted| {
-        caches.project_seen_since(name, admitted)
-    }));
+    let names = user_projects(
+        &mut recent,
+        &user,
+        Instant::now(),
+        |name, admitted| caches.project_seen_since(name, admitted),
+        || caches.projects_of(&user).or(listed),
+    );
     facts.user_projects = names.len();
     let allowed = decide(&request.name, &user, &request.operation, &facts).is_ok();
     // A name already taken fails after admission (AlreadyExists): recorded, it would
@@ -261,6 +266,24 @@ async fn facts(
         recent.record(&user, &request.name, Instant::now());
     }
     Ok(facts)
+}
+
+/// The projects `user` has, held against the limit: the record of recent admissions,
+/// less those the watch has delivered since (`delivered`), and the cache (`read`),
+/// read after that, so that every project the record drops is in what is read. Read
+/// before (while this request waited for the lock, say), a project the watch
+/// delivered meanwhile was in neither, and a burst of creates passed the limit.
+fn user_projects(
+    recent: &mut Recent,
+    user: &str,
+    now: Instant,
+    delivered: impl Fn(&str, Instant) -> bool,
+    read: impl FnOnce() -> Option<BTreeSet<String>>,
+) -> BTreeSet<String> {
+    let pending = recent.of(user, now, delivered);
+    let mut names = read().unwrap_or_default();
+    names.extend(pending);
+    names
 }
 
 /// A live Project `user` requested.
@@ -334,8 +357,10 @@ impl Projects {
         let seen: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
         let record = seen.clone();
         let stream = stream.inspect(move |event| {
+            // Not a relist's objects: the store takes them only at its end, and a name
+            // recorded as delivered must already be in what the store shows.
             let object = match event {
-                Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p) | watcher::Event::Delete(p)) => p,
+                Ok(watcher::Event::Apply(p) | watcher::Event::Delete(p)) => p,
                 _ => return,
             };
             let now = Instant::now();
@@ -836,6 +861,52 @@ mod tests {
         // A create that failed after admission is never delivered: it stops counting at last.
         assert!(recent.of("bob", start + RECENT_WINDOW, never).is_empty());
         assert!(recent.of("carol", start, never).is_empty());
+    }
+
+    /// The race CI caught (three of six simultaneous creates admitted against a limit
+    /// of 2): a create read the cache, waited for the lock, and meanwhile the watch
+    /// delivered the two admitted before it; the record then dropped them as delivered
+    /// and the stale read did not have them. The cache is now read after the record
+    /// has dropped what the watch delivered.
+    #[test]
+    fn a_project_the_watch_delivers_while_a_create_waits_is_still_counted() {
+        let start = Instant::now();
+        let mut recent = Recent::default();
+        recent.record("alice", "one", start);
+        recent.record("alice", "two", start);
+        // The watch delivers both (the cache shows them from then on) while the next
+        // create waits for the lock; `delivered` is asked only under the lock.
+        let watch_delivered = std::cell::Cell::new(false);
+        let delivered = |_: &str, _: Instant| {
+            watch_delivered.set(true);
+            true
+        };
+        let cache = || {
+            Some(if watch_delivered.get() {
+                BTreeSet::from(["one".to_string(), "two".to_string()])
+            } else {
+                BTreeSet::new()
+            })
+        };
+        let counted = user_projects(
+            &mut recent,
+            "alice",
+            start + Duration::from_secs(1),
+            delivered,
+            cache,
+        );
+        assert_eq!(counted.len(), 2, "{counted:?}");
+        // Not counted twice when both the cache and the record hold a project.
+        let mut recent = Recent::default();
+        recent.record("alice", "one", start);
+        let both = user_projects(
+            &mut recent,
+            "alice",
+            start,
+            |_, _| false,
+            || Some(BTreeSet::from(["one".to_string()])),
+        );
+        assert_eq!(both.len(), 1);
     }
 
     #[tokio::test]
