@@ -9,7 +9,7 @@ CARGO        ?= cargo
 # The e2e tests share one cluster; a few run in parallel.
 E2E_THREADS  ?= 4
 
-.PHONY: help deps crds crds-check fmt fmt-check lint unit build e2e test run demo down \
+.PHONY: help deps crds crds-check fmt fmt-check lint unit build e2e test run demo down proxy-symbol-order \
         cluster-up cluster-down bench bench-projects bench-netpol bench-proxy fuzz image
 
 help: ## List the targets
@@ -87,6 +87,9 @@ bench-netpol: deps ## chassis-netpol probe against cyclonus, three sizes (about 
 
 bench-proxy: deps ## chassis-oauth-proxy against oauth2-proxy and the bare upstream (about 5 minutes)
 	bash e2e/bench/proxy.sh
+
+proxy-symbol-order: deps ## Regenerate oauth-proxy/symbol-order.txt: the proxy's serving code, profiled with valgrind (about 3 minutes)
+	bash e2e/bench/proxy-symbol-order.sh
 
 FUZZ_SECONDS ?= 100
 fuzz: ## Fuzz the proxy's redirect check, cookie opening and path normalization (cargo-fuzz)

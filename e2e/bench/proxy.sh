@@ -15,8 +15,8 @@ ROUNDS=${BENCH_ROUNDS:-3}
 SECONDS_PER_RUN=${BENCH_SECONDS:-10}
 OAUTH2_PROXY_VERSION=v7.15.6
 
-# The proxy as shipped (Dockerfile.oauth-proxy): profile release-small.
-cargo build -q --profile release-small -p chassis-oauth-proxy
+# The proxy as shipped (Dockerfile.oauth-proxy): profile release-proxy.
+cargo build -q --profile release-proxy -p chassis-oauth-proxy
 cargo build -q --release -p chassis-bench
 load=target/release/proxy-load
 cache=${CHASSIS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/chassis}/tools-$(go env GOVERSION)
@@ -66,7 +66,7 @@ issuer=$(sed -n 's/^ready //p' "$work/oidc.out")
 # process names that pair's callback as its redirect URL.
 launch_chassis() {
   local port=$1 metrics=$2; shift 2
-  "$@" target/release-small/chassis-oauth-proxy --http-address "127.0.0.1:$port" --metrics-address "127.0.0.1:$metrics" \
+  "$@" target/release-proxy/chassis-oauth-proxy --http-address "127.0.0.1:$port" --metrics-address "127.0.0.1:$metrics" \
     --upstream "http://127.0.0.1:$up" --oidc-issuer-url "$issuer" --client-id chassis --client-secret chassis-secret \
     --redirect-url "http://127.0.0.1:$chassis/oauth2/callback" --cookie-secure false --email-domains '*' \
     --cookie-secret MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY= >"$work/chassis-$port.log" 2>&1 &
@@ -219,7 +219,7 @@ cores = os.cpu_count(); mem = int(open("/proc/meminfo").readline().split()[1]) /
 lines = ["<!-- proxy:begin -->",
  f"### Proxy run of {datetime.date.today()} ({cores} cores, {mem:.0f} GiB)", "",
  "Command: `make bench-proxy` (`e2e/bench/proxy.sh`). One tiny upstream (`ok`), reached directly, through",
- f"chassis-oauth-proxy (profile release-small, as shipped) and through oauth2-proxy {version} (built from Go modules),",
+ f"chassis-oauth-proxy (profile release-proxy, as shipped) and through oauth2-proxy {version} (built from Go modules),",
  "each with the session cookie of a real login at the same OpenID provider; load from `proxy-load` (HTTP/1.1",
  f"keep-alive) on the same machine; {seconds} s per run, median of {rounds} rounds. RSS is each proxy's peak (VmHWM).",
  "oauth2-proxy runs with `--request-logging=false` (its default logs a line per request; the other two log none).",

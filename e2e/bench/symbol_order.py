@@ -1,0 +1,96 @@
+"""The functions of a binary that ran, from a callgrind profile made with
+`--dump-instr=yes`, hottest first: the symbol ordering file the linker uses to put
+them next to each other (see oauth-proxy/build.rs).
+
+Usage: symbol_order.py CALLGRIND_FILE BINARY OUTPUT
+"""
+
+import bisect
+import re
+import subprocess
+import sys
+
+
+def executed_costs(profile, binary_name):
+    """Instruction address -> instructions executed there, for BINARY's own code."""
+    objects, costs = {}, {}
+    ours, last, positions, after_call = False, 0, 1, False
+    with open(profile) as lines:
+        for line in lines:
+            if line.startswith("positions:"):
+                # "instr line": the cost follows both positions.
+                positions = len(line.split()) - 1
+                continue
+            if line.startswith(("ob=", "cob=")):
+                kind, number, name = re.match(r"^(c?ob)=\((\d+)\)(?: (.*))?$", line.rstrip("\n")).groups()
+                if name:
+                    objects[number] = name
+                if kind == "ob":
+                    ours = objects[number].endswith("/" + binary_name)
+                continue
+            first = line[:1]
+            if line.startswith("0x"):
+                fields = line.split()
+                last = int(fields[0], 16)
+            elif first in "+-":
+                fields = line.split()
+                last += int(fields[0])
+            elif first == "*":
+                fields = line.split()
+            else:
+                # The line after `calls=` holds the call's inclusive cost, not the
+                # call site's own; a call's target position is not tracked.
+                after_call = line.startswith("calls=")
+                continue
+            if after_call:
+                after_call = False
+                if ours:
+                    costs.setdefault(last, 0)
+                continue
+            if ours:
+                cost = int(fields[positions]) if len(fields) > positions else 0
+                costs[last] = costs.get(last, 0) + cost
+    return costs
+
+
+def text_symbols(binary):
+    """(start, size, name) of every function symbol, by address."""
+    out = subprocess.run(["nm", "-S", binary], capture_output=True, text=True, check=True).stdout
+    symbols = []
+    for line in out.splitlines():
+        m = re.match(r"^([0-9a-f]+) ([0-9a-f]+) ([tTwW]) (.+)$", line)
+        if m:
+            symbols.append((int(m.group(1), 16), int(m.group(2), 16), m.group(4)))
+    return sorted(symbols)
+
+
+def main():
+    profile, binary, output = sys.argv[1:4]
+    costs = executed_costs(profile, binary.rsplit("/", 1)[-1])
+    symbols = text_symbols(binary)
+    starts = [s[0] for s in symbols]
+    per_function, outside = {}, 0
+    for address, cost in costs.items():
+        i = bisect.bisect_right(starts, address) - 1
+        if i >= 0 and address < symbols[i][0] + symbols[i][1]:
+            name = symbols[i][2]
+            per_function[name] = per_function.get(name, 0) + cost
+        else:
+            outside += 1
+    if not per_function:
+        sys.exit(f"no function of {binary} in {profile}: was it profiled with --dump-instr=yes?")
+    size = {s[2]: s[1] for s in symbols}
+    ranked = sorted(per_function, key=lambda n: (-per_function[n], n))
+    with open(output, "w") as out:
+        out.write("".join(name + "\n" for name in ranked))
+    ran = sum(size[n] for n in ranked)
+    total = sum(s[1] for s in symbols)
+    print(
+        f"{len(ranked)} functions ran ({ran // 1024} KiB of {total // 1024} KiB of code); "
+        f"{outside} instruction addresses outside any symbol (PLT stubs); wrote {output}",
+        file=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    main()
