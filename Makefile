@@ -88,7 +88,7 @@ bench-netpol: deps ## chassis-netpol probe against cyclonus, three sizes (about 
 bench-proxy: deps ## chassis-oauth-proxy against oauth2-proxy and the bare upstream (about 5 minutes)
 	bash e2e/bench/proxy.sh
 
-proxy-symbol-order: deps ## Regenerate oauth-proxy/symbol-order.txt: the proxy's serving code, profiled with valgrind (about 3 minutes)
+proxy-symbol-order: deps ## Regenerate oauth-proxy/symbol-order.txt: the proxy's serving code, profiled with valgrind (under a minute once built)
 	bash e2e/bench/proxy-symbol-order.sh
 
 FUZZ_SECONDS ?= 100

@@ -3,16 +3,17 @@
 # chassis-oauth-proxy that run when it serves, hottest first. The linker puts them
 # together at the start of the code (oauth-proxy/build.rs), so the pages that serve
 # requests are few and contiguous: the kernel maps code in 64 KB blocks around each
-# page that runs, and scattered functions made the proxy keep most of its 6 MB of code
-# resident (docs/BENCHMARKS.md, session 18).
+# page that runs, and scattered functions kept most of the proxy's code resident
+# (docs/BENCHMARKS.md, session 18).
 #
 # Runs the shipped build (profile release-proxy) under valgrind's callgrind through
 # what the benchmark and a user do: start-up and discovery at a real OpenID provider
 # (e2e/oidc), a browser login, proxied requests at several concurrencies (and one
 # slow upstream path), /oauth2/userinfo, /oauth2/auth, /ping, /ready, /metrics,
-# refused requests, sign-out, shutdown. About 3 minutes. Regenerate after dependency
-# updates: names that no longer exist are skipped by the linker, so a stale list only
-# helps less. Env: PROXY, another build to profile; OUT, where to write the list.
+# refused requests, sign-out, shutdown: under a minute once built. Regenerate after
+# dependency updates: names that no longer exist are skipped by the linker, so a stale
+# list only helps less. Env: PROXY, another build to profile; OUT, where to write the
+# list.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"

@@ -228,8 +228,8 @@ lines = ["<!-- proxy:begin -->",
  "", "**Moderate load** first, on fresh processes: open loop (requests sent on a fixed schedule from a thread of",
  "their own, up to 64 connections, latency counted from the scheduled time so that waiting behind a slow answer",
  "counts; failed requests are counted, not timed), all processes on both cores. `/app` is the upstream waiting",
- "2 ms before it answers (no CPU, like an application waiting on its database; tokio's 1 ms timer makes it about",
- "3 ms).", "",
+ "2 ms before it answers (no CPU, like an application waiting on its database; a thread's sleep: tokio's timer",
+ "rounds to its 1 ms ticks, which until 2026-11-27 made it 3 or 4 ms and the added p99 0.1 or 1 ms by chance).", "",
  "| route | requests/s sent | target | answered/s | errors | p50 ms | p99 ms | p99.9 ms |",
  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 def omed(target, route, rate, key):
