@@ -17,6 +17,8 @@ OAUTH2_PROXY_VERSION=v7.15.6
 
 # The proxy as shipped (Dockerfile.oauth-proxy): profile release-proxy.
 cargo build -q --profile release-proxy -p chassis-oauth-proxy
+# A list made for other dependencies or another compiler packs less (see make proxy-symbol-order).
+python3 e2e/bench/symbol_order.py --check target/release-proxy/chassis-oauth-proxy oauth-proxy/symbol-order.txt >&2
 cargo build -q --release -p chassis-bench
 load=target/release/proxy-load
 cache=${CHASSIS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/chassis}/tools-$(go env GOVERSION)

@@ -3,6 +3,7 @@
 them next to each other (see oauth-proxy/build.rs).
 
 Usage: symbol_order.py CALLGRIND_FILE BINARY OUTPUT
+       symbol_order.py --check BINARY LIST   (how many of LIST's names BINARY has)
 """
 
 import bisect
@@ -29,24 +30,25 @@ def executed_costs(profile, binary_name):
                     ours = objects[number].endswith("/" + binary_name)
                 continue
             first = line[:1]
+            fields = line.split()
             if line.startswith("0x"):
-                fields = line.split()
-                last = int(fields[0], 16)
+                position = int(fields[0], 16)
             elif first in "+-":
-                fields = line.split()
-                last += int(fields[0])
+                position = last + int(fields[0])
             elif first == "*":
-                fields = line.split()
+                position = last
             else:
                 # The line after `calls=` holds the call's inclusive cost, not the
-                # call site's own; a call's target position is not tracked.
+                # call site's own, and its position does not move the reference of
+                # the next relative one.
                 after_call = line.startswith("calls=")
                 continue
             if after_call:
                 after_call = False
                 if ours:
-                    costs.setdefault(last, 0)
+                    costs.setdefault(position, 0)
                 continue
+            last = position
             if ours:
                 cost = int(fields[positions]) if len(fields) > positions else 0
                 costs[last] = costs.get(last, 0) + cost
@@ -64,7 +66,19 @@ def text_symbols(binary):
     return sorted(symbols)
 
 
+def check(binary, listed):
+    """Prints how many names of the list the binary has (a stale list helps less)."""
+    names = {s[2] for s in text_symbols(binary)}
+    with open(listed) as f:
+        wanted = [line.strip() for line in f if line.strip()]
+    found = sum(1 for n in wanted if n in names)
+    print(f"symbol order: {found} of {len(wanted)} listed functions are in {binary}")
+
+
 def main():
+    if sys.argv[1] == "--check":
+        check(sys.argv[2], sys.argv[3])
+        return
     profile, binary, output = sys.argv[1:4]
     costs = executed_costs(profile, binary.rsplit("/", 1)[-1])
     symbols = text_symbols(binary)
@@ -80,7 +94,12 @@ def main():
     if not per_function:
         sys.exit(f"no function of {binary} in {profile}: was it profiled with --dump-instr=yes?")
     size = {s[2]: s[1] for s in symbols}
-    ranked = sorted(per_function, key=lambda n: (-per_function[n], n))
+    # A local symbol's LLVM suffix (`.1234`) changes with unrelated code: such names
+    # would not be found in the next build anyway.
+    ranked = sorted(
+        (n for n in per_function if not re.search(r"\.\d+$", n)),
+        key=lambda n: (-per_function[n], n),
+    )
     with open(output, "w") as out:
         out.write("".join(name + "\n" for name in ranked))
     ran = sum(size[n] for n in ranked)

@@ -67,7 +67,7 @@ async fn upstream(port: u16) -> Result<()> {
                 hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
                     // `/app` stands for an application that waits on its database before it answers.
                     // A blocking thread's sleep, not tokio's: tokio's timer ticks by the
-                    // millisecond, so its 2 ms took 2 or 3 ms depending on where in the tick a
+                    // millisecond, so its 2 ms took 3 or 4 ms depending on where in the tick a
                     // request arrived, and a proxy's 0.1 ms decided which (p99 +1 ms or not).
                     if req.uri().path() == "/app" {
                         let _ = tokio::task::spawn_blocking(|| std::thread::sleep(APP_WAIT)).await;
