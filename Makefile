@@ -85,7 +85,7 @@ bench-netpol: deps ## chassis-netpol probe against cyclonus, three sizes (about 
 	python3 e2e/bench/netpol.py --netpol target/release/chassis-netpol \
 	  --cyclonus "$$(bash e2e/cluster/build.sh | tail -n 1)/cyclonus-$$(sed -n 's/^CYCLONUS_VERSION=//p' e2e/cluster/versions.env)"
 
-bench-proxy: deps ## chassis-oauth-proxy against oauth2-proxy and the bare upstream (about 5 minutes)
+bench-proxy: deps ## chassis-oauth-proxy against oauth2-proxy and the bare upstream (about 15 minutes)
 	bash e2e/bench/proxy.sh
 
 proxy-symbol-order: deps ## Regenerate oauth-proxy/symbol-order.txt: the proxy's serving code, profiled with valgrind (under a minute once built)
