@@ -235,9 +235,10 @@ async fn facts(
     // LIST of every Project under the one lock of all users would queue every limited
     // create behind it (past the API server's webhook timeout). What it cannot show
     // yet, projects admitted since, the lock's record of recent admissions adds.
-    let listed = match caches.projects_of(&user) {
-        Some(_) => None,
-        None => Some(
+    let listed = if caches.projects_listed() {
+        None
+    } else {
+        Some(
             Api::<PartialObjectMeta<Project>>::all(client.clone())
                 .list_metadata(&ListParams::default())
                 .await?
@@ -246,7 +247,7 @@ async fn facts(
                 .filter(|p| requested_by(&p.metadata, &user))
                 .map(ResourceExt::name_any)
                 .collect(),
-        ),
+        )
     };
     // Limited creates are judged one at a time, and projects admitted moments ago count
     // even when the cache does not show them yet: two quick creates cannot both slip in.
@@ -425,9 +426,17 @@ impl Caches {
     /// The live Projects `user` requested, once the Project cache has listed (it is
     /// started by the first call).
     fn projects_of(&self, user: &str) -> Option<BTreeSet<String>> {
+        self.projects().of(user)
+    }
+
+    /// Whether the Project cache has listed once (it starts on first use).
+    fn projects_listed(&self) -> bool {
+        self.projects().synced.get()
+    }
+
+    fn projects(&self) -> &Projects {
         self.projects
             .get_or_init(|| Projects::start(&self.client, self.shutdown.clone()))
-            .of(user)
     }
 
     /// Whether the Project cache had word of `name` at or after `since`.
