@@ -10,6 +10,7 @@ CARGO        ?= cargo
 E2E_THREADS  ?= 4
 
 .PHONY: help deps crds crds-check fmt fmt-check lint unit build e2e test run demo down proxy-symbol-order \
+        proxy-symbol-order-check \
         cluster-up cluster-down bench bench-projects bench-netpol bench-proxy fuzz image
 
 help: ## List the targets
@@ -59,7 +60,7 @@ cluster-down: ## Stop the local control plane
 e2e: deps build cluster-up ## End-to-end tests against the local control plane
 	$(CARGO) test -p chassis-e2e -- --test-threads=$(E2E_THREADS)
 
-test: deps fmt-check lint unit crds-check e2e ## Everything CI runs
+test: deps fmt-check lint unit crds-check proxy-symbol-order-check e2e ## Everything CI runs
 
 # The API server must reach the webhooks on this machine's loopback (the local control
 # plane of `make cluster-up`); against a remote cluster run with RUN_WEBHOOKS= .
@@ -87,6 +88,10 @@ bench-netpol: deps ## chassis-netpol probe against cyclonus, three sizes (about 
 
 bench-proxy: deps ## chassis-oauth-proxy against oauth2-proxy and the bare upstream (about 15 minutes)
 	bash e2e/bench/proxy.sh
+
+proxy-symbol-order-check: ## Fail when oauth-proxy/symbol-order.txt is stale (a release build of the proxy; about 5 minutes cold)
+	$(CARGO) build -q --profile release-proxy -p chassis-oauth-proxy
+	python3 e2e/bench/symbol_order.py --check --strict target/release-proxy/chassis-oauth-proxy oauth-proxy/symbol-order.txt
 
 proxy-symbol-order: deps ## Regenerate oauth-proxy/symbol-order.txt: the proxy's serving code, profiled with valgrind (under a minute once built)
 	bash e2e/bench/proxy-symbol-order.sh

@@ -11,9 +11,11 @@
 # (e2e/oidc), a browser login, proxied requests at several concurrencies (and one
 # slow upstream path), /oauth2/userinfo, /oauth2/auth, /ping, /ready, /metrics,
 # refused requests, sign-out, shutdown: under a minute once built. Regenerate after
-# dependency updates: names that no longer exist are skipped by the linker, so a stale
-# list only helps less; so do compiler updates (std's names carry the compiler's
-# hash): `make bench-proxy` prints how many listed names the build has. valgrind's CPU
+# any change of the proxy's code, its dependencies or the compiler: some names change
+# with them (copies of small generic helpers carry an LLVM number, `name.1234`, that
+# shifts with any code change; std's names carry the compiler's hash). The linker skips
+# names that no longer exist, so a stale list only helps less, but `make test` fails on
+# one (`make proxy-symbol-order-check`), as it does on stale CRDs. valgrind's CPU
 # lacks AVX-512, so code a production CPU picks by feature may be missing from the
 # list (it then runs from pages outside the packed block). Env: PROXY, another build to
 # profile; OUT, where to write the list.

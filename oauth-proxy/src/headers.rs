@@ -380,6 +380,29 @@ fn checked_value(value: &str) -> Option<HeaderValue> {
     HeaderValue::from_bytes(value.as_bytes()).ok()
 }
 
+/// Moves every value into one buffer of the request's own. hyper's values are slices
+/// of the connection's read buffer (8 KiB or more): kept, they pin that buffer for as
+/// long as the request is in flight upstream, and hyper allocates another one for the
+/// connection's next read. Copied, the values take their own size (usually under
+/// 1 KiB) and the connection reads into the buffer it has. A value that would not
+/// validate again (it did when parsed) keeps its original bytes.
+pub fn own_values(headers: &mut HeaderMap) {
+    let total: usize = headers.values().map(HeaderValue::len).sum();
+    let mut copy = bytes::BytesMut::with_capacity(total);
+    for value in headers.values() {
+        copy.extend_from_slice(value.as_bytes());
+    }
+    let mut rest = copy.freeze();
+    for value in headers.values_mut() {
+        let after = rest.split_off(value.len());
+        let own = std::mem::replace(&mut rest, after);
+        if let Ok(mut fresh) = HeaderValue::from_maybe_shared(own) {
+            fresh.set_sensitive(value.is_sensitive());
+            *value = fresh;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,6 +417,40 @@ mod tests {
             h.append(name(n), HeaderValue::from_str(v).expect("valid header value"));
         }
         h
+    }
+
+    #[test]
+    fn owned_values_release_the_read_buffer_and_keep_every_value() {
+        // As hyper parses a request: every value a slice of the connection's buffer.
+        let mut raw = b"a.example\0secret-token\0first\0second\0\0caf\xc3\xa9".to_vec();
+        raw.resize(8192, 0);
+        let buffer = bytes::Bytes::from(raw);
+        let slice = |from: usize, to: usize| {
+            HeaderValue::from_maybe_shared(buffer.slice(from..to)).expect("valid value")
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(name("host"), slice(0, 9));
+        let mut token = slice(10, 22);
+        token.set_sensitive(true);
+        headers.insert(name("authorization"), token);
+        headers.append(name("x-dup"), slice(23, 28));
+        headers.append(name("x-dup"), slice(29, 35));
+        headers.insert(name("x-empty"), slice(36, 36));
+        headers.insert(name("x-utf8"), slice(37, 42));
+        let before: Vec<(String, Vec<u8>, bool)> = headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec(), v.is_sensitive()))
+            .collect();
+        assert!(!buffer.is_unique(), "the values hold the buffer before");
+
+        own_values(&mut headers);
+
+        let after: Vec<(String, Vec<u8>, bool)> = headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec(), v.is_sensitive()))
+            .collect();
+        assert_eq!(after, before, "same names, values, order and sensitivity");
+        assert!(buffer.is_unique(), "no value holds the read buffer any more");
     }
 
     #[test]

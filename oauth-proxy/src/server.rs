@@ -369,6 +369,19 @@ impl App {
         {
             return None;
         }
+        // Boxed: the review's state (kube's client call) would otherwise enlarge every
+        // request's future, which each connection keeps allocated (see `maybe_refresh`).
+        Box::pin(self.review(user, groups, key, attrs)).await
+    }
+
+    /// Asks the API server whether `user` may do what `attrs` say; caches a yes.
+    async fn review(
+        &self,
+        user: String,
+        groups: Vec<String>,
+        key: String,
+        attrs: &k8s_openapi::api::authorization::v1::ResourceAttributes,
+    ) -> Option<String> {
         let Some(client) = self.kube.get() else {
             return Some("the Kubernetes API is not reachable yet".into());
         };
@@ -824,6 +837,15 @@ impl App {
         if !refresh_due(&session, window.as_secs(), now()) {
             return Some((session, false));
         }
+        // Boxed: the refresh's state (the token request) is about 4 KB, more than the
+        // rest of a request's future; hyper keeps each connection's request future
+        // allocated, so unboxed it cost every connection that much, refreshing or not.
+        Box::pin(self.refresh(session)).await
+    }
+
+    /// Refreshes a session that is due, once for all requests that carry it at the time
+    /// (single-flight); `None` when the session ends.
+    async fn refresh(&self, session: Arc<Session>) -> Option<(Arc<Session>, bool)> {
         let failed = |session: Arc<Session>| (session.expires_at > now()).then_some((session, false));
         let Some(refresh_token) = session.refresh_token.clone() else {
             return failed(session);
@@ -1294,6 +1316,7 @@ async fn proxy(
     }
     // The session (sealed tokens) and CSRF cookies stay with the proxy.
     strip_own_cookies(&mut parts.headers, &app.config.cookie_name);
+    headers::own_values(&mut parts.headers);
     parts.uri = uri;
     let again = Replay::of(&parts, &body, upgrade);
     // The timeout runs from the end of the request body (an upload may take long) to
