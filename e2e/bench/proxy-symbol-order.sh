@@ -14,8 +14,9 @@
 # any change of the proxy's code, its dependencies or the compiler: some names change
 # with them (copies of small generic helpers carry an LLVM number, `name.1234`, that
 # shifts with any code change; std's names carry the compiler's hash). The linker skips
-# names that no longer exist, so a stale list only helps less, but `make test` fails on
-# one (`make proxy-symbol-order-check`), as it does on stale CRDs. valgrind's CPU
+# names that no longer exist, so a stale list only helps less, but `make test` fails when
+# the list names functions the build no longer has (`make proxy-symbol-order-check`), as
+# it does on stale CRDs. valgrind's CPU
 # lacks AVX-512, so code a production CPU picks by feature may be missing from the
 # list (it then runs from pages outside the packed block). Env: PROXY, another build to
 # profile; OUT, where to write the list.

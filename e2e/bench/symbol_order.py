@@ -78,14 +78,17 @@ def check(binary, listed, strict):
     if strict and found < len(wanted):
         sys.exit(
             f"{listed} is stale: {len(wanted) - found} of its {len(wanted)} names are not in this build "
-            "(their names change with the code); run `make proxy-symbol-order` and commit the list"
+            "(some names change with any change of the code, a dependency or the compiler); "
+            "run `make proxy-symbol-order` and commit the list"
         )
 
 
 def main():
     if sys.argv[1] == "--check":
-        strict = sys.argv[2] == "--strict"
-        check(*sys.argv[2 + strict : 4 + strict], strict)
+        strict = len(sys.argv) > 2 and sys.argv[2] == "--strict"
+        if len(sys.argv) != 4 + strict:
+            sys.exit("usage: symbol_order.py --check [--strict] BINARY LIST")
+        check(sys.argv[2 + strict], sys.argv[3 + strict], strict)
         return
     profile, binary, output = sys.argv[1:4]
     costs = executed_costs(profile, binary.rsplit("/", 1)[-1])

@@ -1038,6 +1038,8 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -
         }
         return response;
     }
+    // A slice of the connection's read buffer: not held while the request goes upstream.
+    drop(wanted_redirect);
     if app.config.skip_auth_paths.iter().any(|r| r.is_match(&normalized)) {
         return proxy(&app, parts, body, &normalized, remote, None).await;
     }
@@ -1303,6 +1305,11 @@ async fn proxy(
     {
         parts.headers.insert(X_FORWARDED_HOST.clone(), h);
     }
+    // The session (sealed tokens) and CSRF cookies stay with the proxy.
+    strip_own_cookies(&mut parts.headers, &app.config.cookie_name);
+    // What is left of the client's headers, copied off the connection's read buffer;
+    // the values set below are the proxy's own already (shared, not copied).
+    headers::own_values(&mut parts.headers);
     // An upstream behind name-based virtual hosting (another ingress, a PaaS, a CDN)
     // knows itself by its own name, not the public one (still in X-Forwarded-Host).
     if !app.config.pass_host_header {
@@ -1314,9 +1321,6 @@ async fn proxy(
             return text(StatusCode::FORBIDDEN, format!("forbidden: {e}"));
         }
     }
-    // The session (sealed tokens) and CSRF cookies stay with the proxy.
-    strip_own_cookies(&mut parts.headers, &app.config.cookie_name);
-    headers::own_values(&mut parts.headers);
     parts.uri = uri;
     let again = Replay::of(&parts, &body, upgrade);
     // The timeout runs from the end of the request body (an upload may take long) to
