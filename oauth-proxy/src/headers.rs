@@ -381,11 +381,11 @@ fn checked_value(value: &str) -> Option<HeaderValue> {
 }
 
 /// Moves every value into one buffer of the request's own. hyper's values are slices
-/// of the connection's read buffer (8 KiB or more): kept, they pin that buffer for as
-/// long as the request is in flight upstream, and hyper allocates another one for the
-/// connection's next read. Copied, the values take their own size (usually under
-/// 1 KiB) and the connection reads into the buffer it has. A value that would not
-/// validate again (it did when parsed) keeps its original bytes.
+/// of the connection's read buffer (8 KiB or more), and hyper takes a new buffer for
+/// the connection's next read as soon as it has handed the request over: kept, the
+/// values would pin the old one too for as long as the request is in flight upstream.
+/// Copied, they take their own size (usually under 1 KiB) and the old buffer is freed.
+/// A value that would not validate again (it did when parsed) keeps its original bytes.
 pub fn own_values(headers: &mut HeaderMap) {
     let total: usize = headers.values().map(HeaderValue::len).sum();
     let mut copy = bytes::BytesMut::with_capacity(total);
