@@ -90,13 +90,13 @@ bench-proxy: deps ## chassis-oauth-proxy against oauth2-proxy and the bare upstr
 	bash e2e/bench/proxy.sh
 
 # The list is made with the image's compiler on x86-64 (std's names carry the compiler's
-# hash): with another, the check reports and does not fail.
+# hash): with another, most names differ anyway, so the check is skipped.
 PROXY_RUST := $(shell sed -n 's/^FROM rust:\([0-9.]*\)-.*/\1/p' Dockerfile.oauth-proxy)
 proxy-symbol-order-check: ## Fail when oauth-proxy/symbol-order.txt names functions the build no longer has (a release build of the proxy; about 4 minutes cold)
-	$(CARGO) build -q --profile release-proxy -p chassis-oauth-proxy
-	@if [ "$$(uname -m)" = x86_64 ] && rustc --version | grep -q '^rustc $(PROXY_RUST) '; then strict=--strict; \
-	else echo "not rustc $(PROXY_RUST) on x86_64, which oauth-proxy/symbol-order.txt is made for: reporting only"; strict=; fi; \
-	python3 e2e/bench/symbol_order.py --check $$strict target/release-proxy/chassis-oauth-proxy oauth-proxy/symbol-order.txt
+	@if [ "$$(uname -m)" != x86_64 ] || ! rustc --version | grep -q '^rustc $(PROXY_RUST) '; then \
+	  echo "skipped: oauth-proxy/symbol-order.txt is made for rustc $(PROXY_RUST) on x86_64"; exit 0; fi; \
+	$(CARGO) build -q --profile release-proxy -p chassis-oauth-proxy && \
+	python3 e2e/bench/symbol_order.py --check --strict target/release-proxy/chassis-oauth-proxy oauth-proxy/symbol-order.txt
 
 proxy-symbol-order: deps ## Regenerate oauth-proxy/symbol-order.txt: the proxy's serving code, profiled with valgrind (under a minute once built)
 	bash e2e/bench/proxy-symbol-order.sh
