@@ -1129,6 +1129,23 @@ fn is_own_cookie(cookie: &[u8], name: &str) -> bool {
     }
 }
 
+/// The name a browser will send a `Set-Cookie` back under. A cookie without a name
+/// (`=x=y`, or no `=` at all) comes back as its value alone (`Cookie: x=y`, RFC 6265bis
+/// 5.6 and 5.7), which a server reads as the cookie `x`: the upstream could plant one
+/// of ours that way (cookie tossing).
+fn returned_name(set_cookie: &[u8]) -> &[u8] {
+    let pair = set_cookie.split(|b| *b == b';').next().unwrap_or_default();
+    let (name, value) = match pair.iter().position(|b| *b == b'=') {
+        Some(at) => (&pair[..at], &pair[at + 1..]),
+        None => (&pair[..0], pair),
+    };
+    if name.trim_ascii().is_empty() {
+        value.split(|b| *b == b'=').next().unwrap_or_default()
+    } else {
+        name
+    }
+}
+
 /// Drops the upstream's `Set-Cookie` for the proxy's own cookie names: a stray chunk
 /// would be joined into the session (which then fails to open: the user is signed
 /// out), and the upstream must not set or clear the login's CSRF cookie.
@@ -1140,13 +1157,9 @@ fn strip_own_set_cookies(headers: &mut HeaderMap, name: &str) {
     headers.remove(SET_COOKIE);
     for value in all {
         // Bytes, not text: a value with non-ASCII bytes after the name must not slip by.
-        let bytes = value.as_bytes();
-        let end = bytes
-            .iter()
-            .position(|b| *b == b'=' || *b == b';')
-            .unwrap_or(bytes.len());
-        if is_own_cookie(&bytes[..end], name) {
-            let cookie = String::from_utf8_lossy(&bytes[..end]);
+        let sent_as = returned_name(value.as_bytes());
+        if is_own_cookie(sent_as, name) {
+            let cookie = String::from_utf8_lossy(sent_as);
             tracing::warn!(cookie = %cookie.trim(), "dropped the upstream's Set-Cookie for one of the proxy's own cookies");
         } else {
             headers.append(SET_COOKIE, value);
@@ -2272,6 +2285,11 @@ mod tests {
             "_chassis_oauth_csrf=x",
             "app=1; HttpOnly",
             "_chassis_oauthx=kept",
+            // Nameless: the browser sends the value back alone, as our cookie.
+            "=_chassis_oauth_1=junk; Path=/",
+            " = _chassis_oauth=someone-elses-session",
+            "_chassis_oauth_csrf",
+            "=app=2",
         ] {
             headers.append(SET_COOKIE, HeaderValue::from_static(cookie));
         }
@@ -2286,7 +2304,7 @@ mod tests {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect();
-        assert_eq!(kept, ["app=1; HttpOnly", "_chassis_oauthx=kept"]);
+        assert_eq!(kept, ["app=1; HttpOnly", "_chassis_oauthx=kept", "=app=2"]);
     }
 
     #[test]
