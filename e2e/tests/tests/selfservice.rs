@@ -120,6 +120,34 @@ async fn the_requester_cannot_be_forged_or_changed() -> Result<()> {
     Ok(())
 }
 
+/// `admins` written as a map (a common YAML slip) is refused by the schema with a
+/// message, not replaced by the requester: bob must not silently lose his access.
+#[tokio::test]
+async fn admins_of_the_wrong_shape_are_refused_not_replaced() -> Result<()> {
+    let admin = cluster().admin().await?;
+    default_template(&admin).await?;
+    let user = unique("dev");
+    let dev = cluster().developer(&user).await?;
+    let name = unique("shape");
+    let slip: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "tenancy.chassis.dev/v1alpha1",
+        "kind": "Project",
+        "metadata": {"name": name},
+        "spec": {"admins": {"kind": "User", "name": "bob"}},
+    }))?;
+    let projects: Api<DynamicObject> = Api::all_with(dev, &ApiResource::erase::<Project>(&()));
+    match projects.create(&PostParams::default(), &slip).await {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 422, "{status:?}");
+            assert!(status.message.contains("spec.admins"), "{}", status.message);
+        }
+        Ok(p) => panic!("admitted with admins {:?}", p.data["spec"]["admins"]),
+        Err(other) => return Err(other.into()),
+    }
+    assert!(Api::<Project>::all(admin).get_opt(&name).await?.is_none());
+    Ok(())
+}
+
 /// GitOps tools apply Projects server-side. The admin the webhook adds at creation
 /// must not count as the applier's field: applying the same manifest (no `admins`)
 /// again would then remove it and leave the project without an admin.
@@ -275,6 +303,15 @@ async fn the_per_user_limit_refuses_the_third_project_with_the_numbers() -> Resu
         )),
         "{message}"
     );
+    // A client retrying a create that went through (its answer lost) is told the name
+    // exists, not that it is at the limit: a 403 would read as final.
+    match projects
+        .create(&PostParams::default(), &Project::new(&names[1], spec.clone()))
+        .await
+    {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 409, "{status:?}"),
+        other => panic!("a second create of {} gave {other:?}", names[1]),
+    }
     remove_limited(&admin, &tpl, &names).await
 }
 

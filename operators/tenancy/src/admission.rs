@@ -83,10 +83,17 @@ pub fn mutation(request: &AdmissionRequest<DynamicObject>) -> Vec<Value> {
     }
     if matches!(request.operation, Operation::Create) && !user.is_empty() {
         let spec = object.data.get("spec");
-        let admins_empty = spec
-            .and_then(|s| s.get("admins"))
-            .and_then(Value::as_array)
-            .is_none_or(|a| a.is_empty());
+        // Only a missing, null or empty list is filled in: anything else (a map where
+        // the list belongs, a string) is left for the schema to refuse, not replaced.
+        let admins_empty = match spec {
+            None | Some(Value::Null) => true,
+            Some(Value::Object(spec)) => match spec.get("admins") {
+                None | Some(Value::Null) => true,
+                Some(Value::Array(admins)) => admins.is_empty(),
+                Some(_) => false,
+            },
+            Some(_) => false,
+        };
         if admins_empty {
             let admin = json!([{"kind": "User", "name": user}]);
             if spec.is_some_and(Value::is_object) {
@@ -114,15 +121,22 @@ pub struct Facts {
     pub template_allowed: bool,
 }
 
+/// Why a Project may not have this name, if it may not; needs no lookup.
+fn reserved_refusal(name: &str) -> Option<String> {
+    reserved(name).then(|| {
+        format!(
+            "project name {name:?} is reserved: names \"default\", \"kube-*\" and \"chassis-*\" belong to the platform"
+        )
+    })
+}
+
 /// `Err(message)` when the Project must be refused.
 pub fn decide(name: &str, user: &str, operation: &Operation, facts: &Facts) -> Result<(), String> {
     if !matches!(operation, Operation::Create) {
         return Ok(());
     }
-    if reserved(name) {
-        return Err(format!(
-            "project name {name:?} is reserved: names \"default\", \"kube-*\" and \"chassis-*\" belong to the platform"
-        ));
+    if let Some(refusal) = reserved_refusal(name) {
+        return Err(refusal);
     }
     if !facts.template_allowed {
         return Err(format!(
@@ -229,6 +243,16 @@ async fn facts(
         template,
     };
     if max.is_none() {
+        // Every project counts against a limit, whatever its template: one admitted here
+        // is recorded too, so that a limited create right after counts it before the
+        // watch has delivered it.
+        let user = request.user_info.username.clone().unwrap_or_default();
+        if !request.dry_run
+            && decide(&request.name, &user, &request.operation, &facts).is_ok()
+            && !caches.project_exists(&request.name)
+        {
+            admitted.lock().await.record(&user, &request.name, Instant::now());
+        }
         return Ok(facts);
     }
     // Until the cache has listed once, ask the API server, before the lock below: a
@@ -252,13 +276,16 @@ async fn facts(
     // Limited creates are judged one at a time, and projects admitted moments ago count
     // even when the cache does not show them yet: two quick creates cannot both slip in.
     let mut recent = admitted.lock().await;
-    let names = user_projects(
+    let mut names = user_projects(
         &mut recent,
         &user,
         Instant::now(),
         |name, admitted| caches.project_seen_since(name, admitted),
         || caches.projects_of(&user).or(listed),
     );
+    // A create of a name the user has already (a retry after a timeout) is not one more:
+    // it gets the API server's AlreadyExists, not a refusal that says they are at the limit.
+    names.remove(&request.name);
     facts.user_projects = names.len();
     let allowed = decide(&request.name, &user, &request.operation, &facts).is_ok();
     // A name already taken fails after admission (AlreadyExists): recorded, it would
@@ -537,10 +564,18 @@ impl Recent {
     }
 
     pub fn record(&mut self, user: &str, name: &str, now: Instant) {
-        self.admitted
-            .entry(user.to_string())
-            .or_default()
-            .push((name.to_string(), now));
+        // Creates under templates without a limit are recorded too, and nothing may ask
+        // for their user again: what is older than the window goes here as well.
+        let fresh = |at: &Instant| now.saturating_duration_since(*at) < RECENT_WINDOW;
+        if self.admitted.len() >= 1024 {
+            self.admitted.retain(|_, names| {
+                names.retain(|(_, at)| fresh(at));
+                !names.is_empty()
+            });
+        }
+        let names = self.admitted.entry(user.to_string()).or_default();
+        names.retain(|(_, at)| fresh(at));
+        names.push((name.to_string(), now));
     }
 }
 
@@ -589,6 +624,11 @@ async fn handle_validate(
     let response = AdmissionResponse::from(&request);
     if !matches!(request.operation, Operation::Create) {
         return response.into_review();
+    }
+    // Refused before any lookup: a name that can never pass gets its reason even while
+    // the API server is too busy to answer the lookups.
+    if let Some(refusal) = reserved_refusal(&request.name) {
+        return deny(response, refusal).into_review();
     }
     let user = request.user_info.username.clone().unwrap_or_default();
     match facts(&client, &caches, &admitted, &granted, &request).await {
@@ -744,13 +784,9 @@ pub async fn register(client: &Client, base_url: &str, ca_pem: &str) -> Result<(
 mod tests {
     use super::*;
 
-    fn request(
-        operation: &str,
-        user: &str,
-        object: Value,
-        old: Option<Value>,
-    ) -> AdmissionRequest<DynamicObject> {
-        let review = json!({
+    /// An AdmissionReview of a Project named `payments`, as the API server sends it.
+    fn review(operation: &str, user: &str, object: Value, old: Option<Value>) -> Value {
+        json!({
             "apiVersion": "admission.k8s.io/v1",
             "kind": "AdmissionReview",
             "request": {
@@ -763,14 +799,73 @@ mod tests {
                 "object": object,
                 "oldObject": old,
             }
-        });
-        let review: AdmissionReview<DynamicObject> = serde_json::from_value(review).expect("valid review");
+        })
+    }
+
+    fn request(
+        operation: &str,
+        user: &str,
+        object: Value,
+        old: Option<Value>,
+    ) -> AdmissionRequest<DynamicObject> {
+        let review: AdmissionReview<DynamicObject> =
+            serde_json::from_value(review(operation, user, object, old)).expect("valid review");
         review.try_into().expect("has a request")
     }
 
     fn project(annotations: Value, spec: Value) -> Value {
         json!({"apiVersion": "tenancy.chassis.dev/v1alpha1", "kind": "Project",
                "metadata": {"name": "payments", "annotations": annotations}, "spec": spec})
+    }
+
+    /// Caches for `client` holding `templates` (name, spec), listed; the Project cache
+    /// listed (empty) or not yet, as `projects_listed` says. Its watch delivers nothing.
+    async fn caches(client: &Client, templates: &[(&str, Value)], projects_listed: bool) -> Caches {
+        use kube::runtime::reflector;
+
+        let (store, mut writer) = reflector::store::<ProjectTemplate>();
+        for (name, spec) in templates {
+            let template: ProjectTemplate = serde_json::from_value(json!({
+                "apiVersion": "tenancy.chassis.dev/v1alpha1", "kind": "ProjectTemplate",
+                "metadata": {"name": name}, "spec": spec
+            }))
+            .expect("a valid template");
+            writer.apply_watcher_event(&watcher::Event::Apply(template));
+        }
+        let sync = InitialSync::default();
+        let synced = sync.flag();
+        sync.done().await;
+        let (project_store, _) = reflector::store::<PartialObjectMeta<Project>>();
+        let project_sync = InitialSync::default();
+        let cache = Projects {
+            store: project_store,
+            synced: project_sync.flag(),
+            seen: Arc::default(),
+        };
+        if projects_listed {
+            project_sync.done().await;
+        }
+        let projects = Arc::new(std::sync::OnceLock::new());
+        assert!(projects.set(cache).is_ok());
+        Caches {
+            templates: store,
+            synced,
+            projects,
+            client: client.clone(),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// The API server's answer to a read of something that does not exist.
+    fn not_found() -> http::Response<kube::client::Body> {
+        let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                            "reason": "NotFound", "code": 404});
+        http::Response::builder()
+            .status(404)
+            .body(kube::client::Body::from(
+                serde_json::to_vec(&status).expect("json"),
+            ))
+            .expect("a response")
     }
 
     #[test]
@@ -784,6 +879,37 @@ mod tests {
                 json!({"op": "add", "path": "/spec/admins", "value": [{"kind": "User", "name": "alice"}]}),
             ]
         );
+    }
+
+    #[test]
+    fn admins_of_the_wrong_shape_are_left_for_the_schema_to_refuse() {
+        for spec in [
+            json!({"admins": {"kind": "User", "name": "bob"}}),
+            json!({"admins": "bob"}),
+            json!([]),
+        ] {
+            let ops = mutation(&request(
+                "CREATE",
+                "alice",
+                project(json!(null), spec.clone()),
+                None,
+            ));
+            assert_eq!(
+                ops,
+                vec![json!({"op": "add", "path": "/metadata/annotations",
+                            "value": {"tenancy.chassis.dev/requester": "alice"}})],
+                "spec {spec} must reach the schema unchanged"
+            );
+        }
+        for spec in [json!(null), json!({"admins": null}), json!({"admins": []})] {
+            let ops = mutation(&request(
+                "CREATE",
+                "alice",
+                project(json!(null), spec.clone()),
+                None,
+            ));
+            assert_eq!(ops.len(), 2, "spec {spec}: the requester becomes the admin");
+        }
     }
 
     #[test]
@@ -965,6 +1091,91 @@ mod tests {
         assert_eq!(projects.of("carol"), Some(BTreeSet::new()));
     }
 
+    /// A reserved name is refused with its reason even when no lookup can be answered
+    /// (the API server overloaded): not with "could not check, try again".
+    #[tokio::test]
+    async fn a_reserved_name_is_refused_before_any_lookup() {
+        use http::{Request, Response};
+        use kube::client::Body;
+
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        drop(handle); // every request fails
+        let client = Client::new(service, "default");
+        let caches = caches(&client, &[], false).await;
+        let mut review = review("CREATE", "alice", project(json!(null), json!({})), None);
+        review["request"]["name"] = json!("kube-tools");
+        review["request"]["object"]["metadata"]["name"] = json!("kube-tools");
+        let review: AdmissionReview<DynamicObject> = serde_json::from_value(review).expect("valid review");
+        let answer = handle_validate(client, caches, Arc::default(), Arc::default(), review).await;
+        let response = answer.response.expect("a response");
+        assert!(!response.allowed);
+        assert_eq!(response.result.code, 403);
+        assert!(
+            response.result.message.contains("is reserved"),
+            "{}",
+            response.result.message
+        );
+    }
+
+    /// A project made from a template without a limit counts against a limited one at
+    /// once (before the watch delivers it), and a create of a name the user already has
+    /// is not counted as one more (it gets AlreadyExists, not "at the limit").
+    #[tokio::test]
+    async fn every_admitted_project_counts_and_a_retried_name_is_not_one_more() {
+        use http::{Request, Response};
+        use kube::client::Body;
+
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        // Every lookup (the namespace of the project's name) finds nothing.
+        tokio::spawn(async move {
+            while let Some((_, respond)) = handle.next_request().await {
+                respond.send_response(not_found());
+            }
+        });
+        let templates = [
+            ("sandbox", json!({})),
+            ("default", json!({"maxProjectsPerUser": 2})),
+        ];
+        let caches = caches(&client, &templates, true).await;
+        let admitted = Mutex::new(Recent::default());
+        let granted = Granted::default();
+        let create = |name: &str, template: &str| {
+            let mut r = request(
+                "CREATE",
+                "alice",
+                project(json!(null), json!({"template": template})),
+                None,
+            );
+            r.name = name.to_string();
+            granted.remember(&r, template, Instant::now());
+            r
+        };
+
+        let sandbox = create("sandbox-one", "sandbox");
+        let facts_of = |r| facts(&client, &caches, &admitted, &granted, r);
+        assert_eq!(
+            facts_of(&sandbox).await.expect("facts").max_projects_per_user,
+            None
+        );
+        let first = create("payments", "default");
+        let counted = facts_of(&first).await.expect("facts");
+        assert_eq!(
+            counted.user_projects, 1,
+            "the project under the unlimited template counts before the watch delivers it"
+        );
+        assert!(decide("payments", "alice", &Operation::Create, &counted).is_ok());
+        // The same name again (a client that timed out and retries): still 1, not 2.
+        let again = create("payments", "default");
+        let retried = facts_of(&again).await.expect("facts");
+        assert_eq!(retried.user_projects, 1);
+        // A third distinct project is the one over the limit.
+        let billing = create("billing", "default");
+        let third = facts_of(&billing).await.expect("facts");
+        assert_eq!(third.user_projects, 2);
+        assert!(decide("billing", "alice", &Operation::Create, &third).is_err());
+    }
+
     /// Before the Project cache has listed, each limited create LISTs the Projects; the
     /// lock that serialises the decisions must not be held across that LIST, or every
     /// create queues behind the one before it (past the API server's webhook timeout).
@@ -972,35 +1183,10 @@ mod tests {
     async fn limited_creates_do_not_wait_for_each_others_project_list() {
         use http::{Request, Response};
         use kube::client::Body;
-        use kube::runtime::reflector;
 
         let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(service, "default");
-        let (templates, mut writer) = reflector::store::<ProjectTemplate>();
-        let template: ProjectTemplate = serde_json::from_value(json!({
-            "apiVersion": "tenancy.chassis.dev/v1alpha1", "kind": "ProjectTemplate",
-            "metadata": {"name": "default"}, "spec": {"maxProjectsPerUser": 5}
-        }))
-        .expect("a valid template");
-        writer.apply_watcher_event(&watcher::Event::Apply(template));
-        let sync = InitialSync::default();
-        let synced = sync.flag();
-        sync.done().await;
-        let (project_store, _project_writer) = reflector::store::<PartialObjectMeta<Project>>();
-        let projects = Arc::new(std::sync::OnceLock::new());
-        let never_listed = Projects {
-            store: project_store,
-            synced: InitialSync::default().flag(),
-            seen: Arc::default(),
-        };
-        assert!(projects.set(never_listed).is_ok());
-        let caches = Caches {
-            templates,
-            synced,
-            projects,
-            client: client.clone(),
-            shutdown: CancellationToken::new(),
-        };
+        let caches = caches(&client, &[("default", json!({"maxProjectsPerUser": 5}))], false).await;
         let admitted = Mutex::new(Recent::default());
         let granted = Granted::default();
         let alice = request("CREATE", "alice", project(json!(null), json!({})), None);
@@ -1021,14 +1207,7 @@ mod tests {
                 if request.uri().path().ends_with("/projects") {
                     lists.push(respond); // answered once both arrived
                 } else {
-                    let not_found = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                           "reason": "NotFound", "code": 404});
-                    respond.send_response(
-                        Response::builder()
-                            .status(404)
-                            .body(Body::from(serde_json::to_vec(&not_found).expect("json")))
-                            .expect("a response"),
-                    );
+                    respond.send_response(not_found());
                 }
             }
             for respond in lists.drain(..) {
