@@ -540,6 +540,8 @@ const RECENT_WINDOW: Duration = Duration::from_secs(120);
 #[derive(Debug, Default)]
 pub struct Recent {
     admitted: HashMap<String, Vec<(String, Instant)>>,
+    /// When the whole record was last cleared of entries older than the window.
+    swept: Option<Instant>,
 }
 
 impl Recent {
@@ -567,7 +569,14 @@ impl Recent {
         // Creates under templates without a limit are recorded too, and nothing may ask
         // for their user again: what is older than the window goes here as well.
         let fresh = |at: &Instant| now.saturating_duration_since(*at) < RECENT_WINDOW;
-        if self.admitted.len() >= 1024 {
+        // At most once a second: many users within the window must not make every create
+        // scan them all under the lock.
+        if self.admitted.len() >= 1024
+            && self
+                .swept
+                .is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1))
+        {
+            self.swept = Some(now);
             self.admitted.retain(|_, names| {
                 names.retain(|(_, at)| fresh(at));
                 !names.is_empty()
@@ -967,6 +976,25 @@ mod tests {
         assert!(!granted.allowed(&alice, "privileged", t0), "per template");
         assert!(!granted.allowed(&bob, "default", t0), "per user");
         assert!(!granted.allowed(&alice, "default", t0 + GRANT_TTL), "expires");
+    }
+
+    #[test]
+    fn the_record_forgets_what_is_older_than_the_window_without_being_asked() {
+        let mut recent = Recent::default();
+        let t0 = Instant::now();
+        recent.record("alice", "old", t0);
+        recent.record("alice", "new", t0 + RECENT_WINDOW);
+        assert_eq!(recent.admitted["alice"].len(), 1);
+        assert_eq!(recent.admitted["alice"][0].0, "new");
+        // Past 1024 users, the others' expired entries go too.
+        for user in 0..1024 {
+            recent.record(&format!("user-{user}"), "p", t0);
+        }
+        recent.record("bob", "p", t0 + RECENT_WINDOW + Duration::from_secs(1));
+        assert_eq!(
+            recent.admitted.keys().filter(|u| u.starts_with("user-")).count(),
+            0
+        );
     }
 
     #[test]
