@@ -246,7 +246,6 @@ async fn facts(
         // Every project counts against a limit, whatever its template: one admitted here
         // is recorded too, so that a limited create right after counts it before the
         // watch has delivered it.
-        let user = request.user_info.username.clone().unwrap_or_default();
         if !request.dry_run
             && decide(&request.name, &user, &request.operation, &facts).is_ok()
             && !caches.project_exists(&request.name)
