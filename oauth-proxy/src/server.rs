@@ -794,6 +794,19 @@ impl App {
             .map_or(usize::from(jar.contains_key(name)), |i| i + 1)
     }
 
+    /// The Set-Cookie headers of a new login: the session, and a clear of every chunk
+    /// it does not use that the browser may still hold. With `SameSite=Strict` the
+    /// callback is a navigation from the issuer's site, which carries none of the
+    /// session cookies, so their number is unknown there: every index is cleared (a
+    /// browser may set and clear Strict cookies from a cross-site navigation's answer).
+    fn login_cookies(&self, session: &Session, headers: &HeaderMap) -> Result<Vec<String>, String> {
+        let held = match self.config.cookie_samesite {
+            SameSite::Strict => session::MAX_CHUNKS,
+            _ => self.chunks_in(headers),
+        };
+        self.session_cookies(session, held)
+    }
+
     /// Adds the Set-Cookie headers of a refreshed session to `response`.
     fn write_refreshed(&self, response: &mut Response<Body>, session: &Session, previous_chunks: usize) {
         match self.session_cookies(session, previous_chunks) {
@@ -1699,6 +1712,22 @@ async fn start(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response<Bo
 /// the target) it fits the CSRF cookie's 4096 bytes with room to spare.
 const MAX_LOGIN_TARGET: usize = 2048;
 
+/// The issuer's `error` as the callback may show it: anyone can send a browser to
+/// the callback, before any state check, so only a code in RFC 6749's own charset
+/// (4.1.2.1: printable ASCII without `"` and `\\`) and of a code's length is echoed,
+/// never lines of someone's text on the application's origin.
+fn shown_error_code(error: &str) -> &str {
+    let valid = (1..=64).contains(&error.len())
+        && error
+            .bytes()
+            .all(|b| matches!(b, 0x20..=0x21 | 0x23..=0x5b | 0x5d..=0x7e));
+    if valid {
+        error
+    } else {
+        "(an error code that is not valid)"
+    }
+}
+
 async fn callback(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response<Body> {
     let Some(provider) = app.provider.get() else {
         return text(
@@ -1709,9 +1738,27 @@ async fn callback(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
     if let Some(error) = query.error {
         app.metrics.refused("issuer_error");
         // RFC 6749 4.1.2.1: the issuer's own description, as text, and a way back in.
+        // Only to the browser whose login the issuer answers (its CSRF cookie holds the
+        // state): anyone can link to the callback, and a forged description would be
+        // their sentence on the application's own origin.
+        let answers_this_login = query.state.as_deref().is_some_and(|state| {
+            cookies(headers)
+                .get(&app.csrf_cookie())
+                .and_then(|sealed| {
+                    app.sealer
+                        .open::<LoginAttempt>(&app.csrf_cookie(), sealed, now(), LOGIN_WINDOW)
+                        .ok()
+                })
+                .is_some_and(|attempt| {
+                    bool::from(subtle::ConstantTimeEq::ct_eq(
+                        attempt.state.as_bytes(),
+                        state.as_bytes(),
+                    ))
+                })
+        });
         let described = query
             .error_description
-            .filter(|d| !d.is_empty())
+            .filter(|d| answers_this_login && !d.is_empty())
             .map(|d| {
                 format!(
                     " ({})",
@@ -1722,7 +1769,8 @@ async fn callback(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
                 )
             })
             .unwrap_or_default();
-        let status = match error.as_str() {
+        let error = shown_error_code(&error);
+        let status = match error {
             "temporarily_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
             "server_error" => StatusCode::BAD_GATEWAY,
             _ => StatusCode::FORBIDDEN,
@@ -1818,7 +1866,7 @@ async fn callback(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
         redirect(&target)
     };
     // A new login replaces whatever session cookies the browser still holds, all chunks.
-    let mut set = match app.session_cookies(&session, app.chunks_in(headers)) {
+    let mut set = match app.login_cookies(&session, headers) {
         Ok(s) => s,
         Err(e) => {
             return text(
@@ -2702,6 +2750,63 @@ mod tests {
             &crate::config::minimal_flags(),
             Default::default(),
         )?)
+    }
+
+    /// With `SameSite=Strict` the callback, a navigation from the issuer's site, brings
+    /// only the Lax CSRF cookie: chunks of an older, longer session must be cleared all
+    /// the same, or they are glued to the new session and the browser loops on the login.
+    #[test]
+    fn a_login_clears_chunks_the_callback_could_not_see() -> Result<(), String> {
+        let clears = |samesite: &str, cookie: &'static str| -> Result<Vec<String>, String> {
+            let flags = crate::config::Flags {
+                cookie_samesite: Some(samesite.into()),
+                ..crate::config::minimal_flags()
+            };
+            let app = App::new(crate::config::Config::merge(&flags, Default::default())?)?;
+            let mut headers = HeaderMap::new();
+            headers.insert(COOKIE, HeaderValue::from_static(cookie));
+            let set = app.login_cookies(&identity("alice", "alice@corp.example", true, &[]), &headers)?;
+            Ok(set
+                .into_iter()
+                .filter(|c| c.contains("Max-Age=0"))
+                .filter_map(|c| c.split('=').next().map(str::to_string))
+                .collect())
+        };
+        let strict = clears("strict", "_chassis_oauth_csrf=x")?;
+        for i in 1..session::MAX_CHUNKS {
+            assert!(
+                strict.contains(&format!("_chassis_oauth_{i}")),
+                "chunk {i}: {strict:?}"
+            );
+        }
+        assert!(
+            !strict.contains(&"_chassis_oauth".to_string()),
+            "the session itself is set: {strict:?}"
+        );
+        // Lax cookies come with the callback: exactly the leftovers are cleared.
+        assert_eq!(
+            clears("lax", "_chassis_oauth=a; _chassis_oauth_1=b; _chassis_oauth_2=c")?,
+            vec!["_chassis_oauth_1".to_string(), "_chassis_oauth_2".to_string()]
+        );
+        assert!(clears("lax", "_chassis_oauth_csrf=x")?.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn only_an_error_code_of_rfc_6749s_charset_is_shown() {
+        assert_eq!(shown_error_code("access_denied"), "access_denied");
+        for forged in [
+            "access_denied\nCall +1-555-0100",
+            "say \"hi\"",
+            "",
+            &"x".repeat(65),
+        ] {
+            assert_eq!(
+                shown_error_code(forged),
+                "(an error code that is not valid)",
+                "{forged:?}"
+            );
+        }
     }
 
     #[test]

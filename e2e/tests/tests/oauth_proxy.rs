@@ -2874,25 +2874,59 @@ async fn a_login_with_a_very_long_return_target_lands_on_the_root() -> Result<()
 }
 
 /// The issuer sends the browser back with an error (the user cancelled, the issuer is
-/// down): the page says what the issuer said and where to start again.
+/// down): the page says what the issuer said and where to start again. Its free text
+/// only to the browser whose login it answers: anyone can link to the callback, and a
+/// forged description or an error of several lines would be their words on the
+/// application's origin.
 #[tokio::test]
 async fn an_issuers_error_on_the_callback_is_shown_with_a_way_back() -> Result<()> {
     let proxy = Proxy::start("idp-error", echo_upstream().await?, &[]).await?;
+    let jar = Arc::new(Jar::default());
+    let genuine = reqwest::Url::parse(&callback_url(&jar, &proxy, "alice").await?)?;
+    let state = genuine
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .map(|(_, v)| v.into_owned())
+        .context("the callback carries the state")?;
+    let csrf = cookie_header(&jar, &proxy)?;
     let client = reqwest::Client::new();
+    let answer = |error: &str, state: &str, cookie: &str| {
+        let url = proxy.url(&format!(
+            "/oauth2/callback?error={error}&error_description=The+user+cancelled%0D%0Ahere&state={state}"
+        ));
+        let request = client.get(url);
+        let request = if cookie.is_empty() {
+            request
+        } else {
+            request.header(COOKIE, cookie)
+        };
+        async move {
+            let response = request.send().await?;
+            anyhow::Ok((response.status().as_u16(), response.text().await?))
+        }
+    };
     for (error, status) in [("access_denied", 403), ("temporarily_unavailable", 503)] {
-        let answer = client
-            .get(proxy.url(&format!(
-                "/oauth2/callback?error={error}&error_description=The+user+cancelled%0D%0Ahere&state=s"
-            )))
-            .send()
-            .await?;
-        ensure!(answer.status() == status, "{error}: {}", answer.status());
-        let body = answer.text().await?;
+        let (code, body) = answer(error, &state, &csrf).await?;
+        ensure!(code == status, "{error}: {code}");
         ensure!(
             body.contains(error) && body.contains("The user cancelledhere") && body.contains("/oauth2/start"),
             "{error}: {body}"
         );
+        // A link from elsewhere: the code and the way back, not the text.
+        for (state, cookie) in [("s", csrf.as_str()), (state.as_str(), "")] {
+            let (code, body) = answer(error, state, cookie).await?;
+            ensure!(code == status, "{error}, forged: {code}");
+            ensure!(
+                body.contains(error) && !body.contains("cancelled") && body.contains("/oauth2/start"),
+                "{error}, forged: {body}"
+            );
+        }
     }
+    let (code, body) = answer("access_denied%0A%0AYour+account+is+locked", &state, &csrf).await?;
+    ensure!(
+        code == 403 && !body.contains("locked") && body.contains("not valid"),
+        "an error code of lines: {code} {body}"
+    );
     Ok(())
 }
 
