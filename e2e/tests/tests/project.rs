@@ -502,6 +502,75 @@ async fn a_namespace_the_api_server_refuses_shows_in_the_status_until_the_templa
     Ok(())
 }
 
+/// While the API server refuses the update of a project's namespace (here a template
+/// label value it does not take), the rest of the project is still kept: a member
+/// removed from `spec.admins` loses the binding at once, not when the template is fixed.
+#[tokio::test]
+async fn a_refused_namespace_update_does_not_hold_up_a_member_removal() -> Result<()> {
+    use k8s_openapi::api::rbac::v1::RoleBinding;
+    let op = Operator::shared();
+    let client = cluster().admin().await?;
+    let templates: Api<ProjectTemplate> = Api::all(client.clone());
+    let projects: Api<Project> = Api::all(client.clone());
+    let (tpl, name) = baseline_project(&templates, &projects, "frozen-ns").await?;
+    let user = |name: &str| Subject {
+        kind: SubjectKind::User,
+        name: name.into(),
+        namespace: None,
+    };
+    chassis_e2e::update(&projects, &name, |p| {
+        p.spec.admins = vec![user("alice"), user("bob")]
+    })
+    .await?;
+    let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), &name);
+    let admins = |want: &'static [&'static str]| {
+        let bindings = bindings.clone();
+        async move {
+            let binding = bindings.get_opt("chassis-project-admins").await?;
+            let names: Vec<String> = binding
+                .and_then(|b| b.subjects)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|s| s.name)
+                .collect();
+            anyhow::Ok((names == want).then_some(()))
+        }
+    };
+    chassis_e2e::eventually("alice and bob are admins", READY_TIMEOUT, || {
+        admins(&["alice", "bob"])
+    })
+    .await?;
+
+    chassis_e2e::update(&templates, &tpl, |t| {
+        t.spec.labels.insert("team".into(), "two words".into());
+    })
+    .await?;
+    let refused = wait_for_condition(&projects, &name, "Ready", "False", READY_TIMEOUT, Some(op)).await?;
+    let namespace = chassis_e2e::condition(&refused, "NamespaceReady").context("NamespaceReady")?;
+    ensure!(namespace.reason == "ApplyFailed", "{namespace:?}");
+
+    chassis_e2e::update(&projects, &name, |p| p.spec.admins = vec![user("alice")]).await?;
+    chassis_e2e::eventually("bob's admin binding is gone", Duration::from_secs(20), || {
+        admins(&["alice"])
+    })
+    .await?;
+    let still = projects.get(&name).await?;
+    let ready = chassis_e2e::condition(&still, "Ready").context("Ready")?;
+    ensure!(
+        ready.status == "False" && ready.reason == "ApplyFailed",
+        "the refusal still shows: {ready:?}"
+    );
+
+    chassis_e2e::update(&templates, &tpl, |t| {
+        t.spec.labels.insert("team".into(), "payments".into());
+    })
+    .await?;
+    wait_for_condition(&projects, &name, "Ready", "True", READY_TIMEOUT, Some(op)).await?;
+    projects.delete(&name, &DeleteParams::default()).await?;
+    templates.delete(&tpl, &DeleteParams::default()).await?;
+    Ok(())
+}
+
 /// The operator runs with the chart's RBAC, which lets it bind only
 /// `tenancy.bindableRoles`, or a role whose every permission it holds itself (RBAC's
 /// escalation check). The template says so before any project fails on it.

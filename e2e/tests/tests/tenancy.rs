@@ -57,13 +57,31 @@ async fn kubectl_json_patch<K>(api: &Api<K>, name: &str, ops: serde_json::Value)
 where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
+    json_patch_as(api, name, ops, "kubectl-patch").await
+}
+
+/// A JSON patch made under the field manager name `manager`.
+async fn json_patch_as<K>(api: &Api<K>, name: &str, ops: serde_json::Value, manager: &str) -> Result<()>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
     let ops: json_patch::Patch = serde_json::from_value(ops)?;
     let params = PatchParams {
-        field_manager: Some("kubectl-patch".into()),
+        field_manager: Some(manager.into()),
         ..Default::default()
     };
     api.patch(name, &params, &Patch::<()>::Json(ops)).await?;
     Ok(())
+}
+
+/// The names of a binding's subjects, in order.
+fn member_names(binding: &RoleBinding) -> Vec<String> {
+    binding
+        .subjects
+        .iter()
+        .flatten()
+        .map(|s| s.name.clone())
+        .collect()
 }
 
 struct Fixture {
@@ -272,17 +290,30 @@ async fn deleted_or_edited_children_are_put_back() -> Result<()> {
         Duration::from_secs(20),
         || async {
             let binding = bindings.get("chassis-project-admins").await?;
-            let names: Vec<String> = binding
-                .subjects
-                .unwrap_or_default()
-                .into_iter()
-                .map(|s| s.name)
-                .collect();
+            let names = member_names(&binding);
             let owned = binding
                 .metadata
                 .owner_references
                 .is_some_and(|o| o.iter().any(|r| r.kind == "Project" && r.name == f.project));
             Ok((names == ["alice"] && owned).then_some(()))
+        },
+    )
+    .await?;
+
+    // The same member added under Chassis' own field manager name, which the
+    // managedFields check trusts: the members are compared by value as well.
+    let spoofed = serde_json::json!([
+        {"op": "add", "path": "/subjects/-", "value":
+            {"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": "mallory"}},
+    ]);
+    json_patch_as(&bindings, "chassis-project-admins", spoofed, "chassis-project").await?;
+    eventually(
+        "the member added under our manager's name to be removed",
+        Duration::from_secs(20),
+        || async {
+            let binding = bindings.get("chassis-project-admins").await?;
+            let names = member_names(&binding);
+            Ok((names == ["alice"]).then_some(()))
         },
     )
     .await?;

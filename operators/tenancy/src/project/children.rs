@@ -171,9 +171,31 @@ async fn binding(
     let have = stores.role_bindings.observe(at.namespace, name);
     let replace = matches!((desired, &have), (Some(want), Some(have))
         if want.role_ref != have.role_ref && apply::controlled_by(have.as_ref(), at.owner_uid));
-    let Some(want) = desired.filter(|_| replace) else {
-        let outcome = ensure_one(at, &stores.role_bindings, name, have, desired).await?;
-        return Ok(vec![outcome]);
+    // Members are compared by value too: RBAC keeps subjects as written, and an edit
+    // made under our field manager's name (`kubectl patch --field-manager=...`) would
+    // pass the managedFields check and leave the binding granting someone else.
+    let members_edited = matches!((desired, &have), (Some(want), Some(have))
+        if !same_subjects(want, have) && apply::controlled_by(have.as_ref(), at.owner_uid));
+    let want = match desired {
+        Some(want) if replace => want,
+        Some(want) if members_edited => {
+            let api: Api<RoleBinding> = Api::namespaced(at.client.clone(), at.namespace);
+            let key = format!("{}/{name}", at.namespace);
+            let mut applied = apply::apply_over(&api, want, have.as_deref(), at.field_manager)
+                .await
+                .map_err(|source| Error::ApplyChild {
+                    kind: "RoleBinding".into(),
+                    name: key.clone(),
+                    source,
+                })?;
+            apply::trim_own_fields(&mut applied, at.field_manager);
+            stores.role_bindings.written.record(&key, applied);
+            return Ok(vec![Outcome::Applied]);
+        }
+        _ => {
+            let outcome = ensure_one(at, &stores.role_bindings, name, have, desired).await?;
+            return Ok(vec![outcome]);
+        }
     };
     let key = format!("{}/{name}", at.namespace);
     let failed = |source| Error::ApplyChild {
@@ -215,6 +237,21 @@ async fn binding(
     stores.role_bindings.written.record(&key, applied);
     outcomes.push(Outcome::Applied);
     Ok(outcomes)
+}
+
+/// The same subjects in the same order, an absent `apiGroup` or `namespace` equal to
+/// an empty one (how the API server stores a ServiceAccount's).
+fn same_subjects(want: &RoleBinding, have: &RoleBinding) -> bool {
+    let key = |s: &k8s_openapi::api::rbac::v1::Subject| {
+        (
+            s.kind.clone(),
+            s.api_group.clone().unwrap_or_default(),
+            s.name.clone(),
+            s.namespace.clone().unwrap_or_default(),
+        )
+    };
+    let list = |b: &RoleBinding| b.subjects.iter().flatten().map(key).collect::<Vec<_>>();
+    list(want) == list(have)
 }
 
 /// Reconciles every namespaced child of `project` inside its namespace. The children

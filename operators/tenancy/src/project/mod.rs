@@ -262,7 +262,13 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
     if current.is_none() {
         let claimed = match apply::claim(&ns_api, &desired, &key, &ctx.base.field_manager).await {
             Ok(claimed) => claimed,
-            Err(source) => return namespace_refused(&ctx, &api, &project, &name, source).await,
+            Err(source) => {
+                let error = Error::ApplyNamespace {
+                    name: name.clone(),
+                    source,
+                };
+                return namespace_refused(&ctx, &api, &project, error).await;
+            }
         };
         match claimed {
             // No Event for the creation: the status says it, and at scale one Event
@@ -284,18 +290,35 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
             }
         }
     }
+    // An update of our namespace that the API server refuses (a template label value
+    // it does not take, a policy of the cluster) does not hold up the children: a
+    // member removed from the project still loses access at once, and drift is still
+    // repaired. The refusal shows in NamespaceReady and goes to the retry at the end.
+    let mut namespace_error = None;
     let namespace = match current {
         Some(ns) if apply::metadata_matches(&desired, &ns) => ns,
         current => {
-            let applied =
-                match apply::apply_over(&ns_api, &desired, current.as_ref(), &ctx.base.field_manager).await {
-                    Ok(applied) => applied,
-                    Err(source) => return namespace_refused(&ctx, &api, &project, &name, source).await,
-                };
-            let mut trimmed = applied.clone();
-            apply::trim_own_fields(&mut trimmed, &ctx.base.field_manager);
-            ctx.written_namespaces.record(&name, trimmed);
-            applied
+            match apply::apply_over(&ns_api, &desired, current.as_ref(), &ctx.base.field_manager).await {
+                Ok(applied) => {
+                    let mut trimmed = applied.clone();
+                    apply::trim_own_fields(&mut trimmed, &ctx.base.field_manager);
+                    ctx.written_namespaces.record(&name, trimmed);
+                    applied
+                }
+                Err(source) => {
+                    let error = Error::ApplyNamespace {
+                        name: name.clone(),
+                        source,
+                    };
+                    match current {
+                        Some(ns) if error.is_refusal() => {
+                            namespace_error = Some(error);
+                            ns
+                        }
+                        _ => return namespace_refused(&ctx, &api, &project, error).await,
+                    }
+                }
+            }
         }
     };
 
@@ -332,12 +355,13 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<ProjectContext>) -> Result<Ac
 
     // Step 5: status, written only when it changes. A child the API server refused
     // shows in its part's condition (and Ready) before the error goes to the retry.
-    let status = status::reconciled(&project, &namespace, parts.as_ref());
-    if child_error.is_some() {
+    let refused = namespace_error.as_ref().map(Error::for_status);
+    let status = status::reconciled(&project, &namespace, parts.as_ref(), refused);
+    if child_error.is_some() || namespace_error.is_some() {
         publish_if_changed(&ctx, &project, &status).await;
     }
     write_status(&ctx, &api, &project, status).await?;
-    if let Some(error) = child_error {
+    if let Some(error) = namespace_error.or(child_error) {
         return Err(error);
     }
     // A cache lagging behind our writes needs no requeue: the watch event that
@@ -352,13 +376,8 @@ async fn namespace_refused(
     ctx: &ProjectContext,
     api: &Api<Project>,
     project: &Project,
-    name: &str,
-    source: kube::Error,
+    error: Error,
 ) -> Result<Action, Error> {
-    let error = Error::ApplyNamespace {
-        name: name.to_string(),
-        source,
-    };
     if error.is_refusal() {
         let invalid = Invalid {
             reason: reason::APPLY_FAILED,
@@ -603,19 +622,30 @@ pub fn controller(
                 .state()
                 .into_iter()
                 .filter(|p| {
-                    let binds = profile_templates
+                    let Some(template) = profile_templates
                         .get(&ObjectRef::new(&p.spec.template))
-                        .is_some_and(|t| t.spec.network_profiles.contains(&name));
+                        .filter(|t| t.spec.network_profiles.contains(&name))
+                    else {
+                        return false;
+                    };
+                    // The whole condition, not only True/False: a profile created
+                    // after the project said it does not exist, but not yet in place,
+                    // changes the reason and the message.
+                    let namespace = p.name_any();
+                    let mut states =
+                        profile_states(&profile_store, &template.spec.network_profiles, &namespace);
+                    for (bound, state) in &mut states {
+                        if *bound == name {
+                            *state = (!gone).then(|| profile_lists(&profile, &namespace));
+                        }
+                    }
                     // Judged by our last status write when the cache has not caught
                     // up with it: the cached copy could already agree with the profile
                     // while the written one does not, and then nothing would wake it.
-                    binds && {
-                        let current = profile_ctx.written_projects.observe(&p.name_any(), || {
-                            profile_projects.get(&ObjectRef::from_obj(p.as_ref()))
-                        });
-                        current.as_deref().and_then(network_ready)
-                            != Some(!gone && profile_lists(&profile, &p.name_any()))
-                    }
+                    let current = profile_ctx.written_projects.observe(&namespace, || {
+                        profile_projects.get(&ObjectRef::from_obj(p.as_ref()))
+                    });
+                    network_differs(current.as_deref(), &states)
                 })
                 .map(|p| ObjectRef::from_obj(p.as_ref()))
                 .collect::<Vec<_>>()
@@ -628,8 +658,14 @@ pub fn controller(
 #[cfg(test)]
 mod tests;
 
-/// The project's `NetworkReady` status as a bool, if it has one.
-fn network_ready(project: &Project) -> Option<bool> {
-    let conditions = &project.status.as_ref()?.conditions;
-    chassis_runtime::conditions::find(conditions, condition::NETWORK_READY).map(|c| c.status == "True")
+/// Whether `profiles` (each bound profile: missing, pending or in place) would change
+/// the project's `NetworkReady`: its status, reason or message.
+fn network_differs(project: Option<&Project>, profiles: &[(String, Option<bool>)]) -> bool {
+    let want = status::network_condition(profiles);
+    let have = project
+        .and_then(|p| p.status.as_ref())
+        .and_then(|s| chassis_runtime::conditions::find(&s.conditions, condition::NETWORK_READY));
+    have.is_none_or(|c| {
+        (c.status == "True") != want.status || c.reason != want.reason || c.message != want.message
+    })
 }

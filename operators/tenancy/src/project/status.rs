@@ -44,8 +44,14 @@ pub fn invalid(project: &Project, invalid: &Invalid) -> ProjectStatus {
     status
 }
 
-/// Status after the namespace and its children were reconciled.
-pub fn reconciled(project: &Project, namespace: &Namespace, parts: Option<&Parts>) -> ProjectStatus {
+/// Status after the namespace and its children were reconciled; `refused`, the API
+/// server's word when it refused the update of the (existing) namespace.
+pub fn reconciled(
+    project: &Project,
+    namespace: &Namespace,
+    parts: Option<&Parts>,
+    refused: Option<String>,
+) -> ProjectStatus {
     let generation = project.metadata.generation;
     let now = Timestamp::now();
     let name = namespace.name_any();
@@ -56,7 +62,9 @@ pub fn reconciled(project: &Project, namespace: &Namespace, parts: Option<&Parts
     let mut status = base(project);
     status.observed_generation = generation;
     status.namespace = Some(name.clone());
-    let mut wanted = vec![if active {
+    let mut wanted = vec![if let Some(message) = refused {
+        Desired::new(condition::NAMESPACE_READY, false, reason::APPLY_FAILED, message)
+    } else if active {
         Desired::new(
             condition::NAMESPACE_READY,
             true,

@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::ObjectMeta;
 
 use super::children::Parts;
-use super::{Observed, build, status, validate};
+use super::{Observed, build, network_differs, status, validate};
 
 fn project(name: &str) -> Project {
     let mut p = Project::new(
@@ -142,6 +142,60 @@ fn own_namespace_is_fine() {
     assert!(validate(&p, &observed).is_ok());
 }
 
+/// A profile event wakes a project when its NetworkReady would change at all: a
+/// profile created after the project said it does not exist, not yet in place, keeps
+/// False but changes the reason, and the project must stop telling users to create it.
+#[test]
+fn a_profile_wakes_a_project_whose_network_condition_would_say_something_else() {
+    let p = project("payments");
+    let ns = build::namespace(&p, &template());
+    let missing = vec![("strict".to_string(), None)];
+    let parts = Parts {
+        network_profiles: missing.clone(),
+        ..Default::default()
+    };
+    let mut said = p.clone();
+    said.status = Some(status::reconciled(&p, &ns, Some(&parts), None));
+    assert!(!network_differs(Some(&said), &missing), "nothing new");
+    assert!(
+        network_differs(Some(&said), &[("strict".into(), Some(false))]),
+        "created, not in place yet: False all the same, another reason"
+    );
+    assert!(network_differs(Some(&said), &[("strict".into(), Some(true))]));
+    assert!(network_differs(Some(&p), &missing), "no condition yet");
+    assert!(network_differs(None, &missing));
+}
+
+/// The update of an existing namespace refused: the children were still reconciled,
+/// and their parts say so; the namespace's part and Ready carry the refusal.
+#[test]
+fn a_refused_namespace_update_shows_beside_the_children_it_did_not_hold_up() {
+    let p = project("payments");
+    let ns = build::namespace(&p, &template());
+    let parts = Parts {
+        bindings: vec![("chassis-project-admins".into(), "admin".into(), 1)],
+        ..Default::default()
+    };
+    let refused = "applying Namespace payments: metadata.labels: Invalid value".to_string();
+    let status = status::reconciled(&p, &ns, Some(&parts), Some(refused.clone()));
+    let find = |t| chassis_runtime::conditions::find(&status.conditions, t).expect("set");
+    let namespace = find("NamespaceReady");
+    assert_eq!(
+        (
+            namespace.status.as_str(),
+            namespace.reason.as_str(),
+            namespace.message.as_str()
+        ),
+        ("False", reason::APPLY_FAILED, refused.as_str())
+    );
+    assert_eq!(find("RBACReady").status, "True");
+    let ready = find("Ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", reason::APPLY_FAILED)
+    );
+}
+
 #[test]
 fn a_refused_child_makes_its_part_and_the_project_not_ready_with_the_answer() {
     let p = project("payments");
@@ -151,7 +205,7 @@ fn a_refused_child_makes_its_part_and_the_project_not_ready_with_the_answer() {
         rbac_failure: Some("applying RoleBinding payments/chassis-project-admins: forbidden".into()),
         ..Default::default()
     };
-    let status = status::reconciled(&p, &ns, Some(&parts));
+    let status = status::reconciled(&p, &ns, Some(&parts), None);
     let rbac = chassis_runtime::conditions::find(&status.conditions, "RBACReady").expect("RBACReady is set");
     assert_eq!(
         (rbac.status.as_str(), rbac.reason.as_str()),
@@ -178,11 +232,11 @@ fn status_is_stable_when_nothing_changes() {
         limits: false,
         ..Default::default()
     };
-    let first = status::reconciled(&p, &ns, Some(&parts));
+    let first = status::reconciled(&p, &ns, Some(&parts), None);
     assert!(chassis_runtime::conditions::is_true(&first.conditions, "Ready"));
     assert_eq!(first.observed_generation, Some(3));
     p.status = Some(first.clone());
-    let second = status::reconciled(&p, &ns, Some(&parts));
+    let second = status::reconciled(&p, &ns, Some(&parts), None);
     assert_eq!(
         first, second,
         "an unchanged project must not produce a status write"
@@ -275,7 +329,7 @@ fn bound_network_profiles_keep_the_project_from_ready_until_applied() {
         network_profiles: vec![("baseline".into(), Some(false))],
         ..Default::default()
     };
-    let status = status::reconciled(&p, &ns, Some(&parts));
+    let status = status::reconciled(&p, &ns, Some(&parts), None);
     let ready = chassis_runtime::conditions::find(&status.conditions, "Ready").expect("Ready is set");
     assert_eq!(ready.status, "False");
     assert_eq!(ready.reason, reason::NETWORK_PROFILES_PENDING);
@@ -731,6 +785,7 @@ fn a_binding_to_a_role_the_template_says_is_missing_keeps_the_project_from_ready
                 ("chassis-project-viewers", "view"),
             ],
         )),
+        None,
     );
     let rbac = chassis_runtime::conditions::find(&status.conditions, "RBACReady").expect("RBACReady");
     assert_eq!(
@@ -749,6 +804,7 @@ fn a_binding_to_a_role_the_template_says_is_missing_keeps_the_project_from_ready
         &p,
         &ns,
         Some(&parts(said, &[("chassis-project-viewers", "view")])),
+        None,
     );
     let rbac = chassis_runtime::conditions::find(&viewers_only.conditions, "RBACReady").expect("RBACReady");
     assert_eq!(rbac.status, "True");
