@@ -1712,19 +1712,42 @@ async fn start(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response<Bo
 /// the target) it fits the CSRF cookie's 4096 bytes with room to spare.
 const MAX_LOGIN_TARGET: usize = 2048;
 
-/// The issuer's `error` as the callback may show it: anyone can send a browser to
-/// the callback, before any state check, so only a code in RFC 6749's own charset
-/// (4.1.2.1: printable ASCII without `"` and `\\`) and of a code's length is echoed,
-/// never lines of someone's text on the application's origin.
-fn shown_error_code(error: &str) -> &str {
+/// Error codes of RFC 6749 4.1.2.1 and OpenID Connect Core 3.1.2.6.
+const REGISTERED_ERRORS: [&str; 16] = [
+    "invalid_request",
+    "unauthorized_client",
+    "access_denied",
+    "unsupported_response_type",
+    "invalid_scope",
+    "server_error",
+    "temporarily_unavailable",
+    "interaction_required",
+    "login_required",
+    "account_selection_required",
+    "consent_required",
+    "invalid_request_uri",
+    "invalid_request_object",
+    "request_not_supported",
+    "request_uri_not_supported",
+    "registration_not_supported",
+];
+
+/// The issuer's `error` as the callback may show it. Anyone can send a browser to the
+/// callback, so unless the request answers this browser's login only a registered
+/// code is echoed (a free-form "code" is someone's sentence on the application's
+/// origin); an issuer's own code in the browser's own login is shown when it keeps
+/// to RFC 6749's charset (4.1.2.1: printable ASCII without `"` and `\`) and a code's
+/// length.
+fn shown_error_code(error: &str, answers_this_login: bool) -> &str {
+    let registered = REGISTERED_ERRORS.contains(&error);
     let valid = (1..=64).contains(&error.len())
         && error
             .bytes()
             .all(|b| matches!(b, 0x20..=0x21 | 0x23..=0x5b | 0x5d..=0x7e));
-    if valid {
+    if registered || (answers_this_login && valid) {
         error
     } else {
-        "(an error code that is not valid)"
+        "(an error code that is not shown here)"
     }
 }
 
@@ -1769,7 +1792,7 @@ async fn callback(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
                 )
             })
             .unwrap_or_default();
-        let error = shown_error_code(&error);
+        let error = shown_error_code(&error, answers_this_login);
         let status = match error {
             "temporarily_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
             "server_error" => StatusCode::BAD_GATEWAY,
@@ -2793,20 +2816,30 @@ mod tests {
     }
 
     #[test]
-    fn only_an_error_code_of_rfc_6749s_charset_is_shown() {
-        assert_eq!(shown_error_code("access_denied"), "access_denied");
-        for forged in [
-            "access_denied\nCall +1-555-0100",
-            "say \"hi\"",
-            "",
-            &"x".repeat(65),
-        ] {
-            assert_eq!(
-                shown_error_code(forged),
-                "(an error code that is not valid)",
-                "{forged:?}"
-            );
+    fn only_a_registered_error_code_is_shown_to_a_link_from_elsewhere() {
+        for ours in [false, true] {
+            assert_eq!(shown_error_code("access_denied", ours), "access_denied");
+            assert_eq!(shown_error_code("login_required", ours), "login_required");
+            for forged in [
+                "access_denied\nCall +1-555-0100",
+                "say \"hi\"",
+                "",
+                &"x".repeat(65),
+            ] {
+                assert_eq!(
+                    shown_error_code(forged, ours),
+                    "(an error code that is not shown here)",
+                    "{forged:?}"
+                );
+            }
         }
+        // One line of someone's text in the charset: only in the browser's own login.
+        let sentence = "Your account is locked, call +1-555-0100";
+        assert_eq!(
+            shown_error_code(sentence, false),
+            "(an error code that is not shown here)"
+        );
+        assert_eq!(shown_error_code("vendor_specific", true), "vendor_specific");
     }
 
     #[test]

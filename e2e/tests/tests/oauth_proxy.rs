@@ -2922,10 +2922,22 @@ async fn an_issuers_error_on_the_callback_is_shown_with_a_way_back() -> Result<(
             );
         }
     }
+    // An "error code" that is someone's sentence: not shown to a link from elsewhere,
+    // on one line or several.
+    for error in [
+        "Your+account+is+locked",
+        "access_denied%0A%0AYour+account+is+locked",
+    ] {
+        let (code, body) = answer(error, "s", "").await?;
+        ensure!(
+            code == 403 && !body.contains("locked") && body.contains("not shown here"),
+            "{error}: {code} {body}"
+        );
+    }
     let (code, body) = answer("access_denied%0A%0AYour+account+is+locked", &state, &csrf).await?;
     ensure!(
-        code == 403 && !body.contains("locked") && body.contains("not valid"),
-        "an error code of lines: {code} {body}"
+        code == 403 && !body.contains("locked"),
+        "an error code of lines in the browser's own login: {code} {body}"
     );
     Ok(())
 }

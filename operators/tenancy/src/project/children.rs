@@ -171,30 +171,13 @@ async fn binding(
     let have = stores.role_bindings.observe(at.namespace, name);
     let replace = matches!((desired, &have), (Some(want), Some(have))
         if want.role_ref != have.role_ref && apply::controlled_by(have.as_ref(), at.owner_uid));
-    // Members are compared by value too: RBAC keeps subjects as written, and an edit
-    // made under our field manager's name (`kubectl patch --field-manager=...`) would
-    // pass the managedFields check and leave the binding granting someone else.
-    let members_edited = matches!((desired, &have), (Some(want), Some(have))
-        if !same_subjects(want, have) && apply::controlled_by(have.as_ref(), at.owner_uid));
     let want = match desired {
         Some(want) if replace => want,
-        Some(want) if members_edited => {
-            let api: Api<RoleBinding> = Api::namespaced(at.client.clone(), at.namespace);
-            let key = format!("{}/{name}", at.namespace);
-            let mut applied = apply::apply_over(&api, want, have.as_deref(), at.field_manager)
-                .await
-                .map_err(|source| Error::ApplyChild {
-                    kind: "RoleBinding".into(),
-                    name: key.clone(),
-                    source,
-                })?;
-            apply::trim_own_fields(&mut applied, at.field_manager);
-            stores.role_bindings.written.record(&key, applied);
-            return Ok(vec![Outcome::Applied]);
-        }
-        _ => {
-            let outcome = ensure_one(at, &stores.role_bindings, name, have, desired).await?;
-            return Ok(vec![outcome]);
+        Some(want) => return Ok(vec![members(at, stores, name, want, have).await?]),
+        None => {
+            return Ok(vec![
+                ensure_one(at, &stores.role_bindings, name, have, None).await?,
+            ]);
         }
     };
     let key = format!("{}/{name}", at.namespace);
@@ -217,7 +200,7 @@ async fn binding(
             let mut keep = want.clone();
             keep.role_ref = observed.role_ref.clone();
             apply::stamp_hash(&mut keep);
-            ensure_one(at, &stores.role_bindings, name, Some(observed), Some(&keep)).await?;
+            members(at, stores, name, &keep, Some(observed)).await?;
         }
         return Err(Error::NotBindable {
             name: key.clone(),
@@ -237,6 +220,37 @@ async fn binding(
     stores.role_bindings.written.record(&key, applied);
     outcomes.push(Outcome::Applied);
     Ok(outcomes)
+}
+
+/// [`ensure_one`] for a binding whose roleRef stays, its members compared by value
+/// too: RBAC keeps subjects as written, and an edit made under our field manager's
+/// name (`kubectl patch --field-manager=...`) passes the managedFields check and
+/// would leave the binding granting someone else.
+async fn members(
+    at: Scope<'_>,
+    stores: &ChildStores,
+    name: &str,
+    want: &RoleBinding,
+    have: Option<Arc<RoleBinding>>,
+) -> Result<Outcome, Error> {
+    let edited = have
+        .as_deref()
+        .is_some_and(|have| !same_subjects(want, have) && apply::controlled_by(have, at.owner_uid));
+    if !edited {
+        return ensure_one(at, &stores.role_bindings, name, have, Some(want)).await;
+    }
+    let api: Api<RoleBinding> = Api::namespaced(at.client.clone(), at.namespace);
+    let key = format!("{}/{name}", at.namespace);
+    let mut applied = apply::apply_over(&api, want, have.as_deref(), at.field_manager)
+        .await
+        .map_err(|source| Error::ApplyChild {
+            kind: "RoleBinding".into(),
+            name: key.clone(),
+            source,
+        })?;
+    apply::trim_own_fields(&mut applied, at.field_manager);
+    stores.role_bindings.written.record(&key, applied);
+    Ok(Outcome::Applied)
 }
 
 /// The same subjects in the same order, an absent `apiGroup` or `namespace` equal to
