@@ -469,6 +469,24 @@ async fn a_template_naming_a_missing_role_is_not_ready_until_the_role_exists() -
     Ok(())
 }
 
+/// The template's label value mended: the project becomes Ready again; then both go.
+async fn fix_the_label_then_clean_up(
+    templates: &Api<ProjectTemplate>,
+    projects: &Api<Project>,
+    tpl: &str,
+    name: &str,
+    op: &Operator,
+) -> Result<()> {
+    chassis_e2e::update(templates, tpl, |t| {
+        t.spec.labels.insert("team".into(), "payments".into());
+    })
+    .await?;
+    wait_for_condition(projects, name, "Ready", "True", READY_TIMEOUT, Some(op)).await?;
+    projects.delete(name, &DeleteParams::default()).await?;
+    templates.delete(tpl, &DeleteParams::default()).await?;
+    Ok(())
+}
+
 /// A template whose namespace the API server refuses (a label value it does not take:
 /// the CRD checks only label keys' prefixes) shows on the project, and the project
 /// recovers once the template is fixed.
@@ -492,14 +510,7 @@ async fn a_namespace_the_api_server_refuses_shows_in_the_status_until_the_templa
         ready.reason == "ApplyFailed" && ready.message.contains(&format!("Namespace {name}")),
         "{ready:?}"
     );
-    chassis_e2e::update(&templates, &tpl, |t| {
-        t.spec.labels.insert("team".into(), "payments".into());
-    })
-    .await?;
-    wait_for_condition(&projects, &name, "Ready", "True", READY_TIMEOUT, Some(op)).await?;
-    projects.delete(&name, &DeleteParams::default()).await?;
-    templates.delete(&tpl, &DeleteParams::default()).await?;
-    Ok(())
+    fix_the_label_then_clean_up(&templates, &projects, &tpl, &name, op).await
 }
 
 /// While the API server refuses the update of a project's namespace (here a template
@@ -561,14 +572,7 @@ async fn a_refused_namespace_update_does_not_hold_up_a_member_removal() -> Resul
         "the refusal still shows: {ready:?}"
     );
 
-    chassis_e2e::update(&templates, &tpl, |t| {
-        t.spec.labels.insert("team".into(), "payments".into());
-    })
-    .await?;
-    wait_for_condition(&projects, &name, "Ready", "True", READY_TIMEOUT, Some(op)).await?;
-    projects.delete(&name, &DeleteParams::default()).await?;
-    templates.delete(&tpl, &DeleteParams::default()).await?;
-    Ok(())
+    fix_the_label_then_clean_up(&templates, &projects, &tpl, &name, op).await
 }
 
 /// The operator runs with the chart's RBAC, which lets it bind only
