@@ -69,6 +69,7 @@ async fn run(app: Arc<App>) -> anyhow::Result<()> {
         let _ = app.kube.set(client);
     }
     let listener = if app.config.worker_threads > 1 {
+        server::port_is_free(app.config.http_address)?;
         tokio::net::TcpListener::from_std(server::reuse_port_listener(app.config.http_address)?)?
     } else {
         tokio::net::TcpListener::bind(app.config.http_address).await?

@@ -2045,6 +2045,26 @@ fn accepted(app: &App, session: &Session, rules: &RouteRules) -> Response<Body> 
     response
 }
 
+/// Fails when something already listens on `address`: `SO_REUSEPORT` would otherwise
+/// let a second proxy of the same user join the first one's port without a word, and
+/// the kernel would split the connections between two configurations. A plain bind
+/// (with `SO_REUSEADDR`, so a restart beside old TIME_WAIT connections still works)
+/// fails on a port with a listener. Port 0 asks the kernel for any free port: no check.
+pub fn port_is_free(address: SocketAddr) -> std::io::Result<()> {
+    use socket2::{Domain, Socket, Type};
+    if address.port() == 0 {
+        return Ok(());
+    }
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&address.into()).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen on {address}: {e} (another process listens there)"),
+        )
+    })
+}
+
 /// A listening socket with `SO_REUSEPORT`, so that each serving thread accepts on a
 /// socket of its own and the kernel spreads new connections over them (as nginx's
 /// `reuseport` and HAProxy's threads do). Linux lets only the same user join the group.
@@ -2281,6 +2301,18 @@ mod tests {
             .await
             .expect("the drain ends at its timeout")
             .expect("server task");
+    }
+
+    #[test]
+    fn a_port_another_process_listens_on_is_refused_before_sharing_it() {
+        let other = reuse_port_listener("127.0.0.1:0".parse().expect("address")).expect("a listener");
+        let address = other.local_addr().expect("address");
+        let err = port_is_free(address).expect_err("the port has a listener");
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+        assert!(err.to_string().contains(&address.to_string()), "{err}");
+        drop(other);
+        port_is_free(address).expect("the port is free again");
+        port_is_free("127.0.0.1:0".parse().expect("address")).expect("any port");
     }
 
     #[tokio::test]

@@ -39,7 +39,17 @@ fn idp() -> &'static Idp {
 }
 
 fn start_idp() -> Result<Idp> {
-    let ports: Vec<u16> = (0..SLOTS).map(|_| free_port()).collect::<Result<_>>()?;
+    // Held open until all are chosen: a port freed at once may be handed out again, and
+    // two proxies given one slot would share it (the kernel splits connections between
+    // sockets with `SO_REUSEPORT`; the proxy now refuses that, but the test would retry).
+    let held = (0..SLOTS)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let ports: Vec<u16> = held
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect::<Result<_>>()?;
+    drop(held);
     let user = |sub: &str, email: &str, verified: bool, groups: &[&str]| {
         json!({"sub": sub, "password": format!("{sub}-pass"), "email": email, "email_verified": verified,
                "name": sub, "preferred_username": sub, "groups": groups})
