@@ -1,11 +1,11 @@
 //! The one request path that both the proxy and the upstream see.
 //!
-//! The proxy decides with this path (the `skipAuthPaths` regexes) and forwards the
-//! same string upstream. If the two read a path differently, a request can look
-//! public to the proxy and private to the upstream: `/public/..%2Fadmin`,
-//! `/public;/../admin` (Tomcat drops `;` parameters), `/public/%2e%2e/admin`. So
-//! [`normalize`] produces a canonical form and refuses every path whose meaning
-//! depends on who decodes it:
+//! The proxy decides with this path (the `skipAuthPaths` regexes, the upstream URL's
+//! path) and forwards the same string upstream when a decision rests on it. If the two
+//! read a path differently, a request can look public to the proxy and private to the
+//! upstream: `/public/..%2Fadmin`, `/public;/../admin` (Tomcat drops `;` parameters),
+//! `/public/%2e%2e/admin`. So [`normalize`] produces a canonical form and refuses every
+//! path whose meaning depends on who decodes it (such a path is then never public):
 //!
 //! * dot-segments (`.`, `..`) are resolved and repeated slashes collapsed, so the
 //!   regexes match the resource the upstream will serve; `..` above the root is an

@@ -2,11 +2,13 @@
 //!
 //! 1. loses every client-supplied identity header (and all `X-Forwarded-*` unless
 //!    it comes from a trusted proxy CIDR);
-//! 2. gets its path normalized ([`crate::path`]); an ambiguous path is refused;
+//! 2. gets its path normalized ([`crate::path`]) for every decision made on it;
 //! 3. goes to the proxy's own routes (`/oauth2/*`, `/ping`, `/ready`, served by
 //!    warp), or to the upstream without a login when a skip-auth rule matches the
-//!    normalized path, or else needs a session (refreshed when due) that passes
-//!    the authorization rules, and then goes upstream with identity headers.
+//!    normalized path (and with that path), or else needs a session (refreshed when
+//!    due) that passes the authorization rules, and then goes upstream with identity
+//!    headers: with its path as received when the upstream URL has no path (nothing
+//!    was decided on it), else normalized, an ambiguous one refused (see [`Forward`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
@@ -653,11 +655,11 @@ impl UpstreamBase {
             .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
     }
 
-    /// The upstream URI for a request's normalized path and its query.
-    fn uri(&self, normalized: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+    /// The upstream URI for a request's path (see [`Forward`]) and its query.
+    fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
         let path_and_query = match query {
-            Some(q) => format!("{normalized}?{q}"),
-            None => normalized.to_string(),
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_string(),
         };
         Uri::builder()
             .scheme(self.scheme.clone())
@@ -1021,15 +1023,11 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -
     if !trusted {
         parts.headers.remove("forwarded");
     }
-    let normalized = match path::normalize(parts.uri.path()) {
-        Ok(p) => p,
-        Err(e) => {
-            app.metrics.refused("bad_path");
-            return text(StatusCode::BAD_REQUEST, format!("refused: {e}"));
-        }
-    };
-
-    if normalized.starts_with("/oauth2/") || normalized == "/ping" || normalized == "/ready" {
+    // A path that cannot be normalized is neither ours nor public.
+    let normalized = path::normalize(parts.uri.path());
+    if let Ok(normalized) = &normalized
+        && (normalized.starts_with("/oauth2/") || normalized == "/ping" || normalized == "/ready")
+    {
         // warp routes on the same normalized path the decision was made on.
         let pq = match parts.uri.query() {
             Some(q) => format!("{normalized}?{q}"),
@@ -1053,13 +1051,25 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -
     }
     // A slice of the connection's read buffer: not held while the request goes upstream.
     drop(wanted_redirect);
-    if app.config.skip_auth_paths.iter().any(|r| r.is_match(&normalized)) {
-        return proxy(&app, parts, body, &normalized, remote, None).await;
-    }
+    let forward = match &normalized {
+        // Public with the path the rule matched: the upstream must serve that one.
+        Ok(n) if app.config.skip_auth_paths.iter().any(|r| r.is_match(n)) => {
+            return proxy(&app, parts, body, Forward::Normalized(n), remote, None).await;
+        }
+        _ if app.upstream_base.path.is_empty() => Forward::AsReceived,
+        Ok(n) => Forward::Normalized(n),
+        Err(e) => {
+            app.metrics.refused("bad_path");
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("refused: {e}; the upstream URL's path cannot be judged on it"),
+            );
+        }
+    };
 
     let Some(session) = app.session(&parts.headers).await else {
         if let Some(token) = bearer_token(&parts.headers) {
-            return bearer(&app, parts, body, &normalized, remote, &token).await;
+            return bearer(&app, parts, body, forward, remote, &token).await;
         }
         app.metrics.refused("no_session");
         return unauthenticated(&parts);
@@ -1078,7 +1088,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -
         app.metrics.refused("forbidden");
         return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
     }
-    let mut response = proxy(&app, parts, body, &normalized, remote, Some(session.as_ref())).await;
+    let mut response = proxy(&app, parts, body, forward, remote, Some(session.as_ref())).await;
     if refreshed {
         app.write_refreshed(&mut response, &session, previous_chunks);
     }
@@ -1194,12 +1204,12 @@ async fn bearer(
     app: &App,
     parts: http::request::Parts,
     body: Incoming,
-    normalized: &str,
+    forward: Forward<'_>,
     remote: SocketAddr,
     token: &str,
 ) -> Response<Body> {
     match bearer_session(app, token).await {
-        Ok(session) => proxy(app, parts, body, normalized, remote, Some(&session)).await,
+        Ok(session) => proxy(app, parts, body, forward, remote, Some(&session)).await,
         Err(refused) => refused,
     }
 }
@@ -1263,13 +1273,28 @@ fn unauthenticated(parts: &http::request::Parts) -> Response<Body> {
     text(StatusCode::UNAUTHORIZED, "unauthorized: sign in at /oauth2/start")
 }
 
+/// The path a request goes upstream with.
+#[derive(Clone, Copy)]
+enum Forward<'a> {
+    /// The normalized path, which a decision rests on: a skip-auth rule matched it, or
+    /// the upstream URL's path selects requests by it. Sending the path as received
+    /// instead would let the upstream resolve `/admin//../public`, public to the rule,
+    /// into `/admin/public`.
+    Normalized(&'a str),
+    /// The path as the client sent it, for an authenticated request to an upstream URL
+    /// without a path: nothing is decided on it, and applications read their own
+    /// spellings, as behind oauth2-proxy or nginx (`%2F` in RabbitMQ's and GitLab's API
+    /// paths, Java's `;jsessionid=`, `//` inside imgproxy's URLs).
+    AsReceived,
+}
+
 /// Forwards to the upstream: hop-by-hop headers removed, X-Forwarded-* set by us,
 /// the identity set last, the body streamed both ways; WebSocket upgrades spliced.
 async fn proxy(
     app: &App,
     mut parts: http::request::Parts,
     body: Incoming,
-    normalized: &str,
+    forward: Forward<'_>,
     remote: SocketAddr,
     session: Option<&Session>,
 ) -> Response<Body> {
@@ -1280,10 +1305,14 @@ async fn proxy(
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     let client_upgrade =
         upgrade.then(|| hyper::upgrade::on(Request::from_parts(parts.clone_without_body(), ())));
-    if !app.upstream_base.serves(normalized) {
-        return text(StatusCode::NOT_FOUND, "not found: no upstream serves this path");
-    }
-    let uri = match app.upstream_base.uri(normalized, parts.uri.query()) {
+    let path = match forward {
+        Forward::Normalized(n) if !app.upstream_base.serves(n) => {
+            return text(StatusCode::NOT_FOUND, "not found: no upstream serves this path");
+        }
+        Forward::Normalized(n) => n,
+        Forward::AsReceived => parts.uri.path(),
+    };
+    let uri = match app.upstream_base.uri(path, parts.uri.query()) {
         Ok(u) => u,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("refused: {e}")),
     };
