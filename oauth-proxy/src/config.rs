@@ -364,6 +364,18 @@ fn secret(
     }
 }
 
+/// Whether a cookie with `Domain=domain` may be set by `host` (RFC 6265 5.1.3: the
+/// host is the domain or ends in `.domain`; a leading `.` is ignored).
+fn domain_covers(domain: &str, host: &str) -> bool {
+    let domain = domain.trim_start_matches('.').to_ascii_lowercase();
+    let host = host.to_ascii_lowercase();
+    !domain.is_empty()
+        && (host == domain
+            || host
+                .strip_suffix(domain.as_str())
+                .is_some_and(|rest| rest.ends_with('.')))
+}
+
 fn read_secret(key: &str, file: &Path) -> Result<Secret, String> {
     std::fs::read_to_string(file)
         .map(|s| Secret(s.trim().to_string()))
@@ -576,7 +588,11 @@ impl Config {
     }
 
     pub fn merge(flags: &Flags, mut file: File) -> Result<Self, String> {
-        let required = |key: &str, v: Option<String>| v.ok_or_else(|| format!("{key} is required"));
+        // An empty value is no value: `--client-id ""` would fail only at the issuer.
+        let required = |key: &str, v: Option<String>| {
+            v.filter(|v| !v.trim().is_empty())
+                .ok_or_else(|| format!("{key} is required"))
+        };
         let client_secret = secret(
             "client-secret",
             (flags.client_secret.clone(), flags.client_secret_file.clone()),
@@ -647,6 +663,19 @@ impl Config {
         if redirect_url.scheme() == "http" && cookie_secure && !is_loopback(&redirect_url) {
             return Err(format!(
                 "redirect-url: {redirect:?} is http://, so browsers drop the Secure login cookies; use https:// or set cookie-secure: false"
+            ));
+        }
+        let cookie_domain = pick!(flags, file, cookie_domain);
+        // A value that is no domain name at all gets the cookie library's message later.
+        if let Some(domain) = &cookie_domain
+            && domain
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b))
+            && let Some(host) = redirect_url.host_str()
+            && !domain_covers(domain, host)
+        {
+            return Err(format!(
+                "cookie-domain: {domain:?} does not cover {host}, the redirect-url's host: browsers would refuse the cookies the login sets there and every login would start again"
             ));
         }
         let upstream = required("upstream", pick!(flags, file, upstream))?;
@@ -736,7 +765,7 @@ impl Config {
             groups_claim: pick!(flags, file, groups_claim).unwrap_or_else(|| "groups".into()),
             cookie_secret,
             cookie_name,
-            cookie_domain: pick!(flags, file, cookie_domain),
+            cookie_domain,
             cookie_secure,
             cookie_samesite: samesite,
             cookie_expire,
@@ -818,6 +847,35 @@ mod tests {
 
     fn minimal() -> Flags {
         minimal_flags()
+    }
+
+    #[test]
+    fn a_cookie_domain_the_login_host_cannot_set_or_an_empty_client_id_stops_the_start() {
+        // The redirect URL's host is app.example.com.
+        for covering in ["example.com", ".example.com", "APP.example.com"] {
+            let mut flags = minimal();
+            flags.cookie_domain = Some(covering.into());
+            assert!(Config::merge(&flags, File::default()).is_ok(), "{covering}");
+        }
+        for other in [
+            "corp.com",
+            "pp.example.com",
+            "ample.com",
+            "sub.app.example.com",
+            ".",
+        ] {
+            let mut flags = minimal();
+            flags.cookie_domain = Some(other.into());
+            let err = Config::merge(&flags, File::default()).expect_err(other);
+            assert!(
+                err.starts_with("cookie-domain:") && err.contains("app.example.com"),
+                "{err}"
+            );
+        }
+        let mut flags = minimal();
+        flags.client_id = Some(" ".into());
+        let err = Config::merge(&flags, File::default()).expect_err("empty client id");
+        assert_eq!(err, "client-id is required");
     }
 
     #[test]

@@ -309,8 +309,14 @@ impl IdentityValues {
             return Ok(());
         }
         let named: Vec<&str> = self.refused.iter().map(|i| names.display[*i]).collect();
+        // The one refusal an administrator fixes at the issuer, so it says how.
+        let groups = if self.refused.contains(&GROUPS) {
+            " (a group name has a comma, which would split it in the comma-separated header, or a character headers cannot carry: have the issuer send names without them, an LDAP group's CN rather than its DN)"
+        } else {
+            ""
+        };
         Err(format!(
-            "not set, value not allowed in a header: {}",
+            "not set, value not allowed in a header: {}{groups}",
             named.join(", ")
         ))
     }
@@ -777,6 +783,7 @@ mod tests {
             let mut h = HeaderMap::new();
             let err = set_identity(&mut h, &id, false).expect_err("bad group refused");
             assert!(err.contains("X-Forwarded-Groups"), "{err}");
+            assert!(err.contains("CN rather than its DN"), "says how to fix it: {err}");
             assert!(!h.contains_key("x-forwarded-groups"), "{groups:?}");
         }
     }
