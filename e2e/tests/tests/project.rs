@@ -398,7 +398,31 @@ async fn invalid_projects_are_rejected_by_the_api_server_with_readable_messages(
         .labels
         .insert("pod-security.kubernetes.io/enforce".into(), "privileged".into());
     let message = api_error(templates.create(&PostParams::default(), &reserved).await);
-    assert!(message.contains("use spec.podSecurity instead"), "{message}");
+    assert!(message.contains("(use spec.podSecurity)"), "{message}");
+    // The API server's own label: a template value would be rewritten on every apply.
+    let mut named = template(&unique("tpl"), PodSecurityLevel::Restricted);
+    named
+        .spec
+        .labels
+        .insert("kubernetes.io/metadata.name".into(), "x".into());
+    let message = api_error(templates.create(&PostParams::default(), &named).await);
+    assert!(
+        message.contains("kubernetes.io/metadata.name by the API server"),
+        "{message}"
+    );
+
+    // The template is looked up by name: anything else is refused before admission.
+    for bad in ["a b", "x/../../api", "Default"] {
+        let message = api_error(
+            projects
+                .create(&PostParams::default(), &project(&unique("t"), bad))
+                .await,
+        );
+        assert!(
+            message.contains("spec.template in body should match"),
+            "{bad}: {message}"
+        );
+    }
     Ok(())
 }
 

@@ -32,12 +32,14 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase")]
 pub struct ProjectTemplateSpec {
     /// Labels copied onto every project namespace. Keys under
-    /// `pod-security.kubernetes.io/` and `tenancy.chassis.dev/` are reserved.
+    /// `pod-security.kubernetes.io/` and `tenancy.chassis.dev/` are reserved, and so is
+    /// `kubernetes.io/metadata.name`, which the API server sets to the namespace's name
+    /// (a template value would be rewritten on every apply, a write each time).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 64))]
     #[x_kube(validation = kube::core::Rule::new(
-        "self.all(k, !k.startsWith('pod-security.kubernetes.io/') && !k.startsWith('tenancy.chassis.dev/'))"
-    ).message("labels under pod-security.kubernetes.io/ and tenancy.chassis.dev/ are set by Chassis; use spec.podSecurity instead"))]
+        "self.all(k, !k.startsWith('pod-security.kubernetes.io/') && !k.startsWith('tenancy.chassis.dev/') && k != 'kubernetes.io/metadata.name')"
+    ).message("labels under pod-security.kubernetes.io/ and tenancy.chassis.dev/ are set by Chassis (use spec.podSecurity), and kubernetes.io/metadata.name by the API server"))]
     pub labels: BTreeMap<String, String>,
 
     /// Annotations copied onto every project namespace.
@@ -188,12 +190,13 @@ pub struct ProjectSpec {
     #[schemars(length(max = 2048))]
     pub description: Option<String>,
 
-    /// Name of the ProjectTemplate this project is made from. Fixed at creation:
-    /// admission checks that the requester may use it.
+    /// Name of the ProjectTemplate this project is made from (an object name, a DNS
+    /// subdomain). Fixed at creation: admission checks that the requester may use it.
     #[serde(default = "default_template")]
     #[x_kube(validation = kube::core::Rule::new("self == oldSelf")
         .message("spec.template cannot change after creation; create a new project instead"))]
     #[schemars(length(min = 1, max = 253))]
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"))]
     pub template: String,
 
     /// Subjects bound to the template's admin role in the project namespace.
