@@ -317,6 +317,44 @@ async fn deleted_or_edited_children_are_put_back() -> Result<()> {
         },
     )
     .await?;
+
+    // alice takes the editors' binding name while the project has no editors, bound to
+    // another role (roleRef cannot change in place); then the project names an editor.
+    let squat = RoleBinding {
+        metadata: ObjectMeta {
+            name: Some("chassis-project-editors".into()),
+            ..Default::default()
+        },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "ClusterRole".into(),
+            name: "view".into(),
+        },
+        subjects: Some(vec![RbacSubject {
+            kind: "User".into(),
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            name: "dave".into(),
+            ..Default::default()
+        }]),
+    };
+    let alice = cluster().user("alice").await?;
+    Api::<RoleBinding>::namespaced(alice, &f.project)
+        .create(&PostParams::default(), &squat)
+        .await?;
+    let carol = serde_json::json!({"spec": {"editors": [{"kind": "User", "name": "carol"}]}});
+    Api::<Project>::all(f.client.clone())
+        .patch(&f.project, &PatchParams::default(), &Patch::Merge(&carol))
+        .await?;
+    eventually(
+        "the editors' binding to be Chassis' again, carol with edit",
+        Duration::from_secs(20),
+        || async {
+            let binding = bindings.get("chassis-project-editors").await?;
+            let ok = binding.role_ref.name == "edit" && member_names(&binding) == ["carol"];
+            Ok(ok.then_some(()))
+        },
+    )
+    .await?;
     f.cleanup().await
 }
 

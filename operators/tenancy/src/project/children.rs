@@ -162,6 +162,12 @@ pub struct ChildStores {
 
 /// One binding: `ensure`, except that a binding whose roleRef must change is
 /// replaced (roleRef cannot change in place). Returns each request's outcome.
+///
+/// Replaced whoever made it: the binding names are Chassis' in the namespaces its
+/// projects own, and a project admin's binding of that name to another role (made
+/// before Chassis needed the name, or by `kubectl replace --force`; not in the cache,
+/// which holds Chassis' labelled bindings only, so known by the apply's refusal) would
+/// otherwise refuse every apply and keep the members the spec names out.
 async fn binding(
     at: Scope<'_>,
     stores: &ChildStores,
@@ -169,11 +175,16 @@ async fn binding(
     desired: Option<&RoleBinding>,
 ) -> Result<Vec<Outcome>, Error> {
     let have = stores.role_bindings.observe(at.namespace, name);
-    let replace = matches!((desired, &have), (Some(want), Some(have))
-        if want.role_ref != have.role_ref && apply::controlled_by(have.as_ref(), at.owner_uid));
+    let replace = matches!((desired, &have), (Some(want), Some(have)) if want.role_ref != have.role_ref);
     let want = match desired {
         Some(want) if replace => want,
-        Some(want) => return Ok(vec![members(at, stores, name, want, have).await?]),
+        Some(want) => match members(at, stores, name, want, have.clone()).await {
+            Err(Error::ApplyChild {
+                source: kube::Error::Api(s),
+                ..
+            }) if role_ref_differs(&s) => want,
+            done => return done.map(|outcome| vec![outcome]),
+        },
         None => {
             return Ok(vec![
                 ensure_one(at, &stores.role_bindings, name, have, None).await?,
@@ -220,6 +231,12 @@ async fn binding(
     stores.role_bindings.written.record(&key, applied);
     outcomes.push(Outcome::Applied);
     Ok(outcomes)
+}
+
+/// Whether the API server refused an apply because the binding it would change has
+/// another roleRef (immutable; the message is RBAC validation's own wording).
+fn role_ref_differs(status: &kube::core::Status) -> bool {
+    status.code == 422 && status.message.contains("cannot change roleRef")
 }
 
 /// [`ensure_one`] for a binding whose roleRef stays, its members compared by value
