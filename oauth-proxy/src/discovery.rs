@@ -40,7 +40,7 @@ pub async fn login_issuer(app: Arc<App>) {
         Provider::discover(&app.config).await.map_err(|e| e.to_string())
     })
     .await;
-    let _ = app.provider.set(provider);
+    let _ = app.provider.set(Arc::new(provider));
     tracing::info!(issuer = %app.config.issuer_url, "issuer discovered");
 }
 

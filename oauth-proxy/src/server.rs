@@ -58,7 +58,8 @@ const REFRESH_RETRY: u64 = 10;
 
 pub struct App {
     pub config: Config,
-    pub provider: OnceCell<Provider>,
+    /// Shared with refreshes, which run as tasks of their own (see `App::refresh`).
+    pub provider: OnceCell<Arc<Provider>>,
     /// Bearer-token verification, when issuers are configured (see [`crate::bearer`]);
     /// each issuer is discovered on its own ([`crate::discovery`]).
     pub bearer: Option<BearerVerifier>,
@@ -878,7 +879,8 @@ impl App {
             });
             map.entry(sid).or_default().clone()
         };
-        let mut result = slot.lock().await;
+        // Owned: the guard moves into the exchange's task below.
+        let mut result = slot.lock_owned().await;
         match result.as_ref() {
             Some((at, Some(refreshed))) if *at + 60 > now() => return Some((refreshed.clone(), true)),
             Some((at, None)) if *at + REFRESH_RETRY > now() => return failed(session),
@@ -896,19 +898,27 @@ impl App {
             expires_at: session.expires_at,
         };
         self.metrics.refreshes.inc();
-        match provider.refresh(&refresh_token, &previous).await {
-            Ok(identity) => {
-                let refreshed = Arc::new(to_session(
-                    identity,
-                    session.created_at,
-                    session.login,
-                    self.config.pass_access_token,
-                ));
-                *result = Some((now(), Some(refreshed.clone())));
-                Some((refreshed, true))
-            }
+        // A task of its own, holding the slot: a client that goes away mid-exchange drops
+        // this request's future, and the issuer, which has taken the refresh token by
+        // then (and may have rotated it, refusing it from now on), must still have its
+        // answer stored for the session's next request.
+        let (provider, created_at, login) = (provider.clone(), session.created_at, session.login);
+        let keep_access_token = self.config.pass_access_token;
+        let exchange = tokio::spawn(async move {
+            let refreshed = provider
+                .refresh(&refresh_token, &previous)
+                .await
+                .map(|identity| Arc::new(to_session(identity, created_at, login, keep_access_token)));
+            *result = Some((now(), refreshed.as_ref().ok().cloned()));
+            refreshed
+        });
+        match exchange.await {
+            Ok(Ok(refreshed)) => Some((refreshed, true)),
             Err(e) => {
-                *result = Some((now(), None));
+                tracing::warn!(user = %session.user, error = %e, "the refresh task failed");
+                failed(session)
+            }
+            Ok(Err(e)) => {
                 let kept = failed(session.clone());
                 if kept.is_some() {
                     tracing::info!(user = %session.user, error = %e, "refresh failed; the session stays until its tokens expire");
@@ -1954,7 +1964,7 @@ async fn sign_out(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
     let end_session = app
         .provider
         .get()
-        .and_then(Provider::end_session_endpoint)
+        .and_then(|p| p.end_session_endpoint())
         .filter(|_| app.config.provider_sign_out);
     let to = match (end_session, &session) {
         (Some(end), Some(s)) => {

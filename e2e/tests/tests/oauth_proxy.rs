@@ -1766,6 +1766,8 @@ struct TestIssuer {
     login_key: LoginKey,
     /// Requests that reached `/token-elsewhere`.
     elsewhere: Arc<std::sync::atomic::AtomicUsize>,
+    /// Refresh tokens, with [`Misbehaviour::SlowRotatingRefresh`].
+    rotation: Arc<Rotation>,
 }
 
 /// A signing key (`kid`, private PEM) that replaces the issuer's first one.
@@ -1829,6 +1831,26 @@ enum Misbehaviour {
     /// `/token` answers with a redirect to `/token-elsewhere` (an IdP client that
     /// follows redirects can be steered to send the code and secret anywhere).
     RedirectedToken,
+    /// Refresh tokens are rotated (each is good once, as Auth0, Okta and Keycloak can
+    /// be set up) and a refresh takes 2 s.
+    SlowRotatingRefresh,
+}
+
+/// The refresh tokens a [`TestIssuer`] still takes, and how many used ones it was sent.
+#[derive(Default)]
+struct Rotation {
+    valid: Mutex<std::collections::HashSet<String>>,
+    reused: std::sync::atomic::AtomicUsize,
+}
+
+impl Rotation {
+    fn issue(&self) -> String {
+        let token = unique("rt");
+        if let Ok(mut valid) = self.valid.lock() {
+            valid.insert(token.clone());
+        }
+        token
+    }
 }
 
 /// One token request as the issuer saw it.
@@ -1920,86 +1942,118 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
     let elsewhere = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (token_issuer, token_mode, token_exchanges) = (url.clone(), misbehave.clone(), exchanges.clone());
     let (token_key, token_base) = (login_key.clone(), base.clone());
+    let rotation: Arc<Rotation> = Arc::default();
+    let (code_rotation, refresh_rotation, refresh_mode) =
+        (rotation.clone(), rotation.clone(), misbehave.clone());
+    let answer = move |form: BTreeMap<String, String>| {
+        let refuse = |error: &str| {
+            warp::reply::with_status(
+                warp::reply::json(&json!({"error": error})),
+                warp::http::StatusCode::BAD_REQUEST,
+            )
+            .into_response()
+        };
+        if token_mode
+            .lock()
+            .is_ok_and(|m| *m == Misbehaviour::RedirectedToken)
+        {
+            let moved = warp::reply::with_status(warp::reply(), warp::http::StatusCode::TEMPORARY_REDIRECT);
+            return warp::reply::with_header(moved, "location", format!("{token_base}/token-elsewhere"))
+                .into_response();
+        }
+        let login = form.get("code").and_then(|c| take_code(&logins, c));
+        let Some(login) = login else {
+            return refuse("invalid_grant");
+        };
+        let verifier = form.get("code_verifier").cloned().unwrap_or_default();
+        let hashed = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(<sha2::Sha256 as sha2::Digest>::digest(verifier.as_bytes()));
+        let verifier_matches = login.challenge_method == "S256" && hashed == login.challenge;
+        if let Ok(mut seen) = token_exchanges.lock() {
+            seen.push(Exchange {
+                challenge_method: login.challenge_method.clone(),
+                verifier_matches,
+            });
+        }
+        if !verifier_matches {
+            return refuse("invalid_grant");
+        }
+        let mode = token_mode.lock().map_or(Misbehaviour::Nothing, |m| *m);
+        let mut claims = json!({
+            "iss": token_issuer, "aud": "chassis", "sub": "carol", "email": "carol@example.com",
+            "email_verified": true, "exp": unix_now() + 300, "iat": unix_now(), "nonce": login.nonce,
+        });
+        match mode {
+            Misbehaviour::Nothing => {}
+            Misbehaviour::WrongNonce => claims["nonce"] = json!("a-nonce-from-another-login"),
+            Misbehaviour::NoNonce => {
+                if let Some(c) = claims.as_object_mut() {
+                    c.remove("nonce");
+                }
+            }
+            Misbehaviour::ForeignAzp => claims["azp"] = json!("someone-else"),
+            Misbehaviour::ExtraAudience => claims["aud"] = json!(["chassis", "someone-else"]),
+            // Refresh requests carry no code: the branch above refuses them.
+            Misbehaviour::ShortLivedRefusingRefresh => claims["exp"] = json!(unix_now() + 8),
+            Misbehaviour::RedirectedToken | Misbehaviour::SlowRotatingRefresh => {}
+        }
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid = Some("k1".into());
+        let rotated = token_key.lock().ok().and_then(|k| k.clone());
+        let signed = match rotated {
+            Some((kid, pem)) => {
+                header.kid = Some(kid);
+                jsonwebtoken::EncodingKey::from_rsa_pem(&pem)
+                    .and_then(|key| jsonwebtoken::encode(&header, &claims, &key))
+            }
+            None => jsonwebtoken::encode(&header, &claims, &signing_key),
+        };
+        match signed {
+            Ok(id_token) => warp::reply::with_status(
+                warp::reply::json(&if mode == Misbehaviour::ShortLivedRefusingRefresh {
+                    json!({"access_token": "at", "token_type": "Bearer", "expires_in": 8,
+                               "refresh_token": "rt", "id_token": id_token})
+                } else if mode == Misbehaviour::SlowRotatingRefresh {
+                    json!({"access_token": "at", "token_type": "Bearer", "expires_in": 300,
+                               "refresh_token": code_rotation.issue(), "id_token": id_token})
+                } else {
+                    json!({"access_token": "at", "token_type": "Bearer",
+                               "expires_in": 300, "id_token": id_token})
+                }),
+                warp::http::StatusCode::OK,
+            )
+            .into_response(),
+            Err(_) => refuse("server_error"),
+        }
+    };
     let token = warp::path!("token")
         .and(warp::post())
         .and(warp::body::form::<BTreeMap<String, String>>())
-        .map(move |form: BTreeMap<String, String>| {
-            let refuse = |error: &str| {
-                warp::reply::with_status(
-                    warp::reply::json(&json!({"error": error})),
-                    warp::http::StatusCode::BAD_REQUEST,
-                )
-                .into_response()
-            };
-            if token_mode
+        .then(move |form: BTreeMap<String, String>| {
+            let rotating = refresh_mode
                 .lock()
-                .is_ok_and(|m| *m == Misbehaviour::RedirectedToken)
-            {
-                let moved =
-                    warp::reply::with_status(warp::reply(), warp::http::StatusCode::TEMPORARY_REDIRECT);
-                return warp::reply::with_header(moved, "location", format!("{token_base}/token-elsewhere"))
+                .is_ok_and(|m| *m == Misbehaviour::SlowRotatingRefresh)
+                && form.get("grant_type").map(String::as_str) == Some("refresh_token");
+            let at_once = (!rotating).then(|| answer(form.clone()));
+            let rotation = refresh_rotation.clone();
+            async move {
+                if let Some(response) = at_once {
+                    return response;
+                }
+                let presented = form.get("refresh_token").cloned().unwrap_or_default();
+                let taken = rotation.valid.lock().is_ok_and(|mut v| v.remove(&presented));
+                if !taken {
+                    rotation.reused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    return warp::reply::with_status(
+                        warp::reply::json(&json!({"error": "invalid_grant"})),
+                        warp::http::StatusCode::BAD_REQUEST,
+                    )
                     .into_response();
-            }
-            let login = form.get("code").and_then(|c| take_code(&logins, c));
-            let Some(login) = login else {
-                return refuse("invalid_grant");
-            };
-            let verifier = form.get("code_verifier").cloned().unwrap_or_default();
-            let hashed = base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .encode(<sha2::Sha256 as sha2::Digest>::digest(verifier.as_bytes()));
-            let verifier_matches = login.challenge_method == "S256" && hashed == login.challenge;
-            if let Ok(mut seen) = token_exchanges.lock() {
-                seen.push(Exchange {
-                    challenge_method: login.challenge_method.clone(),
-                    verifier_matches,
-                });
-            }
-            if !verifier_matches {
-                return refuse("invalid_grant");
-            }
-            let mode = token_mode.lock().map_or(Misbehaviour::Nothing, |m| *m);
-            let mut claims = json!({
-                "iss": token_issuer, "aud": "chassis", "sub": "carol", "email": "carol@example.com",
-                "email_verified": true, "exp": unix_now() + 300, "iat": unix_now(), "nonce": login.nonce,
-            });
-            match mode {
-                Misbehaviour::Nothing => {}
-                Misbehaviour::WrongNonce => claims["nonce"] = json!("a-nonce-from-another-login"),
-                Misbehaviour::NoNonce => {
-                    if let Some(c) = claims.as_object_mut() {
-                        c.remove("nonce");
-                    }
                 }
-                Misbehaviour::ForeignAzp => claims["azp"] = json!("someone-else"),
-                Misbehaviour::ExtraAudience => claims["aud"] = json!(["chassis", "someone-else"]),
-                // Refresh requests carry no code: the branch above refuses them.
-                Misbehaviour::ShortLivedRefusingRefresh => claims["exp"] = json!(unix_now() + 8),
-                Misbehaviour::RedirectedToken => {}
-            }
-            let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
-            header.kid = Some("k1".into());
-            let rotated = token_key.lock().ok().and_then(|k| k.clone());
-            let signed = match rotated {
-                Some((kid, pem)) => {
-                    header.kid = Some(kid);
-                    jsonwebtoken::EncodingKey::from_rsa_pem(&pem)
-                        .and_then(|key| jsonwebtoken::encode(&header, &claims, &key))
-                }
-                None => jsonwebtoken::encode(&header, &claims, &signing_key),
-            };
-            match signed {
-                Ok(id_token) => warp::reply::with_status(
-                    warp::reply::json(&if mode == Misbehaviour::ShortLivedRefusingRefresh {
-                        json!({"access_token": "at", "token_type": "Bearer", "expires_in": 8,
-                               "refresh_token": "rt", "id_token": id_token})
-                    } else {
-                        json!({"access_token": "at", "token_type": "Bearer",
-                               "expires_in": 300, "id_token": id_token})
-                    }),
-                    warp::http::StatusCode::OK,
-                )
-                .into_response(),
-                Err(_) => refuse("server_error"),
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                warp::reply::json(&json!({"access_token": "at-refreshed", "token_type": "Bearer",
+                                          "expires_in": 300, "refresh_token": rotation.issue()}))
+                .into_response()
             }
         });
     let elsewhere_hits = elsewhere.clone();
@@ -2033,6 +2087,7 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
         jwks_fetches,
         login_key,
         elsewhere,
+        rotation,
     })
 }
 
@@ -2277,6 +2332,54 @@ async fn a_session_whose_refresh_the_issuer_refuses_ends_when_its_tokens_expire(
             after.status()
         );
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_refresh_whose_request_is_abandoned_still_keeps_the_rotated_token() -> Result<()> {
+    // The issuer takes the refresh token and rotates it; the browser that asked goes
+    // away meanwhile (a link followed, a fetch aborted). The new token must be kept for
+    // the session's next request: the old one is refused from now on, and issuers with
+    // reuse detection revoke the whole grant when it comes back.
+    let issuer = test_issuer().await?;
+    *issuer.misbehave.lock().map_err(|_| anyhow::anyhow!("lock"))? = Misbehaviour::SlowRotatingRefresh;
+    let proxy = issuer
+        .proxy("abandoned-refresh", &["--cookie-refresh", "1s"])
+        .await?;
+    let jar = Arc::new(Jar::default());
+    let (status, body, session) = sign_in_at_test_issuer_with(&proxy, &jar).await?;
+    ensure!(status == 200 && session, "the login: {status} {body}");
+    let cookie = cookie_header(&jar, &proxy)?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let impatient = reqwest::Client::builder()
+        .redirect(Policy::none())
+        .timeout(Duration::from_millis(500))
+        .build()?;
+    let abandoned = impatient
+        .get(proxy.url("/app"))
+        .header(COOKIE, cookie.clone())
+        .send()
+        .await;
+    ensure!(
+        abandoned.as_ref().is_err_and(reqwest::Error::is_timeout),
+        "the refresh should take 2 s: {abandoned:?}"
+    );
+    // The issuer has answered by now.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let next = reqwest::Client::builder()
+        .redirect(Policy::none())
+        .build()?
+        .get(proxy.url("/app"))
+        .header(COOKIE, cookie)
+        .send()
+        .await?;
+    let status = next.status();
+    let rewritten = next.headers().get_all(SET_COOKIE).iter().count();
+    let reused = issuer.rotation.reused.load(std::sync::atomic::Ordering::SeqCst);
+    ensure!(
+        status == 200 && rewritten > 0 && reused == 0,
+        "the next request: {status}, {rewritten} Set-Cookie (the refreshed session), {reused} used refresh tokens sent again"
+    );
     Ok(())
 }
 
