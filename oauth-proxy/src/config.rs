@@ -689,10 +689,17 @@ impl Config {
         }
         let client_id = required("client-id", pick!(flags, file, client_id))?;
         let mut bearer_issuers = Vec::new();
-        if pick!(flags, file, skip_jwt_bearer_tokens).unwrap_or(false) {
+        let skip_jwt = pick!(flags, file, skip_jwt_bearer_tokens);
+        if skip_jwt == Some(true) {
             bearer_issuers.push((issuer.clone(), client_id.clone()));
         }
-        for pair in list("extra-jwt-issuers", pick!(flags, file, extra_jwt_issuers))? {
+        let extra = list("extra-jwt-issuers", pick!(flags, file, extra_jwt_issuers))?;
+        // oauth2-proxy ignores the list unless the flag is on, so a configuration that
+        // turns the flag off to stop bearer tokens would take them here: say so instead.
+        if skip_jwt == Some(false) && !extra.is_empty() {
+            return Err("extra-jwt-issuers: skip-jwt-bearer-tokens is false, yet these issuers' bearer tokens would be taken; set it to true (also the login issuer's tokens), leave it unset (these issuers' only), or remove the list".into());
+        }
+        for pair in extra {
             let (iss, aud) = pair
                 .rsplit_once('=')
                 .filter(|(i, a)| !i.is_empty() && !a.is_empty())
@@ -847,6 +854,20 @@ mod tests {
 
     fn minimal() -> Flags {
         minimal_flags()
+    }
+
+    #[test]
+    fn extra_jwt_issuers_with_bearer_tokens_turned_off_stop_the_start() -> Result<(), String> {
+        let mut flags = minimal();
+        flags.extra_jwt_issuers = Some(vec!["https://partner.example.com=api".into()]);
+        let only_extra = Config::merge(&flags, File::default())?;
+        assert_eq!(only_extra.bearer_issuers.len(), 1, "the list alone: its issuers only");
+        flags.skip_jwt_bearer_tokens = Some(false);
+        let err = Config::merge(&flags, File::default()).expect_err("off, yet listed");
+        assert!(err.starts_with("extra-jwt-issuers: skip-jwt-bearer-tokens is false"), "{err}");
+        flags.skip_jwt_bearer_tokens = Some(true);
+        assert_eq!(Config::merge(&flags, File::default())?.bearer_issuers.len(), 2);
+        Ok(())
     }
 
     #[test]
