@@ -861,10 +861,17 @@ mod tests {
         let mut flags = minimal();
         flags.extra_jwt_issuers = Some(vec!["https://partner.example.com=api".into()]);
         let only_extra = Config::merge(&flags, File::default())?;
-        assert_eq!(only_extra.bearer_issuers.len(), 1, "the list alone: its issuers only");
+        assert_eq!(
+            only_extra.bearer_issuers.len(),
+            1,
+            "the list alone: its issuers only"
+        );
         flags.skip_jwt_bearer_tokens = Some(false);
         let err = Config::merge(&flags, File::default()).expect_err("off, yet listed");
-        assert!(err.starts_with("extra-jwt-issuers: skip-jwt-bearer-tokens is false"), "{err}");
+        assert!(
+            err.starts_with("extra-jwt-issuers: skip-jwt-bearer-tokens is false"),
+            "{err}"
+        );
         flags.skip_jwt_bearer_tokens = Some(true);
         assert_eq!(Config::merge(&flags, File::default())?.bearer_issuers.len(), 2);
         Ok(())

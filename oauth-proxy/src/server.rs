@@ -166,12 +166,7 @@ fn redirect(to: &str) -> Response<Body> {
 /// cookie with it: the target would send the browser round the login forever. A
 /// navigation this page starts is same-site.
 fn same_site_hop(to: &str) -> Response<Body> {
-    let escaped = to
-        .replace('&', "&amp;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;");
+    let escaped = html_escape(to);
     let mut page = full(
         StatusCode::OK,
         "text/html; charset=utf-8",
@@ -183,6 +178,52 @@ fn same_site_hop(to: &str) -> Response<Body> {
     // its Referer (a redirect never sent one).
     page.headers_mut()
         .insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    page
+}
+
+/// `text` for an HTML attribute or element.
+fn html_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Whether the browser says another site started the request (`Sec-Fetch-Site`:
+/// `cross-site`, or `same-site` for a sibling subdomain). Without the header (an old
+/// browser, a script) nothing is known, and nothing is refused.
+fn started_elsewhere(headers: &HeaderMap) -> bool {
+    headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes() == b"cross-site" || v.as_bytes() == b"same-site")
+}
+
+/// A sign-out another site's page asked for (a link, an `<img>`): a button that asks
+/// again from this origin. Signing out would also end the login at the issuer, which
+/// many issuers do without asking when given the ID token, and with it every other
+/// application's session. Not to be framed: the button is the whole point.
+fn confirm_sign_out(rd: Option<&str>) -> Response<Body> {
+    let mut action = "/oauth2/sign_out".to_string();
+    if let Some(rd) = rd {
+        action.push_str("?rd=");
+        action.extend(url::form_urlencoded::byte_serialize(rd.as_bytes()));
+    }
+    let mut page = full(
+        StatusCode::OK,
+        "text/html; charset=utf-8",
+        format!(
+            "<!doctype html><title>Sign out</title><form method=\"post\" action=\"{}\"><p>Another site asked to sign you out.</p><button type=\"submit\">Sign out</button></form>\n",
+            html_escape(&action)
+        ),
+    );
+    let headers = page.headers_mut();
+    headers.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    headers.insert(
+        "content-security-policy",
+        HeaderValue::from_static("frame-ancestors 'none'"),
+    );
+    headers.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     page
 }
 
@@ -1951,6 +1992,9 @@ async fn callback(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
 }
 
 async fn sign_out(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response<Body> {
+    if started_elsewhere(headers) {
+        return confirm_sign_out(query.rd.as_deref());
+    }
     let session = app.session(headers).await;
     if let Some(s) = &session {
         app.revoked

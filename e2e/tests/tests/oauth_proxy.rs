@@ -1289,9 +1289,37 @@ async fn sign_out_ends_the_session_and_a_copied_cookie_with_it() -> Result<()> {
         .await?;
     ensure!(before.status() == 200, "the copied cookie works before sign-out");
 
+    // Another site's link or image (the browser says so in Sec-Fetch-Site, a sibling
+    // subdomain too) gets a button, and the session and the issuer's login stay.
+    for site in ["cross-site", "same-site"] {
+        let asked = plain
+            .get(proxy.url("/oauth2/sign_out?rd=/bye"))
+            .header(COOKIE, &copied)
+            .header("sec-fetch-site", site)
+            .send()
+            .await?;
+        let status = asked.status();
+        let framing = asked.headers().get("x-frame-options").cloned();
+        let page = asked.text().await?;
+        ensure!(
+            status == 200
+                && framing.is_some_and(|v| v == "DENY")
+                && page.contains("<form method=\"post\" action=\"/oauth2/sign_out?rd=%2Fbye\">"),
+            "{site} sign-out: {status} {page}"
+        );
+        let still = plain
+            .get(proxy.url("/app"))
+            .header(COOKIE, &copied)
+            .send()
+            .await?;
+        ensure!(still.status() == 200, "{site} sign-out ended the session");
+    }
+
+    // The button's POST comes from the proxy's own origin.
     let out = plain
-        .get(proxy.url("/oauth2/sign_out"))
+        .post(proxy.url("/oauth2/sign_out"))
         .header(COOKIE, &copied)
+        .header("sec-fetch-site", "same-origin")
         .send()
         .await?;
     ensure!(out.status() == 302, "sign_out: {}", out.status());
