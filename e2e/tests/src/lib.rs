@@ -426,8 +426,18 @@ impl Operator {
         SHARED.get_or_init(|| {
             let name = format!("shared-{}", std::process::id());
             let started = (|| {
-                // Registered with the address it bound.
-                let op = Operator::start(&name, &["--webhook-addr", "127.0.0.1:0", "--webhook-register"])?;
+                // Registered with the address it bound; platform names reserved as the
+                // chart's values do (a name and a prefix).
+                let op = Operator::start(
+                    &name,
+                    &[
+                        "--webhook-addr",
+                        "127.0.0.1:0",
+                        "--webhook-register",
+                        "--reserved-project-names",
+                        "ingress-nginx,openshift-*",
+                    ],
+                )?;
                 op.wait_for_log("registered admission webhooks", Duration::from_secs(60))?;
                 wait_for_admission(Duration::from_secs(30))?;
                 Ok::<_, anyhow::Error>(op)

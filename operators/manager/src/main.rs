@@ -108,6 +108,17 @@ struct Args {
     )]
     webhook_inject_ca: Vec<String>,
 
+    /// Project names kept for the platform's own namespaces, besides `default`,
+    /// `kube-*` and `chassis-*` (comma-separated; `openshift-*` is a prefix):
+    /// namespaces that do not exist yet, or not at the moment, are otherwise free to
+    /// take by a Project.
+    #[arg(
+        long = "reserved-project-names",
+        env = "CHASSIS_RESERVED_PROJECT_NAMES",
+        value_delimiter = ','
+    )]
+    reserved_project_names: Vec<String>,
+
     /// Register the webhook configurations with the API server, pointing at
     /// https://<webhook-addr> (for development outside a cluster; the helm chart
     /// registers them in a cluster).
@@ -259,6 +270,8 @@ async fn renew_certificate(
 
 async fn run(args: Args) -> Result<()> {
     let controllers = selected_controllers(&args.controllers)?;
+    let reserved = chassis_tenancy::admission::ReservedNames::parse(&args.reserved_project_names)
+        .map_err(|e| anyhow::anyhow!("--reserved-project-names: {e}"))?;
     let client = client(args.kubeconfig.as_ref()).await?;
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::new(args.leader_elect));
@@ -329,7 +342,7 @@ async fn run(args: Args) -> Result<()> {
             ));
         }
         let caches = chassis_tenancy::admission::Caches::start(&client, shutdown.clone());
-        let routes = chassis_tenancy::admission::routes(client.clone(), caches);
+        let routes = chassis_tenancy::admission::routes(client.clone(), caches, reserved);
         let (local, handle) = webhook::serve(webhook_addr, serving, routes, shutdown.clone())
             .await
             .with_context(|| format!("serving webhooks on --webhook-addr {webhook_addr}"))?;

@@ -43,9 +43,58 @@ pub const VALIDATE_PATH: &str = "validate-projects";
 /// Name of both webhook configurations.
 pub const CONFIGURATION_NAME: &str = "chassis-tenancy";
 
-/// Names no Project may take.
-pub fn reserved(name: &str) -> bool {
-    name == "default" || name.starts_with("kube-") || name.starts_with("chassis-")
+/// Names no Project may take: the built-in ones (`default`, `kube-*`, `chassis-*`)
+/// and the platform's own (`--reserved-project-names`). A namespace that does not
+/// exist yet, or not at the moment (`ingress-nginx` between an uninstall and an
+/// install), could otherwise be taken by a project, and what the platform installs
+/// there later would be in a developer's namespace.
+#[derive(Debug, Clone, Default)]
+pub struct ReservedNames {
+    names: Vec<String>,
+    prefixes: Vec<String>,
+}
+
+impl ReservedNames {
+    /// From entries such as `ingress-nginx` (that name) and `openshift-*` (a prefix).
+    pub fn parse(entries: &[String]) -> Result<Self, String> {
+        let mut reserved = Self::default();
+        for entry in entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+            let (stem, prefix) = match entry.strip_suffix('*') {
+                Some(stem) => (stem, true),
+                None => (entry, false),
+            };
+            let label = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-';
+            if stem.is_empty() || stem.len() > 63 || !stem.bytes().all(label) || stem.starts_with('-') {
+                return Err(format!(
+                    "reserved project name {entry:?}: a namespace name (lowercase letters, digits, '-') or a prefix of one ending in '*'"
+                ));
+            }
+            if prefix {
+                reserved.prefixes.push(stem.to_string());
+            } else {
+                reserved.names.push(stem.to_string());
+            }
+        }
+        Ok(reserved)
+    }
+
+    /// Why a Project may not have this name, if it may not; needs no lookup.
+    pub fn refusal(&self, name: &str) -> Option<String> {
+        if name == "default" || name.starts_with("kube-") || name.starts_with("chassis-") {
+            return Some(format!(
+                "project name {name:?} is reserved: names \"default\", \"kube-*\" and \"chassis-*\" belong to the platform"
+            ));
+        }
+        let by_name = self.names.iter().any(|n| n == name);
+        let by_prefix = self.prefixes.iter().find(|p| name.starts_with(p.as_str()));
+        if by_name || by_prefix.is_some() {
+            let what = by_prefix.map_or_else(|| "this name".to_string(), |p| format!("names \"{p}*\""));
+            return Some(format!(
+                "project name {name:?} is reserved: the platform keeps {what} for its own namespaces"
+            ));
+        }
+        None
+    }
 }
 
 fn escape_pointer(key: &str) -> String {
@@ -121,22 +170,11 @@ pub struct Facts {
     pub template_allowed: bool,
 }
 
-/// Why a Project may not have this name, if it may not; needs no lookup.
-fn reserved_refusal(name: &str) -> Option<String> {
-    reserved(name).then(|| {
-        format!(
-            "project name {name:?} is reserved: names \"default\", \"kube-*\" and \"chassis-*\" belong to the platform"
-        )
-    })
-}
-
-/// `Err(message)` when the Project must be refused.
+/// `Err(message)` when the Project must be refused (its name was judged before, by
+/// [`ReservedNames`]).
 pub fn decide(name: &str, user: &str, operation: &Operation, facts: &Facts) -> Result<(), String> {
     if !matches!(operation, Operation::Create) {
         return Ok(());
-    }
-    if let Some(refusal) = reserved_refusal(name) {
-        return Err(refusal);
     }
     if !facts.template_allowed {
         return Err(format!(
@@ -620,6 +658,7 @@ async fn handle_mutate(review: AdmissionReview<DynamicObject>) -> AdmissionRevie
 
 async fn handle_validate(
     client: Client,
+    reserved: &ReservedNames,
     caches: Caches,
     admitted: Arc<Mutex<Recent>>,
     granted: Arc<Granted>,
@@ -635,7 +674,7 @@ async fn handle_validate(
     }
     // Refused before any lookup: a name that can never pass gets its reason even while
     // the API server is too busy to answer the lookups.
-    if let Some(refusal) = reserved_refusal(&request.name) {
+    if let Some(refusal) = reserved.refusal(&request.name) {
         return deny(response, refusal).into_review();
     }
     let user = request.user_info.username.clone().unwrap_or_default();
@@ -670,8 +709,10 @@ fn lookup_failed(response: AdmissionResponse, err: &kube::Error) -> AdmissionRes
 pub fn routes(
     client: Client,
     caches: Caches,
+    reserved: ReservedNames,
 ) -> impl Filter<Extract = (impl warp::Reply,), Error = warp::Rejection> + Clone {
     let client = Arc::new(client);
+    let reserved = Arc::new(reserved);
     let admitted = Arc::new(Mutex::new(Recent::default()));
     let granted = Arc::new(Granted::default());
     let mutate = warp::path(MUTATE_PATH)
@@ -686,7 +727,11 @@ pub fn routes(
         .then(move |review| {
             let client = client.as_ref().clone();
             let (caches, admitted, granted) = (caches.clone(), admitted.clone(), granted.clone());
-            async move { warp::reply::json(&handle_validate(client, caches, admitted, granted, review).await) }
+            let reserved = reserved.clone();
+            async move {
+                let answer = handle_validate(client, &reserved, caches, admitted, granted, review).await;
+                warp::reply::json(&answer)
+            }
         });
     mutate.or(validate)
 }
@@ -1133,15 +1178,53 @@ mod tests {
         review["request"]["name"] = json!("kube-tools");
         review["request"]["object"]["metadata"]["name"] = json!("kube-tools");
         let review: AdmissionReview<DynamicObject> = serde_json::from_value(review).expect("valid review");
-        let answer = handle_validate(client, caches, Arc::default(), Arc::default(), review).await;
-        let response = answer.response.expect("a response");
-        assert!(!response.allowed);
-        assert_eq!(response.result.code, 403);
-        assert!(
-            response.result.message.contains("is reserved"),
-            "{}",
-            response.result.message
-        );
+        let reserved = ReservedNames::parse(&["ingress-nginx".into(), "openshift-*".into()]).expect("valid");
+        for name in ["kube-tools", "ingress-nginx", "openshift-monitoring"] {
+            let mut review = review.clone();
+            review.request.as_mut().expect("a request").name = name.into();
+            let answer = handle_validate(
+                client.clone(),
+                &reserved,
+                caches.clone(),
+                Arc::default(),
+                Arc::default(),
+                review,
+            )
+            .await;
+            let response = answer.response.expect("a response");
+            assert!(!response.allowed);
+            assert_eq!(response.result.code, 403);
+            assert!(
+                response.result.message.contains("is reserved"),
+                "{}",
+                response.result.message
+            );
+        }
+    }
+
+    #[test]
+    fn reserved_names_are_names_or_prefixes_of_namespace_names() {
+        let reserved =
+            ReservedNames::parse(&[" argocd ".into(), "openshift-*".into(), String::new()]).expect("valid");
+        for name in [
+            "default",
+            "kube-system",
+            "kube-anything",
+            "chassis-system",
+            "argocd",
+            "openshift-ingress",
+        ] {
+            assert!(reserved.refusal(name).is_some(), "{name}");
+        }
+        for name in ["argocd-apps", "openshif", "team-a"] {
+            assert_eq!(reserved.refusal(name), None, "{name}");
+        }
+        let said = reserved.refusal("openshift-x").unwrap_or_default();
+        assert!(said.contains("names \"openshift-*\""), "{said}");
+        for bad in ["*", "Ingress", "a/b", "-x", "a*b"] {
+            let err = ReservedNames::parse(&[bad.into()]).expect_err(bad);
+            assert!(err.contains(&format!("{bad:?}")), "{err}");
+        }
     }
 
     /// A project made from a template without a limit counts against a limited one at
@@ -1298,16 +1381,12 @@ mod tests {
     }
 
     #[test]
-    fn reserved_and_foreign_names_and_the_per_user_limit_are_refused() {
+    fn foreign_names_and_the_per_user_limit_are_refused() {
         let create = Operation::Create;
         let none = Facts {
             template_allowed: true,
             ..Default::default()
         };
-        for name in ["default", "kube-system", "kube-anything", "chassis-system"] {
-            let err = decide(name, "alice", &create, &none).expect_err(name);
-            assert!(err.contains("is reserved"), "{err}");
-        }
         let foreign = Facts {
             foreign_namespace: true,
             ..none.clone()
