@@ -168,7 +168,14 @@ pub struct Facts {
     pub template: String,
     /// The requester may `use` that template (a SubjectAccessReview said so).
     pub template_allowed: bool,
+    /// The requester may create namespaces themselves (a cluster admin, a GitOps
+    /// controller): the per-user limit is for self-service, as OpenShift's project
+    /// request limit is. Asked only of a user at the limit.
+    pub limit_exempt: bool,
 }
+
+/// The [`Granted`] key of "may create namespaces" (no template has a '/' in its name).
+const CREATES_NAMESPACES: &str = "namespaces/create";
 
 /// `Err(message)` when the Project must be refused (its name was judged before, by
 /// [`ReservedNames`]).
@@ -188,7 +195,8 @@ pub fn decide(name: &str, user: &str, operation: &Operation, facts: &Facts) -> R
         ));
     }
     if let Some(max) = facts.max_projects_per_user
-        && facts.user_projects >= usize::try_from(max).unwrap_or(0)
+        && !facts.limit_exempt
+        && at_limit(facts)
     {
         return Err(format!(
             "user {user:?} already has {} projects and the template {:?} allows {max} per user",
@@ -196,6 +204,13 @@ pub fn decide(name: &str, user: &str, operation: &Operation, facts: &Facts) -> R
         ));
     }
     Ok(())
+}
+
+/// Whether the user has as many projects as the template allows, or more.
+fn at_limit(facts: &Facts) -> bool {
+    facts
+        .max_projects_per_user
+        .is_some_and(|max| facts.user_projects >= usize::try_from(max).unwrap_or(0))
 }
 
 fn controlled_by_a_project(owners: &[OwnerReference]) -> bool {
@@ -211,6 +226,22 @@ async fn may_use_template(
     request: &AdmissionRequest<DynamicObject>,
     template: &str,
 ) -> Result<bool, kube::Error> {
+    let attributes = ResourceAttributes {
+        group: Some(ProjectTemplate::group(&()).into_owned()),
+        resource: Some(ProjectTemplate::plural(&()).into_owned()),
+        verb: Some("use".into()),
+        name: Some(template.to_string()),
+        ..Default::default()
+    };
+    may(client, request, attributes).await
+}
+
+/// Asks the API server whether the requester may do what `attributes` say.
+async fn may(
+    client: &Client,
+    request: &AdmissionRequest<DynamicObject>,
+    attributes: ResourceAttributes,
+) -> Result<bool, kube::Error> {
     let info = &request.user_info;
     let review = SubjectAccessReview {
         spec: SubjectAccessReviewSpec {
@@ -218,13 +249,7 @@ async fn may_use_template(
             groups: info.groups.clone(),
             uid: info.uid.clone(),
             extra: info.extra.clone().map(|extra| extra.into_iter().collect()),
-            resource_attributes: Some(ResourceAttributes {
-                group: Some(ProjectTemplate::group(&()).into_owned()),
-                resource: Some(ProjectTemplate::plural(&()).into_owned()),
-                verb: Some("use".into()),
-                name: Some(template.to_string()),
-                ..Default::default()
-            }),
+            resource_attributes: Some(attributes),
             ..Default::default()
         },
         ..Default::default()
@@ -279,6 +304,7 @@ async fn facts(
         max_projects_per_user: max,
         user_projects: 0,
         template,
+        limit_exempt: false,
     };
     if max.is_none() {
         // Every project counts against a limit, whatever its template: one admitted here
@@ -324,6 +350,21 @@ async fn facts(
     // it gets the API server's AlreadyExists, not a refusal that says they are at the limit.
     names.remove(&request.name);
     facts.user_projects = names.len();
+    if at_limit(&facts) {
+        let now = Instant::now();
+        facts.limit_exempt = granted.allowed(request, CREATES_NAMESPACES, now) || {
+            let creates = ResourceAttributes {
+                resource: Some("namespaces".into()),
+                verb: Some("create".into()),
+                ..Default::default()
+            };
+            let exempt = may(client, request, creates).await?;
+            if exempt {
+                granted.remember(request, CREATES_NAMESPACES, now);
+            }
+            exempt
+        };
+    }
     let allowed = decide(&request.name, &user, &request.operation, &facts).is_ok();
     // A name already taken fails after admission (AlreadyExists): recorded, it would
     // count against the user's limit for RECENT_WINDOW without being a project.
@@ -1408,6 +1449,14 @@ mod tests {
             ..at_limit.clone()
         };
         assert!(decide("second", "alice", &create, &below).is_ok());
+        let creates_namespaces = Facts {
+            limit_exempt: true,
+            ..at_limit.clone()
+        };
+        assert!(
+            decide("third", "argocd", &create, &creates_namespaces).is_ok(),
+            "the limit is for self-service"
+        );
         assert!(
             decide("default", "alice", &Operation::Update, &at_limit).is_ok(),
             "updates are not re-judged"
