@@ -1278,10 +1278,18 @@ mod tests {
 
         let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(service, "default");
-        // Every lookup (the namespace of the project's name) finds nothing.
+        // Every lookup (the namespace of the project's name) finds nothing, and alice
+        // may not create namespaces (asked once she is at the limit).
         tokio::spawn(async move {
-            while let Some((_, respond)) = handle.next_request().await {
-                respond.send_response(not_found());
+            while let Some((request, respond)) = handle.next_request().await {
+                if request.uri().path().ends_with("/subjectaccessreviews") {
+                    let review = json!({"apiVersion": "authorization.k8s.io/v1",
+                        "kind": "SubjectAccessReview", "spec": {}, "status": {"allowed": false}});
+                    let body = kube::client::Body::from(serde_json::to_vec(&review).expect("json"));
+                    respond.send_response(http::Response::builder().body(body).expect("a response"));
+                } else {
+                    respond.send_response(not_found());
+                }
             }
         });
         let templates = [
