@@ -694,10 +694,10 @@ impl Config {
             bearer_issuers.push((issuer.clone(), client_id.clone()));
         }
         let extra = list("extra-jwt-issuers", pick!(flags, file, extra_jwt_issuers))?;
-        // oauth2-proxy ignores the list unless the flag is on, so a configuration that
-        // turns the flag off to stop bearer tokens would take them here: say so instead.
-        if skip_jwt == Some(false) && !extra.is_empty() {
-            return Err("extra-jwt-issuers: skip-jwt-bearer-tokens is false, yet these issuers' bearer tokens would be taken; set it to true (also the login issuer's tokens), leave it unset (these issuers' only), or remove the list".into());
+        // oauth2-proxy ignores the list unless the flag is on: a configuration carried
+        // over from it without the flag must not start taking these issuers' tokens.
+        if skip_jwt != Some(true) && !extra.is_empty() {
+            return Err("extra-jwt-issuers: bearer tokens are taken only with skip-jwt-bearer-tokens: true (oauth2-proxy ignores this list without it); set it, or remove the list".into());
         }
         for pair in extra {
             let (iss, aud) = pair
@@ -857,21 +857,17 @@ mod tests {
     }
 
     #[test]
-    fn extra_jwt_issuers_with_bearer_tokens_turned_off_stop_the_start() -> Result<(), String> {
+    fn extra_jwt_issuers_without_bearer_tokens_turned_on_stop_the_start() -> Result<(), String> {
         let mut flags = minimal();
         flags.extra_jwt_issuers = Some(vec!["https://partner.example.com=api".into()]);
-        let only_extra = Config::merge(&flags, File::default())?;
-        assert_eq!(
-            only_extra.bearer_issuers.len(),
-            1,
-            "the list alone: its issuers only"
-        );
-        flags.skip_jwt_bearer_tokens = Some(false);
-        let err = Config::merge(&flags, File::default()).expect_err("off, yet listed");
-        assert!(
-            err.starts_with("extra-jwt-issuers: skip-jwt-bearer-tokens is false"),
-            "{err}"
-        );
+        for off in [None, Some(false)] {
+            flags.skip_jwt_bearer_tokens = off;
+            let err = Config::merge(&flags, File::default()).expect_err("listed, not on");
+            assert!(
+                err.starts_with("extra-jwt-issuers: bearer tokens are taken only with"),
+                "{err}"
+            );
+        }
         flags.skip_jwt_bearer_tokens = Some(true);
         assert_eq!(Config::merge(&flags, File::default())?.bearer_issuers.len(), 2);
         Ok(())

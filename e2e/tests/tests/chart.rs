@@ -270,6 +270,31 @@ fn webhook_ingress(rendered: &str) -> Result<serde_json::Value> {
         .context("an ingress rule for the webhook port")
 }
 
+/// The operator's `--reserved-project-names` as the chart renders it with `args`.
+fn reserved_names(args: &[&str]) -> Result<Option<String>> {
+    let flag = "--reserved-project-names=";
+    Ok(render("chassis", args)?
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("- ").and_then(|a| a.strip_prefix(flag)))
+        .map(str::to_string))
+}
+
+#[test]
+fn names_added_to_the_reserved_ones_keep_the_defaults() -> Result<()> {
+    let defaults = reserved_names(&[])?.context("reserved names by default")?;
+    assert!(
+        defaults.split(',').any(|n| n == "ingress-nginx") && defaults.contains("openshift-*"),
+        "{defaults}"
+    );
+    let added = reserved_names(&["--set", "tenancy.extraReservedProjectNames={vault,team-*}"])?;
+    assert_eq!(added, Some(format!("{defaults},vault,team-*")));
+    assert_eq!(
+        reserved_names(&["--set", "tenancy.reservedProjectNames=null"])?,
+        None
+    );
+    Ok(())
+}
+
 #[test]
 fn the_webhook_port_can_be_narrowed_to_where_the_api_server_calls_from() -> Result<()> {
     let open = webhook_ingress(&render("chassis", &[])?)?;

@@ -338,40 +338,58 @@ async fn facts(
     };
     // Limited creates are judged one at a time, and projects admitted moments ago count
     // even when the cache does not show them yet: two quick creates cannot both slip in.
-    let mut recent = admitted.lock().await;
-    let mut names = user_projects(
-        &mut recent,
-        &user,
-        Instant::now(),
-        |name, admitted| caches.project_seen_since(name, admitted),
-        || caches.projects_of(&user).or(listed),
-    );
-    // A create of a name the user has already (a retry after a timeout) is not one more:
-    // it gets the API server's AlreadyExists, not a refusal that says they are at the limit.
-    names.remove(&request.name);
-    facts.user_projects = names.len();
-    if at_limit(&facts) {
-        let now = Instant::now();
-        facts.limit_exempt = granted.allowed(request, CREATES_NAMESPACES, now) || {
-            let creates = ResourceAttributes {
-                resource: Some("namespaces".into()),
-                verb: Some("create".into()),
-                ..Default::default()
-            };
-            let exempt = may(client, request, creates).await?;
-            if exempt {
-                granted.remember(request, CREATES_NAMESPACES, now);
-            }
-            exempt
-        };
+    let mut exempt = None;
+    loop {
+        let mut recent = admitted.lock().await;
+        let mut names = user_projects(
+            &mut recent,
+            &user,
+            Instant::now(),
+            |name, admitted| caches.project_seen_since(name, admitted),
+            || caches.projects_of(&user).or_else(|| listed.clone()),
+        );
+        // A create of a name the user has already (a retry after a timeout) is not one
+        // more: it gets the API server's AlreadyExists, not a refusal at the limit.
+        names.remove(&request.name);
+        facts.user_projects = names.len();
+        if at_limit(&facts) && exempt.is_none() {
+            // Asked with the lock let go (it is every user's), then counted again.
+            drop(recent);
+            exempt = Some(creates_namespaces(client, granted, request).await?);
+            continue;
+        }
+        facts.limit_exempt = exempt.unwrap_or(false);
+        let allowed = decide(&request.name, &user, &request.operation, &facts).is_ok();
+        // A name already taken fails after admission (AlreadyExists): recorded, it would
+        // count against the user's limit for RECENT_WINDOW without being a project.
+        if allowed && !request.dry_run && !caches.project_exists(&request.name) {
+            recent.record(&user, &request.name, Instant::now());
+        }
+        return Ok(facts);
     }
-    let allowed = decide(&request.name, &user, &request.operation, &facts).is_ok();
-    // A name already taken fails after admission (AlreadyExists): recorded, it would
-    // count against the user's limit for RECENT_WINDOW without being a project.
-    if allowed && !request.dry_run && !caches.project_exists(&request.name) {
-        recent.record(&user, &request.name, Instant::now());
+}
+
+/// Whether the requester may create namespaces, which exempts them from the per-user
+/// limit (a yes is reused for [`GRANT_TTL`]).
+async fn creates_namespaces(
+    client: &Client,
+    granted: &Granted,
+    request: &AdmissionRequest<DynamicObject>,
+) -> Result<bool, kube::Error> {
+    let now = Instant::now();
+    if granted.allowed(request, CREATES_NAMESPACES, now) {
+        return Ok(true);
     }
-    Ok(facts)
+    let creates = ResourceAttributes {
+        resource: Some("namespaces".into()),
+        verb: Some("create".into()),
+        ..Default::default()
+    };
+    let exempt = may(client, request, creates).await?;
+    if exempt {
+        granted.remember(request, CREATES_NAMESPACES, now);
+    }
+    Ok(exempt)
 }
 
 /// The projects `user` has, held against the limit: the record of recent admissions,
