@@ -259,6 +259,37 @@ async fn a_namespace_selector_that_could_match_nothing_by_mistake_is_refused() -
     for good in [with("NotIn", Some(vec!["prod"])), with("DoesNotExist", None)] {
         profiles.create(&dry_run, &good).await?;
     }
+    // The same rule on an EgressPolicy's pods: a selector the API server refuses in a
+    // NetworkPolicy left no policy at all, not even the deny-all fallback (which uses
+    // it too), so egress stayed open. (An allowed peer's selectors go unchecked: the
+    // API server's CEL budget cannot take the rule inside a list of 32, and a refused
+    // allow rule lets less in, not more.)
+    let in_without_values = LabelSelector {
+        match_expressions: Some(vec![LabelSelectorRequirement {
+            key: "app".into(),
+            operator: "In".into(),
+            values: None,
+        }]),
+        ..Default::default()
+    };
+    let egress = EgressPolicy::new(
+        &unique("pods"),
+        EgressPolicySpec {
+            pod_selector: Some(in_without_values),
+            ..Default::default()
+        },
+    );
+    let egresses: Api<EgressPolicy> = Api::namespaced(cluster().admin().await?, "default");
+    let err = egresses
+        .create(&dry_run, &egress)
+        .await
+        .err()
+        .context("an egress pod selector")?;
+    ensure!(
+        err.to_string()
+            .contains("needs the operator In or NotIn with values"),
+        "{err}"
+    );
     Ok(())
 }
 

@@ -411,6 +411,25 @@ async fn invalid_projects_are_rejected_by_the_api_server_with_readable_messages(
         "{message}"
     );
 
+    // Chassis' own annotations, and a profile name the namespace annotation would split.
+    let mut bound = template(&unique("tpl"), PodSecurityLevel::Restricted);
+    bound
+        .spec
+        .annotations
+        .insert("network.chassis.dev/profiles".into(), "restricted".into());
+    let message = api_error(templates.create(&PostParams::default(), &bound).await);
+    assert!(
+        message.contains("bind profiles with networkProfiles"),
+        "{message}"
+    );
+    let mut split = template(&unique("tpl"), PodSecurityLevel::Restricted);
+    split.spec.network_profiles = vec!["a,b".into()];
+    let message = api_error(templates.create(&PostParams::default(), &split).await);
+    assert!(
+        message.contains("networkProfiles[0] in body should match"),
+        "{message}"
+    );
+
     // The template is looked up by name: anything else is refused before admission.
     for bad in ["a b", "x/../../api", "Default"] {
         let message = api_error(

@@ -42,8 +42,14 @@ pub struct ProjectTemplateSpec {
     ).message("labels under pod-security.kubernetes.io/ and tenancy.chassis.dev/ are set by Chassis (use spec.podSecurity), and kubernetes.io/metadata.name by the API server"))]
     pub labels: BTreeMap<String, String>,
 
-    /// Annotations copied onto every project namespace.
+    /// Annotations copied onto every project namespace. Keys under
+    /// `tenancy.chassis.dev/` and `network.chassis.dev/` are reserved: Chassis writes
+    /// them (a profile bound through an annotation here would apply while the
+    /// project's `NetworkReady` said no profile is bound).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = kube::core::Rule::new(
+        "self.all(k, !k.startsWith('tenancy.chassis.dev/') && !k.startsWith('network.chassis.dev/'))"
+    ).message("annotations under tenancy.chassis.dev/ and network.chassis.dev/ are set by Chassis; bind profiles with networkProfiles"))]
     pub annotations: BTreeMap<String, String>,
 
     /// Pod Security Standard enforced in project namespaces, written as the
@@ -59,9 +65,14 @@ pub struct ProjectTemplateSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit_range: Option<LimitRangeSpec>,
 
-    /// Names of NetworkProfiles (network.chassis.dev) bound to every project; each at most once.
+    /// Names of NetworkProfiles (network.chassis.dev) bound to every project (object
+    /// names); each at most once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32), inner(length(min = 1, max = 253)), extend("x-kubernetes-list-type" = "set"))]
+    #[schemars(
+        length(max = 32),
+        inner(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")),
+        extend("x-kubernetes-list-type" = "set")
+    )]
     pub network_profiles: Vec<String>,
 
     /// The ClusterRoles that project admins, editors and viewers are bound to.
