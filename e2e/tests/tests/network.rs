@@ -47,6 +47,18 @@ async fn wait_for_policies(ns: &str, profile: &str, want: &[String]) -> Result<(
     .await
 }
 
+/// Applies the JSON patch `ops` to the policy `name`.
+async fn json_patch(policies: &Api<NetworkPolicy>, name: &str, ops: serde_json::Value) -> Result<()> {
+    policies
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::<()>::Json(serde_json::from_value(ops)?),
+        )
+        .await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_profile_follows_namespace_labels_reverts_edits_and_leaves_with_its_profile() -> Result<()> {
     let op = Operator::shared();
@@ -128,16 +140,32 @@ async fn a_profile_follows_namespace_labels_reverts_edits_and_leaves_with_its_pr
 
     // A field removed from it (no manager owns a missing field): also restored.
     let remove = serde_json::json!([{"op": "remove", "path": "/spec/ingress"}]);
-    policies
-        .patch(
-            &isolation,
-            &PatchParams::default(),
-            &Patch::<()>::Json(serde_json::from_value(remove)?),
-        )
-        .await?;
+    json_patch(&policies, &isolation, remove).await?;
     restored("the removed ingress rules to be restored")
         .await
         .with_context(|| op.log_tail(20))?;
+
+    // Its owner reference cut (then the garbage collector would never remove it) and
+    // the rules widened in the same edit: taken back, not reported as someone else's.
+    let cut = serde_json::json!([
+        {"op": "remove", "path": "/metadata/ownerReferences"},
+        {"op": "replace", "path": "/spec/ingress", "value": [{}]},
+    ]);
+    json_patch(&policies, &isolation, cut).await?;
+    restored("the policy whose owner was cut to be restored")
+        .await
+        .with_context(|| op.log_tail(20))?;
+    let owned = policies.get(&isolation).await?;
+    ensure!(
+        owned
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|r| r.kind == "NetworkProfile" && r.name == name && r.controller == Some(true)),
+        "the owner reference is back: {:?}",
+        owned.metadata.owner_references
+    );
 
     // Deleting a managed policy: it comes back.
     policies.delete(&isolation, &DeleteParams::default()).await?;

@@ -29,6 +29,25 @@ pub fn current(desired: &NetworkPolicy, have: &NetworkPolicy, field_manager: &st
         && !lost_fields(desired, have)
 }
 
+/// Whether `have` is a policy of ours whose owner reference someone removed (a JSON
+/// patch, a `kubectl replace` of a manifest without it): no controller owns it, it has
+/// the labels we render, and it holds fields we wrote. Taken as a foreign conflict, it
+/// was never repaired and, with no owner for the garbage collector, outlived the
+/// profile or EgressPolicy. Taking it back writes only what we render.
+fn ours_with_owner_cut(desired: &NetworkPolicy, have: &NetworkPolicy, field_manager: &str) -> bool {
+    let creator = create_manager(field_manager);
+    let uncontrolled = !have.owner_references().iter().any(|r| r.controller == Some(true));
+    let labelled = desired
+        .labels()
+        .iter()
+        .all(|(k, v)| have.labels().get(k) == Some(v));
+    let written = have
+        .managed_fields()
+        .iter()
+        .any(|e| matches!(e.manager.as_deref(), Some(m) if m == field_manager || m == creator));
+    uncontrolled && labelled && written
+}
+
 fn conflict(have: &NetworkPolicy) -> Written {
     Written::Conflict(format!(
         "NetworkPolicy {}/{} exists and is not managed by this object; rename or remove it",
@@ -53,7 +72,7 @@ pub async fn write_owned(
             Claim::Owned(have) => have,
         },
     };
-    if !controlled_by(&have, owner_uid) {
+    if !controlled_by(&have, owner_uid) && !ours_with_owner_cut(desired, &have, field_manager) {
         return Ok(conflict(&have));
     }
     if current(desired, &have, field_manager) {
@@ -67,8 +86,47 @@ pub async fn write_owned(
 mod tests {
     use chassis_api::network::v1alpha1::{NetworkProfile, NetworkProfileSpec};
 
-    use super::current;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, OwnerReference};
+
+    use super::{current, ours_with_owner_cut};
     use crate::profile::render::policies;
+
+    #[test]
+    fn a_policy_of_ours_whose_owner_was_cut_is_taken_back_and_a_foreign_one_is_not() {
+        let profile = NetworkProfile::new("restricted", NetworkProfileSpec::default());
+        let desired = policies(&profile, "team-a").remove(0);
+        let mut cut = desired.clone();
+        cut.metadata.owner_references = None;
+        cut.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
+            manager: Some("chassis-networkprofile".into()),
+            operation: Some("Apply".into()),
+            ..Default::default()
+        }]);
+        assert!(ours_with_owner_cut(&desired, &cut, "chassis-networkprofile"));
+        // Someone else's of the same name and labels (never written by us), or one that
+        // another controller owns: left alone.
+        let mut foreign = cut.clone();
+        foreign.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
+            manager: Some("kubectl-client-side-apply".into()),
+            operation: Some("Update".into()),
+            ..Default::default()
+        }]);
+        assert!(!ours_with_owner_cut(&desired, &foreign, "chassis-networkprofile"));
+        let mut owned = cut.clone();
+        owned.metadata.owner_references = Some(vec![OwnerReference {
+            controller: Some(true),
+            uid: "someone-else".into(),
+            ..Default::default()
+        }]);
+        assert!(!ours_with_owner_cut(&desired, &owned, "chassis-networkprofile"));
+        let mut unlabelled = cut;
+        unlabelled.metadata.labels = None;
+        assert!(!ours_with_owner_cut(
+            &desired,
+            &unlabelled,
+            "chassis-networkprofile"
+        ));
+    }
 
     #[test]
     fn a_field_removed_from_a_managed_policy_is_drift() {
