@@ -47,6 +47,17 @@ async fn wait_for_policies(ns: &str, profile: &str, want: &[String]) -> Result<(
     .await
 }
 
+/// Checks that `answer` is a refusal whose message says `says`; `what` names the input.
+fn refused_saying<T>(answer: Result<T, kube::Error>, what: &str, says: &str) -> Result<()> {
+    match answer {
+        Ok(_) => anyhow::bail!("{what} was accepted"),
+        Err(err) => {
+            ensure!(err.to_string().contains(says), "{what}: {err}");
+            Ok(())
+        }
+    }
+}
+
 /// Applies the JSON patch `ops` to the policy `name`.
 async fn json_patch(policies: &Api<NetworkPolicy>, name: &str, ops: serde_json::Value) -> Result<()> {
     policies
@@ -273,16 +284,11 @@ async fn a_namespace_selector_that_could_match_nothing_by_mistake_is_refused() -
         with("In", Some(vec![])),
         with("Exists", Some(vec!["x"])),
     ] {
-        let err = profiles
-            .create(&dry_run, &bad)
-            .await
-            .err()
-            .with_context(|| format!("{:?} is refused", bad.spec.namespace_selector))?;
-        ensure!(
-            err.to_string()
-                .contains("needs the operator In or NotIn with values"),
-            "{err}"
-        );
+        refused_saying(
+            profiles.create(&dry_run, &bad).await,
+            &format!("{:?}", bad.spec.namespace_selector),
+            "needs the operator In or NotIn with values",
+        )?;
     }
     for good in [with("NotIn", Some(vec!["prod"])), with("DoesNotExist", None)] {
         profiles.create(&dry_run, &good).await?;
@@ -308,16 +314,11 @@ async fn a_namespace_selector_that_could_match_nothing_by_mistake_is_refused() -
         },
     );
     let egresses: Api<EgressPolicy> = Api::namespaced(cluster().admin().await?, "default");
-    let err = egresses
-        .create(&dry_run, &egress)
-        .await
-        .err()
-        .context("an egress pod selector")?;
-    ensure!(
-        err.to_string()
-            .contains("needs the operator In or NotIn with values"),
-        "{err}"
-    );
+    refused_saying(
+        egresses.create(&dry_run, &egress).await,
+        "an egress pod selector",
+        "needs the operator In or NotIn with values",
+    )?;
     Ok(())
 }
 
@@ -336,15 +337,11 @@ async fn allow_from_without_isolation_is_refused() -> Result<()> {
         dry_run: true,
         ..Default::default()
     };
-    let err = profiles
-        .create(&dry_run, &open)
-        .await
-        .err()
-        .context("allowFrom with isolation None is refused")?;
-    ensure!(
-        err.to_string().contains("allowFrom needs isolation: Namespace"),
-        "{err}"
-    );
+    refused_saying(
+        profiles.create(&dry_run, &open).await,
+        "allowFrom with isolation None",
+        "allowFrom needs isolation: Namespace",
+    )?;
     open.spec.isolation = Isolation::Namespace;
     profiles.create(&dry_run, &open).await?;
     Ok(())

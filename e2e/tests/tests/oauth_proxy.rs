@@ -2335,21 +2335,32 @@ async fn a_rotated_signing_key_is_fetched_once_and_unknown_kids_cannot_force_fet
     Ok(())
 }
 
+/// A [`TestIssuer`] behaving as `mode`, a proxy `name` on it with `--cookie-refresh
+/// refresh`, and the Cookie header of a session signed in there.
+async fn signed_in_at_misbehaving_issuer(
+    mode: Misbehaviour,
+    name: &str,
+    refresh: &str,
+) -> Result<(TestIssuer, Proxy, String)> {
+    let issuer = test_issuer().await?;
+    *issuer.misbehave.lock().map_err(|_| anyhow::anyhow!("lock"))? = mode;
+    let proxy = issuer.proxy(name, &["--cookie-refresh", refresh]).await?;
+    let jar = Arc::new(Jar::default());
+    let (status, body, session) = sign_in_at_test_issuer_with(&proxy, &jar).await?;
+    ensure!(status == 200 && session, "the login: {status} {body}");
+    let cookie = cookie_header(&jar, &proxy)?;
+    Ok((issuer, proxy, cookie))
+}
+
 #[tokio::test]
 async fn a_session_whose_refresh_the_issuer_refuses_ends_when_its_tokens_expire() -> Result<()> {
     // The issuer refuses the refresh (user disabled, grant revoked): the session must
     // not live on for the cookie's whole lifetime (7 days) on stale claims.
-    let issuer = test_issuer().await?;
-    *issuer.misbehave.lock().map_err(|_| anyhow::anyhow!("lock"))? = Misbehaviour::ShortLivedRefusingRefresh;
-    let proxy = issuer
-        .proxy("refused-refresh", &["--cookie-refresh", "1m"])
-        .await?;
-    let jar = Arc::new(Jar::default());
     // Due for refresh at once (tokens live 8 s, the window is a minute); refused, but
     // the tokens are still valid: the session stays.
-    let (status, body, session) = sign_in_at_test_issuer_with(&proxy, &jar).await?;
-    ensure!(status == 200 && session, "the login: {status} {body}");
-    let cookie = cookie_header(&jar, &proxy)?;
+    let (_issuer, proxy, cookie) =
+        signed_in_at_misbehaving_issuer(Misbehaviour::ShortLivedRefusingRefresh, "refused-refresh", "1m")
+            .await?;
     tokio::time::sleep(Duration::from_secs(9)).await;
     let client = reqwest::Client::builder().redirect(Policy::none()).build()?;
     // Proxied routes, the ingress endpoint and userinfo alike.
@@ -2374,15 +2385,8 @@ async fn a_refresh_whose_request_is_abandoned_still_keeps_the_rotated_token() ->
     // away meanwhile (a link followed, a fetch aborted). The new token must be kept for
     // the session's next request: the old one is refused from now on, and issuers with
     // reuse detection revoke the whole grant when it comes back.
-    let issuer = test_issuer().await?;
-    *issuer.misbehave.lock().map_err(|_| anyhow::anyhow!("lock"))? = Misbehaviour::SlowRotatingRefresh;
-    let proxy = issuer
-        .proxy("abandoned-refresh", &["--cookie-refresh", "1s"])
-        .await?;
-    let jar = Arc::new(Jar::default());
-    let (status, body, session) = sign_in_at_test_issuer_with(&proxy, &jar).await?;
-    ensure!(status == 200 && session, "the login: {status} {body}");
-    let cookie = cookie_header(&jar, &proxy)?;
+    let (issuer, proxy, cookie) =
+        signed_in_at_misbehaving_issuer(Misbehaviour::SlowRotatingRefresh, "abandoned-refresh", "1s").await?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let impatient = reqwest::Client::builder()
         .redirect(Policy::none())

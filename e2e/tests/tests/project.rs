@@ -390,45 +390,44 @@ async fn invalid_projects_are_rejected_by_the_api_server_with_readable_messages(
     );
     projects.delete(&fixed, &DeleteParams::default()).await?;
 
-    // CEL rule on template labels.
+    // Template keys Chassis or the API server sets, and a profile name the namespace
+    // annotation would split: each refused with its own message.
     let templates: Api<ProjectTemplate> = Api::all(client);
-    let mut reserved = template(&unique("tpl"), PodSecurityLevel::Restricted);
-    reserved
-        .spec
-        .labels
-        .insert("pod-security.kubernetes.io/enforce".into(), "privileged".into());
-    let message = api_error(templates.create(&PostParams::default(), &reserved).await);
-    assert!(message.contains("(use spec.podSecurity)"), "{message}");
-    // The API server's own label: a template value would be rewritten on every apply.
-    let mut named = template(&unique("tpl"), PodSecurityLevel::Restricted);
-    named
-        .spec
-        .labels
-        .insert("kubernetes.io/metadata.name".into(), "x".into());
-    let message = api_error(templates.create(&PostParams::default(), &named).await);
-    assert!(
-        message.contains("kubernetes.io/metadata.name by the API server"),
-        "{message}"
-    );
-
-    // Chassis' own annotations, and a profile name the namespace annotation would split.
-    let mut bound = template(&unique("tpl"), PodSecurityLevel::Restricted);
-    bound
-        .spec
-        .annotations
-        .insert("network.chassis.dev/profiles".into(), "restricted".into());
-    let message = api_error(templates.create(&PostParams::default(), &bound).await);
-    assert!(
-        message.contains("bind profiles with networkProfiles"),
-        "{message}"
-    );
-    let mut split = template(&unique("tpl"), PodSecurityLevel::Restricted);
-    split.spec.network_profiles = vec!["a,b".into()];
-    let message = api_error(templates.create(&PostParams::default(), &split).await);
-    assert!(
-        message.contains("networkProfiles[0] in body should match"),
-        "{message}"
-    );
+    type Edit = Box<dyn Fn(&mut ProjectTemplateSpec)>;
+    let label = |k: &str, v: &str| {
+        let (k, v) = (k.to_string(), v.to_string());
+        Box::new(move |t: &mut ProjectTemplateSpec| {
+            t.labels.insert(k.clone(), v.clone());
+        }) as Edit
+    };
+    let cases: [(Edit, &str); 4] = [
+        (
+            label("pod-security.kubernetes.io/enforce", "privileged"),
+            "(use spec.podSecurity)",
+        ),
+        // The API server's own label: a template value would be rewritten on every apply.
+        (
+            label("kubernetes.io/metadata.name", "x"),
+            "kubernetes.io/metadata.name by the API server",
+        ),
+        (
+            Box::new(|t| {
+                t.annotations
+                    .insert("network.chassis.dev/profiles".into(), "restricted".into());
+            }),
+            "bind profiles with networkProfiles",
+        ),
+        (
+            Box::new(|t| t.network_profiles = vec!["a,b".into()]),
+            "networkProfiles[0] in body should match",
+        ),
+    ];
+    for (edit, says) in cases {
+        let mut bad = template(&unique("tpl"), PodSecurityLevel::Restricted);
+        edit(&mut bad.spec);
+        let message = api_error(templates.create(&PostParams::default(), &bad).await);
+        assert!(message.contains(says), "{message}");
+    }
 
     // The template is looked up by name: anything else is refused before admission.
     for bad in ["a b", "x/../../api", "Default"] {

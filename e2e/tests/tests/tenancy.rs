@@ -75,6 +75,29 @@ where
 }
 
 /// The names of a binding's subjects, in order.
+/// A RoleBinding `name` (in `namespace`, or the one it is created in) of the
+/// ClusterRole `role` to the user `user`.
+fn user_binding(name: &str, namespace: Option<&str>, role: &str, user: &str) -> RoleBinding {
+    RoleBinding {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: namespace.map(Into::into),
+            ..Default::default()
+        },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "ClusterRole".into(),
+            name: role.into(),
+        },
+        subjects: Some(vec![RbacSubject {
+            kind: "User".into(),
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            name: user.into(),
+            ..Default::default()
+        }]),
+    }
+}
+
 fn member_names(binding: &RoleBinding) -> Vec<String> {
     binding
         .subjects
@@ -320,23 +343,7 @@ async fn deleted_or_edited_children_are_put_back() -> Result<()> {
 
     // alice takes the editors' binding name while the project has no editors, bound to
     // another role (roleRef cannot change in place); then the project names an editor.
-    let squat = RoleBinding {
-        metadata: ObjectMeta {
-            name: Some("chassis-project-editors".into()),
-            ..Default::default()
-        },
-        role_ref: RoleRef {
-            api_group: "rbac.authorization.k8s.io".into(),
-            kind: "ClusterRole".into(),
-            name: "view".into(),
-        },
-        subjects: Some(vec![RbacSubject {
-            kind: "User".into(),
-            api_group: Some("rbac.authorization.k8s.io".into()),
-            name: "dave".into(),
-            ..Default::default()
-        }]),
-    };
+    let squat = user_binding("chassis-project-editors", None, "view", "dave");
     let alice = cluster().user("alice").await?;
     Api::<RoleBinding>::namespaced(alice, &f.project)
         .create(&PostParams::default(), &squat)
@@ -416,24 +423,7 @@ async fn a_stolen_operator_token_cannot_bind_admin_or_take_namespaces_outside_pr
     namespaces
         .create(&PostParams::default(), &chassis_e2e::namespace(&foreign, &[]))
         .await?;
-    let grant = |namespace: &str| RoleBinding {
-        metadata: ObjectMeta {
-            name: Some("mallory-admin".into()),
-            namespace: Some(namespace.into()),
-            ..Default::default()
-        },
-        role_ref: RoleRef {
-            api_group: "rbac.authorization.k8s.io".into(),
-            kind: "ClusterRole".into(),
-            name: "admin".into(),
-        },
-        subjects: Some(vec![RbacSubject {
-            kind: "User".into(),
-            name: "mallory".into(),
-            api_group: Some("rbac.authorization.k8s.io".into()),
-            ..Default::default()
-        }]),
-    };
+    let grant = |namespace: &str| user_binding("mallory-admin", Some(namespace), "admin", "mallory");
     let refused = |what: &str, answer: Result<_, kube::Error>, says: &str| match answer {
         Err(kube::Error::Api(status)) if status.code == 403 && status.message.contains(says) => {}
         other => panic!("the operator's token may {what}: {other:?}"),
