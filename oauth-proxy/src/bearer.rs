@@ -527,8 +527,8 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}/jwks", listener.local_addr()?);
         tokio::spawn(async move {
-            // Twice: once with a Content-Length, once chunked without one.
-            for chunked in [false, true] {
+            // Once with a Content-Length, once chunked without one; for each reader.
+            for chunked in [false, true, false, true] {
                 let Ok((mut socket, _)) = listener.accept().await else {
                     return;
                 };
@@ -560,6 +560,14 @@ mod tests {
         let http = crate::oidc::http_client(&[])?;
         for _ in 0..2 {
             let err = fetch_json(&http, &url).await.err().unwrap_or_default();
+            assert!(err.contains("too large"), "{err}");
+        }
+        // The login issuer's discovery, JWKS and token answers, read by the OIDC library.
+        let idp = crate::oidc::IdpHttp(http);
+        for _ in 0..2 {
+            let request = http::Request::get(url.as_str()).body(Vec::new())?;
+            let answer = openidconnect::AsyncHttpClient::call(&idp, request).await;
+            let err = answer.err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains("too large"), "{err}");
         }
         Ok(())

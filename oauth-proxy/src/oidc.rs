@@ -14,8 +14,8 @@ use openidconnect::core::{
 };
 use openidconnect::{
     AuthorizationCode, ClaimsVerificationError, ClientId, ClientSecret, CsrfToken, EndpointMaybeSet,
-    EndpointNotSet, EndpointSet, IssuerUrl, Nonce, OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier,
-    RedirectUrl, RefreshToken, Scope, SignatureVerificationError, TokenResponse, reqwest,
+    EndpointNotSet, EndpointSet, HttpClientError, IssuerUrl, Nonce, OAuth2TokenResponse, PkceCodeChallenge,
+    PkceCodeVerifier, RedirectUrl, RefreshToken, Scope, SignatureVerificationError, TokenResponse, reqwest,
 };
 use rustls_pki_types::CertificateDer;
 use serde_json::Value;
@@ -106,7 +106,7 @@ impl std::fmt::Debug for LoginAttempt {
 
 pub struct Provider {
     client: RwLock<Arc<Client>>,
-    http: reqwest::Client,
+    http: IdpHttp,
     metadata: CoreProviderMetadata,
     client_id: String,
     client_secret: String,
@@ -134,10 +134,62 @@ pub fn http_client(extra_cas: &[CertificateDer<'static>]) -> Result<reqwest::Cli
     builder.build().map_err(|e| Error::Http(e.to_string()))
 }
 
+/// The login issuer's HTTP client as the OIDC library calls it (discovery, the JWKS,
+/// the token endpoint): each answer is read as it arrives and refused past
+/// [`crate::bearer::MAX_DOCUMENT_BYTES`], as [`crate::bearer::fetch_json`] reads the
+/// bearer issuers'. The library's own reqwest binding reads whatever comes within the
+/// timeout: an issuer (or a man in the middle on an `http://` one) streaming an
+/// endless answer would fill the memory.
+pub struct IdpHttp(pub reqwest::Client);
+
+type IdpAnswer<'c> = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<openidconnect::HttpResponse, HttpClientError<reqwest::Error>>>
+            + Send
+            + Sync
+            + 'c,
+    >,
+>;
+
+impl<'c> openidconnect::AsyncHttpClient<'c> for IdpHttp {
+    type Error = HttpClientError<reqwest::Error>;
+    type Future = IdpAnswer<'c>;
+
+    fn call(&'c self, request: openidconnect::HttpRequest) -> Self::Future {
+        Box::pin(async move {
+            let limit = crate::bearer::MAX_DOCUMENT_BYTES;
+            let too_large =
+                || HttpClientError::Other(format!("the answer is too large (over {limit} bytes)"));
+            let mut response = self
+                .0
+                .execute(request.try_into().map_err(Box::new)?)
+                .await
+                .map_err(Box::new)?;
+            if response.content_length().is_some_and(|n| n > limit as u64) {
+                return Err(too_large());
+            }
+            let mut builder = http::Response::builder()
+                .status(response.status())
+                .version(response.version());
+            for (name, value) in response.headers() {
+                builder = builder.header(name, value);
+            }
+            let mut body = Vec::new();
+            while let Some(chunk) = response.chunk().await.map_err(Box::new)? {
+                if body.len() + chunk.len() > limit {
+                    return Err(too_large());
+                }
+                body.extend_from_slice(&chunk);
+            }
+            builder.body(body).map_err(HttpClientError::Http)
+        })
+    }
+}
+
 impl Provider {
     /// Discovers the issuer and builds the client.
     pub async fn discover(config: &Config) -> Result<Self, Error> {
-        let http = http_client(&config.provider_cas)?;
+        let http = IdpHttp(http_client(&config.provider_cas)?);
         let issuer = IssuerUrl::new(config.issuer_url.clone()).map_err(|e| Error::Discovery {
             issuer: config.issuer_url.to_string(),
             message: e.to_string(),
@@ -156,7 +208,7 @@ impl Provider {
             Some(ClientSecret::new(config.client_secret.expose().to_string())),
         )
         .set_redirect_uri(redirect);
-        let end_session = discover_end_session(&http, &issuer).await?;
+        let end_session = discover_end_session(&http.0, &issuer).await?;
         Ok(Self {
             client: RwLock::new(Arc::new(client)),
             http,

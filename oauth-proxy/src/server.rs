@@ -51,6 +51,10 @@ const COOKIE_CHUNK: usize = 3800;
 /// The last refresh of a session.
 type RefreshSlot = Arc<Mutex<Option<LastRefresh>>>;
 
+/// A refresh this request made or took over: whoever writes its cookies marks it
+/// handed on ([`App::write_refreshed`]); an answer without them (a 403) leaves it kept.
+struct Refreshed(RefreshSlot);
+
 /// How long requests that still carry the old session take a refresh's result instead
 /// of refreshing again (they were sent before its new cookie arrived).
 const REFRESH_SHARED: u64 = 60;
@@ -59,10 +63,11 @@ struct LastRefresh {
     at: u64,
     /// The refreshed session, `None` if the refresh failed.
     session: Option<Arc<Session>>,
-    /// A request has handed the refreshed session on (in its Set-Cookie). Until one
-    /// has (its client went away meanwhile), the old cookie is all the browser holds
-    /// and its refresh token may be used up (rotated): the result stays until its
-    /// tokens expire.
+    /// A request has handed the refreshed session on (all its Set-Cookie headers).
+    /// Until one has (its client went away meanwhile, it was answered 403, or only an
+    /// ingress's first Set-Cookie would have reached the browser), the old cookie is
+    /// all the browser holds and its refresh token may be used up (rotated): the result
+    /// stays until its tokens expire.
     delivered: bool,
 }
 
@@ -274,6 +279,9 @@ fn session_id(session: &Session) -> SessionId {
 /// cookie of the session.
 const REFRESH_IN_FLIGHT: u64 = 60;
 
+/// How many signed-out sessions one process remembers (16 bytes and an expiry each).
+const MAX_SIGNED_OUT: usize = 65_536;
+
 /// Sessions signed out in this process, by [`session_id`], each until the last of
 /// its cookies has expired. That is counted from the sign-out, not from the login:
 /// a refresh reseals the cookie with a new issue time, so a copy taken after a
@@ -283,14 +291,30 @@ const REFRESH_IN_FLIGHT: u64 = 60;
 #[derive(Default)]
 struct SignedOut {
     until: HashMap<SessionId, u64>,
+    /// The same entries in the order they were signed out, which is the order they
+    /// expire in (one cookie lifetime per process): pruning and the cap take from
+    /// the front, with no scan under the lock every request takes.
+    order: std::collections::VecDeque<(u64, SessionId)>,
 }
 
 impl SignedOut {
     /// Session `id` signed out at `now`; its cookies live `max_age` after their issue time.
     fn insert(&mut self, id: SessionId, now: u64, max_age: u64) {
-        self.until.retain(|_, until| *until > now);
-        self.until
-            .insert(id, now.saturating_add(max_age).saturating_add(REFRESH_IN_FLIGHT));
+        // A user scripting sign-in and sign-out would otherwise grow this for the whole
+        // cookie lifetime; past the cap the oldest sign-out is forgotten (its cookie was
+        // cleared from the browser that signed out; only a copy could come back).
+        while let Some(&(until, oldest)) = self.order.front()
+            && (until <= now || self.order.len() >= MAX_SIGNED_OUT)
+        {
+            self.order.pop_front();
+            // A session signed out twice is listed twice; the later entry holds it.
+            if self.until.get(&oldest) == Some(&until) {
+                self.until.remove(&oldest);
+            }
+        }
+        let until = now.saturating_add(max_age).saturating_add(REFRESH_IN_FLIGHT);
+        self.until.insert(id, until);
+        self.order.push_back((until, id));
     }
 
     fn contains(&self, id: &SessionId, now: u64) -> bool {
@@ -421,14 +445,14 @@ impl App {
     }
 
     /// Every authorization rule: groups, email domains, then Kubernetes RBAC.
-    async fn authorized(&self, session: &Session) -> Option<String> {
+    async fn authorized(&self, session: &Session) -> Option<Refused> {
         if let Some(why) = authorize(&self.config, session) {
-            return Some(why);
+            return Some(Refused::Forbidden(why));
         }
         let attrs = self.config.sar.as_ref()?;
         let (user, groups) = match review_subject(&self.config, session) {
             Ok(named) => named,
-            Err(why) => return Some(why),
+            Err(why) => return Some(Refused::Forbidden(why)),
         };
         let key = format!("{user}\n{}", groups.join(","));
         if self
@@ -452,9 +476,9 @@ impl App {
         groups: Vec<String>,
         key: String,
         attrs: &k8s_openapi::api::authorization::v1::ResourceAttributes,
-    ) -> Option<String> {
+    ) -> Option<Refused> {
         let Some(client) = self.kube.get() else {
-            return Some("the Kubernetes API is not reachable yet".into());
+            return Some(Refused::Unavailable);
         };
         let review = k8s_openapi::api::authorization::v1::SubjectAccessReview {
             spec: k8s_openapi::api::authorization::v1::SubjectAccessReviewSpec {
@@ -482,7 +506,7 @@ impl App {
             }
             Ok(answer) => {
                 let reason = answer.status.and_then(|s| s.reason).unwrap_or_default();
-                Some(format!(
+                Some(Refused::Forbidden(format!(
                     "RBAC does not allow {} to {} {}{}",
                     user,
                     attrs.verb.as_deref().unwrap_or_default(),
@@ -492,11 +516,43 @@ impl App {
                     } else {
                         format!(" ({reason})")
                     }
-                ))
+                )))
             }
             Err(e) => {
                 tracing::warn!(error = %e, "SubjectAccessReview failed");
-                Some("the access review could not be made".into())
+                Some(Refused::Unavailable)
+            }
+        }
+    }
+}
+
+/// Why a signed-in user is not let in.
+#[derive(Debug, PartialEq)]
+enum Refused {
+    /// A rule refuses them: 403 (an ingress shows it as final).
+    Forbidden(String),
+    /// The access review could not be asked (the API server is down or slow): 503 with
+    /// Retry-After, which clients retry and monitoring tells apart from RBAC's no.
+    Unavailable,
+}
+
+impl Refused {
+    fn response(&self, metrics: &Metrics) -> Response<Body> {
+        match self {
+            Refused::Forbidden(why) => {
+                metrics.refused("forbidden");
+                text(StatusCode::FORBIDDEN, format!("forbidden: {why}"))
+            }
+            Refused::Unavailable => {
+                metrics.refused("review_unavailable");
+                let mut answer = text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable: the access review could not be made (the Kubernetes API did not answer); try again",
+                );
+                answer
+                    .headers_mut()
+                    .insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
+                answer
             }
         }
     }
@@ -878,17 +934,45 @@ impl App {
         self.session_cookies(session, held)
     }
 
-    /// Adds the Set-Cookie headers of a refreshed session to `response`.
-    fn write_refreshed(&self, response: &mut Response<Body>, session: &Session, previous_chunks: usize) {
-        match self.session_cookies(session, previous_chunks) {
-            Ok(set) => {
-                for c in set {
-                    if let Ok(v) = HeaderValue::from_str(&c) {
-                        response.headers_mut().append(SET_COOKIE, v);
-                    }
-                }
+    /// Adds the Set-Cookie headers of a refreshed session to `response` and marks the
+    /// refresh handed on. `one_header_passed`: only the first Set-Cookie may reach the
+    /// browser (`/oauth2/auth`, whose answer an ingress passes on with nginx's
+    /// `$upstream_http_set_cookie`, the first header only); a session that needs more
+    /// (chunks, or clears of old ones) is then not written at all, since a new first
+    /// chunk beside old ones opens nothing: the browser keeps its old cookies, and
+    /// requests carrying them take this refresh's result (see [`LastRefresh::delivered`]).
+    async fn write_refreshed(
+        &self,
+        response: &mut Response<Body>,
+        session: &Arc<Session>,
+        previous_chunks: usize,
+        refreshed: Refreshed,
+        one_header_passed: bool,
+    ) {
+        let set = match self.session_cookies(session, previous_chunks) {
+            Ok(set) => set,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not write the refreshed session");
+                return;
             }
-            Err(e) => tracing::warn!(error = %e, "could not write the refreshed session"),
+        };
+        if one_header_passed && set.len() > 1 {
+            return;
+        }
+        let mut written = 0;
+        for c in &set {
+            if let Ok(v) = HeaderValue::from_str(c) {
+                response.headers_mut().append(SET_COOKIE, v);
+                written += 1;
+            }
+        }
+        if written == set.len() {
+            let mut last = refreshed.0.lock().await;
+            if let Some(last) = last.as_mut()
+                && last.session.as_ref().is_some_and(|s| Arc::ptr_eq(s, session))
+            {
+                last.delivered = true;
+            }
         }
     }
 
@@ -906,20 +990,20 @@ impl App {
         out
     }
 
-    /// Refreshes `session` when its access token is about to expire, and says whether
-    /// it did. Concurrent requests of one session wait for the first one's refresh and
+    /// Refreshes `session` when its access token is about to expire; `Some(Refreshed)`
+    /// when it did (its cookies are for [`App::write_refreshed`]). Concurrent requests of one session wait for the first one's refresh and
     /// reuse it. `None` when the refresh failed and the session's tokens have expired:
     /// the issuer no longer vouches for the user (disabled, or the grant revoked), so
     /// the session ends, as in oauth2-proxy; before they expire it is kept, so a short
     /// outage of the issuer signs nobody out.
     /// With refresh on, a session without a refresh token (the issuer gave none: no
     /// `offline_access`) cannot be renewed and ends with its tokens too.
-    async fn maybe_refresh(&self, session: Arc<Session>) -> Option<(Arc<Session>, bool)> {
+    async fn maybe_refresh(&self, session: Arc<Session>) -> Option<(Arc<Session>, Option<Refreshed>)> {
         let Some(window) = self.config.cookie_refresh else {
-            return Some((session, false));
+            return Some((session, None));
         };
         if !refresh_due(&session, window.as_secs(), now()) {
-            return Some((session, false));
+            return Some((session, None));
         }
         // Boxed: the refresh's state (the token request) is about 4 KB, more than the
         // rest of a request's future; hyper keeps each connection's request future
@@ -929,13 +1013,13 @@ impl App {
 
     /// Refreshes a session that is due, once for all requests that carry it at the time
     /// (single-flight); `None` when the session ends.
-    async fn refresh(&self, session: Arc<Session>) -> Option<(Arc<Session>, bool)> {
-        let failed = |session: Arc<Session>| (session.expires_at > now()).then_some((session, false));
+    async fn refresh(&self, session: Arc<Session>) -> Option<(Arc<Session>, Option<Refreshed>)> {
+        let failed = |session: Arc<Session>| (session.expires_at > now()).then_some((session, None));
         let Some(refresh_token) = session.refresh_token.clone() else {
             return failed(session);
         };
         let Some(provider) = self.provider.get() else {
-            return Some((session, false));
+            return Some((session, None));
         };
         let sid = session_id(&session);
         let slot = {
@@ -950,12 +1034,9 @@ impl App {
         };
         // Owned: the guard moves into the exchange's task below.
         let mut result = slot.clone().lock_owned().await;
-        if let Some(last) = result.as_mut().filter(|l| l.reusable(now())) {
+        if let Some(last) = result.as_ref().filter(|l| l.reusable(now())) {
             return match &last.session {
-                Some(refreshed) => {
-                    last.delivered = true;
-                    Some((refreshed.clone(), true))
-                }
+                Some(refreshed) => Some((refreshed.clone(), Some(Refreshed(slot.clone())))),
                 None => failed(session),
             };
         }
@@ -990,13 +1071,8 @@ impl App {
             refreshed
         });
         match exchange.await {
-            Ok(Ok(refreshed)) => {
-                // This request goes on to answer with the new cookie.
-                if let Some(last) = slot.lock().await.as_mut() {
-                    last.delivered = true;
-                }
-                Some((refreshed, true))
-            }
+            // This request goes on to answer with the new cookie, if it can.
+            Ok(Ok(refreshed)) => Some((refreshed, Some(Refreshed(slot)))),
             Err(e) => {
                 tracing::warn!(user = %session.user, error = %e, "the refresh task failed");
                 failed(session)
@@ -1086,6 +1162,9 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 
 /// Serves one request (see the module doc for the order of the steps).
 pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+    // A dual-stack listener sees IPv4 peers as `::ffff:a.b.c.d`, which no IPv4 range of
+    // `trusted-proxy-cidrs` contains and no IPv4 allow-list upstream matches.
+    let remote = SocketAddr::new(remote.ip().to_canonical(), remote.port());
     let (mut parts, body) = req.into_parts();
     // CONNECT names an authority, not a path: the upstream would not see the path the
     // rules judged. Two Host lines (RFC 9112 3.2 requires a 400) let the upstream pick
@@ -1172,18 +1251,18 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -
         return unauthenticated(&parts);
     };
     // Only a refreshed session is written back, over however many chunks it had.
-    let previous_chunks = if refreshed {
+    let previous_chunks = if refreshed.is_some() {
         app.chunks_in(&parts.headers)
     } else {
         0
     };
-    if let Some(why) = app.authorized(&session).await {
-        app.metrics.refused("forbidden");
-        return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
+    if let Some(refused) = app.authorized(&session).await {
+        return refused.response(&app.metrics);
     }
     let mut response = proxy(&app, parts, body, forward, remote, Some(session.as_ref())).await;
-    if refreshed {
-        app.write_refreshed(&mut response, &session, previous_chunks);
+    if let Some(refreshed) = refreshed {
+        app.write_refreshed(&mut response, &session, previous_chunks, refreshed, false)
+            .await;
     }
     response
 }
@@ -1342,9 +1421,8 @@ async fn bearer_session(app: &App, token: &str) -> Result<Session, Response<Body
     };
     // Bearer sessions live for one request and are never signed out.
     let session = to_session(identity, now(), 0, app.config.pass_access_token);
-    if let Some(why) = app.authorized(&session).await {
-        app.metrics.refused("forbidden");
-        return Err(text(StatusCode::FORBIDDEN, format!("forbidden: {why}")));
+    if let Some(refused) = app.authorized(&session).await {
+        return Err(refused.response(&app.metrics));
     }
     Ok(session)
 }
@@ -2000,9 +2078,8 @@ async fn callback(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
         session::new_login(),
         app.config.pass_access_token,
     );
-    if let Some(why) = app.authorized(&session).await {
-        app.metrics.refused("forbidden");
-        return text(StatusCode::FORBIDDEN, format!("forbidden: {why}"));
+    if let Some(refused) = app.authorized(&session).await {
+        return refused.response(&app.metrics);
     }
     let target = app.redirects.validate(&attempt.redirect);
     let mut response = if app.config.cookie_samesite == SameSite::Strict {
@@ -2084,7 +2161,10 @@ async fn sign_out(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
 
 /// A cookie session for `/oauth2/userinfo` and `/oauth2/auth`: refreshed when due
 /// (and whether it was), or the 401 of an ended session or the 403 of a refused user.
-async fn still_allowed(app: &App, session: Arc<Session>) -> Result<(Arc<Session>, bool), Response<Body>> {
+async fn still_allowed(
+    app: &App,
+    session: Arc<Session>,
+) -> Result<(Arc<Session>, Option<Refreshed>), Response<Body>> {
     let Some((session, refreshed)) = app.maybe_refresh(session).await else {
         app.metrics.refused("refresh_failed");
         return Err(text(
@@ -2092,8 +2172,8 @@ async fn still_allowed(app: &App, session: Arc<Session>) -> Result<(Arc<Session>
             "unauthorized: the session has ended",
         ));
     };
-    if let Some(why) = app.authorized(&session).await {
-        return Err(text(StatusCode::FORBIDDEN, format!("forbidden: {why}")));
+    if let Some(refused) = app.authorized(&session).await {
+        return Err(refused.response(&app.metrics));
     }
     Ok((session, refreshed))
 }
@@ -2119,8 +2199,9 @@ async fn userinfo(app: &App, headers: &HeaderMap) -> Response<Body> {
         "application/json",
         serde_json::to_vec(&info).unwrap_or_default(),
     );
-    if refreshed {
-        app.write_refreshed(&mut response, &s, app.chunks_in(headers));
+    if let Some(refreshed) = refreshed {
+        app.write_refreshed(&mut response, &s, app.chunks_in(headers), refreshed, false)
+            .await;
     }
     response
 }
@@ -2145,8 +2226,11 @@ async fn auth(app: &App, headers: &HeaderMap, rules: &RouteRules) -> Response<Bo
         Err(refused) => return refused,
     };
     let mut response = accepted(app, &s, rules);
-    if refreshed && response.status() == StatusCode::ACCEPTED {
-        app.write_refreshed(&mut response, &s, app.chunks_in(headers));
+    if let Some(refreshed) = refreshed
+        && response.status() == StatusCode::ACCEPTED
+    {
+        app.write_refreshed(&mut response, &s, app.chunks_in(headers), refreshed, true)
+            .await;
     }
     response
 }
@@ -2756,6 +2840,21 @@ mod tests {
         assert!(out.contains(&alice, 1000 + DAY));
         assert!(!out.contains(&alice, 2000 + DAY + REFRESH_IN_FLIGHT));
         assert!(!out.contains(&carol, 2000));
+    }
+
+    #[test]
+    fn sign_outs_stay_bounded_under_a_flood() {
+        let mut out = SignedOut::default();
+        for i in 0..MAX_SIGNED_OUT as u64 + 100 {
+            let mut id = SessionId::default();
+            id[..8].copy_from_slice(&i.to_be_bytes());
+            out.insert(id, 1000 + i, 86_400);
+        }
+        assert_eq!(out.until.len(), MAX_SIGNED_OUT);
+        let newest = (MAX_SIGNED_OUT as u64 + 99).to_be_bytes();
+        let mut id = SessionId::default();
+        id[..8].copy_from_slice(&newest);
+        assert!(out.contains(&id, 2000), "the latest sign-out is kept");
     }
 
     /// A session without tokens: what the authorization rules look at.

@@ -341,29 +341,38 @@ impl Proxy {
             .context("no free proxy slot left; raise SLOTS")?;
         let metrics = free_port()?;
         let base = format!("http://127.0.0.1:{port}");
-        let mut args: Vec<String> = [
-            "--http-address",
-            &format!("127.0.0.1:{port}"),
-            "--metrics-address",
-            &format!("127.0.0.1:{metrics}"),
-            "--upstream",
-            upstream,
-            "--oidc-issuer-url",
-            issuer,
-            "--client-id",
-            "chassis",
-            "--client-secret",
-            "chassis-secret",
-            "--scope",
-            "openid email profile groups offline_access",
-            "--cookie-secure",
-            "false",
-            "--whitelist-domains",
-            &format!("127.0.0.1:{port}"),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        // A test that listens elsewhere (`[::]:{port}`) names the slot's port so.
+        let extra: Vec<String> = extra
+            .iter()
+            .map(|a| a.replace("{port}", &port.to_string()))
+            .collect();
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let mut args: Vec<String> = Vec::new();
+        if !extra.contains(&"--http-address") {
+            args.extend(["--http-address".to_string(), format!("127.0.0.1:{port}")]);
+        }
+        args.extend(
+            [
+                "--metrics-address",
+                &format!("127.0.0.1:{metrics}"),
+                "--upstream",
+                upstream,
+                "--oidc-issuer-url",
+                issuer,
+                "--client-id",
+                "chassis",
+                "--client-secret",
+                "chassis-secret",
+                "--scope",
+                "openid email profile groups offline_access",
+                "--cookie-secure",
+                "false",
+                "--whitelist-domains",
+                &format!("127.0.0.1:{port}"),
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
         if !extra.contains(&"--redirect-url") {
             args.extend(["--redirect-url".to_string(), format!("{base}/oauth2/callback")]);
         }
@@ -774,30 +783,40 @@ async fn spoofed_forwarded_headers_from_an_untrusted_client_are_dropped() -> Res
 async fn a_trusted_proxys_forwarded_for_lines_are_all_kept_in_order() -> Result<()> {
     // HAProxy's `option forwardfor` adds a line of its own after the client's: keeping
     // only the first line handed on what the client claimed and dropped the real client.
-    let proxy = Proxy::start(
-        "forwarded-trusted",
-        echo_upstream().await?,
-        &[
-            "--skip-auth-paths",
-            "/public/.*",
-            "--trusted-proxy-cidrs",
-            "127.0.0.1/32",
-        ],
-    )
-    .await?;
-    let echo = echoed(
-        reqwest::Client::new()
-            .get(proxy.url("/public/x"))
-            .header("X-Forwarded-For", "1.1.1.1")
-            .header("X-Forwarded-For", "2.2.2.2")
-            .send()
-            .await?,
-    )
-    .await?;
-    ensure!(
-        header(&echo, "x-forwarded-for") == ["1.1.1.1, 2.2.2.2, 127.0.0.1"],
-        "{echo}"
-    );
+    // Listening on `[::]` as well: the proxy sees IPv4 peers as `::ffff:127.0.0.1` there,
+    // which the IPv4 range never contained, so the ingress's lines were dropped as a
+    // client's and the upstream got the mapped address, which its IPv4 rules miss.
+    for (name, listen) in [
+        ("forwarded-trusted", "127.0.0.1:{port}"),
+        ("forwarded-dual-stack", "[::]:{port}"),
+    ] {
+        let proxy = Proxy::start(
+            name,
+            echo_upstream().await?,
+            &[
+                "--http-address",
+                listen,
+                "--skip-auth-paths",
+                "/public/.*",
+                "--trusted-proxy-cidrs",
+                "127.0.0.1/32",
+            ],
+        )
+        .await?;
+        let echo = echoed(
+            reqwest::Client::new()
+                .get(proxy.url("/public/x"))
+                .header("X-Forwarded-For", "1.1.1.1")
+                .header("X-Forwarded-For", "2.2.2.2")
+                .send()
+                .await?,
+        )
+        .await?;
+        ensure!(
+            header(&echo, "x-forwarded-for") == ["1.1.1.1, 2.2.2.2, 127.0.0.1"],
+            "listening on {listen}: {echo}"
+        );
+    }
     Ok(())
 }
 
@@ -1796,6 +1815,17 @@ struct TestIssuer {
     elsewhere: Arc<std::sync::atomic::AtomicUsize>,
     /// Refresh tokens, with [`Misbehaviour::SlowRotatingRefresh`].
     rotation: Arc<Rotation>,
+    /// With [`Misbehaviour::SlowRotatingRefresh`], access tokens this long from now on
+    /// (0: short), so that a session passing them on spans several cookies.
+    access_token_bytes: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// An access token of `bytes` bytes (a short one for 0).
+fn access_token(prefix: &str, bytes: &std::sync::atomic::AtomicUsize) -> String {
+    match bytes.load(std::sync::atomic::Ordering::SeqCst) {
+        0 => prefix.to_string(),
+        n => format!("{prefix}-{}", "x".repeat(n)),
+    }
 }
 
 /// A signing key (`kid`, private PEM) that replaces the issuer's first one.
@@ -1973,6 +2003,8 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
     let rotation: Arc<Rotation> = Arc::default();
     let (code_rotation, refresh_rotation, refresh_mode) =
         (rotation.clone(), rotation.clone(), misbehave.clone());
+    let access_token_bytes: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+    let (code_token_bytes, refresh_token_bytes) = (access_token_bytes.clone(), access_token_bytes.clone());
     let answer = move |form: BTreeMap<String, String>| {
         let refuse = |error: &str| {
             warp::reply::with_status(
@@ -2042,8 +2074,8 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
                     json!({"access_token": "at", "token_type": "Bearer", "expires_in": 8,
                                "refresh_token": "rt", "id_token": id_token})
                 } else if mode == Misbehaviour::SlowRotatingRefresh {
-                    json!({"access_token": "at", "token_type": "Bearer", "expires_in": 300,
-                               "refresh_token": code_rotation.issue(), "id_token": id_token})
+                    json!({"access_token": access_token("at", &code_token_bytes), "token_type": "Bearer",
+                           "expires_in": 300, "refresh_token": code_rotation.issue(), "id_token": id_token})
                 } else {
                     json!({"access_token": "at", "token_type": "Bearer",
                                "expires_in": 300, "id_token": id_token})
@@ -2064,6 +2096,7 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
                 && form.get("grant_type").map(String::as_str) == Some("refresh_token");
             let at_once = (!rotating).then(|| answer(form.clone()));
             let rotation = refresh_rotation.clone();
+            let refreshed_token = access_token("at-refreshed", &refresh_token_bytes);
             async move {
                 if let Some(response) = at_once {
                     return response;
@@ -2079,7 +2112,7 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
                     .into_response();
                 }
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                warp::reply::json(&json!({"access_token": "at-refreshed", "token_type": "Bearer",
+                warp::reply::json(&json!({"access_token": refreshed_token, "token_type": "Bearer",
                                           "expires_in": 300, "refresh_token": rotation.issue()}))
                 .into_response()
             }
@@ -2116,6 +2149,7 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
         login_key,
         elsewhere,
         rotation,
+        access_token_bytes,
     })
 }
 
@@ -2380,45 +2414,92 @@ async fn a_session_whose_refresh_the_issuer_refuses_ends_when_its_tokens_expire(
 }
 
 #[tokio::test]
-async fn a_refresh_whose_request_is_abandoned_still_keeps_the_rotated_token() -> Result<()> {
-    // The issuer takes the refresh token and rotates it; the browser that asked goes
-    // away meanwhile (a link followed, a fetch aborted). The new token must be kept for
-    // the session's next request: the old one is refused from now on, and issuers with
+async fn a_refresh_whose_new_cookie_never_reaches_the_browser_still_keeps_the_rotated_token() -> Result<()> {
+    // The issuer takes the refresh token and rotates it, but the new cookie does not
+    // reach the browser: (a) the browser went away meanwhile (a link followed, a fetch
+    // aborted); (b) the answer was a 403, which carries no cookie (a route whose
+    // `allowed_groups` leaves the user out); (c) an ingress in auth_request mode passes
+    // only the first Set-Cookie of /oauth2/auth on (nginx's `$upstream_http_set_cookie`)
+    // and the session spans several cookies. The new token must be kept for the
+    // session's next request: the old one is refused from now on, and issuers with
     // reuse detection revoke the whole grant when it comes back.
-    let (issuer, proxy, cookie) =
-        signed_in_at_misbehaving_issuer(Misbehaviour::SlowRotatingRefresh, "abandoned-refresh", "1s").await?;
+    let issuer = test_issuer().await?;
+    *issuer.misbehave.lock().map_err(|_| anyhow::anyhow!("lock"))? = Misbehaviour::SlowRotatingRefresh;
+    let proxy = issuer
+        .proxy(
+            "undelivered-refresh",
+            &["--cookie-refresh", "1s", "--pass-access-token", "true"],
+        )
+        .await?;
+    let mut sessions = Vec::new();
+    for large in [false, false, true] {
+        if large {
+            issuer
+                .access_token_bytes
+                .store(6000, std::sync::atomic::Ordering::SeqCst);
+        }
+        let jar = Arc::new(Jar::default());
+        let (status, body, session) = sign_in_at_test_issuer_with(&proxy, &jar).await?;
+        ensure!(status == 200 && session, "the login: {status} {body}");
+        sessions.push(cookie_header(&jar, &proxy)?);
+    }
+    let [abandoned, forbidden, split] = sessions.as_slice() else {
+        bail!("three sessions");
+    };
+    ensure!(
+        split.contains("_chassis_oauth_1="),
+        "the third session spans cookies: {split}"
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    let client = reqwest::Client::builder().redirect(Policy::none()).build()?;
     let impatient = reqwest::Client::builder()
         .redirect(Policy::none())
         .timeout(Duration::from_millis(500))
         .build()?;
-    let abandoned = impatient
-        .get(proxy.url("/app"))
-        .header(COOKIE, cookie.clone())
-        .send()
-        .await;
-    ensure!(
-        abandoned.as_ref().is_err_and(reqwest::Error::is_timeout),
-        "the refresh should take 2 s: {abandoned:?}"
+    let ask = |client: &reqwest::Client, path: &str, cookie: &str| {
+        client.get(proxy.url(path)).header(COOKIE, cookie).send()
+    };
+    let (gone, refused, auth) = tokio::join!(
+        ask(&impatient, "/app", abandoned),
+        ask(&client, "/oauth2/auth?allowed_groups=admins", forbidden),
+        ask(&client, "/oauth2/auth", split),
     );
-    // The issuer has answered by now. The next request comes later than the minute in
+    ensure!(
+        gone.as_ref().is_err_and(reqwest::Error::is_timeout),
+        "the refresh should take 2 s: {gone:?}"
+    );
+    let refused = refused?;
+    ensure!(
+        refused.status() == 403,
+        "allowed_groups=admins: {}",
+        refused.status()
+    );
+    let auth = auth?;
+    let set = auth.headers().get_all(SET_COOKIE).iter().count();
+    ensure!(
+        auth.status() == 202 && set == 0,
+        "/oauth2/auth of the split session: {} with {set} Set-Cookie (the first alone would break the session)",
+        auth.status()
+    );
+    // The issuer has answered by now. The next requests come later than the minute in
     // which requests sent before a refresh's cookie arrived share its result (the
-    // laptop closed meanwhile): no request handed the new session on, so it is kept.
+    // laptop closed meanwhile): no request handed the new sessions on, so they are kept.
     tokio::time::sleep(Duration::from_secs(62)).await;
-    let next = reqwest::Client::builder()
-        .redirect(Policy::none())
-        .build()?
-        .get(proxy.url("/app"))
-        .header(COOKIE, cookie)
-        .send()
-        .await?;
-    let status = next.status();
-    let rewritten = next.headers().get_all(SET_COOKIE).iter().count();
+    for (cookie, path, ok) in [
+        (abandoned, "/app", 200),
+        (forbidden, "/app", 200),
+        (split, "/oauth2/auth", 202),
+    ] {
+        let next = ask(&client, path, cookie).await?;
+        let status = next.status();
+        let rewritten = next.headers().get_all(SET_COOKIE).iter().count();
+        ensure!(
+            status == ok && (rewritten > 0 || path == "/oauth2/auth"),
+            "the next request to {path}: {status}, {rewritten} Set-Cookie (the refreshed session)"
+        );
+    }
     let reused = issuer.rotation.reused.load(std::sync::atomic::Ordering::SeqCst);
-    ensure!(
-        status == 200 && rewritten > 0 && reused == 0,
-        "the next request: {status}, {rewritten} Set-Cookie (the refreshed session), {reused} used refresh tokens sent again"
-    );
+    ensure!(reused == 0, "{reused} used refresh tokens sent again");
     Ok(())
 }
 
@@ -2733,6 +2814,43 @@ fn with_sub(claims: &Value, sub: &str) -> Value {
     let mut c = claims.clone();
     c["sub"] = json!(sub);
     c
+}
+
+#[tokio::test]
+async fn an_access_review_the_api_server_cannot_answer_gives_503_not_a_403() -> Result<()> {
+    // An API server that is down must not look like RBAC's no: 403 is final to an
+    // ingress and to monitoring, 503 with Retry-After is retried and paged on.
+    let gone = chassis_e2e::free_port()?;
+    let kubeconfig = chassis_e2e::state_dir().join(chassis_e2e::unique("gone-kubeconfig"));
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: gone\n\
+             clusters: [{{name: gone, cluster: {{server: \"http://127.0.0.1:{gone}\"}}}}]\n\
+             users: [{{name: proxy, user: {{token: t}}}}]\n\
+             contexts: [{{name: gone, context: {{cluster: gone, user: proxy}}}}]\n"
+        ),
+    )?;
+    let proxy = Proxy::start(
+        "sar-unreachable",
+        echo_upstream().await?,
+        &[
+            "--sar-resource-attributes",
+            r#"{"verb":"get","resource":"services","namespace":"web","name":"app"}"#,
+            "--kubeconfig",
+            &kubeconfig.display().to_string(),
+        ],
+    )
+    .await?;
+    let answer = login(&browser(&Arc::new(Jar::default()))?, &proxy, "/app", "alice").await?;
+    let status = answer.status();
+    let retry = answer.headers().get("retry-after").cloned();
+    let body = answer.text().await?;
+    ensure!(
+        status == 503 && retry.is_some() && body.contains("access review could not be made"),
+        "{status} {retry:?} {body}"
+    );
+    Ok(())
 }
 
 #[tokio::test]
