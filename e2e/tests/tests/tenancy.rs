@@ -228,6 +228,39 @@ async fn members_get_their_roles_and_nobody_else_gets_in() -> Result<()> {
             .patch(&f.project, &params, &Patch::Merge(&other))
             .await,
     );
+
+    // bob joins as editor, then is replaced by a ServiceAccount whose name has a typo,
+    // which the API server refuses in a RoleBinding: refused whole, the binding kept bob.
+    let projects: Api<Project> = Api::all(f.client.clone());
+    let bob_reads = Api::<ConfigMap>::namespaced(cluster().user("bob").await?, &f.project);
+    let editors = |list: serde_json::Value| serde_json::json!({"spec": {"editors": list}});
+    projects
+        .patch(
+            &f.project,
+            &params,
+            &Patch::Merge(&editors(serde_json::json!([{"kind": "User", "name": "bob"}]))),
+        )
+        .await?;
+    let all = kube::api::ListParams::default();
+    chassis_e2e::once_authorized(|| bob_reads.list(&all))
+        .await
+        .context("bob, an editor now, reads the project")?;
+    let typo = serde_json::json!([{"kind": "ServiceAccount", "name": "Deploy_Bot", "namespace": "ci"}]);
+    projects
+        .patch(&f.project, &params, &Patch::Merge(&editors(typo)))
+        .await?;
+    eventually("bob to lose access", Duration::from_secs(20), || async {
+        let answer = bob_reads.list(&all).await;
+        Ok(matches!(&answer, Err(kube::Error::Api(s)) if s.code == 403).then_some(()))
+    })
+    .await?;
+    let said = wait_for_condition(&projects, &f.project, "RBACReady", "False", TIMEOUT, None).await?;
+    let rbac = chassis_e2e::condition(&said, "RBACReady");
+    assert!(
+        rbac.as_ref()
+            .is_some_and(|c| c.message.contains("Deploy_Bot") && c.message.contains("left out")),
+        "{rbac:?}"
+    );
     f.cleanup().await
 }
 

@@ -110,8 +110,57 @@ fn rbac_subject(subject: &Subject) -> RbacSubject {
     }
 }
 
+fn dns_label(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes.first() != Some(&b'-')
+        && bytes.last() != Some(&b'-')
+}
+
+/// Why the API server would refuse `subject` in a RoleBinding, if it would. It
+/// checks ServiceAccount names (DNS subdomains); a namespace that is no DNS label
+/// cannot hold the ServiceAccount. Such a subject is left out of its binding, and
+/// the status says so: refused whole, the binding would keep its old members, a
+/// member just removed among them. (The schema cannot check it: a CEL rule on every
+/// subject of unbounded lists is over the API server's cost budget.)
+pub fn unbindable(subject: &Subject) -> Option<String> {
+    if subject.kind != SubjectKind::ServiceAccount {
+        return None;
+    }
+    let namespace = subject.namespace.as_deref().unwrap_or_default();
+    let name_ok = subject.name.len() <= 253 && subject.name.split('.').all(dns_label);
+    (!name_ok || !dns_label(namespace)).then(|| {
+        format!(
+            "ServiceAccount {namespace:?}/{:?} is left out: a ServiceAccount name is lowercase letters, digits, '-' and '.', in a namespace of lowercase letters, digits and '-'",
+            subject.name
+        )
+    })
+}
+
+/// Why members are left out of the project's bindings, if any are ([`unbindable`]).
+pub fn members_left_out(project: &Project) -> Option<String> {
+    let spec = &project.spec;
+    [
+        ("admins", &spec.admins),
+        ("editors", &spec.editors),
+        ("viewers", &spec.viewers),
+    ]
+    .into_iter()
+    .find_map(|(list, subjects)| {
+        subjects
+            .iter()
+            .find_map(unbindable)
+            .map(|why| format!("spec.{list}: {why}"))
+    })
+}
+
 /// The project's RoleBindings by name: `Some` for each member list that has
-/// subjects, `None` for an empty one (so a binding left from before is removed).
+/// subjects the API server takes, `None` for an empty one (so a binding left from
+/// before is removed).
 pub fn role_bindings(
     project: &Project,
     template: &ProjectTemplate,
@@ -124,6 +173,7 @@ pub fn role_bindings(
     ]
     .into_iter()
     .map(|(name, subjects, role)| {
+        let subjects: Vec<&Subject> = subjects.iter().filter(|s| unbindable(s).is_none()).collect();
         let binding = (!subjects.is_empty()).then(|| {
             stamped(RoleBinding {
                 metadata: child_meta(project, name),
@@ -132,7 +182,7 @@ pub fn role_bindings(
                     kind: "ClusterRole".into(),
                     name: role.clone(),
                 },
-                subjects: Some(subjects.iter().map(rbac_subject).collect()),
+                subjects: Some(subjects.iter().map(|s| rbac_subject(s)).collect()),
             })
         });
         (name, binding)

@@ -285,10 +285,13 @@ fn same_subjects(want: &RoleBinding, have: &RoleBinding) -> bool {
     list(want) == list(have)
 }
 
-/// Reconciles every namespaced child of `project` inside its namespace. The children
-/// are independent, so their requests go out together: a new project costs one round
-/// trip here, not five. Each child is tried even when another fails; the parts that
-/// failed say why in [`Parts`], and the first error is returned for the retry.
+/// Reconciles every namespaced child of `project` inside its namespace: the
+/// ResourceQuota and LimitRange first, then the RoleBindings, so that members never get
+/// into a namespace whose limits are not in place (pods made meanwhile would escape the
+/// LimitRange's defaults for good). Bindings that exist are kept up to date whatever
+/// happens to the quota (a member removed loses access at once); missing ones wait for
+/// it. Each child is tried even when another fails; the parts that failed say why in
+/// [`Parts`], and the first error is returned for the retry.
 pub async fn reconcile(
     client: &Client,
     stores: &ChildStores,
@@ -310,13 +313,18 @@ pub async fn reconcile(
     };
     let quota_done = ensure_cached(at, &stores.quotas, build::QUOTA_NAME, quota.as_ref());
     let limits_done = ensure_cached(at, &stores.limits, build::LIMITS_NAME, limits.as_ref());
-    let bindings_done = futures::future::join_all(
-        wanted_bindings
-            .iter()
-            .map(|(name, desired)| binding(at, stores, name, desired.as_ref())),
-    );
-    let (binding_results, quota_result, limits_result) =
-        futures::future::join3(bindings_done, quota_done, limits_done).await;
+    let (quota_result, limits_result) = futures::future::join(quota_done, limits_done).await;
+    let limited = quota_result.is_ok() && limits_result.is_ok();
+    let mut withheld = false;
+    let bindings_done = futures::future::join_all(wanted_bindings.iter().filter_map(|(name, desired)| {
+        let missing = desired.is_some() && stores.role_bindings.observe(at.namespace, name).is_none();
+        if missing && !limited {
+            withheld = true;
+            return None;
+        }
+        Some(binding(at, stores, name, desired.as_ref()))
+    }));
+    let binding_results = bindings_done.await;
 
     // A refusal (the API server will not take the object) shows in its part; a
     // passing failure (throttling, an API server restart) only goes to the retry, and
@@ -331,7 +339,13 @@ pub async fn reconcile(
             first_passing.get_or_insert(error);
         }
     };
-    let (mut rbac_failure, mut quota_failure) = (None, None);
+    let (mut rbac_failure, mut quota_failure) = (build::members_left_out(project), None);
+    if withheld {
+        rbac_failure = Some(
+            "members get access once the ResourceQuota and LimitRange are in place (see QuotaReady)"
+                .to_string(),
+        );
+    }
     for result in binding_results {
         match result {
             Ok(done) => outcomes.extend(done),

@@ -462,30 +462,58 @@ pub const ROLLOUT_PER_SECOND: u32 = 50;
 /// Which template events concern its projects: a new generation (a spec change), its
 /// status starting or ceasing to say that a role does not exist (its other status
 /// writes do not), or a deletion. Keyed by uid too: a template deleted and made again
-/// while the watch was down starts again at generation 1.
+/// while the watch was down starts again at generation 1. A template deleted while the
+/// watch was down brings no delete: the list that follows lacks it, and its end wakes
+/// its projects.
 #[derive(Default)]
 struct TemplateChanges {
     seen: std::collections::HashMap<String, TemplateSeen>,
+    /// The names a list in progress has brought so far.
+    listed: Option<std::collections::HashSet<String>>,
 }
 
 /// A template's uid, generation and missing-role sentence, as last seen.
 type TemplateSeen = (Option<String>, Option<i64>, Option<String>);
 
 impl TemplateChanges {
-    fn changed(&mut self, event: Result<watcher::Event<ProjectTemplate>, watcher::Error>) -> Option<String> {
-        match event.ok()? {
+    /// The templates whose projects the event concerns.
+    fn changed(&mut self, event: Result<watcher::Event<ProjectTemplate>, watcher::Error>) -> Vec<String> {
+        let Ok(event) = event else {
+            return Vec::new();
+        };
+        match event {
             watcher::Event::Apply(t) | watcher::Event::InitApply(t) => {
                 let name = t.name_any();
+                if let Some(listed) = self.listed.as_mut() {
+                    listed.insert(name.clone());
+                }
                 let missing = crate::template::roles_missing(&t).map(str::to_string);
                 let seen = (t.metadata.uid.clone(), t.metadata.generation, missing);
-                (self.seen.insert(name.clone(), seen.clone()).as_ref() != Some(&seen)).then_some(name)
+                let changed = self.seen.insert(name.clone(), seen.clone()).as_ref() != Some(&seen);
+                if changed { vec![name] } else { Vec::new() }
             }
             watcher::Event::Delete(t) => {
                 let name = t.name_any();
                 self.seen.remove(&name);
-                Some(name)
+                vec![name]
             }
-            watcher::Event::Init | watcher::Event::InitDone => None,
+            watcher::Event::Init => {
+                self.listed = Some(Default::default());
+                Vec::new()
+            }
+            watcher::Event::InitDone => {
+                let listed = self.listed.take().unwrap_or_default();
+                let gone: Vec<String> = self
+                    .seen
+                    .keys()
+                    .filter(|n| !listed.contains(*n))
+                    .cloned()
+                    .collect();
+                for name in &gone {
+                    self.seen.remove(name);
+                }
+                gone
+            }
         }
     }
 }
@@ -587,13 +615,14 @@ pub fn controller(
     let rollout = pace::paced(
         template_stream,
         move |event| {
-            let Some(name) = changes.changed(event) else {
+            let names = changes.changed(event);
+            if names.is_empty() {
                 return Vec::new();
-            };
+            }
             project_index
                 .state()
                 .into_iter()
-                .filter(|p| p.spec.template == name)
+                .filter(|p| names.contains(&p.spec.template))
                 .map(|p| ObjectRef::from_obj(p.as_ref()))
                 .collect()
         },

@@ -16,14 +16,9 @@ fn base(project: &Project) -> ProjectStatus {
     project.status.clone().unwrap_or_default()
 }
 
-/// Status for a project that failed validation: `Ready=False` with the reason. The
-/// parts were not reconciled against this generation, so their conditions go rather
-/// than stand there `True` with its observedGeneration.
-pub fn invalid(project: &Project, invalid: &Invalid) -> ProjectStatus {
-    let generation = project.metadata.generation;
-    let now = Timestamp::now();
-    let mut status = base(project);
-    status.observed_generation = generation;
+/// Removes the per-part conditions: the parts were not reconciled this time, and a
+/// `True` left from before would stand beside a failing namespace.
+fn drop_part_conditions(status: &mut ProjectStatus) {
     status.conditions.retain(|c| {
         ![
             condition::RBAC_READY,
@@ -32,6 +27,17 @@ pub fn invalid(project: &Project, invalid: &Invalid) -> ProjectStatus {
         ]
         .contains(&c.type_.as_str())
     });
+}
+
+/// Status for a project that failed validation: `Ready=False` with the reason. The
+/// parts were not reconciled against this generation, so their conditions go rather
+/// than stand there `True` with its observedGeneration.
+pub fn invalid(project: &Project, invalid: &Invalid) -> ProjectStatus {
+    let generation = project.metadata.generation;
+    let now = Timestamp::now();
+    let mut status = base(project);
+    status.observed_generation = generation;
+    drop_part_conditions(&mut status);
     let ns_part = Desired::new(
         condition::NAMESPACE_READY,
         false,
@@ -79,8 +85,9 @@ pub fn reconciled(
             format!("namespace {name} is terminating"),
         )
     }];
-    if let Some(parts) = parts {
-        wanted.extend(part_conditions(parts));
+    match parts {
+        Some(parts) => wanted.extend(part_conditions(parts)),
+        None => drop_part_conditions(&mut status),
     }
     let ready = match wanted.iter().find(|c| !c.status) {
         None => Desired::new(READY, true, reason::READY, "the project is ready to use"),
@@ -195,7 +202,7 @@ pub fn network_condition(profiles: &[(String, Option<bool>)]) -> Desired<'static
             condition::NETWORK_READY,
             true,
             reason::NO_NETWORK_PROFILES,
-            "no NetworkProfile is bound: traffic to and from this project is not restricted",
+            "no NetworkProfile is bound by the template: traffic to and from this project is not restricted, except by profiles whose namespaceSelector matches it",
         );
     }
     let names = |want: Option<bool>| -> Vec<&str> {

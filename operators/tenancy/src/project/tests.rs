@@ -604,7 +604,8 @@ async fn a_binding_is_not_deleted_for_a_role_the_operator_may_not_bind() -> Resu
 /// A child the API server cannot take (422) shows in its part; one that failed in
 /// passing (503 while the API server restarts) only goes to the retry, and is the
 /// error returned, so the reconcile leaves the status alone rather than flipping a
-/// healthy project to `Ready=False`.
+/// healthy project to `Ready=False`. Members are not let in meanwhile: pods they made
+/// before the LimitRange exists would never get its defaults.
 #[tokio::test]
 async fn a_passing_failure_is_retried_not_reported_but_a_refusal_is() -> Result<(), String> {
     use http::{Request, Response};
@@ -615,7 +616,8 @@ async fn a_passing_failure_is_retried_not_reported_but_a_refusal_is() -> Result<
 
     use super::children::{Cached, ChildStores, reconcile};
 
-    let p = project("payments");
+    let mut p = project("payments");
+    p.spec.admins = vec![member(SubjectKind::User, "alice", None)];
     let t = template_with_quota();
     let stores = ChildStores {
         role_bindings: Cached::new(reflector::store().0, Progress::default()),
@@ -623,9 +625,11 @@ async fn a_passing_failure_is_retried_not_reported_but_a_refusal_is() -> Result<
         limits: Cached::new(reflector::store().0, Progress::default()),
     };
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    tokio::spawn(async move {
+    let server = tokio::spawn(async move {
+        let mut seen = Vec::new();
         while let Some((request, send)) = handle.next_request().await {
             let path = request.uri().path().to_string();
+            seen.push(format!("{} {path}", request.method()));
             let body = request.into_body().collect_bytes().await.unwrap_or_default();
             let object = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default();
             let failure = |code: u16, message: &str| serde_json::json!({"kind": "Status", "status": "Failure", "code": code, "message": message});
@@ -650,9 +654,12 @@ async fn a_passing_failure_is_retried_not_reported_but_a_refusal_is() -> Result<
                 send.send_response(response);
             }
         }
+        seen
     });
     let client = kube::Client::new(service, "default");
     let (parts, error) = reconcile(&client, &stores, &p, &t, "chassis").await;
+    drop(client);
+    let seen = server.await.map_err(|e| e.to_string())?;
     let error = error.ok_or("the failures go to the retry")?;
     assert!(!error.is_refusal(), "the 503 is the error returned: {error}");
     let why = parts.quota_failure.unwrap_or_default();
@@ -660,6 +667,12 @@ async fn a_passing_failure_is_retried_not_reported_but_a_refusal_is() -> Result<
         why.contains("must not exceed max"),
         "the 422 is the part's failure: {why}"
     );
+    assert!(
+        !seen.iter().any(|r| r.contains("/rolebindings")),
+        "no member is let in before the limits are: {seen:?}"
+    );
+    let rbac = parts.rbac_failure.unwrap_or_default();
+    assert!(rbac.contains("once the ResourceQuota and LimitRange"), "{rbac}");
     Ok(())
 }
 
@@ -674,20 +687,85 @@ fn a_template_wakes_its_projects_on_a_new_generation_or_a_new_uid_only() {
         Ok(Event::Apply(t))
     };
     let mut changes = super::TemplateChanges::default();
-    assert_eq!(changes.changed(at("u1", 1)).as_deref(), Some("default"));
-    assert_eq!(
-        changes.changed(at("u1", 1)),
-        None,
+    assert_eq!(changes.changed(at("u1", 1)), ["default"]);
+    assert!(
+        changes.changed(at("u1", 1)).is_empty(),
         "a status write: same generation"
     );
-    assert_eq!(changes.changed(at("u1", 2)).as_deref(), Some("default"));
+    assert_eq!(changes.changed(at("u1", 2)), ["default"]);
     // Deleted and made again while the watch was down: the delete was never seen, and
     // the new template is at generation 2 again (or 1); its uid tells.
-    assert_eq!(changes.changed(at("u2", 2)).as_deref(), Some("default"));
+    assert_eq!(changes.changed(at("u2", 2)), ["default"]);
 }
 
 #[test]
-fn an_invalid_project_keeps_no_part_conditions_from_before() {
+fn a_service_account_name_the_api_server_refuses_is_left_out_and_the_rest_still_bound() {
+    // A typo in one ServiceAccount name made the API server refuse the whole binding,
+    // and the binding kept its old members, dave among them, though he was removed.
+    let mut p = project("payments");
+    p.spec.editors = vec![
+        member(SubjectKind::User, "carol", None),
+        member(SubjectKind::ServiceAccount, "Deploy_Bot", Some("ci")),
+        member(SubjectKind::ServiceAccount, "deploy-bot", Some("ci")),
+    ];
+    let bindings = build::role_bindings(&p, &template());
+    let editors = bindings
+        .iter()
+        .find(|(name, _)| *name == build::EDITORS_BINDING)
+        .and_then(|(_, b)| b.as_ref())
+        .expect("an editors binding");
+    let names: Vec<&str> = editors
+        .subjects
+        .iter()
+        .flatten()
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(names, ["carol", "deploy-bot"]);
+    let why = build::members_left_out(&p).unwrap_or_default();
+    assert!(
+        why.contains("spec.editors") && why.contains("Deploy_Bot"),
+        "{why}"
+    );
+    for (name, namespace) in [("a.b-c", "ci"), ("x", "team-1")] {
+        let ok = member(SubjectKind::ServiceAccount, name, Some(namespace));
+        assert_eq!(build::unbindable(&ok), None, "{name} in {namespace}");
+    }
+    for (name, namespace) in [("bot", "Team"), ("-bot", "ci"), ("bot.", "ci"), ("bot", "a.b")] {
+        let bad = member(SubjectKind::ServiceAccount, name, Some(namespace));
+        assert!(build::unbindable(&bad).is_some(), "{name} in {namespace}");
+    }
+    // Users and groups are whatever the authenticator says: not judged.
+    assert_eq!(
+        build::unbindable(&member(SubjectKind::User, "Jane Doe", None)),
+        None
+    );
+}
+
+#[test]
+fn a_template_deleted_while_the_watch_was_down_wakes_its_projects_when_the_list_ends() {
+    use kube::runtime::watcher::Event;
+
+    let named = |name: &str| {
+        let mut t = template();
+        t.metadata.name = Some(name.into());
+        t.metadata.uid = Some(format!("uid-{name}"));
+        t.metadata.generation = Some(1);
+        t
+    };
+    let mut changes = super::TemplateChanges::default();
+    assert_eq!(changes.changed(Ok(Event::Apply(named("default")))), ["default"]);
+    assert_eq!(changes.changed(Ok(Event::Apply(named("small")))), ["small"]);
+    // The watch was closed; `small` was deleted meanwhile. The list brings `default`
+    // unchanged and not `small`: no delete event ever comes for it.
+    assert!(changes.changed(Ok(Event::Init)).is_empty());
+    assert!(changes.changed(Ok(Event::InitApply(named("default")))).is_empty());
+    assert_eq!(changes.changed(Ok(Event::InitDone)), ["small"]);
+    // Made again later: its projects wake again.
+    assert_eq!(changes.changed(Ok(Event::Apply(named("small")))), ["small"]);
+}
+
+#[test]
+fn an_invalid_or_terminating_project_keeps_no_part_conditions_from_before() {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
     let mut p = project("payments");
@@ -716,6 +794,16 @@ fn an_invalid_project_keeps_no_part_conditions_from_before() {
         retry_after: None,
     };
     let status = super::status::invalid(&p, &missing);
+    let types: Vec<&str> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
+    assert_eq!(types, ["NamespaceReady", "Ready"], "{types:?}");
+    // Nor one whose namespace is terminating (its parts are not reconciled any more).
+    let mut ns = Namespace::default();
+    ns.metadata.name = Some("payments".into());
+    ns.status = Some(k8s_openapi::api::core::v1::NamespaceStatus {
+        phase: Some("Terminating".into()),
+        ..Default::default()
+    });
+    let status = super::status::reconciled(&p, &ns, None, None);
     let types: Vec<&str> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
     assert_eq!(types, ["NamespaceReady", "Ready"], "{types:?}");
 }
@@ -815,18 +903,18 @@ fn a_binding_to_a_role_the_template_says_is_missing_keeps_the_project_from_ready
 
     // The template's word changing wakes its projects; its other status writes do not.
     let mut changes = super::TemplateChanges::default();
-    assert!(changes.changed(Ok(Event::Apply(t.clone()))).is_some());
+    assert!(!changes.changed(Ok(Event::Apply(t.clone()))).is_empty());
     assert!(
         changes
             .changed(Ok(Event::Apply(judged(&Verdict::Accepted))))
-            .is_none()
+            .is_empty()
     );
-    assert!(changes.changed(Ok(Event::Apply(broken.clone()))).is_some());
-    assert!(changes.changed(Ok(Event::Apply(broken))).is_none());
+    assert!(!changes.changed(Ok(Event::Apply(broken.clone()))).is_empty());
+    assert!(changes.changed(Ok(Event::Apply(broken))).is_empty());
     assert!(
-        changes
+        !changes
             .changed(Ok(Event::Apply(judged(&Verdict::Accepted))))
-            .is_some(),
+            .is_empty(),
         "the role was created"
     );
 }
