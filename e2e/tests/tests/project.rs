@@ -223,6 +223,8 @@ async fn a_child_the_api_server_refuses_is_reported_and_the_project_recovers_whe
         (ready.status.as_str(), ready.reason.as_str()),
         ("False", "ApplyFailed")
     );
+    // The template says so itself, before anyone makes a project of it.
+    template_refused(&templates, &tpl, "LimitRange", op).await?;
 
     let fixed = json!({"spec": {"limitRange": {"limits": [
         {"type": "Container", "default": {"cpu": "500m"}, "max": {"cpu": "1"}}
@@ -231,6 +233,7 @@ async fn a_child_the_api_server_refuses_is_reported_and_the_project_recovers_whe
         .patch(&tpl, &PatchParams::default(), &Patch::Merge(&fixed))
         .await?;
     wait_for_condition(&projects, &name, "Ready", "True", READY_TIMEOUT, Some(op)).await?;
+    wait_for_condition(&templates, &tpl, "Ready", "True", READY_TIMEOUT, Some(op)).await?;
 
     projects.delete(&name, &DeleteParams::default()).await?;
     templates.delete(&tpl, &DeleteParams::default()).await?;
@@ -511,6 +514,22 @@ async fn a_template_naming_a_missing_role_is_not_ready_until_the_role_exists() -
     Ok(())
 }
 
+/// Waits for template `tpl` to say `Ready=False` with `ChildRefused` naming `child`.
+async fn template_refused(
+    templates: &Api<ProjectTemplate>,
+    tpl: &str,
+    child: &str,
+    op: &Operator,
+) -> Result<()> {
+    let refused = wait_for_condition(templates, tpl, "Ready", "False", READY_TIMEOUT, Some(op)).await?;
+    let ready = chassis_e2e::condition(&refused, "Ready").context("the template's Ready")?;
+    ensure!(
+        ready.reason == "ChildRefused" && ready.message.contains(child),
+        "{ready:?}"
+    );
+    Ok(())
+}
+
 /// The template's label value mended: the project becomes Ready again; then both go.
 async fn fix_the_label_then_clean_up(
     templates: &Api<ProjectTemplate>,
@@ -552,6 +571,7 @@ async fn a_namespace_the_api_server_refuses_shows_in_the_status_until_the_templa
         ready.reason == "ApplyFailed" && ready.message.contains(&format!("Namespace {name}")),
         "{ready:?}"
     );
+    template_refused(&templates, &tpl, "namespace", op).await?;
     fix_the_label_then_clean_up(&templates, &projects, &tpl, &name, op).await
 }
 

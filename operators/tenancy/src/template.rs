@@ -1,5 +1,6 @@
 //! The ProjectTemplate controller: checks what the schema cannot (the member roles
-//! name ClusterRoles that exist and that the operator may bind) and reports it as
+//! name ClusterRoles that exist and that the operator may bind; the API server takes
+//! the namespace, ResourceQuota and LimitRange made from it) and reports it as
 //! `Ready` with `observedGeneration`.
 
 use std::sync::Arc;
@@ -30,6 +31,7 @@ pub mod reason {
     pub const ACCEPTED: &str = "Accepted";
     pub const ROLE_NOT_FOUND: &str = "RoleNotFound";
     pub const ROLE_NOT_BINDABLE: &str = "RoleNotBindable";
+    pub const CHILD_REFUSED: &str = "ChildRefused";
 }
 
 /// Where the bind check's dry-run bindings go: a namespace every cluster has. The
@@ -47,6 +49,9 @@ pub enum Verdict {
     Accepted,
     RoleNotFound(String),
     RoleNotBindable(String),
+    /// The API server refuses the namespace, ResourceQuota or LimitRange a project
+    /// would get (a quantity it cannot read, a default above the max, a label value).
+    ChildRefused(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +64,8 @@ pub enum Error {
         role: String,
         source: kube::Error,
     },
+    #[error("checking that the API server takes the children of template {name}: {source}")]
+    ChildCheck { name: String, source: kube::Error },
 }
 
 pub struct TemplateContext {
@@ -116,6 +123,75 @@ fn roles(template: &ProjectTemplate) -> Vec<(&'static str, &str)> {
     all
 }
 
+/// Prefix of the dry-run objects' generated names (never stored).
+const CHECK_PREFIX: &str = "chassis-template-check-";
+
+/// Whether the API server takes the namespace, ResourceQuota and LimitRange a
+/// project of `template` gets, asked with dry-run creates (nothing is stored; the
+/// chart's admission policy on the operator's writes lets dry runs through). The
+/// schema cannot check a quantity (`cpu: lots`) or that a LimitRange's default is
+/// under its max: without this the template said Ready and every project made from
+/// it failed. `Ok(Some(why))`: refused, with the API server's sentence.
+async fn child_refusal(client: &Client, template: &ProjectTemplate) -> Result<Option<String>, kube::Error> {
+    use crate::project::build;
+    use chassis_api::tenancy::v1alpha1::{Project, ProjectSpec};
+    use k8s_openapi::api::core::v1::{LimitRange, Namespace, ResourceQuota};
+
+    let probe = Project::new(
+        CHECK_PREFIX.trim_end_matches('-'),
+        ProjectSpec {
+            template: template.name_any(),
+            ..Default::default()
+        },
+    );
+    // Generated names, no owner (the probe project does not exist).
+    let detach = |meta: &mut kube::core::ObjectMeta, namespace: Option<&str>| {
+        meta.name = None;
+        meta.generate_name = Some(CHECK_PREFIX.into());
+        meta.owner_references = None;
+        meta.namespace = namespace.map(str::to_string);
+    };
+    let params = kube::api::PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let refused = |what: &str, answer: Result<(), kube::Error>| match answer {
+        Err(kube::Error::Api(status)) if status.code == 422 || status.code == 400 => Ok(Some(format!(
+            "projects made from it would fail: the API server refuses their {what}: {}",
+            status.message
+        ))),
+        Err(e) => Err(e),
+        Ok(()) => Ok(None),
+    };
+    let mut namespace = build::namespace(&probe, template);
+    detach(&mut namespace.metadata, None);
+    let answer = Api::<Namespace>::all(client.clone())
+        .create(&params, &namespace)
+        .await;
+    if let Some(why) = refused("namespace (spec.labels, spec.annotations)", answer.map(drop))? {
+        return Ok(Some(why));
+    }
+    if let Some(mut quota) = build::resource_quota(&probe, template) {
+        detach(&mut quota.metadata, Some(CHECK_NAMESPACE));
+        let answer = Api::<ResourceQuota>::namespaced(client.clone(), CHECK_NAMESPACE)
+            .create(&params, &quota)
+            .await;
+        if let Some(why) = refused("ResourceQuota (spec.resourceQuota)", answer.map(drop))? {
+            return Ok(Some(why));
+        }
+    }
+    if let Some(mut limits) = build::limit_range(&probe, template) {
+        detach(&mut limits.metadata, Some(CHECK_NAMESPACE));
+        let answer = Api::<LimitRange>::namespaced(client.clone(), CHECK_NAMESPACE)
+            .create(&params, &limits)
+            .await;
+        if let Some(why) = refused("LimitRange (spec.limitRange)", answer.map(drop))? {
+            return Ok(Some(why));
+        }
+    }
+    Ok(None)
+}
+
 /// The sentence for the roles the API server would not let the operator bind.
 pub fn not_bindable(refused: &[(&str, &str, String)]) -> String {
     let each: Vec<String> = refused
@@ -139,6 +215,7 @@ pub fn status(template: &ProjectTemplate, verdict: &Verdict) -> ProjectTemplateS
         Verdict::Accepted => Desired::new(READY, true, reason::ACCEPTED, "projects can use this template"),
         Verdict::RoleNotFound(why) => Desired::new(READY, false, reason::ROLE_NOT_FOUND, why.clone()),
         Verdict::RoleNotBindable(why) => Desired::new(READY, false, reason::ROLE_NOT_BINDABLE, why.clone()),
+        Verdict::ChildRefused(why) => Desired::new(READY, false, reason::CHILD_REFUSED, why.clone()),
     };
     upsert(&mut status.conditions, ready, generation, Timestamp::now());
     status
@@ -169,10 +246,14 @@ async fn reconcile(template: Arc<ProjectTemplate>, ctx: Arc<TemplateContext>) ->
                     refused.push((kind, role, why));
                 }
             }
-            if refused.is_empty() {
-                Verdict::Accepted
-            } else {
+            if !refused.is_empty() {
                 Verdict::RoleNotBindable(not_bindable(&refused))
+            } else {
+                match child_refusal(&ctx.base.client, &template).await {
+                    Ok(None) => Verdict::Accepted,
+                    Ok(Some(why)) => Verdict::ChildRefused(why),
+                    Err(source) => return Err(Error::ChildCheck { name, source }),
+                }
             }
         }
     };
@@ -201,6 +282,7 @@ fn error_policy(template: Arc<ProjectTemplate>, error: &Error, ctx: Arc<Template
     let kind = match error {
         Error::WriteStatus { .. } => "write_status",
         Error::BindCheck { .. } => "bind_check",
+        Error::ChildCheck { .. } => "child_check",
     };
     ctx.base.retry_after_error(&template.name_any(), kind)
 }
