@@ -72,6 +72,12 @@ struct LastRefresh {
 }
 
 impl LastRefresh {
+    /// Whether the slot is kept: while its result is taken, and a result never handed
+    /// on for as long as the old cookie may come back (the next refresh starts from it).
+    fn kept(&self, now: u64, cookie_lifetime: u64) -> bool {
+        self.reusable(now) || (!self.delivered && self.session.is_some() && self.at + cookie_lifetime > now)
+    }
+
     /// Whether a request carrying the old session takes this result.
     fn reusable(&self, now: u64) -> bool {
         match &self.session {
@@ -518,6 +524,13 @@ impl App {
                     }
                 )))
             }
+            // The API server answered, refusing the review itself (the proxy may not
+            // create SubjectAccessReviews, attributes it does not take): a setup fault
+            // that retrying does not mend.
+            Err(kube::Error::Api(status)) if status.code < 500 && status.code != 429 => {
+                tracing::error!(code = status.code, message = %status.message, "the API server refused the SubjectAccessReview");
+                Some(Refused::Broken(status.message))
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "SubjectAccessReview failed");
                 Some(Refused::Unavailable)
@@ -531,9 +544,12 @@ impl App {
 enum Refused {
     /// A rule refuses them: 403 (an ingress shows it as final).
     Forbidden(String),
-    /// The access review could not be asked (the API server is down or slow): 503 with
-    /// Retry-After, which clients retry and monitoring tells apart from RBAC's no.
+    /// The access review could not be asked (the API server is down, slow or
+    /// throttling): 503 with Retry-After, which clients retry and monitoring tells
+    /// apart from RBAC's no.
     Unavailable,
+    /// The API server refused the review itself: 500, the proxy's setup is at fault.
+    Broken(String),
 }
 
 impl Refused {
@@ -553,6 +569,15 @@ impl Refused {
                     .headers_mut()
                     .insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
                 answer
+            }
+            Refused::Broken(why) => {
+                metrics.refused("review_refused");
+                text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!(
+                        "the API server refused the access review ({why}); the proxy's setup needs fixing"
+                    ),
+                )
             }
         }
     }
@@ -991,8 +1016,8 @@ impl App {
     }
 
     /// Refreshes `session` when its access token is about to expire; `Some(Refreshed)`
-    /// when it did (its cookies are for [`App::write_refreshed`]). Concurrent requests of one session wait for the first one's refresh and
-    /// reuse it. `None` when the refresh failed and the session's tokens have expired:
+    /// when it did (its cookies are for [`App::write_refreshed`]). Concurrent requests
+    /// of one session wait for the first one's refresh and reuse it. `None` when the refresh failed and the session's tokens have expired:
     /// the issuer no longer vouches for the user (disabled, or the grant revoked), so
     /// the session ends, as in oauth2-proxy; before they expire it is kept, so a short
     /// outage of the issuer signs nobody out.
@@ -1015,9 +1040,9 @@ impl App {
     /// (single-flight); `None` when the session ends.
     async fn refresh(&self, session: Arc<Session>) -> Option<(Arc<Session>, Option<Refreshed>)> {
         let failed = |session: Arc<Session>| (session.expires_at > now()).then_some((session, None));
-        let Some(refresh_token) = session.refresh_token.clone() else {
+        if session.refresh_token.is_none() {
             return failed(session);
-        };
+        }
         let Some(provider) = self.provider.get() else {
             return Some((session, None));
         };
@@ -1025,10 +1050,11 @@ impl App {
         let slot = {
             let mut map = self.refreshing.lock().await;
             let t = now();
+            let lifetime = self.config.cookie_expire.as_secs();
             map.retain(|_, s| {
                 Arc::strong_count(s) > 1
                     || s.try_lock()
-                        .is_ok_and(|r| r.as_ref().is_some_and(|l| l.reusable(t)))
+                        .is_ok_and(|r| r.as_ref().is_some_and(|l| l.kept(t, lifetime)))
             });
             map.entry(sid).or_default().clone()
         };
@@ -1040,6 +1066,21 @@ impl App {
                 None => failed(session),
             };
         }
+        // A result never handed on whose tokens have expired too: the old cookie's
+        // refresh token went into it (and may be used up), so the chain goes on from
+        // the result's (behind an ingress that passes one Set-Cookie, a session over
+        // several cookies lives on like this, in this replica).
+        let session = match result.as_ref() {
+            Some(LastRefresh {
+                session: Some(kept),
+                delivered: false,
+                ..
+            }) => kept.clone(),
+            _ => session,
+        };
+        let Some(refresh_token) = session.refresh_token.clone() else {
+            return failed(session);
+        };
         let previous = Identity {
             subject: session.user.clone(),
             email: session.email.clone(),
@@ -1163,8 +1204,10 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 /// Serves one request (see the module doc for the order of the steps).
 pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
     // A dual-stack listener sees IPv4 peers as `::ffff:a.b.c.d`, which no IPv4 range of
-    // `trusted-proxy-cidrs` contains and no IPv4 allow-list upstream matches.
-    let remote = SocketAddr::new(remote.ip().to_canonical(), remote.port());
+    // `trusted-proxy-cidrs` contains and no IPv4 allow-list upstream matches. (A range
+    // written in that mapped form still matches: both forms are tried.)
+    let peer = remote.ip();
+    let remote = SocketAddr::new(peer.to_canonical(), remote.port());
     let (mut parts, body) = req.into_parts();
     // CONNECT names an authority, not a path: the upstream would not see the path the
     // rules judged. Two Host lines (RFC 9112 3.2 requires a 400) let the upstream pick
@@ -1186,7 +1229,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -
         .config
         .trusted_proxy_cidrs
         .iter()
-        .any(|c| c.contains(&remote.ip()));
+        .any(|c| c.contains(&remote.ip()) || c.contains(&peer));
     // Where to go after the login, as an ingress asks (oauth2-proxy's nginx setup sets
     // it from `$request_uri`): only a wish, checked against the allow-list like `rd`,
     // so taken from any client, for our own routes only; never passed upstream.
@@ -2840,6 +2883,29 @@ mod tests {
         assert!(out.contains(&alice, 1000 + DAY));
         assert!(!out.contains(&alice, 2000 + DAY + REFRESH_IN_FLIGHT));
         assert!(!out.contains(&carol, 2000));
+    }
+
+    #[test]
+    fn a_refresh_never_handed_on_is_kept_to_refresh_on_from_until_the_cookie_expires() {
+        const WEEK: u64 = 7 * 86_400;
+        // Its tokens expired at 10; refreshed at 100; the old cookie lives a week.
+        let refreshed = Arc::new(identity("alice", "alice@corp.example", true, &[]));
+        let kept = LastRefresh {
+            at: 100,
+            session: Some(refreshed),
+            delivered: false,
+        };
+        assert!(!kept.reusable(3600), "not taken as it is: its tokens expired");
+        assert!(kept.kept(3600, WEEK), "but kept: the next refresh starts from it");
+        assert!(!kept.kept(100 + WEEK, WEEK), "until the old cookie has expired");
+        let handed_on = LastRefresh {
+            delivered: true,
+            ..kept
+        };
+        assert!(
+            !handed_on.kept(3600, WEEK),
+            "the browser holds it: nothing to keep"
+        );
     }
 
     #[test]

@@ -1818,6 +1818,8 @@ struct TestIssuer {
     /// With [`Misbehaviour::SlowRotatingRefresh`], access tokens this long from now on
     /// (0: short), so that a session passing them on spans several cookies.
     access_token_bytes: Arc<std::sync::atomic::AtomicUsize>,
+    /// With [`Misbehaviour::SlowRotatingRefresh`], how long refreshed tokens live (s).
+    refreshed_lifetime: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// An access token of `bytes` bytes (a short one for 0).
@@ -2005,6 +2007,8 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
         (rotation.clone(), rotation.clone(), misbehave.clone());
     let access_token_bytes: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
     let (code_token_bytes, refresh_token_bytes) = (access_token_bytes.clone(), access_token_bytes.clone());
+    let refreshed_lifetime = Arc::new(std::sync::atomic::AtomicUsize::new(300));
+    let refresh_lifetime = refreshed_lifetime.clone();
     let answer = move |form: BTreeMap<String, String>| {
         let refuse = |error: &str| {
             warp::reply::with_status(
@@ -2097,6 +2101,7 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
             let at_once = (!rotating).then(|| answer(form.clone()));
             let rotation = refresh_rotation.clone();
             let refreshed_token = access_token("at-refreshed", &refresh_token_bytes);
+            let lifetime = refresh_lifetime.load(std::sync::atomic::Ordering::SeqCst);
             async move {
                 if let Some(response) = at_once {
                     return response;
@@ -2113,7 +2118,7 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
                 }
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 warp::reply::json(&json!({"access_token": refreshed_token, "token_type": "Bearer",
-                                          "expires_in": 300, "refresh_token": rotation.issue()}))
+                                          "expires_in": lifetime, "refresh_token": rotation.issue()}))
                 .into_response()
             }
         });
@@ -2150,6 +2155,7 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
         elsewhere,
         rotation,
         access_token_bytes,
+        refreshed_lifetime,
     })
 }
 
@@ -2450,6 +2456,11 @@ async fn a_refresh_whose_new_cookie_never_reaches_the_browser_still_keeps_the_ro
         split.contains("_chassis_oauth_1="),
         "the third session spans cookies: {split}"
     );
+    // The refreshed tokens expire before the next requests: the refresh then starts from
+    // the kept result's refresh token, the old cookie's being used up.
+    issuer
+        .refreshed_lifetime
+        .store(30, std::sync::atomic::Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let client = reqwest::Client::builder().redirect(Policy::none()).build()?;
     let impatient = reqwest::Client::builder()
@@ -2483,7 +2494,8 @@ async fn a_refresh_whose_new_cookie_never_reaches_the_browser_still_keeps_the_ro
     );
     // The issuer has answered by now. The next requests come later than the minute in
     // which requests sent before a refresh's cookie arrived share its result (the
-    // laptop closed meanwhile): no request handed the new sessions on, so they are kept.
+    // laptop closed meanwhile), and after the refreshed tokens expired: no request
+    // handed the new sessions on, so they are kept and refreshed on from.
     tokio::time::sleep(Duration::from_secs(62)).await;
     for (cookie, path, ok) in [
         (abandoned, "/app", 200),

@@ -223,6 +223,8 @@ async fn a_child_the_api_server_refuses_is_reported_and_the_project_recovers_whe
         (ready.status.as_str(), ready.reason.as_str()),
         ("False", "ApplyFailed")
     );
+    // The cause, not its consequence (members waiting for the limits).
+    assert!(ready.message.contains("LimitRange"), "{}", ready.message);
     // The template says so itself, before anyone makes a project of it.
     template_refused(&templates, &tpl, "LimitRange", op).await?;
 

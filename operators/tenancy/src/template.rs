@@ -123,8 +123,10 @@ fn roles(template: &ProjectTemplate) -> Vec<(&'static str, &str)> {
     all
 }
 
-/// Prefix of the dry-run objects' generated names (never stored).
-const CHECK_PREFIX: &str = "chassis-template-check-";
+/// Name of the dry-run objects (never stored; a fixed name keeps the API server's
+/// sentence, which names the object, the same from one check to the next, so the
+/// status is not rewritten on every check).
+const CHECK_NAME: &str = "chassis-template-check";
 
 /// Whether the API server takes the namespace, ResourceQuota and LimitRange a
 /// project of `template` gets, asked with dry-run creates (nothing is stored; the
@@ -135,61 +137,92 @@ const CHECK_PREFIX: &str = "chassis-template-check-";
 async fn child_refusal(client: &Client, template: &ProjectTemplate) -> Result<Option<String>, kube::Error> {
     use crate::project::build;
     use chassis_api::tenancy::v1alpha1::{Project, ProjectSpec};
-    use k8s_openapi::api::core::v1::{LimitRange, Namespace, ResourceQuota};
+    use k8s_openapi::api::core::v1::{LimitRange, Namespace};
 
     let probe = Project::new(
-        CHECK_PREFIX.trim_end_matches('-'),
+        CHECK_NAME,
         ProjectSpec {
             template: template.name_any(),
             ..Default::default()
         },
     );
-    // Generated names, no owner (the probe project does not exist).
-    let detach = |meta: &mut kube::core::ObjectMeta, namespace: Option<&str>| {
-        meta.name = None;
-        meta.generate_name = Some(CHECK_PREFIX.into());
-        meta.owner_references = None;
-        meta.namespace = namespace.map(str::to_string);
-    };
-    let params = kube::api::PostParams {
-        dry_run: true,
-        ..Default::default()
-    };
-    let refused = |what: &str, answer: Result<(), kube::Error>| match answer {
-        Err(kube::Error::Api(status)) if status.code == 422 || status.code == 400 => Ok(Some(format!(
-            "projects made from it would fail: the API server refuses their {what}: {}",
-            status.message
-        ))),
-        Err(e) => Err(e),
-        Ok(()) => Ok(None),
-    };
     let mut namespace = build::namespace(&probe, template);
-    detach(&mut namespace.metadata, None);
+    namespace.metadata.owner_references = None;
     let answer = Api::<Namespace>::all(client.clone())
-        .create(&params, &namespace)
+        .create(&DRY_RUN, &namespace)
         .await;
-    if let Some(why) = refused("namespace (spec.labels, spec.annotations)", answer.map(drop))? {
+    if let Some(why) = judged(template, "namespace (spec.labels, spec.annotations)", answer)? {
         return Ok(Some(why));
     }
-    if let Some(mut quota) = build::resource_quota(&probe, template) {
-        detach(&mut quota.metadata, Some(CHECK_NAMESPACE));
-        let answer = Api::<ResourceQuota>::namespaced(client.clone(), CHECK_NAMESPACE)
-            .create(&params, &quota)
-            .await;
-        if let Some(why) = refused("ResourceQuota (spec.resourceQuota)", answer.map(drop))? {
-            return Ok(Some(why));
-        }
+    let quota = build::resource_quota(&probe, template);
+    if let Some(why) =
+        dry_run_in_default(client, template, "ResourceQuota (spec.resourceQuota)", quota).await?
+    {
+        return Ok(Some(why));
     }
-    if let Some(mut limits) = build::limit_range(&probe, template) {
-        detach(&mut limits.metadata, Some(CHECK_NAMESPACE));
-        let answer = Api::<LimitRange>::namespaced(client.clone(), CHECK_NAMESPACE)
-            .create(&params, &limits)
-            .await;
-        if let Some(why) = refused("LimitRange (spec.limitRange)", answer.map(drop))? {
-            return Ok(Some(why));
+    let limits: Option<LimitRange> = build::limit_range(&probe, template);
+    dry_run_in_default(client, template, "LimitRange (spec.limitRange)", limits).await
+}
+
+const DRY_RUN: kube::api::PostParams = kube::api::PostParams {
+    dry_run: true,
+    field_manager: None,
+};
+
+/// A dry-run create of `object` (a project child, so made without an owner) in
+/// [`CHECK_NAMESPACE`], judged as [`judged`] says.
+async fn dry_run_in_default<K>(
+    client: &Client,
+    template: &ProjectTemplate,
+    what: &str,
+    object: Option<K>,
+) -> Result<Option<String>, kube::Error>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + serde::de::DeserializeOwned,
+{
+    let Some(mut object) = object else {
+        return Ok(None);
+    };
+    object.meta_mut().owner_references = None;
+    object.meta_mut().namespace = Some(CHECK_NAMESPACE.into());
+    let answer = Api::<K>::namespaced(client.clone(), CHECK_NAMESPACE)
+        .create(&DRY_RUN, &object)
+        .await;
+    judged(template, what, answer)
+}
+
+/// A dry run's answer: `Some(why)` when the API server's own validation refuses the
+/// object. A policy of the cluster (a webhook, an admission policy, a quota in
+/// `default`) may refuse the probe for where it is made rather than what it is: then
+/// the check says nothing, as before it existed, rather than fail a good template.
+fn judged<K>(
+    template: &ProjectTemplate,
+    what: &str,
+    answer: Result<K, kube::Error>,
+) -> Result<Option<String>, kube::Error> {
+    match answer {
+        Ok(_) => Ok(None),
+        Err(kube::Error::Api(status))
+            if (status.code == 422 || status.code == 400)
+                && !status.message.contains("admission webhook")
+                && !status.message.contains("ValidatingAdmissionPolicy") =>
+        {
+            Ok(Some(format!(
+                "projects made from it would fail: the API server refuses their {what}: {}",
+                status.message
+            )))
         }
+        Err(kube::Error::Api(status)) => {
+            tracing::warn!(template = %template.name_any(), code = status.code, message = %status.message,
+                "a policy of the cluster refused the dry run of a project's {what}; not judged");
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
-    Ok(None)
 }
 
 /// The sentence for the roles the API server would not let the operator bind.

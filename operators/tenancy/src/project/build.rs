@@ -132,7 +132,16 @@ pub fn unbindable(subject: &Subject) -> Option<String> {
         return None;
     }
     let namespace = subject.namespace.as_deref().unwrap_or_default();
-    let name_ok = subject.name.len() <= 253 && subject.name.split('.').all(dns_label);
+    // A DNS subdomain as Kubernetes checks it: 253 characters in all, each part of
+    // lowercase letters, digits and '-' between letters or digits (no limit per part).
+    let part = |p: &str| {
+        !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !p.starts_with('-')
+            && !p.ends_with('-')
+    };
+    let name_ok = subject.name.len() <= 253 && subject.name.split('.').all(part);
     (!name_ok || !dns_label(namespace)).then(|| {
         format!(
             "ServiceAccount {namespace:?}/{:?} is left out: a ServiceAccount name is lowercase letters, digits, '-' and '.', in a namespace of lowercase letters, digits and '-'",

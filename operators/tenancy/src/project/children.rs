@@ -339,19 +339,20 @@ pub async fn reconcile(
             first_passing.get_or_insert(error);
         }
     };
-    let (mut rbac_failure, mut quota_failure) = (build::members_left_out(project), None);
-    if withheld {
-        rbac_failure = Some(
-            "members get access once the ResourceQuota and LimitRange are in place (see QuotaReady)"
-                .to_string(),
-        );
-    }
+    let (mut rbac_failure, mut quota_failure) = (None, None);
     for result in binding_results {
         match result {
             Ok(done) => outcomes.extend(done),
             Err(error) => failed(error, &mut rbac_failure),
         }
     }
+    // The API server's own refusal first: it names what to fix.
+    let withheld = withheld.then(|| {
+        "members get access once the ResourceQuota and LimitRange are in place (see QuotaReady)".to_string()
+    });
+    let rbac_failure = rbac_failure
+        .or(withheld)
+        .or_else(|| build::members_left_out(project));
     for result in [quota_result, limits_result] {
         match result {
             Ok(done) => outcomes.push(done),

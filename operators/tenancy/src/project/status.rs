@@ -89,7 +89,18 @@ pub fn reconciled(
         Some(parts) => wanted.extend(part_conditions(parts)),
         None => drop_part_conditions(&mut status),
     }
-    let ready = match wanted.iter().find(|c| !c.status) {
+    // The quota's failure before RBAC's: new members wait for the quota and LimitRange,
+    // so theirs is the cause to name.
+    let order = [
+        condition::NAMESPACE_READY,
+        condition::QUOTA_READY,
+        condition::RBAC_READY,
+        condition::NETWORK_READY,
+    ];
+    let failing = order
+        .iter()
+        .find_map(|t| wanted.iter().find(|c| c.type_ == *t && !c.status));
+    let ready = match failing {
         None => Desired::new(READY, true, reason::READY, "the project is ready to use"),
         Some(failing) => Desired::new(READY, false, failing.reason, failing.message.clone()),
     };

@@ -726,7 +726,8 @@ fn a_service_account_name_the_api_server_refuses_is_left_out_and_the_rest_still_
         why.contains("spec.editors") && why.contains("Deploy_Bot"),
         "{why}"
     );
-    for (name, namespace) in [("a.b-c", "ci"), ("x", "team-1")] {
+    let long = "a".repeat(70);
+    for (name, namespace) in [("a.b-c", "ci"), ("x", "team-1"), (long.as_str(), "ci")] {
         let ok = member(SubjectKind::ServiceAccount, name, Some(namespace));
         assert_eq!(build::unbindable(&ok), None, "{name} in {namespace}");
     }
