@@ -296,6 +296,28 @@ fn names_added_to_the_reserved_ones_keep_the_defaults() -> Result<()> {
 }
 
 #[test]
+fn the_config_checksum_stays_a_string_when_its_digits_are_all_decimal() -> Result<()> {
+    // The pod template's `checksum/config` is the first 16 hex digits of a hash of the
+    // values. Unquoted, a hash that happened to be all decimal digits rendered as a YAML
+    // number, and the install or upgrade failed ("expected string"): a CI run whose
+    // values hashed so found it. With today's defaults this value hashes so.
+    let docs = documents(&render(
+        "chassis",
+        &["--set", "tenancy.extraReservedProjectNames={r1997}"],
+    )?)?;
+    let deployment = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .context("the operator's Deployment")?;
+    let checksum = &deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"];
+    anyhow::ensure!(
+        checksum.as_str().is_some_and(|c| c.len() == 16),
+        "checksum/config must be a string: {checksum}"
+    );
+    Ok(())
+}
+
+#[test]
 fn the_webhook_port_can_be_narrowed_to_where_the_api_server_calls_from() -> Result<()> {
     let open = webhook_ingress(&render("chassis", &[])?)?;
     assert!(open.get("from").is_none(), "open by default: {open}");
