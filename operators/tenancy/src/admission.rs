@@ -638,6 +638,8 @@ pub struct Recent {
     admitted: HashMap<String, Vec<(String, Instant)>>,
     /// When the whole record was last cleared of entries older than the window.
     swept: Option<Instant>,
+    /// When the record being full was last logged.
+    full_warned: Option<Instant>,
 }
 
 impl Recent {
@@ -665,12 +667,14 @@ impl Recent {
         // Creates under templates without a limit are recorded too, and nothing may ask
         // for their user again: what is older than the window goes here as well.
         let fresh = |at: &Instant| now.saturating_duration_since(*at) < RECENT_WINDOW;
-        // At most once a second: many users within the window must not make every create
-        // scan them all under the lock.
+        let full = self.admitted.len() >= MAX_RECENT_USERS && !self.admitted.contains_key(user);
+        // At most once a second (unless full): many users within the window must not
+        // make every create scan them all under the lock.
         if self.admitted.len() >= 1024
-            && self
-                .swept
-                .is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1))
+            && (full
+                || self
+                    .swept
+                    .is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1)))
         {
             self.swept = Some(now);
             self.admitted.retain(|_, names| {
@@ -678,11 +682,33 @@ impl Recent {
                 !names.is_empty()
             });
         }
+        // Still full of users admitted within the window: reviews from anything that can
+        // reach the webhook (forged ones carry any user name) must not grow this without
+        // bound. The user's create is admitted all the same; only the guard against a
+        // burst outrunning the project watch is lost for it.
+        if self.admitted.len() >= MAX_RECENT_USERS && !self.admitted.contains_key(user) {
+            // Once a minute: a flood must not become one of log lines.
+            if self
+                .full_warned
+                .is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(60))
+            {
+                self.full_warned = Some(now);
+                tracing::warn!(
+                    users = self.admitted.len(),
+                    "more users admitted within two minutes than recorded; is the webhook reachable by more than the API server?"
+                );
+            }
+            return;
+        }
         let names = self.admitted.entry(user.to_string()).or_default();
         names.retain(|(_, at)| fresh(at));
         names.push((name.to_string(), now));
     }
 }
+
+/// Users [`Recent`] holds at most: far more than a cluster's people create projects
+/// within [`RECENT_WINDOW`]; a flood of forged reviews stops here.
+const MAX_RECENT_USERS: usize = 16_384;
 
 fn deny(response: AdmissionResponse, message: String) -> AdmissionResponse {
     let mut denied = response.deny(message);
@@ -1079,6 +1105,21 @@ mod tests {
         assert!(!granted.allowed(&alice, "privileged", t0), "per template");
         assert!(!granted.allowed(&bob, "default", t0), "per user");
         assert!(!granted.allowed(&alice, "default", t0 + GRANT_TTL), "expires");
+    }
+
+    #[test]
+    fn the_record_of_recent_users_is_bounded() {
+        let mut recent = Recent::default();
+        let t0 = Instant::now();
+        for user in 0..MAX_RECENT_USERS + 10 {
+            recent.record(&format!("forged-{user}"), "p", t0);
+        }
+        assert_eq!(recent.admitted.len(), MAX_RECENT_USERS);
+        // A user already recorded still is; once the window has passed, room is made.
+        recent.record("forged-0", "q", t0);
+        assert_eq!(recent.admitted["forged-0"].len(), 2);
+        recent.record("alice", "p", t0 + RECENT_WINDOW);
+        assert_eq!(recent.admitted.len(), 1);
     }
 
     #[test]
