@@ -110,15 +110,15 @@ fn rbac_subject(subject: &Subject) -> RbacSubject {
     }
 }
 
-fn dns_label(text: &str) -> bool {
-    let bytes = text.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 63
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-        && bytes.first() != Some(&b'-')
-        && bytes.last() != Some(&b'-')
+/// One dot-free part of a DNS name: lowercase letters, digits and '-' between
+/// letters or digits.
+fn dns_part(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !text.starts_with('-')
+        && !text.ends_with('-')
 }
 
 /// Why the API server would refuse `subject` in a RoleBinding, if it would. It
@@ -132,17 +132,10 @@ pub fn unbindable(subject: &Subject) -> Option<String> {
         return None;
     }
     let namespace = subject.namespace.as_deref().unwrap_or_default();
-    // A DNS subdomain as Kubernetes checks it: 253 characters in all, each part of
-    // lowercase letters, digits and '-' between letters or digits (no limit per part).
-    let part = |p: &str| {
-        !p.is_empty()
-            && p.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !p.starts_with('-')
-            && !p.ends_with('-')
-    };
-    let name_ok = subject.name.len() <= 253 && subject.name.split('.').all(part);
-    (!name_ok || !dns_label(namespace)).then(|| {
+    // A DNS subdomain as Kubernetes checks it: 253 characters in all, no limit per part.
+    let name_ok = subject.name.len() <= 253 && subject.name.split('.').all(dns_part);
+    let namespace_ok = namespace.len() <= 63 && dns_part(namespace);
+    (!name_ok || !namespace_ok).then(|| {
         format!(
             "ServiceAccount {namespace:?}/{:?} is left out: a ServiceAccount name is lowercase letters, digits, '-' and '.', in a namespace of lowercase letters, digits and '-'",
             subject.name
