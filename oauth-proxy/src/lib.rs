@@ -25,3 +25,4 @@ pub mod path;
 pub mod redirect;
 pub mod server;
 pub mod session;
+pub mod upstream;

@@ -22,10 +22,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Status
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client as HttpClient;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, OnceCell};
@@ -39,6 +36,7 @@ use crate::oidc::{Identity, LoginAttempt, Provider};
 use crate::path;
 use crate::redirect::RedirectPolicy;
 use crate::session::{self, CookieOptions, OpenedSessions, Sealer, Session};
+use crate::upstream::{ClientConnection, Upstream};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -112,11 +110,8 @@ pub struct App {
     opened: OpenedSessions,
     pub redirects: RedirectPolicy,
     pub metrics: Metrics,
-    /// One upstream connection pool per serving thread (see [`serving_thread`]): a
-    /// connection's task runs on the thread that opened it, so a shared pool would hand a
-    /// request on one thread a connection driven by another, and every exchange would
-    /// wake a second thread.
-    upstream: Vec<HttpClient<HttpsConnector<HttpConnector>, Body>>,
+    /// The upstream's connector and each serving thread's idle connections.
+    upstream: Arc<Upstream>,
     upstream_base: UpstreamBase,
     /// `state` values already redeemed, until their attempt would have expired.
     used_states: Mutex<UsedStates>,
@@ -164,7 +159,7 @@ thread_local! {
 }
 
 /// Marks the calling thread as serving thread `index` (0 is the main thread), which
-/// picks its upstream connection pool.
+/// picks its idle upstream connections.
 pub fn serving_thread(index: usize) {
     SERVING_THREAD.with(|t| t.set(index));
 }
@@ -732,35 +727,6 @@ fn email_parts(email: &str) -> Option<(&str, &str)> {
     }
 }
 
-/// The upstream client: plain HTTP, or TLS verified against the Mozilla roots plus
-/// `upstream-ca-file` (never unverified). HTTP/1.1 only, so WebSocket upgrades pass
-/// through unchanged.
-fn upstream_client(config: &Config) -> Result<HttpClient<HttpsConnector<HttpConnector>, Body>, String> {
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("upstream TLS: {e}"))?
-        .with_root_certificates(config.upstream_roots.clone())
-        .with_no_client_auth();
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    // A dead address that drops packets would otherwise hold the request for the
-    // kernel's connect timeout (about two minutes).
-    http.set_connect_timeout(Some(config.upstream_timeout.min(Duration::from_secs(10))));
-    http.enforce_http(false);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    // With a timer the pool closes connections idle for 90 s; without one it only checks
-    // when it hands a connection out, and a burst's connections stayed open for good.
-    // hyper's limit of 100 header fields per response stays (more is a 502): a higher
-    // one makes hyper allocate its parse arrays on the heap for every response.
-    Ok(HttpClient::builder(TokioExecutor::new())
-        .pool_timer(hyper_util::rt::TokioTimer::new())
-        .build(connector))
-}
-
 /// The parts of the upstream URL every proxied request's URI starts with, parsed
 /// once rather than per request.
 struct UpstreamBase {
@@ -805,36 +771,37 @@ impl UpstreamBase {
             .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
     }
 
-    /// The upstream URI for a request's path (see [`Forward`]) and its query.
-    fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+    /// The upstream URI for a request's path (see [`Forward`]) and its query, in the
+    /// origin form an HTTP/1.1 request line to a server (not a proxy) has.
+    fn uri(path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
         let path_and_query = match query {
             Some(q) => format!("{path}?{q}"),
             None => path.to_string(),
         };
+        Uri::builder().path_and_query(path_and_query).build()
+    }
+
+    /// The scheme and authority connections go to.
+    fn address(&self) -> Result<Uri, http::Error> {
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
-            .path_and_query(path_and_query)
+            .path_and_query("/")
             .build()
     }
 }
 
 impl App {
-    /// The upstream pool of the calling serving thread.
-    fn upstream(&self) -> &HttpClient<HttpsConnector<HttpConnector>, Body> {
-        let index = SERVING_THREAD.with(std::cell::Cell::get);
-        &self.upstream[index % self.upstream.len()]
-    }
-
     pub fn new(config: Config) -> Result<Arc<Self>, String> {
         let sealer =
             Sealer::new(config.cookie_secret.expose(), &[]).map_err(|e| format!("cookie-secret: {e}"))?;
         let redirects =
             RedirectPolicy::new(&config.whitelist_domains).map_err(|e| format!("whitelist-domains: {e}"))?;
-        let upstream = (0..config.worker_threads.max(1))
-            .map(|_| upstream_client(&config))
-            .collect::<Result<Vec<_>, _>>()?;
         let upstream_base = UpstreamBase::new(&config.upstream)?;
+        let address = upstream_base
+            .address()
+            .map_err(|e| format!("upstream {}: {e}", config.upstream))?;
+        let upstream = Arc::new(Upstream::new(&config, address, config.worker_threads)?);
         let opened = OpenedSessions::new(&config.cookie_name);
         let bearer = if config.bearer_issuers.is_empty() {
             None
@@ -1202,12 +1169,12 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Serves one request (see the module doc for the order of the steps).
-pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+pub async fn handle(app: Arc<App>, req: Request<Incoming>, client: Arc<ClientConnection>) -> Response<Body> {
     // A dual-stack listener sees IPv4 peers as `::ffff:a.b.c.d`, which no IPv4 range of
-    // `trusted-proxy-cidrs` contains and no IPv4 allow-list upstream matches. (A range
-    // written in that mapped form still matches: both forms are tried.)
-    let peer = remote.ip();
-    let remote = SocketAddr::new(peer.to_canonical(), remote.port());
+    // `trusted-proxy-cidrs` contains and no IPv4 allow-list upstream matches
+    // (`client.remote` has them as IPv4). A range written in the mapped form still
+    // matches: both forms are tried.
+    let (peer, remote) = (client.peer, client.remote);
     let (mut parts, body) = req.into_parts();
     // CONNECT names an authority, not a path: the upstream would not see the path the
     // rules judged. Two Host lines (RFC 9112 3.2 requires a 400) let the upstream pick
@@ -1269,7 +1236,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -
     let forward = match &normalized {
         // Public with the path the rule matched: the upstream must serve that one.
         Ok(n) if app.config.skip_auth_paths.iter().any(|r| r.is_match(n)) => {
-            return proxy(&app, parts, body, Forward::Normalized(n), remote, None).await;
+            return proxy(&app, parts, body, Forward::Normalized(n), &client, None).await;
         }
         _ if app.upstream_base.path.is_empty() => Forward::AsReceived,
         Ok(n) => Forward::Normalized(n),
@@ -1284,7 +1251,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -
 
     let Some(session) = app.session(&parts.headers).await else {
         if let Some(token) = bearer_token(&parts.headers) {
-            return bearer(&app, parts, body, forward, remote, &token).await;
+            return bearer(&app, parts, body, forward, &client, &token).await;
         }
         app.metrics.refused("no_session");
         return unauthenticated(&parts);
@@ -1302,7 +1269,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, remote: SocketAddr) -
     if let Some(refused) = app.authorized(&session).await {
         return refused.response(&app.metrics);
     }
-    let mut response = proxy(&app, parts, body, forward, remote, Some(session.as_ref())).await;
+    let mut response = proxy(&app, parts, body, forward, &client, Some(session.as_ref())).await;
     if let Some(refreshed) = refreshed {
         app.write_refreshed(&mut response, &session, previous_chunks, refreshed, false)
             .await;
@@ -1420,11 +1387,11 @@ async fn bearer(
     parts: http::request::Parts,
     body: Incoming,
     forward: Forward<'_>,
-    remote: SocketAddr,
+    client: &ClientConnection,
     token: &str,
 ) -> Response<Body> {
     match bearer_session(app, token).await {
-        Ok(session) => proxy(app, parts, body, forward, remote, Some(&session)).await,
+        Ok(session) => proxy(app, parts, body, forward, client, Some(&session)).await,
         Err(refused) => refused,
     }
 }
@@ -1509,7 +1476,7 @@ async fn proxy(
     mut parts: http::request::Parts,
     body: Incoming,
     forward: Forward<'_>,
-    remote: SocketAddr,
+    client: &ClientConnection,
     session: Option<&Session>,
 ) -> Response<Body> {
     let upgrade = parts
@@ -1526,7 +1493,7 @@ async fn proxy(
         Forward::Normalized(n) => n,
         Forward::AsReceived => parts.uri.path(),
     };
-    let uri = match app.upstream_base.uri(path, parts.uri.query()) {
+    let uri = match UpstreamBase::uri(path, parts.uri.query()) {
         Ok(u) => u,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("refused: {e}")),
     };
@@ -1542,17 +1509,11 @@ async fn proxy(
         .filter_map(|v| v.to_str().ok())
         .collect();
     let forwarded_for = if prior.is_empty() {
-        // Formatted on the stack: this runs for every request.
-        use std::io::Write as _;
-        let mut text = [0u8; 64];
-        let mut cursor = std::io::Cursor::new(&mut text[..]);
-        let _ = write!(cursor, "{}", remote.ip());
-        let end = usize::try_from(cursor.position()).unwrap_or(0);
-        HeaderValue::from_bytes(&text[..end])
+        client.address_value.clone()
     } else {
-        HeaderValue::from_str(&format!("{}, {}", prior.join(", "), remote.ip()))
+        HeaderValue::from_str(&format!("{}, {}", prior.join(", "), client.remote.ip())).ok()
     };
-    if let Ok(v) = forwarded_for {
+    if let Some(v) = forwarded_for {
         parts.headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     if !parts.headers.contains_key(&X_FORWARDED_PROTO) {
@@ -1581,7 +1542,8 @@ async fn proxy(
     headers::own_values(&mut parts.headers);
     // An upstream behind name-based virtual hosting (another ingress, a PaaS, a CDN)
     // knows itself by its own name, not the public one (still in X-Forwarded-Host).
-    if !app.config.pass_host_header {
+    // An HTTP/1.0 client may have sent none; HTTP/1.1 requires one.
+    if !app.config.pass_host_header || !parts.headers.contains_key(HOST) {
         parts.headers.insert(HOST, app.upstream_base.host.clone());
     }
     if let Some(session) = session {
@@ -1604,7 +1566,7 @@ async fn proxy(
         (Request::from_parts(parts, body.boxed_unsync()), Some(body_sent))
     };
     let started = std::time::Instant::now();
-    let pending = app.upstream().request(request);
+    let pending = client.send(request);
     tokio::pin!(pending);
     let answered = match body_sent {
         None => tokio::time::timeout(app.config.upstream_timeout, &mut pending).await,
@@ -1618,14 +1580,14 @@ async fn proxy(
         // A connection the upstream closed or reset before any byte of an answer: mostly
         // a kept-alive one whose idle timeout (shorter than ours) fired just as the
         // request went out, so the application never saw it. Sent once more on another
-        // connection, as Go's transport does for oauth2-proxy. hyper does not say
-        // whether the connection was reused (Go retries only then), so a fresh one that
-        // fails so is retried too, as nginx's `proxy_next_upstream error` does.
-        (Ok(Err(e)), Some(again)) if closed_before_answering(&e) => {
-            tracing::debug!(error = %crate::oidc::error_chain(&e), "upstream closed the connection unanswered; sending again");
+        // connection, as Go's transport does for oauth2-proxy. A fresh connection that
+        // fails so is retried too (Go retries only reused ones), as nginx's
+        // `proxy_next_upstream error` does.
+        (Ok(Err(e)), Some(again)) if e.closed_before_answering() => {
+            tracing::debug!(error = %e, "upstream closed the connection unanswered; sending again");
             // A request without a body started its timeout when it was sent.
             let deadline = tokio::time::Instant::from_std(started) + app.config.upstream_timeout;
-            tokio::time::timeout_at(deadline, app.upstream().request(again.request())).await
+            tokio::time::timeout_at(deadline, client.send(again.request())).await
         }
         (answered, _) => answered,
     };
@@ -1633,7 +1595,7 @@ async fn proxy(
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             // The chain says why (refused, TLS verification, ...); the top error does not.
-            tracing::warn!(error = %crate::oidc::error_chain(&e), "upstream request failed");
+            tracing::warn!(error = %e, "upstream request failed");
             app.metrics.refused("upstream_error");
             return text(StatusCode::BAD_GATEWAY, "the upstream is not reachable");
         }
@@ -1707,33 +1669,6 @@ impl Replay {
         *request.headers_mut() = self.headers;
         request
     }
-}
-
-/// Whether the upstream closed (or reset) an established connection before any byte
-/// of an answer: what an idle timeout racing the request looks like. Connecting
-/// failures and answers cut off midway are not this.
-fn closed_before_answering(e: &hyper_util::client::legacy::Error) -> bool {
-    if e.is_connect() {
-        return false;
-    }
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        if let Some(h) = cause.downcast_ref::<hyper::Error>()
-            && h.is_incomplete_message()
-        {
-            return true;
-        }
-        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::ConnectionAborted
-                    | std::io::ErrorKind::BrokenPipe
-            );
-        }
-        source = cause.source();
-    }
-    false
 }
 
 /// A request body that says when it has all been sent: `sent` fires once its last
@@ -2338,13 +2273,27 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let idle = app.config.idle_timeout;
-    let handler = move |req, remote| handle(app.clone(), req, remote);
-    accept(listener, shutdown, handler, idle, DRAIN_TIMEOUT).await;
+    let thread = SERVING_THREAD.with(std::cell::Cell::get);
+    let upstream = app.upstream.clone();
+    let closing = tokio::spawn(async move {
+        let mut every = tokio::time::interval(crate::upstream::IDLE_FOR / 3);
+        loop {
+            every.tick().await;
+            upstream.close_stale(thread);
+        }
+    });
+    let connected = move |remote| {
+        let app = app.clone();
+        let client = Arc::new(ClientConnection::new(app.upstream.clone(), remote, thread));
+        move |req| handle(app.clone(), req, client.clone())
+    };
+    accept(listener, shutdown, connected, idle, DRAIN_TIMEOUT).await;
+    closing.abort();
 }
 
 /// Serves `GET /metrics` (OpenMetrics text) on the metrics address, for good.
 pub async fn serve_metrics(app: Arc<App>, listener: tokio::net::TcpListener) {
-    let handler = move |req: Request<Incoming>, _| {
+    let handler = move |req: Request<Incoming>| {
         let response = if req.uri().path() != "/metrics" {
             text(StatusCode::NOT_FOUND, "not found")
         } else if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -2366,7 +2315,7 @@ pub async fn serve_metrics(app: Arc<App>, listener: tokio::net::TcpListener) {
     accept(
         listener,
         std::future::pending(),
-        handler,
+        move |_| handler.clone(),
         HEADER_READ_TIMEOUT,
         DRAIN_TIMEOUT,
     )
@@ -2389,8 +2338,8 @@ pub const MAX_BUFFER: usize = 128 * 1024;
 /// within the 30 s Kubernetes grants a pod by default before it kills it.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Accepts connections until `shutdown` resolves and answers each request with
-/// `handler`. HTTP/1.1 only (WebSocket upgrades included), like oauth2-proxy, which
+/// Accepts connections until `shutdown` resolves and answers each request with the
+/// handler `connected` makes for its connection (from the peer's address). HTTP/1.1 only (WebSocket upgrades included), like oauth2-proxy, which
 /// offers HTTP/2 only over TLS; ingress controllers speak HTTP/1.1 to their backends
 /// unless told otherwise.
 ///
@@ -2399,14 +2348,15 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 /// request in flight gets its answer (with `Connection: close`) before its connection
 /// closes; after `drain_timeout` the rest are dropped. Upgraded connections
 /// (WebSockets) are not waited for.
-async fn accept<H, F>(
+async fn accept<C, H, F>(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
-    handler: H,
+    connected: C,
     header_read_timeout: Duration,
     drain_timeout: Duration,
 ) where
-    H: Fn(Request<Incoming>, std::net::SocketAddr) -> F + Clone + Send + 'static,
+    C: Fn(SocketAddr) -> H,
+    H: Fn(Request<Incoming>) -> F + Send + 'static,
     F: std::future::Future<Output = Response<Body>> + Send + 'static,
 {
     tokio::pin!(shutdown);
@@ -2425,11 +2375,11 @@ async fn accept<H, F>(
             },
             () = &mut shutdown => break,
         };
-        let handler = handler.clone();
+        let handler = connected(remote);
         let (open, mut draining) = (open.clone(), draining.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let answer = handler(req, remote);
+                let answer = handler(req);
                 async move { Ok::<_, Infallible>(answer.await) }
             });
             // hyper enforces the header timeout only when it has a timer.
@@ -2487,9 +2437,11 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let handler = move |_req: Request<Incoming>, _remote| async move {
-            tokio::time::sleep(delay).await;
-            text(StatusCode::OK, "answered")
+        let handler = move |_| {
+            move |_req: Request<Incoming>| async move {
+                tokio::time::sleep(delay).await;
+                text(StatusCode::OK, "answered")
+            }
         };
         let shutdown = async move {
             let _ = stopped.await;
@@ -2597,7 +2549,7 @@ mod tests {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
-        let handler = |_, _| std::future::ready(text(StatusCode::OK, "ok"));
+        let handler = |_| |_| std::future::ready(text(StatusCode::OK, "ok"));
         tokio::spawn(accept(
             listener,
             std::future::pending(),
@@ -2862,9 +2814,12 @@ mod tests {
         for (upstream, path, query, want) in cases {
             let url = url::Url::parse(upstream).expect("a valid URL");
             let base = UpstreamBase::new(&url).expect("has a host");
-            let got = base
-                .serves(path)
-                .then(|| base.uri(path, query).expect("a valid URI").to_string());
+            // Connections go to the address; the request line carries the origin form.
+            let address = base.address().expect("a valid address").to_string();
+            let got = base.serves(path).then(|| {
+                let origin = UpstreamBase::uri(path, query).expect("a valid URI").to_string();
+                format!("{}{origin}", address.trim_end_matches('/'))
+            });
             assert_eq!(got.as_deref(), want, "{upstream} + {path} {query:?}");
         }
     }

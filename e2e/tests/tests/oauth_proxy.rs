@@ -1006,6 +1006,74 @@ async fn a_kept_alive_upstream_connection_closed_under_a_get_is_retried_but_a_po
     Ok(())
 }
 
+/// A client's kept-alive requests go over one upstream connection, and a client that
+/// connects anew for each request (`Connection: close`) finds the upstream connection
+/// the one before it left: the proxy does not open an upstream connection per request.
+#[tokio::test]
+async fn upstream_connections_are_reused_within_and_across_client_connections() -> Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut reader = tokio::io::BufReader::new(socket);
+                // Requests without a body: the head up to its empty line, then "ok".
+                loop {
+                    let mut line = String::new();
+                    if !matches!(reader.read_line(&mut line).await, Ok(n) if n > 0) {
+                        return;
+                    }
+                    if line == "\r\n" {
+                        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if reader.get_mut().write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    // One serving thread: the kernel spreads connections over several, each with its
+    // own upstream connections.
+    let proxy = Proxy::start(
+        "reusing-upstream",
+        port,
+        &["--skip-auth-paths", "/.*", "--worker-threads", "1"],
+    )
+    .await?;
+    let kept = reqwest::Client::new();
+    for i in 0..5 {
+        let answer = kept.get(proxy.url(&format!("/kept/{i}"))).send().await?;
+        ensure!(answer.status() == 200 && answer.text().await? == "ok");
+    }
+    let after_kept = accepted.load(Ordering::SeqCst);
+    ensure!(
+        after_kept == 1,
+        "five requests on one client connection opened {after_kept} upstream connections"
+    );
+    for i in 0..5 {
+        let answer = kept
+            .get(proxy.url(&format!("/closing/{i}")))
+            .header("connection", "close")
+            .send()
+            .await?;
+        ensure!(answer.status() == 200 && answer.text().await? == "ok");
+        // Time for the proxy to see the client go and set its upstream connection aside.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after_closing = accepted.load(Ordering::SeqCst);
+    ensure!(
+        after_closing == 1,
+        "five clients that each closed their connection opened {after_closing} upstream connections in all"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_path_in_the_upstream_url_selects_requests_as_with_oauth2_proxy() -> Result<()> {
     // `--upstream http://grafana:3000/grafana/` for an app served under a sub-path.
