@@ -6,7 +6,9 @@
 //! When the client connection ends, its upstream connection, if ready for another
 //! request, goes to its serving thread's idle stack, where the next client
 //! connection on that thread finds it (clients that open a connection per request
-//! do not open one upstream each time).
+//! do not open one upstream each time). Past [`MAX_KEPT`] client connections a
+//! thread works as a pool instead, so that open client connections do not each hold
+//! an upstream connection.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,22 +28,37 @@ use crate::server::{Body, BoxError};
 /// transport (oauth2-proxy's) keeps idle connections.
 pub const IDLE_FOR: Duration = Duration::from_secs(90);
 
-/// Most unused upstream connections one serving thread keeps: past it a connection
-/// whose client left is closed.
+/// Most unused upstream connections one serving thread keeps: past it the one set
+/// aside longest ago is closed.
 const MAX_IDLE: usize = 256;
 
-/// An upstream connection with nothing to do, and since when.
+/// Most client connections of one serving thread that keep an upstream connection of
+/// their own between requests. Past it, a client's upstream connection goes to the idle
+/// stack once its answer is read, as from a pool: many clients that each keep a
+/// connection open (browsers keep six) do not each hold one to the upstream too.
+const MAX_KEPT: usize = 256;
+
+/// An upstream connection and when it was last used.
 type Idle = (Instant, SendRequest<Body>);
+
+/// A serving thread's upstream connections not in use.
+#[derive(Default)]
+struct Spare {
+    /// Set aside by clients that left (or were over [`MAX_KEPT`]), newest on top.
+    idle: Vec<Idle>,
+    /// How many client connections keep one of their own.
+    kept: usize,
+}
 
 /// How the proxy reaches its one upstream.
 pub struct Upstream {
     connector: HttpsConnector<HttpConnector>,
     /// The scheme and authority the connector connects to.
     address: Uri,
-    /// One idle stack per serving thread (see [`crate::server::serving_thread`]): a
-    /// connection's task runs on the thread that opened it, so a connection handed to
-    /// another thread would wake the first for every exchange.
-    idle: Vec<Mutex<Vec<Idle>>>,
+    /// One per serving thread (see [`crate::server::serving_thread`]): a connection's
+    /// task runs on the thread that opened it, so a connection handed to another thread
+    /// would wake the first for every exchange.
+    spare: Vec<Mutex<Spare>>,
 }
 
 /// Why a request did not get an answer from the upstream.
@@ -119,48 +136,57 @@ impl Upstream {
         Ok(Self {
             connector,
             address,
-            idle: (0..threads.max(1)).map(|_| Mutex::default()).collect(),
+            spare: (0..threads.max(1)).map(|_| Mutex::default()).collect(),
         })
     }
 
-    fn idle_of(&self, thread: usize) -> &Mutex<Vec<Idle>> {
-        &self.idle[thread % self.idle.len()]
+    fn spare_of(&self, thread: usize) -> MutexGuard<'_, Spare> {
+        lock(&self.spare[thread % self.spare.len()])
     }
 
-    /// Closes the idle connections of `thread` unused for [`IDLE_FOR`]; the serving
-    /// thread calls it now and then, so that they close without traffic too.
+    /// Closes the idle connections of `thread` unused for [`IDLE_FOR`] or closed by
+    /// the upstream; the serving thread calls it now and then, so that they close
+    /// without traffic too.
     pub fn close_stale(&self, thread: usize) {
-        Self::drop_stale(&mut lock(self.idle_of(thread)), Instant::now());
+        Self::drop_unusable(&mut self.spare_of(thread).idle, Instant::now());
     }
 
-    fn drop_stale(idle: &mut Vec<Idle>, now: Instant) {
-        // The oldest are at the bottom: once one is stale, all below it are too.
-        match idle
-            .iter()
-            .position(|(since, _)| now.duration_since(*since) < IDLE_FOR)
-        {
-            Some(fresh) => drop(idle.drain(..fresh)),
-            None => idle.clear(),
-        }
+    fn drop_unusable(idle: &mut Vec<Idle>, now: Instant) {
+        idle.retain(|(used, sender)| fresh(*used, now) && sender.is_ready());
     }
 
-    /// The most recently used idle connection of `thread` that is still open.
-    fn take_idle(&self, thread: usize) -> Option<SendRequest<Body>> {
-        let mut idle = lock(self.idle_of(thread));
-        Self::drop_stale(&mut idle, Instant::now());
-        while let Some((_, sender)) = idle.pop() {
-            if sender.is_ready() {
+    /// The most recently used idle connection of `thread` that is still usable.
+    fn take_idle(&self, thread: usize, now: Instant) -> Option<SendRequest<Body>> {
+        let mut spare = self.spare_of(thread);
+        while let Some((used, sender)) = spare.idle.pop() {
+            if fresh(used, now) && sender.is_ready() {
                 return Some(sender);
             }
         }
         None
     }
 
-    fn put_idle(&self, thread: usize, sender: SendRequest<Body>) {
-        let mut idle = lock(self.idle_of(thread));
-        if idle.len() < MAX_IDLE {
-            idle.push((Instant::now(), sender));
+    fn put_idle(&self, thread: usize, used: Instant, sender: SendRequest<Body>) {
+        let mut spare = self.spare_of(thread);
+        Self::drop_unusable(&mut spare.idle, Instant::now());
+        if spare.idle.len() >= MAX_IDLE {
+            spare.idle.remove(0);
         }
+        spare.idle.push((used, sender));
+    }
+
+    /// Whether one more client connection of `thread` may keep its upstream
+    /// connection; if so it counts until [`Upstream::release`].
+    fn keep(&self, thread: usize) -> bool {
+        let mut spare = self.spare_of(thread);
+        let room = spare.kept < MAX_KEPT;
+        spare.kept += usize::from(room);
+        room
+    }
+
+    fn release(&self, thread: usize) {
+        let mut spare = self.spare_of(thread);
+        spare.kept = spare.kept.saturating_sub(1);
     }
 
     /// A new connection, its task spawned on the calling thread. hyper's limit of 100
@@ -199,8 +225,24 @@ pub struct ClientConnection {
     pub address_value: Option<HeaderValue>,
     upstream: Arc<Upstream>,
     thread: usize,
-    /// The upstream connection the last request went over.
-    sender: Mutex<Option<SendRequest<Body>>>,
+    kept: Mutex<Kept>,
+}
+
+/// A client connection's own upstream connection.
+#[derive(Default)]
+struct Kept {
+    /// The upstream connection the last request went over, and when.
+    sender: Option<Idle>,
+    /// Whether this client counts among its thread's [`MAX_KEPT`] (from its first
+    /// answer until it goes).
+    counted: bool,
+}
+
+/// Whether a connection last used at `used` may still carry a request at `now`: one
+/// unused for longer may have been dropped by a firewall or load balancer on the way
+/// without a word, and a request on it would wait for the upstream timeout.
+fn fresh(used: Instant, now: Instant) -> bool {
+    now.duration_since(used) < IDLE_FOR
 }
 
 impl ClientConnection {
@@ -214,7 +256,7 @@ impl ClientConnection {
             address_value: HeaderValue::from_str(&remote.ip().to_string()).ok(),
             upstream,
             thread,
-            sender: Mutex::new(None),
+            kept: Mutex::default(),
         }
     }
 
@@ -224,16 +266,36 @@ impl ClientConnection {
     /// meanwhile) goes out once more on another: nothing of it was sent.
     pub async fn send(&self, mut request: Request<Body>) -> Result<Response<Incoming>, Error> {
         loop {
-            let kept = lock(&self.sender).take().filter(SendRequest::is_ready);
-            let (mut sender, reused) = match kept.or_else(|| self.upstream.take_idle(self.thread)) {
+            let now = Instant::now();
+            let kept = lock(&self.kept).sender.take();
+            // One not ready yet (an early answer to an upload still being sent) is closed.
+            let kept = kept
+                .filter(|(used, sender)| fresh(*used, now) && sender.is_ready())
+                .map(|(_, sender)| sender);
+            let (mut sender, reused) = match kept.or_else(|| self.upstream.take_idle(self.thread, now)) {
                 Some(sender) => (sender, true),
                 None => (self.upstream.connect().await?, false),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     // An upgraded connection belongs to the WebSocket from now on.
-                    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-                        *lock(&self.sender) = Some(sender);
+                    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        return Ok(response);
+                    }
+                    let mut kept = lock(&self.kept);
+                    if !kept.counted {
+                        kept.counted = self.upstream.keep(self.thread);
+                    }
+                    if kept.counted {
+                        kept.sender = Some((now, sender));
+                    } else {
+                        // Back to the idle stack once the answer has been read.
+                        let (upstream, thread) = (self.upstream.clone(), self.thread);
+                        tokio::spawn(async move {
+                            if sender.ready().await.is_ok() {
+                                upstream.put_idle(thread, now, sender);
+                            }
+                        });
                     }
                     return Ok(response);
                 }
@@ -248,10 +310,15 @@ impl ClientConnection {
 
 impl Drop for ClientConnection {
     fn drop(&mut self) {
-        let sender = lock(&self.sender).take();
+        let kept = std::mem::take(&mut *lock(&self.kept));
+        if kept.counted {
+            self.upstream.release(self.thread);
+        }
         // One still busy (the client left in the middle of an answer) is closed.
-        if let Some(sender) = sender.filter(SendRequest::is_ready) {
-            self.upstream.put_idle(self.thread, sender);
+        if let Some((used, sender)) = kept.sender
+            && sender.is_ready()
+        {
+            self.upstream.put_idle(self.thread, used, sender);
         }
     }
 }
