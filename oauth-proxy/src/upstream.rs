@@ -274,7 +274,10 @@ impl ClientConnection {
                 .map(|(_, sender)| sender);
             let (mut sender, reused) = match kept.or_else(|| self.upstream.take_idle(self.thread, now)) {
                 Some(sender) => (sender, true),
-                None => (self.upstream.connect().await?, false),
+                // Boxed: connecting (TLS state, handshake) is rare but large, and inline it
+                // would enlarge every request's future, which hyper moves into place per
+                // request and each client connection keeps allocated (9.6 KB against 4.8).
+                None => (Box::pin(self.upstream.connect()).await?, false),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
