@@ -2275,20 +2275,29 @@ pub async fn serve(
     let idle = app.config.idle_timeout;
     let thread = SERVING_THREAD.with(std::cell::Cell::get);
     let upstream = app.upstream.clone();
-    let closing = tokio::spawn(async move {
+    // Stopped when serving stops, however it stops (the guard aborts it when dropped).
+    let _closing = AbortOnDrop(tokio::spawn(async move {
         let mut every = tokio::time::interval(crate::upstream::IDLE_FOR / 3);
         loop {
             every.tick().await;
             upstream.close_stale(thread);
         }
-    });
+    }));
     let connected = move |remote| {
         let app = app.clone();
         let client = Arc::new(ClientConnection::new(app.upstream.clone(), remote, thread));
         move |req| handle(app.clone(), req, client.clone())
     };
     accept(listener, shutdown, connected, idle, DRAIN_TIMEOUT).await;
-    closing.abort();
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Serves `GET /metrics` (OpenMetrics text) on the metrics address, for good.
@@ -2339,8 +2348,9 @@ pub const MAX_BUFFER: usize = 128 * 1024;
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Accepts connections until `shutdown` resolves and answers each request with the
-/// handler `connected` makes for its connection (from the peer's address). HTTP/1.1 only (WebSocket upgrades included), like oauth2-proxy, which
-/// offers HTTP/2 only over TLS; ingress controllers speak HTTP/1.1 to their backends
+/// handler `connected` makes for its connection (from the peer's address). HTTP/1.1
+/// only (WebSocket upgrades included), like oauth2-proxy, which offers HTTP/2 only
+/// over TLS; ingress controllers speak HTTP/1.1 to their backends
 /// unless told otherwise.
 ///
 /// Then it drains, as Go's `http.Server.Shutdown` (oauth2-proxy) does: the socket is

@@ -974,7 +974,7 @@ async fn a_kept_alive_upstream_connection_closed_under_a_get_is_retried_but_a_po
     let pause = || tokio::time::sleep(Duration::from_millis(200));
     let first = client.get(proxy.url("/first")).send().await?;
     ensure!(first.status() == 200 && first.text().await? == "ok");
-    // Time for the proxy to put the connection back into its pool.
+    // The upstream connection sits idle a moment before the next request goes over it.
     pause().await;
     let again = client.get(proxy.url("/again")).send().await?;
     let status = again.status();
