@@ -2545,7 +2545,9 @@ async fn a_refresh_whose_new_cookie_never_reaches_the_browser_still_keeps_the_ro
     let proxy = issuer
         .proxy(
             "undelivered-refresh",
-            &["--cookie-refresh", "1s", "--pass-access-token", "true"],
+            // Longer than a sign-in takes on a loaded machine: the sign-in's own check
+            // request (whose Set-Cookie the jar never sees) must not refresh already.
+            &["--cookie-refresh", "5s", "--pass-access-token", "true"],
         )
         .await?;
     let mut sessions = Vec::new();
@@ -2572,7 +2574,7 @@ async fn a_refresh_whose_new_cookie_never_reaches_the_browser_still_keeps_the_ro
     issuer
         .refreshed_lifetime
         .store(30, std::sync::atomic::Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(5500)).await;
     let client = reqwest::Client::builder().redirect(Policy::none()).build()?;
     let impatient = reqwest::Client::builder()
         .redirect(Policy::none())
