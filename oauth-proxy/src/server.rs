@@ -2107,14 +2107,18 @@ async fn sign_out(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
         .get()
         .and_then(|p| p.end_session_endpoint())
         .filter(|_| app.config.provider_sign_out);
-    let to = match (end_session, &session) {
-        (Some(end), Some(s)) => {
+    // Also without a session that opens here (its cookie expired, revoked, or never
+    // sent): the issuer's login may outlive ours, and only the issuer can end it.
+    // RP-Initiated Logout takes `client_id` alone; the issuer may then ask the user.
+    let to = match end_session {
+        Some(end) => {
             let mut url = end.clone();
             {
                 let mut pairs = url.query_pairs_mut();
-                pairs
-                    .append_pair("id_token_hint", s.id_token.as_deref().unwrap_or_default())
-                    .append_pair("client_id", &app.config.client_id);
+                if let Some(hint) = session.as_ref().and_then(|s| s.id_token.as_deref()) {
+                    pairs.append_pair("id_token_hint", hint);
+                }
+                pairs.append_pair("client_id", &app.config.client_id);
                 // Back to `rd` after the issuer's page. Only when one is asked for: the
                 // issuer refuses a URI not registered for the client, and a plain
                 // sign-out must not end on an error page.
@@ -2126,7 +2130,7 @@ async fn sign_out(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
             }
             url.to_string()
         }
-        _ => target,
+        None => target,
     };
     let mut response = redirect(&to);
     for c in app.clear_session_cookies(headers) {

@@ -1531,6 +1531,85 @@ async fn sign_out_ends_the_session_and_a_copied_cookie_with_it() -> Result<()> {
     Ok(())
 }
 
+/// The value of the `name` attribute's input in `page` (`<input ... name="x" value="v"/>`).
+fn input_value<'a>(page: &'a str, name: &str) -> Option<&'a str> {
+    let at = page.find(&format!("name=\"{name}\""))?;
+    let rest = &page[at..];
+    let start = rest.find("value=\"")? + "value=\"".len();
+    rest[start..].split('"').next()
+}
+
+#[tokio::test]
+async fn sign_out_without_a_session_still_ends_the_login_at_the_issuer() -> Result<()> {
+    let proxy = Proxy::start("signout-nosession", echo_upstream().await?, &[]).await?;
+    let jar = Arc::new(Jar::default());
+    let browser = browser(&jar)?;
+    echoed(login(&browser, &proxy, "/", "alice").await?).await?;
+
+    // The proxy's session ends while the issuer's login stays (here: a sign-out whose
+    // trip to the issuer never happened; an expired cookie is the same case). Signing
+    // out again must still end the issuer's login, or the next visit signs the user in
+    // again without a password.
+    let cookie = cookie_header(&jar, &proxy)?;
+    let plain = reqwest::Client::builder().redirect(Policy::none()).build()?;
+    let first = plain
+        .get(proxy.url("/oauth2/sign_out"))
+        .header(COOKIE, &cookie)
+        .send()
+        .await?;
+    ensure!(
+        location(&first).contains("id_token_hint="),
+        "first sign-out: {}",
+        location(&first)
+    );
+    let out = plain
+        .get(proxy.url("/oauth2/sign_out?rd=/"))
+        .header(COOKIE, &cookie)
+        .send()
+        .await?;
+    ensure!(out.status() == 302, "sign_out: {}", out.status());
+    let to = location(&out);
+    let url = reqwest::Url::parse(&to).with_context(|| format!("sign_out went to {to:?}"))?;
+    let query: BTreeMap<String, String> = url.query_pairs().into_owned().collect();
+    ensure!(
+        to.starts_with(&format!("{}/session/end", idp().issuer))
+            && query.get("client_id").map(String::as_str) == Some("chassis")
+            && query.get("post_logout_redirect_uri") == Some(&proxy.url("/"))
+            && !query.contains_key("id_token_hint"),
+        "the issuer's end-session, by client_id: {to}"
+    );
+
+    // The browser, still signed in at the issuer, follows it and confirms on the
+    // issuer's page; the issuer sends it back to `rd` and the proxy on to a login.
+    let page = browser.get(&to).send().await?;
+    let action = page.url().clone();
+    let page = page.text().await?;
+    let xsrf = input_value(&page, "xsrf").with_context(|| format!("the issuer's sign-out page:\n{page}"))?;
+    let confirm = page
+        .split("action=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .with_context(|| format!("the issuer's sign-out form:\n{page}"))?;
+    let landed = browser
+        .post(action.join(confirm)?)
+        .header(ACCEPT, "text/html")
+        .form(&[("xsrf", xsrf), ("logout", "yes")])
+        .send()
+        .await?;
+    ensure!(
+        landed.url().path().starts_with("/interaction/"),
+        "after signing out, a visit signed in again without the issuer's form: {} {}",
+        landed.status(),
+        landed.url()
+    );
+    let form = landed.text().await?;
+    ensure!(
+        form.contains("id=\"login-form\""),
+        "the issuer's login form:\n{form}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn tampered_and_foreign_key_cookies_are_refused() -> Result<()> {
     let upstream = echo_upstream().await?;
