@@ -16,6 +16,9 @@ pub struct Metrics {
     pub registry: Registry,
     pub logins: Counter,
     pub refreshes: Counter,
+    /// Refresh tokens revoked at the issuer on sign-out, and those it did not confirm.
+    pub revocations: Counter,
+    pub revocation_failures: Counter,
     /// Requests refused, by reason (no_session, forbidden, csrf, replay, bad_path, ...).
     pub refusals: Family<Outcome, Counter>,
     pub upstream_seconds: Histogram,
@@ -26,10 +29,22 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("chassis_oauth_proxy");
         let logins = Counter::default();
         let refreshes = Counter::default();
+        let revocations = Counter::default();
+        let revocation_failures = Counter::default();
         let refusals = Family::<Outcome, Counter>::default();
         let upstream_seconds = Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]);
         registry.register("logins", "Completed logins", logins.clone());
         registry.register("refreshes", "Token refreshes started", refreshes.clone());
+        registry.register(
+            "revocations",
+            "Refresh tokens revoked at the issuer on sign-out",
+            revocations.clone(),
+        );
+        registry.register(
+            "revocation_failures",
+            "Refresh tokens whose revocation at the issuer failed on sign-out",
+            revocation_failures.clone(),
+        );
         registry.register("refusals", "Requests refused, by reason", refusals.clone());
         registry.register(
             "upstream_seconds",
@@ -40,6 +55,8 @@ impl Default for Metrics {
             registry,
             logins,
             refreshes,
+            revocations,
+            revocation_failures,
             refusals,
             upstream_seconds,
         }

@@ -111,6 +111,7 @@ pub struct Provider {
     client_id: String,
     client_secret: String,
     end_session: Option<Url>,
+    revocation: Option<Url>,
     scopes: Vec<String>,
     groups_claim: String,
     last_refetch: Mutex<Option<Instant>>,
@@ -208,7 +209,10 @@ impl Provider {
             Some(ClientSecret::new(config.client_secret.expose().to_string())),
         )
         .set_redirect_uri(redirect);
-        let end_session = discover_end_session(&http.0, &issuer).await?;
+        let Endpoints {
+            end_session,
+            revocation,
+        } = discover_endpoints(&http.0, &issuer).await?;
         Ok(Self {
             client: RwLock::new(Arc::new(client)),
             http,
@@ -216,6 +220,7 @@ impl Provider {
             client_id: config.client_id.clone(),
             client_secret: config.client_secret.expose().to_string(),
             end_session,
+            revocation,
             scopes: config.scopes.clone(),
             groups_claim: config.groups_claim.clone(),
             last_refetch: Mutex::new(None),
@@ -415,12 +420,44 @@ impl Provider {
     pub fn end_session_endpoint(&self) -> Option<&Url> {
         self.end_session.as_ref()
     }
+
+    /// Revokes `refresh_token` at the issuer's revocation endpoint (RFC 7009), with the
+    /// client authentication of the token endpoint (HTTP Basic, each part
+    /// form-encoded). `Ok(false)` when the issuer advertises no such endpoint. By hand:
+    /// the library refuses a revocation endpoint that is not HTTPS, while the token
+    /// endpoint of the same (loopback, development) issuer may be plain HTTP.
+    pub async fn revoke_refresh_token(&self, refresh_token: &str) -> Result<bool, Error> {
+        let Some(url) = &self.revocation else {
+            return Ok(false);
+        };
+        let encode = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+        let response = self
+            .http
+            .0
+            .post(url.clone())
+            .basic_auth(encode(&self.client_id), Some(encode(&self.client_secret)))
+            .form(&[("token", refresh_token), ("token_type_hint", "refresh_token")])
+            .send()
+            .await
+            .map_err(|e| Error::Http(error_chain(&e)))?;
+        // RFC 7009: 200 also for a token that was already invalid; the body says nothing more.
+        match response.status() {
+            status if status.is_success() => Ok(true),
+            status => Err(Error::Http(format!("the revocation endpoint answered {status}"))),
+        }
+    }
 }
 
-/// `end_session_endpoint` from the discovery document (not modelled by the library's
-/// core types). A failed read fails the discovery, to be tried again: a proxy that
-/// went on without it would sign users out of the proxy but not of the issuer.
-async fn discover_end_session(http: &reqwest::Client, issuer: &IssuerUrl) -> Result<Option<Url>, Error> {
+/// Endpoints of the discovery document the library's core types do not model.
+struct Endpoints {
+    end_session: Option<Url>,
+    revocation: Option<Url>,
+}
+
+/// `end_session_endpoint` and `revocation_endpoint` from the discovery document. A
+/// failed read fails the discovery, to be tried again: a proxy that went on without
+/// them would sign users out of the proxy but not of the issuer.
+async fn discover_endpoints(http: &reqwest::Client, issuer: &IssuerUrl) -> Result<Endpoints, Error> {
     let url = format!(
         "{}/.well-known/openid-configuration",
         issuer.as_str().trim_end_matches('/')
@@ -431,10 +468,15 @@ async fn discover_end_session(http: &reqwest::Client, issuer: &IssuerUrl) -> Res
             issuer: issuer.to_string(),
             message,
         })?;
-    Ok(doc
-        .get("end_session_endpoint")
-        .and_then(Value::as_str)
-        .and_then(|u| Url::parse(u).ok()))
+    let endpoint = |key: &str| {
+        doc.get(key)
+            .and_then(Value::as_str)
+            .and_then(|u| Url::parse(u).ok())
+    };
+    Ok(Endpoints {
+        end_session: endpoint("end_session_endpoint"),
+        revocation: endpoint("revocation_endpoint"),
+    })
 }
 
 /// An error with its sources, for logs and messages.

@@ -2100,6 +2100,7 @@ async fn sign_out(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
             .insert(session_id(s), now(), app.config.cookie_expire.as_secs());
         // Its tokens need not stay in memory either.
         app.opened.forget(s);
+        revoke_refresh_tokens(app, s).await;
     }
     let target = app.redirects.validate(query.rd.as_deref().unwrap_or("/"));
     let end_session = app
@@ -2139,6 +2140,55 @@ async fn sign_out(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
         }
     }
     response
+}
+
+/// How long a sign-out waits for the issuer to revoke the session's refresh tokens.
+const REVOCATION_WAIT: Duration = Duration::from_secs(3);
+
+/// Revokes the signed-out session's refresh tokens at the issuer (the cookie's, and a
+/// newer one a refresh got and may not have handed on yet). The revocation list above
+/// is this replica's alone: on the others a copied cookie opens until its tokens are
+/// due for a refresh, which the issuer now refuses, so it ends with its access token.
+async fn revoke_refresh_tokens(app: &App, session: &Session) {
+    let Some(provider) = app.provider.get() else {
+        return;
+    };
+    let slot = app.refreshing.lock().await.get(&session_id(session)).cloned();
+    // A refresh still running holds its slot until the issuer answers: wait for its token.
+    let newer = match slot {
+        Some(slot) => tokio::time::timeout(REVOCATION_WAIT, slot.lock())
+            .await
+            .ok()
+            .and_then(|last| {
+                last.as_ref()
+                    .and_then(|l| l.session.as_ref())
+                    .and_then(|s| s.refresh_token.clone())
+            }),
+        None => None,
+    };
+    let tokens = session.refresh_token.iter().chain(
+        newer
+            .iter()
+            .filter(|t| session.refresh_token.as_ref() != Some(*t)),
+    );
+    for token in tokens {
+        let revoked = tokio::time::timeout(REVOCATION_WAIT, provider.revoke_refresh_token(token)).await;
+        match revoked {
+            Ok(Ok(true)) => {
+                app.metrics.revocations.inc();
+            }
+            // The issuer has no revocation endpoint.
+            Ok(Ok(false)) => return,
+            Ok(Err(e)) => {
+                app.metrics.revocation_failures.inc();
+                tracing::info!(user = %session.user, error = %e, "the issuer did not revoke the refresh token at sign-out");
+            }
+            Err(_) => {
+                app.metrics.revocation_failures.inc();
+                tracing::info!(user = %session.user, "the issuer did not answer the revocation at sign-out in time");
+            }
+        }
+    }
 }
 
 /// A cookie session for `/oauth2/userinfo` and `/oauth2/auth`: refreshed when due

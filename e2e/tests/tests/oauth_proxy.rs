@@ -1610,6 +1610,65 @@ async fn sign_out_without_a_session_still_ends_the_login_at_the_issuer() -> Resu
     Ok(())
 }
 
+/// The status of a GET of `path` on `proxy` with `cookie`, redirects not followed.
+async fn status_with(client: &reqwest::Client, proxy: &Proxy, path: &str, cookie: &str) -> Result<u16> {
+    Ok(client
+        .get(proxy.url(path))
+        .header(COOKIE, cookie)
+        .send()
+        .await?
+        .status()
+        .as_u16())
+}
+
+#[tokio::test]
+async fn a_cookie_copied_to_another_replica_dies_with_its_tokens_after_sign_out() -> Result<()> {
+    // Two replicas of one proxy (same client, same cookie secret). The revocation list
+    // of a sign-out is the replica's own, so the other still opens a copied cookie:
+    // what ends it there is the issuer refusing its refresh token, which the sign-out
+    // revoked, once the tokens it holds expire (20 s at the shared provider). Without
+    // the revocation the other replica refreshes and the copy lives for the cookie's
+    // whole lifetime (7 days).
+    let upstream = echo_upstream().await?;
+    let one = Proxy::start("replica-one", upstream, &["--cookie-refresh", "1m"]).await?;
+    let other = Proxy::start("replica-other", upstream, &["--cookie-refresh", "1m"]).await?;
+    let jar = Arc::new(Jar::default());
+    echoed(login(&browser(&jar)?, &one, "/", "alice").await?).await?;
+    let signed_in = std::time::Instant::now();
+    let copied = cookie_header(&jar, &one)?;
+    let plain = reqwest::Client::builder().redirect(Policy::none()).build()?;
+    let out = plain
+        .get(one.url("/oauth2/sign_out"))
+        .header(COOKIE, &copied)
+        .send()
+        .await?;
+    ensure!(out.status() == 302, "sign_out: {}", out.status());
+    ensure!(
+        one.metric("chassis_oauth_proxy_revocations_total").await? == 1.0
+            && one
+                .metric("chassis_oauth_proxy_revocation_failures_total")
+                .await?
+                == 0.0,
+        "the sign-out revoked the session's refresh token at the issuer"
+    );
+    let signed_out = status_with(&plain, &one, "/app", &copied).await?;
+    ensure!(signed_out == 401, "on the replica that signed out: {signed_out}");
+    // The other replica knows nothing of the sign-out: its tokens still open it.
+    let at_other = status_with(&plain, &other, "/app", &copied).await?;
+    ensure!(
+        at_other == 200,
+        "the other replica, tokens still valid: {at_other}"
+    );
+
+    tokio::time::sleep(Duration::from_secs(22).saturating_sub(signed_in.elapsed())).await;
+    let after = status_with(&plain, &other, "/app", &copied).await?;
+    ensure!(
+        after == 401,
+        "the copied cookie on the other replica after its tokens expired: {after}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn tampered_and_foreign_key_cookies_are_refused() -> Result<()> {
     let upstream = echo_upstream().await?;
