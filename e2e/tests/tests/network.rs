@@ -323,6 +323,68 @@ async fn a_namespace_selector_that_could_match_nothing_by_mistake_is_refused() -
 }
 
 #[tokio::test]
+async fn a_selector_key_no_label_can_have_says_so_and_keeps_the_policies_in_place() -> Result<()> {
+    // The schema cannot check matchLabels keys (CEL over a map's keys is past the API
+    // server's cost budget): a typo such as a space in a key made the profile select
+    // no namespace, remove its policies and still say Ready.
+    let op = Operator::shared();
+    let client = cluster().admin().await?;
+    let profiles: Api<NetworkProfile> = Api::all(client.clone());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let team = unique("team");
+    let name = unique("typo");
+    let (good, typo) = ("e2e.chassis.dev/team", "e2e.chassis.dev/team name");
+    let mut profile = NetworkProfile::new(&name, NetworkProfileSpec::default());
+    profile.spec.isolation = Isolation::Namespace;
+    profile.spec.namespace_selector = Some(LabelSelector {
+        match_labels: Some(BTreeMap::from([(good.to_string(), team.clone())])),
+        ..Default::default()
+    });
+    profiles.create(&PostParams::default(), &profile).await?;
+    let ns = unique("team-typo");
+    namespaces
+        .create(
+            &PostParams::default(),
+            &chassis_e2e::namespace(&ns, &[(good, &team)]),
+        )
+        .await?;
+    let expected = vec![format!("profile.{name}.isolation")];
+    wait_for_policies(&ns, &name, &expected).await?;
+
+    // One merge patch renames the key (two would pass through `{}`, every namespace).
+    let rekey = |from: &str, to: &str| {
+        Patch::Merge(serde_json::json!({
+            "spec": {"namespaceSelector": {"matchLabels": {from: null, to: team.clone()}}}
+        }))
+    };
+    profiles
+        .patch(&name, &PatchParams::default(), &rekey(good, typo))
+        .await?;
+    let refused = wait_for_condition(&profiles, &name, "Ready", "False", TIMEOUT, Some(op)).await?;
+    let ready = chassis_e2e::condition(&refused, "Ready").context("a Ready condition")?;
+    ensure!(
+        ready.reason == "InvalidSelector" && ready.message.contains(&format!("matchLabels key {typo:?}")),
+        "Ready: {ready:?}"
+    );
+    // Nothing was taken away meanwhile.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(
+        profile_policies(&ns, &name).await? == expected,
+        "the policies in place stay while the selector is invalid"
+    );
+
+    // Fixed: Ready again, the namespace still covered.
+    profiles
+        .patch(&name, &PatchParams::default(), &rekey(typo, good))
+        .await?;
+    wait_for_condition(&profiles, &name, "Ready", "True", TIMEOUT, Some(op)).await?;
+    wait_for_policies(&ns, &name, &expected).await?;
+    profiles.delete(&name, &DeleteParams::default()).await?;
+    namespaces.delete(&ns, &DeleteParams::default()).await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn allow_from_without_isolation_is_refused() -> Result<()> {
     let profiles: Api<NetworkProfile> = Api::all(cluster().admin().await?);
     let mut open = NetworkProfile::new(&unique("open"), NetworkProfileSpec::default());

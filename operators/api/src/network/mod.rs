@@ -24,4 +24,5 @@ pub mod reason {
     pub const RULE_SHADOWED: &str = "RuleShadowed";
     pub const CONFLICT: &str = "Conflict";
     pub const TOO_LARGE: &str = "TooLarge";
+    pub const INVALID_SELECTOR: &str = "InvalidSelector";
 }

@@ -99,7 +99,20 @@ async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Re
     let fm = ctx.base.field_manager.as_str();
 
     let namespaces = ctx.namespaces.state();
-    let matched = matching_namespaces(&profile, &namespaces);
+    // A selector Kubernetes would refuse selects nothing new (a bad key matches no
+    // namespace, a bad `NotIn` value every one), and nothing is removed meanwhile.
+    let invalid = profile
+        .spec
+        .namespace_selector
+        .as_ref()
+        .and_then(render::invalid_selector);
+    let matched = if invalid.is_some() {
+        let mut by_name = profile.as_ref().clone();
+        by_name.spec.namespace_selector = None;
+        matching_namespaces(&by_name, &namespaces)
+    } else {
+        matching_namespaces(&profile, &namespaces)
+    };
     let desired: Vec<NetworkPolicy> = matched
         .iter()
         .flat_map(|ns| render::policies(&profile, ns))
@@ -146,6 +159,7 @@ async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Re
         .policies
         .state()
         .into_iter()
+        .filter(|_| invalid.is_none())
         .filter(|p| p.labels().get(PROFILE_LABEL) == Some(&name) && controlled_by(p.as_ref(), &uid))
         .filter(|p| !terminating.contains(&p.namespace().unwrap_or_default()))
         .filter(|p| !wanted.contains(&(p.namespace().unwrap_or_default(), p.name_any())))
@@ -174,7 +188,19 @@ async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Re
         .filter(|ns| !failed.contains(ns))
         .cloned()
         .collect();
-    let ready = ready_condition(&failures, &delete_failures, in_place.len());
+    let ready = match &invalid {
+        Some(why) => Desired::new(
+            READY,
+            false,
+            reason::INVALID_SELECTOR,
+            format!(
+                "namespaceSelector: {why}; until it is fixed it selects no namespace and the policies in place stay \
+                 (applied where the profile is bound by name: {} namespaces)",
+                in_place.len()
+            ),
+        ),
+        None => ready_condition(&failures, &delete_failures, in_place.len()),
+    };
     let generation = profile.metadata.generation;
     let mut status = profile.status.clone().unwrap_or_default();
     status.observed_generation = generation;
@@ -183,7 +209,11 @@ async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Re
     if profile.status.as_ref() != Some(&status) {
         write_status(client, &name, &status).await?;
     }
-    if failures.is_empty() && delete_failures.is_empty() {
+    if invalid.is_some() && failures.is_empty() {
+        // Namespaces bound by name still wake the profile; the selector waits for an edit.
+        ctx.base.backoff.succeeded(&name);
+        Ok(Action::await_change())
+    } else if failures.is_empty() && delete_failures.is_empty() {
         Ok(ctx.base.success(&name, Duration::from_secs(600)))
     } else {
         Ok(ctx.base.retry_after_error(&name, "apply_policy"))

@@ -52,6 +52,81 @@ fn requirement_matches(req: &LabelSelectorRequirement, labels: &BTreeMap<String,
     }
 }
 
+/// Why `selector` is one Kubernetes would refuse, naming the first bad key or value
+/// (its validation of label selectors: qualified-name keys, label values). The
+/// schema cannot check keys of a map within the API server's CEL cost budget, and a
+/// key no label can have would make the selector match nothing without a word.
+pub fn invalid_selector(selector: &LabelSelector) -> Option<String> {
+    for (key, value) in selector.match_labels.iter().flatten() {
+        if let Some(why) = invalid_label_key(key) {
+            return Some(format!("matchLabels key {key:?} {why}"));
+        }
+        if let Some(why) = invalid_label_value(value) {
+            return Some(format!("matchLabels value {value:?} of {key:?} {why}"));
+        }
+    }
+    for (i, e) in selector.match_expressions.iter().flatten().enumerate() {
+        if let Some(why) = invalid_label_key(&e.key) {
+            return Some(format!("matchExpressions[{i}] key {:?} {why}", e.key));
+        }
+        for value in e.values.iter().flatten() {
+            if let Some(why) = invalid_label_value(value) {
+                return Some(format!("matchExpressions[{i}] value {value:?} {why}"));
+            }
+        }
+    }
+    None
+}
+
+/// A label name or value: at most 63 characters, alphanumerics with `-`, `_` and
+/// `.` inside.
+fn invalid_name_part(s: &str) -> Option<&'static str> {
+    let inner = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if s.len() > 63 {
+        Some("is longer than 63 characters")
+    } else if !s.chars().all(inner)
+        || !s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        || !s.ends_with(|c: char| c.is_ascii_alphanumeric())
+    {
+        Some("must consist of letters, digits, '-', '_' or '.' and start and end with a letter or digit")
+    } else {
+        None
+    }
+}
+
+fn invalid_label_key(key: &str) -> Option<String> {
+    let (prefix, name) = match key.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    if let Some(prefix) = prefix {
+        let label = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if prefix.len() > 253 || !prefix.split('.').all(label) {
+            return Some(
+                "has a prefix that is not a DNS subdomain (lowercase, at most 253 characters)".into(),
+            );
+        }
+    }
+    if name.is_empty() {
+        return Some("has an empty name".into());
+    }
+    invalid_name_part(name).map(|why| format!("is not a label key: its name {why}"))
+}
+
+fn invalid_label_value(value: &str) -> Option<String> {
+    if value.is_empty() {
+        return None;
+    }
+    invalid_name_part(value).map(|why| format!("is not a label value: it {why}"))
+}
+
 /// The profiles a namespace binds by name (the project controller's annotation).
 pub fn bound_profiles(annotations: &BTreeMap<String, String>) -> impl Iterator<Item = &str> {
     annotations

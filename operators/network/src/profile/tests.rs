@@ -12,7 +12,7 @@ use chassis_netpol::model::{Model, NamespaceModel, PodModel, PortModel, Protocol
 use chassis_netpol::policy::Policy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 
-use super::render::{applies_to, policies};
+use super::render::{applies_to, invalid_selector, policies};
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
@@ -340,4 +340,63 @@ fn ready_says_conflict_only_when_every_failure_is_a_name_held_by_others() {
     let stale = super::ready_condition(&[taken("a")], &["x/profile.p.old: forbidden".into()], 1);
     assert_eq!(stale.reason, reason::APPLY_FAILED);
     assert!(stale.message.contains("stale policies"), "{}", stale.message);
+}
+
+#[test]
+fn selectors_kubernetes_would_refuse_are_named_not_silently_empty() {
+    let with_labels = |pairs: &[(&str, &str)]| LabelSelector {
+        match_labels: Some(labels(pairs)),
+        ..Default::default()
+    };
+    let with_expression = |key: &str, operator: &str, values: &[&str]| LabelSelector {
+        match_expressions: Some(vec![LabelSelectorRequirement {
+            key: key.into(),
+            operator: operator.into(),
+            values: Some(values.iter().map(|v| v.to_string()).collect()),
+        }]),
+        ..Default::default()
+    };
+    for fine in [
+        with_labels(&[("team", "a")]),
+        with_labels(&[("example.com/team", "a-b_c.d")]),
+        with_labels(&[("team", "")]),
+        with_labels(&[("kubernetes.io/metadata.name", "x")]),
+        with_expression("tier", "NotIn", &["gold", "Silver-1"]),
+        LabelSelector::default(),
+    ] {
+        assert_eq!(invalid_selector(&fine), None, "{fine:?}");
+    }
+    let long = "a".repeat(64);
+    for (bad, says) in [
+        (
+            with_labels(&[("team name", "a")]),
+            "matchLabels key \"team name\"",
+        ),
+        (
+            with_labels(&[("Example.com/team", "a")]),
+            "prefix that is not a DNS subdomain",
+        ),
+        (with_labels(&[("example.com/", "a")]), "empty name"),
+        (
+            with_labels(&[("-team", "a")]),
+            "start and end with a letter or digit",
+        ),
+        (with_labels(&[(long.as_str(), "a")]), "longer than 63"),
+        (
+            with_labels(&[("team", "a b")]),
+            "matchLabels value \"a b\" of \"team\"",
+        ),
+        (with_labels(&[("team", long.as_str())]), "longer than 63"),
+        (
+            with_expression("tier", "NotIn", &["gold", "no/slash"]),
+            "matchExpressions[0] value \"no/slash\"",
+        ),
+        (
+            with_expression("a/b/c", "Exists", &[]),
+            "matchExpressions[0] key \"a/b/c\"",
+        ),
+    ] {
+        let why = invalid_selector(&bad).unwrap_or_default();
+        assert!(why.contains(says), "{bad:?}: {why:?} should say {says:?}");
+    }
 }
