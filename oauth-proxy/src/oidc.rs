@@ -421,6 +421,11 @@ impl Provider {
         self.end_session.as_ref()
     }
 
+    /// The issuer's revocation endpoint (RFC 7009), when it advertises one.
+    pub fn revocation_endpoint(&self) -> Option<&Url> {
+        self.revocation.as_ref()
+    }
+
     /// Revokes `refresh_token` at the issuer's revocation endpoint (RFC 7009), with the
     /// client authentication of the token endpoint (HTTP Basic, each part
     /// form-encoded). `Ok(false)` when the issuer advertises no such endpoint. By hand:
@@ -468,10 +473,19 @@ async fn discover_endpoints(http: &reqwest::Client, issuer: &IssuerUrl) -> Resul
             issuer: issuer.to_string(),
             message,
         })?;
+    // An `https` issuer's endpoints must be `https` too: the revocation request
+    // carries the client secret and a refresh token, the end-session URL an ID token.
+    let secure = issuer.url().scheme() == "https";
     let endpoint = |key: &str| {
-        doc.get(key)
+        let url = doc
+            .get(key)
             .and_then(Value::as_str)
-            .and_then(|u| Url::parse(u).ok())
+            .and_then(|u| Url::parse(u).ok())?;
+        if secure && url.scheme() != "https" {
+            tracing::warn!(%url, "ignoring the issuer's {key}: not https, unlike the issuer");
+            return None;
+        }
+        Some(url)
     };
     Ok(Endpoints {
         end_session: endpoint("end_session_endpoint"),

@@ -37,6 +37,7 @@ use crate::path;
 use crate::redirect::RedirectPolicy;
 use crate::session::{self, CookieOptions, OpenedSessions, Sealer, Session};
 use crate::upstream::{ClientConnection, Upstream};
+use prometheus_client::metrics::counter::Counter;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -990,6 +991,12 @@ impl App {
     /// outage of the issuer signs nobody out.
     /// With refresh on, a session without a refresh token (the issuer gave none: no
     /// `offline_access`) cannot be renewed and ends with its tokens too.
+    /// Whether the session `sid` was signed out in this replica.
+    async fn signed_out(&self, sid: &SessionId) -> bool {
+        let revoked = self.revoked.lock().await;
+        !revoked.is_empty() && revoked.contains(sid, now())
+    }
+
     async fn maybe_refresh(&self, session: Arc<Session>) -> Option<(Arc<Session>, Option<Refreshed>)> {
         let Some(window) = self.config.cookie_refresh else {
             return Some((session, None));
@@ -1027,6 +1034,11 @@ impl App {
         };
         // Owned: the guard moves into the exchange's task below.
         let mut result = slot.clone().lock_owned().await;
+        // Signed out since this request opened it: a refresh now would get a token the
+        // sign-out, which looked for this slot before it was made, cannot revoke.
+        if self.signed_out(&sid).await {
+            return None;
+        }
         if let Some(last) = result.as_ref().filter(|l| l.reusable(now())) {
             return match &last.session {
                 Some(refreshed) => Some((refreshed.clone(), Some(Refreshed(slot.clone())))),
@@ -1079,6 +1091,22 @@ impl App {
             refreshed
         });
         match exchange.await {
+            Ok(Ok(refreshed)) if self.signed_out(&sid).await => {
+                // The sign-out stopped waiting for this refresh: its new token is
+                // revoked here, and the session stays ended.
+                if let (Some(token), Some(provider)) =
+                    (refreshed.refresh_token.clone(), self.provider.get().cloned())
+                {
+                    let counted = (
+                        self.metrics.revocations.clone(),
+                        self.metrics.revocation_failures.clone(),
+                    );
+                    tokio::spawn(
+                        async move { revoke(&provider, (&counted.0, &counted.1), &token, None).await },
+                    );
+                }
+                None
+            }
             // This request goes on to answer with the new cookie, if it can.
             Ok(Ok(refreshed)) => Some((refreshed, Some(Refreshed(slot)))),
             Err(e) => {
@@ -2142,7 +2170,8 @@ async fn sign_out(app: &App, headers: &HeaderMap, query: OAuthQuery) -> Response
     response
 }
 
-/// How long a sign-out waits for the issuer to revoke the session's refresh tokens.
+/// How long a sign-out waits, all in all, for the issuer to revoke the session's
+/// refresh tokens.
 const REVOCATION_WAIT: Duration = Duration::from_secs(3);
 
 /// Revokes the signed-out session's refresh tokens at the issuer (the cookie's, and a
@@ -2150,13 +2179,15 @@ const REVOCATION_WAIT: Duration = Duration::from_secs(3);
 /// is this replica's alone: on the others a copied cookie opens until its tokens are
 /// due for a refresh, which the issuer now refuses, so it ends with its access token.
 async fn revoke_refresh_tokens(app: &App, session: &Session) {
-    let Some(provider) = app.provider.get() else {
+    let Some(provider) = app.provider.get().filter(|p| p.revocation_endpoint().is_some()) else {
         return;
     };
+    let deadline = tokio::time::Instant::now() + REVOCATION_WAIT;
     let slot = app.refreshing.lock().await.get(&session_id(session)).cloned();
-    // A refresh still running holds its slot until the issuer answers: wait for its token.
+    // A refresh still running holds its slot until the issuer answers: wait for its
+    // token (one that comes later is revoked by the refresh itself, see `refresh`).
     let newer = match slot {
-        Some(slot) => tokio::time::timeout(REVOCATION_WAIT, slot.lock())
+        Some(slot) => tokio::time::timeout_at(deadline, slot.lock())
             .await
             .ok()
             .and_then(|last| {
@@ -2172,21 +2203,34 @@ async fn revoke_refresh_tokens(app: &App, session: &Session) {
             .filter(|t| session.refresh_token.as_ref() != Some(*t)),
     );
     for token in tokens {
-        let revoked = tokio::time::timeout(REVOCATION_WAIT, provider.revoke_refresh_token(token)).await;
-        match revoked {
-            Ok(Ok(true)) => {
-                app.metrics.revocations.inc();
-            }
-            // The issuer has no revocation endpoint.
-            Ok(Ok(false)) => return,
-            Ok(Err(e)) => {
-                app.metrics.revocation_failures.inc();
-                tracing::info!(user = %session.user, error = %e, "the issuer did not revoke the refresh token at sign-out");
-            }
-            Err(_) => {
-                app.metrics.revocation_failures.inc();
-                tracing::info!(user = %session.user, "the issuer did not answer the revocation at sign-out in time");
-            }
+        let counted = (&app.metrics.revocations, &app.metrics.revocation_failures);
+        revoke(provider, counted, token, Some(deadline)).await;
+    }
+}
+
+/// Revokes one refresh token, by `deadline` when given, and counts the outcome in
+/// `counted` (revoked, failed).
+async fn revoke(
+    provider: &Provider,
+    counted: (&Counter, &Counter),
+    token: &str,
+    deadline: Option<tokio::time::Instant>,
+) {
+    let deadline = deadline.unwrap_or_else(|| tokio::time::Instant::now() + REVOCATION_WAIT);
+    match tokio::time::timeout_at(deadline, provider.revoke_refresh_token(token)).await {
+        Ok(Ok(true)) => {
+            counted.0.inc();
+        }
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => {
+            counted.1.inc();
+            tracing::warn!(error = %e, "the issuer did not revoke a signed-out session's refresh token");
+        }
+        Err(_) => {
+            counted.1.inc();
+            tracing::warn!(
+                "the issuer did not answer the revocation of a signed-out session's refresh token in time"
+            );
         }
     }
 }

@@ -83,7 +83,7 @@ fn start_idp() -> Result<Idp> {
         &[
             ("PORT", "0".into()),
             ("OIDC_CONFIG", path.display().to_string()),
-            // Short, so the refresh test does not wait long; no other test refreshes.
+            // Short, so the tests that wait for a refresh or an expiry do not wait long.
             ("ACCESS_TOKEN_TTL", "20".into()),
         ],
     )?;
@@ -1630,8 +1630,10 @@ async fn a_cookie_copied_to_another_replica_dies_with_its_tokens_after_sign_out(
     // the revocation the other replica refreshes and the copy lives for the cookie's
     // whole lifetime (7 days).
     let upstream = echo_upstream().await?;
-    let one = Proxy::start("replica-one", upstream, &["--cookie-refresh", "1m"]).await?;
-    let other = Proxy::start("replica-other", upstream, &["--cookie-refresh", "1m"]).await?;
+    // Due 10 s after the login or 10 s before the tokens expire: nothing refreshes
+    // before the sign-out, and the other replica's first refresh comes after it.
+    let one = Proxy::start("replica-one", upstream, &["--cookie-refresh", "10s"]).await?;
+    let other = Proxy::start("replica-other", upstream, &["--cookie-refresh", "10s"]).await?;
     let jar = Arc::new(Jar::default());
     echoed(login(&browser(&jar)?, &one, "/", "alice").await?).await?;
     let signed_in = std::time::Instant::now();
