@@ -333,3 +333,131 @@ impl Drop for ClientConnection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{File, minimal_flags};
+    use http_body_util::{BodyExt, Empty};
+    use hyper::body::Bytes;
+    use hyper_util::rt::TokioIo;
+
+    fn upstream() -> Result<Upstream, String> {
+        let config = Config::merge(&minimal_flags(), File::default())?;
+        Upstream::new(&config, Uri::from_static("http://127.0.0.1:8080"), 1)
+    }
+
+    /// A ready connection to an in-memory upstream that names itself `name` in every
+    /// answer, and the handle that ends the upstream's side.
+    async fn connection(
+        name: &'static str,
+    ) -> Result<(SendRequest<Body>, tokio::task::JoinHandle<()>), BoxError> {
+        let (client, server) = tokio::io::duplex(4096);
+        let serving = tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |_| async move {
+                Response::builder()
+                    .header("x-upstream", name)
+                    .body(Empty::<Bytes>::new())
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(server), service)
+                .await;
+        });
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(client)).await?;
+        tokio::spawn(connection);
+        sender.ready().await?;
+        Ok((sender, serving))
+    }
+
+    /// Which upstream `sender` reaches.
+    async fn reaches(mut sender: SendRequest<Body>) -> Result<String, BoxError> {
+        let request = Request::get("/").body(Empty::new().map_err(|e| match e {}).boxed_unsync())?;
+        let response = sender.send_request(request).await?;
+        Ok(response
+            .headers()
+            .get("x-upstream")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string())
+    }
+
+    fn ago(now: Instant, seconds: u64) -> Instant {
+        now.checked_sub(Duration::from_secs(seconds)).unwrap_or(now)
+    }
+
+    #[tokio::test]
+    async fn the_last_idle_connection_set_aside_is_taken_first_and_none_unused_for_ninety_seconds()
+    -> Result<(), BoxError> {
+        let upstream = upstream()?;
+        let now = Instant::now();
+        let (stale, _a) = connection("stale").await?;
+        let (earlier, _b) = connection("earlier").await?;
+        let (last, _c) = connection("last").await?;
+        upstream.put_idle(0, ago(now, 91), stale);
+        upstream.put_idle(0, ago(now, 20), earlier);
+        upstream.put_idle(0, ago(now, 30), last);
+        // The one set aside last first: the others may go stale and close meanwhile.
+        for expected in ["last", "earlier"] {
+            let taken = upstream.take_idle(0, now).ok_or("no idle connection")?;
+            assert_eq!(reaches(taken).await?, expected);
+        }
+        // Past IDLE_FOR a firewall on the way may have dropped it without a word.
+        assert!(
+            upstream.take_idle(0, now).is_none(),
+            "a connection unused for 91 s was taken"
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_is_not_taken() -> Result<(), BoxError> {
+        let upstream = upstream()?;
+        let (sender, serving) = connection("closed").await?;
+        let (open, _b) = connection("open").await?;
+        upstream.put_idle(0, Instant::now(), open);
+        upstream.put_idle(0, Instant::now(), sender);
+        serving.abort();
+        // The client side sees the end of the stream within a few turns of the runtime.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        let taken = upstream
+            .take_idle(0, Instant::now())
+            .ok_or("no idle connection")?;
+        assert_eq!(reaches(taken).await?, "open");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_full_idle_stack_closes_the_connection_set_aside_longest_ago() -> Result<(), BoxError> {
+        let upstream = upstream()?;
+        let now = Instant::now();
+        let mut serving = Vec::new();
+        for i in 0..=MAX_IDLE {
+            let (sender, task) = connection(if i == 0 { "first" } else { "later" }).await?;
+            serving.push(task);
+            upstream.put_idle(0, now, sender);
+        }
+        assert_eq!(upstream.spare_of(0).idle.len(), MAX_IDLE);
+        while let Some(sender) = upstream.take_idle(0, now) {
+            assert_eq!(reaches(sender).await?, "later");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn past_the_cap_client_connections_keep_none_until_one_is_released() -> Result<(), String> {
+        let upstream = upstream()?;
+        assert!((0..MAX_KEPT).all(|_| upstream.keep(0)));
+        assert!(
+            !upstream.keep(0),
+            "one more than MAX_KEPT kept its own connection"
+        );
+        upstream.release(0);
+        assert!(
+            upstream.keep(0),
+            "a released count was not given to the next client"
+        );
+        Ok(())
+    }
+}
