@@ -983,6 +983,12 @@ impl App {
         out
     }
 
+    /// Whether the session `sid` was signed out in this replica.
+    async fn signed_out(&self, sid: &SessionId) -> bool {
+        let revoked = self.revoked.lock().await;
+        !revoked.is_empty() && revoked.contains(sid, now())
+    }
+
     /// Refreshes `session` when its access token is about to expire; `Some(Refreshed)`
     /// when it did (its cookies are for [`App::write_refreshed`]). Concurrent requests
     /// of one session wait for the first one's refresh and reuse it. `None` when the refresh failed and the session's tokens have expired:
@@ -991,12 +997,6 @@ impl App {
     /// outage of the issuer signs nobody out.
     /// With refresh on, a session without a refresh token (the issuer gave none: no
     /// `offline_access`) cannot be renewed and ends with its tokens too.
-    /// Whether the session `sid` was signed out in this replica.
-    async fn signed_out(&self, sid: &SessionId) -> bool {
-        let revoked = self.revoked.lock().await;
-        !revoked.is_empty() && revoked.contains(sid, now())
-    }
-
     async fn maybe_refresh(&self, session: Arc<Session>) -> Option<(Arc<Session>, Option<Refreshed>)> {
         let Some(window) = self.config.cookie_refresh else {
             return Some((session, None));
