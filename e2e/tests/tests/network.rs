@@ -366,6 +366,15 @@ async fn a_selector_key_no_label_can_have_says_so_and_keeps_the_policies_in_plac
         ready.reason == "InvalidSelector" && ready.message.contains(&format!("matchLabels key {typo:?}")),
         "Ready: {ready:?}"
     );
+    let listed = refused
+        .status
+        .as_ref()
+        .map(|s| s.matched_namespaces.clone())
+        .unwrap_or_default();
+    ensure!(
+        listed.contains(&ns),
+        "matchedNamespaces still lists {ns}: {listed:?}"
+    );
     // Nothing was taken away meanwhile.
     tokio::time::sleep(Duration::from_secs(2)).await;
     ensure!(
@@ -750,6 +759,26 @@ async fn egress_policies_render_into_exactly_what_their_ordered_rules_say() -> R
     ensure!(
         spec.policy_types == Some(vec!["Egress".to_string()]) && spec.egress.unwrap_or_default().is_empty(),
         "fail closed: egress denied"
+    );
+
+    // A pod selector key no label can have: no NetworkPolicy can carry it (the API
+    // server refused the write, and the status said only that, retried forever). The
+    // status now names the key and says what that leaves.
+    let mut bad_pods = EgressPolicy::new("bad-pods", EgressPolicySpec::default());
+    bad_pods.spec.pod_selector = Some(LabelSelector {
+        match_labels: Some(BTreeMap::from([("app name".to_string(), "web".to_string())])),
+        ..Default::default()
+    });
+    egresses.create(&PostParams::default(), &bad_pods).await?;
+    let refused = wait_for_condition(&egresses, "bad-pods", "Ready", "False", TIMEOUT, Some(op)).await?;
+    let ready = chassis_e2e::condition(&refused, "Ready").context("Ready")?;
+    ensure!(
+        ready.reason == "InvalidSelector"
+            && ready
+                .message
+                .contains("podSelector: matchLabels key \"app name\"")
+            && ready.message.contains("egress is not restricted"),
+        "{ready:?}"
     );
 
     Api::<Namespace>::all(client)

@@ -7,6 +7,7 @@
 pub mod egress;
 pub mod ipset;
 pub mod profile;
+pub mod selector;
 pub mod write;
 
 /// A stable hash for watch predicates (kube-runtime compares the `u64`s).

@@ -188,8 +188,9 @@ pub struct NetworkProfileStatus {
 #[serde(rename_all = "camelCase")]
 pub struct EgressPolicySpec {
     /// Pods the rules apply to (every pod of the namespace when omitted).
-    // Checked here: a selector the API server refuses in a NetworkPolicy would leave
-    // no policy, not even the deny-all fallback (which uses it too), so egress open.
+    // Operators checked here, keys and values by the controller (`InvalidSelector`): a
+    // selector the API server refuses in a NetworkPolicy leaves no policy, not even the
+    // deny-all fallback (which uses it too), so egress open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = kube::core::Rule::new("!has(self.matchExpressions) || self.matchExpressions.all(e, e.operator in ['In', 'NotIn'] ? (has(e.values) && size(e.values) > 0) : (e.operator in ['Exists', 'DoesNotExist'] && (!has(e.values) || size(e.values) == 0)))")
         .message("each matchExpressions entry needs the operator In or NotIn with values, or Exists or DoesNotExist without values"))]

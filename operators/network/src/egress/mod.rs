@@ -99,12 +99,20 @@ async fn reconcile(egress: Arc<EgressPolicy>, ctx: Arc<EgressContext>) -> Result
     let uid = egress.metadata.uid.clone().unwrap_or_default();
     let fm = ctx.base.field_manager.as_str();
     let api: Api<NetworkPolicy> = Api::namespaced(ctx.base.client.clone(), &namespace);
+    // A pod selector the API server refuses in any NetworkPolicy (the deny-all
+    // fallback's too): nothing can be written, so say why instead of retrying.
+    let bad_selector = egress
+        .spec
+        .pod_selector
+        .as_ref()
+        .and_then(crate::selector::invalid);
     let (rendered, invalid) = match render::render(&egress.spec) {
         Ok(rendered) => (Some(rendered), None),
         Err(invalid) => (None, Some(invalid)),
     };
     // Fail closed: with nothing rendered yet, the selected pods get no egress at all.
     let to_write = match (&rendered, &observed) {
+        _ if bad_selector.is_some() => None,
         (Some(rendered), _) => Some(network_policy(&egress, rendered)),
         (None, None) => Some(network_policy(&egress, &render::Rendered::deny_all())),
         (None, Some(_)) => None,
@@ -167,6 +175,22 @@ async fn reconcile(egress: Arc<EgressPolicy>, ctx: Arc<EgressContext>) -> Result
         }
         (_, None, None) => Desired::new(READY, false, reason::APPLY_FAILED, "nothing was rendered"),
     };
+    let ready = match &bad_selector {
+        Some(why) => {
+            let kept = if observed.is_some() {
+                "the NetworkPolicy written before stays as it is"
+            } else {
+                "no NetworkPolicy can be written, so the pods' egress is not restricted"
+            };
+            Desired::new(
+                READY,
+                false,
+                reason::INVALID_SELECTOR,
+                format!("podSelector: {why}; {kept}"),
+            )
+        }
+        None => ready,
+    };
     let failed = ready.reason == reason::APPLY_FAILED;
     let generation = egress.metadata.generation;
     let mut status = egress.status.clone().unwrap_or_default();
@@ -185,6 +209,10 @@ async fn reconcile(egress: Arc<EgressPolicy>, ctx: Arc<EgressContext>) -> Result
     }
     if failed {
         return Ok(ctx.base.retry_after_error(&key, "apply_policy"));
+    }
+    if bad_selector.is_some() {
+        ctx.base.backoff.succeeded(&key);
+        return Ok(Action::await_change());
     }
     Ok(ctx.base.success(&key, Duration::from_secs(600)))
 }

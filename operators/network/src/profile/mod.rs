@@ -105,7 +105,7 @@ async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Re
         .spec
         .namespace_selector
         .as_ref()
-        .and_then(render::invalid_selector);
+        .and_then(crate::selector::invalid);
     let matched = if invalid.is_some() {
         let mut by_name = profile.as_ref().clone();
         by_name.spec.namespace_selector = None;
@@ -159,7 +159,8 @@ async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Re
         .policies
         .state()
         .into_iter()
-        .filter(|_| invalid.is_none())
+        // While the selector is invalid, only where the profile is bound by name.
+        .filter(|p| invalid.is_none() || matched.contains(&p.namespace().unwrap_or_default()))
         .filter(|p| p.labels().get(PROFILE_LABEL) == Some(&name) && controlled_by(p.as_ref(), &uid))
         .filter(|p| !terminating.contains(&p.namespace().unwrap_or_default()))
         .filter(|p| !wanted.contains(&(p.namespace().unwrap_or_default(), p.name_any())))
@@ -188,18 +189,42 @@ async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Re
         .filter(|ns| !failed.contains(ns))
         .cloned()
         .collect();
-    let ready = match &invalid {
-        Some(why) => Desired::new(
-            READY,
-            false,
-            reason::INVALID_SELECTOR,
-            format!(
-                "namespaceSelector: {why}; until it is fixed it selects no namespace and the policies in place stay \
-                 (applied where the profile is bound by name: {} namespaces)",
+    let (ready, in_place) = match &invalid {
+        Some(why) => {
+            // The policies the old selector placed stay (frozen until it is fixed):
+            // they count as in place, as they are.
+            let held: BTreeSet<String> = ctx
+                .policies
+                .state()
+                .iter()
+                .filter(|p| p.labels().get(PROFILE_LABEL) == Some(&name) && controlled_by(p.as_ref(), &uid))
+                .map(|p| p.namespace().unwrap_or_default())
+                .chain(in_place.iter().cloned())
+                .collect();
+            let mut message = format!(
+                "namespaceSelector: {why}; until it is fixed it selects no namespace and the policies it placed \
+                 stay as they are (namespaces bound by name are served: {})",
                 in_place.len()
-            ),
+            );
+            if let Some((_, first, _)) = failures.first() {
+                message.push_str(&format!(
+                    "; {} policies could not be applied: {first}",
+                    failures.len()
+                ));
+            }
+            if let Some(first) = delete_failures.first() {
+                message.push_str(&format!(
+                    "; {} stale policies could not be removed: {first}",
+                    delete_failures.len()
+                ));
+            }
+            let ready = Desired::new(READY, false, reason::INVALID_SELECTOR, message);
+            (ready, held.into_iter().collect())
+        }
+        None => (
+            ready_condition(&failures, &delete_failures, in_place.len()),
+            in_place,
         ),
-        None => ready_condition(&failures, &delete_failures, in_place.len()),
     };
     let generation = profile.metadata.generation;
     let mut status = profile.status.clone().unwrap_or_default();
@@ -209,14 +234,14 @@ async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Re
     if profile.status.as_ref() != Some(&status) {
         write_status(client, &name, &status).await?;
     }
-    if invalid.is_some() && failures.is_empty() {
+    if !failures.is_empty() || !delete_failures.is_empty() {
+        Ok(ctx.base.retry_after_error(&name, "apply_policy"))
+    } else if invalid.is_some() {
         // Namespaces bound by name still wake the profile; the selector waits for an edit.
         ctx.base.backoff.succeeded(&name);
         Ok(Action::await_change())
-    } else if failures.is_empty() && delete_failures.is_empty() {
-        Ok(ctx.base.success(&name, Duration::from_secs(600)))
     } else {
-        Ok(ctx.base.retry_after_error(&name, "apply_policy"))
+        Ok(ctx.base.success(&name, Duration::from_secs(600)))
     }
 }
 

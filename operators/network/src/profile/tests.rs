@@ -12,7 +12,8 @@ use chassis_netpol::model::{Model, NamespaceModel, PodModel, PortModel, Protocol
 use chassis_netpol::policy::Policy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 
-use super::render::{applies_to, invalid_selector, policies};
+use super::render::{applies_to, policies};
+use crate::selector::invalid as invalid_selector;
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
@@ -361,6 +362,8 @@ fn selectors_kubernetes_would_refuse_are_named_not_silently_empty() {
         with_labels(&[("example.com/team", "a-b_c.d")]),
         with_labels(&[("team", "")]),
         with_labels(&[("kubernetes.io/metadata.name", "x")]),
+        // A subdomain label over 63 characters: Kubernetes limits only the whole prefix.
+        with_labels(&[(format!("{}.example.com/team", "a".repeat(64)).as_str(), "x")]),
         with_expression("tier", "NotIn", &["gold", "Silver-1"]),
         LabelSelector::default(),
     ] {
