@@ -996,7 +996,8 @@ impl App {
     /// the session ends, as in oauth2-proxy; before they expire it is kept, so a short
     /// outage of the issuer signs nobody out.
     /// With refresh on, a session without a refresh token (the issuer gave none: no
-    /// `offline_access`) cannot be renewed and ends with its tokens too.
+    /// `offline_access`) cannot be renewed and ends with its tokens too, and a session
+    /// signed out in this replica while its refresh ran ends at once.
     async fn maybe_refresh(&self, session: Arc<Session>) -> Option<(Arc<Session>, Option<Refreshed>)> {
         let Some(window) = self.config.cookie_refresh else {
             return Some((session, None));
@@ -1091,12 +1092,14 @@ impl App {
             refreshed
         });
         match exchange.await {
-            Ok(Ok(refreshed)) if self.signed_out(&sid).await => {
-                // The sign-out stopped waiting for this refresh: its new token is
-                // revoked here, and the session stays ended.
-                if let (Some(token), Some(provider)) =
-                    (refreshed.refresh_token.clone(), self.provider.get().cloned())
-                {
+            Ok(Ok(_)) if self.signed_out(&sid).await => {
+                // Signed out during the exchange: the session stays ended, and its new
+                // token is revoked here unless the sign-out took it from the slot first.
+                let taken = slot.lock().await.as_mut().and_then(|l| l.session.take());
+                if let (Some(token), Some(provider)) = (
+                    taken.and_then(|s| s.refresh_token.clone()),
+                    self.provider.get().cloned(),
+                ) {
                     let counted = (
                         self.metrics.revocations.clone(),
                         self.metrics.revocation_failures.clone(),
@@ -2183,28 +2186,25 @@ async fn revoke_refresh_tokens(app: &App, session: &Session) {
         return;
     };
     let deadline = tokio::time::Instant::now() + REVOCATION_WAIT;
+    let counted = (&app.metrics.revocations, &app.metrics.revocation_failures);
+    // The cookie's own first: a slow refresh below must not take its time.
+    if let Some(token) = &session.refresh_token {
+        revoke(provider, counted, token, Some(deadline)).await;
+    }
     let slot = app.refreshing.lock().await.get(&session_id(session)).cloned();
     // A refresh still running holds its slot until the issuer answers: wait for its
-    // token (one that comes later is revoked by the refresh itself, see `refresh`).
+    // session. Taken out of the slot: whichever of this and the refresh (see `refresh`)
+    // takes it revokes its token, once.
     let newer = match slot {
         Some(slot) => tokio::time::timeout_at(deadline, slot.lock())
             .await
             .ok()
-            .and_then(|last| {
-                last.as_ref()
-                    .and_then(|l| l.session.as_ref())
-                    .and_then(|s| s.refresh_token.clone())
-            }),
+            .and_then(|mut last| last.as_mut().and_then(|l| l.session.take()))
+            .and_then(|s| s.refresh_token.clone()),
         None => None,
     };
-    let tokens = session.refresh_token.iter().chain(
-        newer
-            .iter()
-            .filter(|t| session.refresh_token.as_ref() != Some(*t)),
-    );
-    for token in tokens {
-        let counted = (&app.metrics.revocations, &app.metrics.revocation_failures);
-        revoke(provider, counted, token, Some(deadline)).await;
+    if let Some(token) = newer.filter(|t| session.refresh_token.as_ref() != Some(t)) {
+        revoke(provider, counted, &token, Some(deadline)).await;
     }
 }
 

@@ -155,7 +155,7 @@ impl Upstream {
         idle.retain(|(used, sender)| usable(*used, sender, now));
     }
 
-    /// The most recently used idle connection of `thread` that is still usable.
+    /// The idle connection of `thread` set aside last that is still usable.
     fn take_idle(&self, thread: usize, now: Instant) -> Option<SendRequest<Body>> {
         let mut spare = self.spare_of(thread);
         while let Some((used, sender)) = spare.idle.pop() {

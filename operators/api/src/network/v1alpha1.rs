@@ -35,9 +35,9 @@ use serde::{Deserialize, Serialize};
 pub struct NetworkProfileSpec {
     /// Namespaces the profile applies to, in addition to projects whose template
     /// names it. Omit to apply only to those projects; `{}` selects every namespace.
-    // Checked here as Kubernetes checks a selector: inside a CRD the API server takes
-    // any operator, and a selector matching nothing would leave namespaces unisolated
-    // while the profile reports Ready.
+    // Operators checked here, keys and values by the controller (`InvalidSelector`):
+    // inside a CRD the API server takes any selector, and one matching nothing would
+    // leave namespaces unisolated while the profile reports Ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = kube::core::Rule::new("!has(self.matchExpressions) || self.matchExpressions.all(e, e.operator in ['In', 'NotIn'] ? (has(e.values) && size(e.values) > 0) : (e.operator in ['Exists', 'DoesNotExist'] && (!has(e.values) || size(e.values) == 0)))")
         .message("each matchExpressions entry needs the operator In or NotIn with values, or Exists or DoesNotExist without values"))]
