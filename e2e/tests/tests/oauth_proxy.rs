@@ -1552,21 +1552,13 @@ async fn sign_out_without_a_session_still_ends_the_login_at_the_issuer() -> Resu
     // again without a password.
     let cookie = cookie_header(&jar, &proxy)?;
     let plain = reqwest::Client::builder().redirect(Policy::none()).build()?;
-    let first = plain
-        .get(proxy.url("/oauth2/sign_out"))
-        .header(COOKIE, &cookie)
-        .send()
-        .await?;
+    let first = get_with(&plain, &proxy, "/oauth2/sign_out", &cookie).await?;
     ensure!(
         location(&first).contains("id_token_hint="),
         "first sign-out: {}",
         location(&first)
     );
-    let out = plain
-        .get(proxy.url("/oauth2/sign_out?rd=/"))
-        .header(COOKIE, &cookie)
-        .send()
-        .await?;
+    let out = get_with(&plain, &proxy, "/oauth2/sign_out?rd=/", &cookie).await?;
     ensure!(out.status() == 302, "sign_out: {}", out.status());
     let to = location(&out);
     let url = reqwest::Url::parse(&to).with_context(|| format!("sign_out went to {to:?}"))?;
@@ -1610,15 +1602,19 @@ async fn sign_out_without_a_session_still_ends_the_login_at_the_issuer() -> Resu
     Ok(())
 }
 
-/// The status of a GET of `path` on `proxy` with `cookie`, redirects not followed.
+/// A GET of `path` on `proxy` with `cookie` (redirects as `client` follows them).
+async fn get_with(
+    client: &reqwest::Client,
+    proxy: &Proxy,
+    path: &str,
+    cookie: &str,
+) -> Result<reqwest::Response> {
+    Ok(client.get(proxy.url(path)).header(COOKIE, cookie).send().await?)
+}
+
+/// The status of [`get_with`].
 async fn status_with(client: &reqwest::Client, proxy: &Proxy, path: &str, cookie: &str) -> Result<u16> {
-    Ok(client
-        .get(proxy.url(path))
-        .header(COOKIE, cookie)
-        .send()
-        .await?
-        .status()
-        .as_u16())
+    Ok(get_with(client, proxy, path, cookie).await?.status().as_u16())
 }
 
 #[tokio::test]
@@ -1639,11 +1635,7 @@ async fn a_cookie_copied_to_another_replica_dies_with_its_tokens_after_sign_out(
     let signed_in = std::time::Instant::now();
     let copied = cookie_header(&jar, &one)?;
     let plain = reqwest::Client::builder().redirect(Policy::none()).build()?;
-    let out = plain
-        .get(one.url("/oauth2/sign_out"))
-        .header(COOKIE, &copied)
-        .send()
-        .await?;
+    let out = get_with(&plain, &one, "/oauth2/sign_out", &copied).await?;
     ensure!(out.status() == 302, "sign_out: {}", out.status());
     ensure!(
         one.metric("chassis_oauth_proxy_revocations_total").await? == 1.0
