@@ -155,6 +155,21 @@ pub fn mutation(request: &AdmissionRequest<DynamicObject>) -> Vec<Value> {
     ops
 }
 
+/// Why a Project create must be refused because the mutating webhook did not run: its
+/// requester annotation is not the requesting user. The two webhooks are separate
+/// configurations: with the mutating one deleted, edited or not loaded yet, a create
+/// would otherwise pass with the requester it brought.
+pub fn unmutated(request: &AdmissionRequest<DynamicObject>) -> Option<String> {
+    let user = request.user_info.username.as_deref().unwrap_or_default();
+    let requester = requester_of(request.object.as_ref());
+    (requester.as_deref() != Some(user)).then(|| {
+        format!(
+            "the annotation {REQUESTER_ANNOTATION} is not the requesting user {user:?}: chassis' mutating \
+             webhook did not run (its configuration {CONFIGURATION_NAME} missing or changed?)"
+        )
+    })
+}
+
 /// What the validating webhook looks up before it decides.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Facts {
@@ -759,7 +774,7 @@ async fn handle_validate(
     }
     // Refused before any lookup: a name that can never pass gets its reason even while
     // the API server is too busy to answer the lookups.
-    if let Some(refusal) = reserved.refusal(&request.name) {
+    if let Some(refusal) = reserved.refusal(&request.name).or_else(|| unmutated(&request)) {
         return deny(response, refusal).into_review();
     }
     let user = request.user_info.username.clone().unwrap_or_default();
@@ -1261,6 +1276,61 @@ mod tests {
             "a project being deleted no longer counts"
         );
         assert_eq!(projects.of("carol"), Some(BTreeSet::new()));
+    }
+
+    /// Only a create whose requester annotation is the requesting user passes: one the
+    /// mutating webhook never saw keeps what the client sent (or nothing), and the
+    /// validating webhook refuses it before any lookup.
+    #[tokio::test]
+    async fn a_create_the_mutating_webhook_never_saw_is_refused() {
+        use http::{Request, Response};
+        use kube::client::Body;
+
+        let create = |annotations: Value| request("CREATE", "alice", project(annotations, json!({})), None);
+        assert_eq!(unmutated(&create(json!({REQUESTER_ANNOTATION: "alice"}))), None);
+        for unseen in [json!(null), json!({}), json!({REQUESTER_ANNOTATION: "mallory"})] {
+            let said = unmutated(&create(unseen.clone())).unwrap_or_default();
+            assert!(
+                said.contains("\"alice\"") && said.contains("did not run"),
+                "{unseen}: {said}"
+            );
+        }
+        // An anonymous create is recorded with the empty name, as the mutation does.
+        let anonymous = request(
+            "CREATE",
+            "",
+            project(json!({REQUESTER_ANNOTATION: ""}), json!({})),
+            None,
+        );
+        assert_eq!(unmutated(&anonymous), None);
+
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        drop(handle); // every lookup fails: a refusal must come before them
+        let client = Client::new(service, "default");
+        let caches = caches(&client, &[], false).await;
+        let forged = review(
+            "CREATE",
+            "alice",
+            project(json!({REQUESTER_ANNOTATION: "mallory"}), json!({})),
+            None,
+        );
+        let answer = handle_validate(
+            client,
+            &ReservedNames::default(),
+            caches,
+            Arc::default(),
+            Arc::default(),
+            serde_json::from_value(forged).expect("valid review"),
+        )
+        .await;
+        let response = answer.response.expect("a response");
+        assert!(!response.allowed);
+        assert_eq!(response.result.code, 403, "{}", response.result.message);
+        assert!(
+            response.result.message.contains("did not run"),
+            "{}",
+            response.result.message
+        );
     }
 
     /// A reserved name is refused with its reason even when no lookup can be answered
