@@ -48,6 +48,11 @@ pub enum Error {
     /// safe and useful to show, unlike a transport failure's details.
     #[error("the issuer refused the token request: {0}")]
     Refused(String),
+    /// A refresh the issuer refused with `invalid_grant` (the grant revoked, expired or
+    /// ended with the user's login there) or `invalid_client` (the client disabled):
+    /// the issuer no longer vouches for the session, so it ends now.
+    #[error("the issuer refused the refresh token: {0}")]
+    GrantEnded(String),
     #[error("the token response has no ID token")]
     NoIdToken,
     #[error("the ID token is not valid: {0}")]
@@ -279,7 +284,15 @@ impl Provider {
             .map_err(|_| Error::NoTokenEndpoint)?
             .request_async(&self.http)
             .await
-            .map_err(|e| Error::Token(error_chain(&e)))?;
+            .map_err(|e| match &e {
+                openidconnect::RequestTokenError::ServerResponse(answer) if ends_grant(answer.error()) => {
+                    Error::GrantEnded(answer.to_string())
+                }
+                openidconnect::RequestTokenError::ServerResponse(answer) => {
+                    Error::Refused(answer.to_string())
+                }
+                _ => Error::Token(error_chain(&e)),
+            })?;
         self.identity(&response, None, Some(previous)).await
     }
 
@@ -493,6 +506,16 @@ async fn discover_endpoints(http: &reqwest::Client, issuer: &IssuerUrl) -> Resul
     })
 }
 
+/// Whether a token endpoint's refusal of a refresh ends the session: the OAuth errors
+/// (RFC 6749 5.2) that say the grant or the client is no longer good, as oauth2-proxy
+/// decides (its fix for issue 1945). Other refusals (`invalid_request`,
+/// `invalid_scope`...) and failures to reach the issuer keep the session until its
+/// tokens expire: an outage of the issuer signs nobody out.
+fn ends_grant(code: &openidconnect::core::CoreErrorResponseType) -> bool {
+    use openidconnect::core::CoreErrorResponseType as Code;
+    matches!(code, Code::InvalidGrant | Code::InvalidClient)
+}
+
 /// An error with its sources, for logs and messages.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut out = error.to_string();
@@ -503,4 +526,24 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = e.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openidconnect::core::CoreErrorResponseType as Code;
+
+    #[test]
+    fn only_a_dead_grant_or_client_ends_the_session() {
+        assert!(ends_grant(&Code::InvalidGrant) && ends_grant(&Code::InvalidClient));
+        for kept in [
+            Code::InvalidRequest,
+            Code::InvalidScope,
+            Code::UnauthorizedClient,
+            Code::UnsupportedGrantType,
+            Code::Extension("temporarily_unavailable".into()),
+        ] {
+            assert!(!ends_grant(&kept), "{kept:?}");
+        }
+    }
 }

@@ -62,6 +62,9 @@ struct LastRefresh {
     at: u64,
     /// The refreshed session, `None` if the refresh failed.
     session: Option<Arc<Session>>,
+    /// The issuer refused the refresh token ([`crate::oidc::Error::GrantEnded`]): the
+    /// session ends, for the requests that reuse this result too.
+    ended: bool,
     /// A request has handed the refreshed session on (all its Set-Cookie headers).
     /// Until one has (its client went away meanwhile, it was answered 403, or only an
     /// ingress's first Set-Cookie would have reached the browser), the old cookie is
@@ -991,10 +994,11 @@ impl App {
 
     /// Refreshes `session` when its access token is about to expire; `Some(Refreshed)`
     /// when it did (its cookies are for [`App::write_refreshed`]). Concurrent requests
-    /// of one session wait for the first one's refresh and reuse it. `None` when the refresh failed and the session's tokens have expired:
-    /// the issuer no longer vouches for the user (disabled, or the grant revoked), so
-    /// the session ends, as in oauth2-proxy; before they expire it is kept, so a short
-    /// outage of the issuer signs nobody out.
+    /// of one session wait for the first one's refresh and reuse it. `None` when the
+    /// issuer refused the refresh token (`invalid_grant`: the grant revoked, the user's
+    /// login there ended; `invalid_client`), as in oauth2-proxy: the issuer no longer
+    /// vouches for the user. Any other failure keeps the session until its tokens
+    /// expire (then `None` too), so a short outage of the issuer signs nobody out.
     /// With refresh on, a session without a refresh token (the issuer gave none: no
     /// `offline_access`) cannot be renewed and ends with its tokens too, and a session
     /// signed out in this replica while its refresh ran ends at once.
@@ -1043,6 +1047,7 @@ impl App {
         if let Some(last) = result.as_ref().filter(|l| l.reusable(now())) {
             return match &last.session {
                 Some(refreshed) => Some((refreshed.clone(), Some(Refreshed(slot.clone())))),
+                None if last.ended => None,
                 None => failed(session),
             };
         }
@@ -1087,6 +1092,7 @@ impl App {
             *result = Some(LastRefresh {
                 at: now(),
                 session: refreshed.as_ref().ok().cloned(),
+                ended: matches!(refreshed, Err(crate::oidc::Error::GrantEnded(_))),
                 delivered: false,
             });
             refreshed
@@ -1115,6 +1121,10 @@ impl App {
             Err(e) => {
                 tracing::warn!(user = %session.user, error = %e, "the refresh task failed");
                 failed(session)
+            }
+            Ok(Err(e @ crate::oidc::Error::GrantEnded(_))) => {
+                tracing::info!(user = %session.user, error = %e, "the issuer refused the refresh token: the session ends");
+                None
             }
             Ok(Err(e)) => {
                 let kept = failed(session.clone());
@@ -2956,6 +2966,7 @@ mod tests {
         let kept = LastRefresh {
             at: 100,
             session: Some(refreshed),
+            ended: false,
             delivered: false,
         };
         assert!(!kept.reusable(3600), "not taken as it is: its tokens expired");

@@ -1618,13 +1618,14 @@ async fn status_with(client: &reqwest::Client, proxy: &Proxy, path: &str, cookie
 }
 
 #[tokio::test]
-async fn a_cookie_copied_to_another_replica_dies_with_its_tokens_after_sign_out() -> Result<()> {
+async fn a_cookie_copied_to_another_replica_dies_at_its_next_refresh_after_sign_out() -> Result<()> {
     // Two replicas of one proxy (same client, same cookie secret). The revocation list
     // of a sign-out is the replica's own, so the other still opens a copied cookie:
     // what ends it there is the issuer refusing its refresh token, which the sign-out
-    // revoked, once the tokens it holds expire (20 s at the shared provider). Without
-    // the revocation the other replica refreshes and the copy lives for the cookie's
-    // whole lifetime (7 days).
+    // revoked (`invalid_grant`), at the first refresh after it. Without the revocation
+    // the other replica refreshes and the copy lives for the cookie's whole lifetime
+    // (7 days); with a refused refresh kept until the tokens expire, until 20 s (the
+    // shared provider's tokens).
     let upstream = echo_upstream().await?;
     // Due 10 s after the login or 10 s before the tokens expire: nothing refreshes
     // before the sign-out, and the other replica's first refresh comes after it.
@@ -1654,11 +1655,16 @@ async fn a_cookie_copied_to_another_replica_dies_with_its_tokens_after_sign_out(
         "the other replica, tokens still valid: {at_other}"
     );
 
-    tokio::time::sleep(Duration::from_secs(22).saturating_sub(signed_in.elapsed())).await;
+    // Due for a refresh, its tokens still valid for 8 s more.
+    tokio::time::sleep(Duration::from_secs(12).saturating_sub(signed_in.elapsed())).await;
     let after = status_with(&plain, &other, "/app", &copied).await?;
     ensure!(
-        after == 401,
-        "the copied cookie on the other replica after its tokens expired: {after}"
+        after == 401 && other.metric("chassis_oauth_proxy_refreshes").await? == 1.0,
+        "the copied cookie on the other replica at its first refresh: {after}"
+    );
+    ensure!(
+        status_with(&plain, &other, "/app", &copied).await? == 401,
+        "a request reusing the refused refresh ends too"
     );
     Ok(())
 }
@@ -2128,9 +2134,11 @@ enum Misbehaviour {
     ForeignAzp,
     /// `aud` lists another client beside ours.
     ExtraAudience,
-    /// Tokens live 8 s and come with a refresh token that the issuer then refuses
+    /// Tokens live 30 s and come with a refresh token that the issuer then refuses
     /// (`invalid_grant`), as when the user was disabled or the grant revoked.
-    ShortLivedRefusingRefresh,
+    RefusingRefresh,
+    /// Tokens live 8 s and come with a refresh token; refreshes get 503 (an outage).
+    ShortLivedRefreshOutage,
     /// `/token` answers with a redirect to `/token-elsewhere` (an IdP client that
     /// follows redirects can be steered to send the code and secret anywhere).
     RedirectedToken,
@@ -2268,6 +2276,18 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
             return warp::reply::with_header(moved, "location", format!("{token_base}/token-elsewhere"))
                 .into_response();
         }
+        let refreshing = form.get("grant_type").map(String::as_str) == Some("refresh_token");
+        if refreshing
+            && token_mode
+                .lock()
+                .is_ok_and(|m| *m == Misbehaviour::ShortLivedRefreshOutage)
+        {
+            return warp::reply::with_status(
+                "down for maintenance",
+                warp::http::StatusCode::SERVICE_UNAVAILABLE,
+            )
+            .into_response();
+        }
         let login = form.get("code").and_then(|c| take_code(&logins, c));
         let Some(login) = login else {
             return refuse("invalid_grant");
@@ -2301,7 +2321,8 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
             Misbehaviour::ForeignAzp => claims["azp"] = json!("someone-else"),
             Misbehaviour::ExtraAudience => claims["aud"] = json!(["chassis", "someone-else"]),
             // Refresh requests carry no code: the branch above refuses them.
-            Misbehaviour::ShortLivedRefusingRefresh => claims["exp"] = json!(unix_now() + 8),
+            Misbehaviour::RefusingRefresh => claims["exp"] = json!(unix_now() + 30),
+            Misbehaviour::ShortLivedRefreshOutage => claims["exp"] = json!(unix_now() + 8),
             Misbehaviour::RedirectedToken | Misbehaviour::SlowRotatingRefresh => {}
         }
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
@@ -2317,8 +2338,12 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
         };
         match signed {
             Ok(id_token) => warp::reply::with_status(
-                warp::reply::json(&if mode == Misbehaviour::ShortLivedRefusingRefresh {
-                    json!({"access_token": "at", "token_type": "Bearer", "expires_in": 8,
+                warp::reply::json(&if let Some(lifetime) = match mode {
+                    Misbehaviour::RefusingRefresh => Some(30),
+                    Misbehaviour::ShortLivedRefreshOutage => Some(8),
+                    _ => None,
+                } {
+                    json!({"access_token": "at", "token_type": "Bearer", "expires_in": lifetime,
                                "refresh_token": "rt", "id_token": id_token})
                 } else if mode == Misbehaviour::SlowRotatingRefresh {
                     json!({"access_token": access_token("at", &code_token_bytes), "token_type": "Bearer",
@@ -2636,29 +2661,59 @@ async fn signed_in_at_misbehaving_issuer(
 }
 
 #[tokio::test]
-async fn a_session_whose_refresh_the_issuer_refuses_ends_when_its_tokens_expire() -> Result<()> {
-    // The issuer refuses the refresh (user disabled, grant revoked): the session must
-    // not live on for the cookie's whole lifetime (7 days) on stale claims.
-    // Due for refresh at once (tokens live 8 s, the window is a minute); refused, but
-    // the tokens are still valid: the session stays.
-    let (_issuer, proxy, cookie) =
-        signed_in_at_misbehaving_issuer(Misbehaviour::ShortLivedRefusingRefresh, "refused-refresh", "1m")
-            .await?;
-    tokio::time::sleep(Duration::from_secs(9)).await;
+async fn a_refused_refresh_ends_the_session_and_an_outage_keeps_it_until_its_tokens_expire() -> Result<()> {
+    // The issuer refuses the refresh (`invalid_grant`: user disabled, grant revoked): it
+    // no longer vouches for the user, and the session ends at once, though its tokens
+    // live 30 s more (as oauth2-proxy does). An issuer that cannot answer (503) must
+    // sign nobody out while the tokens are valid, nor keep anyone for the cookie's whole
+    // lifetime (7 days) on stale claims after they expire.
     let client = reqwest::Client::builder().redirect(Policy::none()).build()?;
-    // Proxied routes, the ingress endpoint and userinfo alike.
-    for path in ["/app", "/oauth2/auth", "/oauth2/userinfo"] {
-        let after = client
-            .get(proxy.url(path))
-            .header(COOKIE, cookie.clone())
-            .send()
+    // Proxied routes, the ingress endpoint (202 when allowed) and userinfo alike.
+    let statuses = |proxy: &Proxy, cookie: &str| {
+        let (client, cookie) = (client.clone(), cookie.to_string());
+        let urls = ["/app", "/oauth2/auth", "/oauth2/userinfo"].map(|p| proxy.url(p));
+        async move {
+            let mut out = Vec::new();
+            for url in urls {
+                out.push(
+                    client
+                        .get(url)
+                        .header(COOKIE, cookie.clone())
+                        .send()
+                        .await?
+                        .status()
+                        .as_u16(),
+                );
+            }
+            Ok::<_, anyhow::Error>(out)
+        }
+    };
+    // Due 5 s after the login (longer than a sign-in takes on a loaded machine).
+    let (_refusing, refused, cookie) =
+        signed_in_at_misbehaving_issuer(Misbehaviour::RefusingRefresh, "refused-refresh", "5s").await?;
+    let signed_in = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let after = statuses(&refused, &cookie).await?;
+    ensure!(
+        after == [401; 3] && signed_in.elapsed() < Duration::from_secs(25),
+        "the refresh refused, tokens still valid: {after:?}"
+    );
+
+    // Tokens of 8 s are due for a refresh at once (the window is a minute).
+    let (_down, kept, cookie) =
+        signed_in_at_misbehaving_issuer(Misbehaviour::ShortLivedRefreshOutage, "outage-refresh", "1m")
             .await?;
-        ensure!(
-            after.status() == 401,
-            "tokens expired and the refresh refused, yet {path} answered {}",
-            after.status()
-        );
-    }
+    let during = statuses(&kept, &cookie).await?;
+    ensure!(
+        during == [200, 202, 200] && kept.metric("chassis_oauth_proxy_refreshes").await? >= 1.0,
+        "the issuer down, tokens still valid: {during:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let expired = statuses(&kept, &cookie).await?;
+    ensure!(
+        expired == [401; 3],
+        "the issuer down and the tokens expired: {expired:?}"
+    );
     Ok(())
 }
 
