@@ -388,8 +388,58 @@ async fn a_selector_key_no_label_can_have_says_so_and_keeps_the_policies_in_plac
         .await?;
     wait_for_condition(&profiles, &name, "Ready", "True", TIMEOUT, Some(op)).await?;
     wait_for_policies(&ns, &name, &expected).await?;
+
+    // An allowFrom peer's selector, rendered into a policy of its own: the API server
+    // would refuse it on every write (ApplyFailed, retried forever). Its policy stays
+    // where it is, no new namespace gets it, the rest is served.
+    let peer = |pods: &str| {
+        Patch::Merge(serde_json::json!({"spec": {"allowFrom": [{
+            "name": "scrapers",
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+            "podSelector": {"matchLabels": {pods: "prometheus"}},
+        }]}}))
+    };
+    let both = vec![
+        format!("profile.{name}.from-scrapers"),
+        format!("profile.{name}.isolation"),
+    ];
+    profiles
+        .patch(&name, &PatchParams::default(), &peer("app"))
+        .await?;
+    wait_for_policies(&ns, &name, &both).await?;
+    profiles
+        .patch(&name, &PatchParams::default(), &peer("app name"))
+        .await?;
+    let refused = wait_for_condition(&profiles, &name, "Ready", "False", TIMEOUT, Some(op)).await?;
+    let ready = chassis_e2e::condition(&refused, "Ready").context("a Ready condition")?;
+    ensure!(
+        ready.reason == "InvalidSelector"
+            && ready
+                .message
+                .contains("allowFrom[0] (scrapers) podSelector: matchLabels key \"app name\""),
+        "Ready: {ready:?}"
+    );
+    let later = unique("team-typo");
+    namespaces
+        .create(
+            &PostParams::default(),
+            &chassis_e2e::namespace(&later, &[(good, &team)]),
+        )
+        .await?;
+    wait_for_policies(&later, &name, &expected).await?;
+    ensure!(
+        profile_policies(&ns, &name).await? == both,
+        "the peer's policy in place stays while its selector is invalid"
+    );
+    profiles
+        .patch(&name, &PatchParams::default(), &peer("app"))
+        .await?;
+    wait_for_condition(&profiles, &name, "Ready", "True", TIMEOUT, Some(op)).await?;
+    wait_for_policies(&later, &name, &both).await?;
     profiles.delete(&name, &DeleteParams::default()).await?;
-    namespaces.delete(&ns, &DeleteParams::default()).await?;
+    for ns in [ns, later] {
+        namespaces.delete(&ns, &DeleteParams::default()).await?;
+    }
     Ok(())
 }
 

@@ -113,9 +113,28 @@ async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Re
     } else {
         matching_namespaces(&profile, &namespaces)
     };
+    // An `allowFrom` peer whose selector Kubernetes would refuse: its policy would be
+    // refused on every write, so it is not written and what it placed before stays.
+    let bad_peers: BTreeMap<String, String> = profile
+        .spec
+        .allow_from
+        .iter()
+        .enumerate()
+        .filter_map(|(i, peer)| {
+            let why = crate::selector::invalid(&peer.namespace_selector)
+                .map(|w| format!("namespaceSelector: {w}"))
+                .or_else(|| {
+                    let pods = peer.pod_selector.as_ref()?;
+                    crate::selector::invalid(pods).map(|w| format!("podSelector: {w}"))
+                })?;
+            let policy = render::policy_name(&name, &format!("from-{}", peer.name));
+            Some((policy, format!("allowFrom[{i}] ({}) {why}", peer.name)))
+        })
+        .collect();
     let desired: Vec<NetworkPolicy> = matched
         .iter()
         .flat_map(|ns| render::policies(&profile, ns))
+        .filter(|p| !bad_peers.contains_key(&p.name_any()))
         .collect();
     let uid = profile.metadata.uid.clone().unwrap_or_default();
 
@@ -164,6 +183,7 @@ async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Re
         .filter(|p| p.labels().get(PROFILE_LABEL) == Some(&name) && controlled_by(p.as_ref(), &uid))
         .filter(|p| !terminating.contains(&p.namespace().unwrap_or_default()))
         .filter(|p| !wanted.contains(&(p.namespace().unwrap_or_default(), p.name_any())))
+        .filter(|p| !bad_peers.contains_key(&p.name_any()))
         .collect();
     let delete_failures: Vec<String> = futures::stream::iter(extra)
         .map(|p| {
@@ -206,25 +226,34 @@ async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Re
                  stay as they are (namespaces bound by name are served: {})",
                 in_place.len()
             );
-            if let Some((_, first, _)) = failures.first() {
-                message.push_str(&format!(
-                    "; {} policies could not be applied: {first}",
-                    failures.len()
-                ));
+            if let Some(peer) = bad_peers.values().next() {
+                message.push_str(&format!("; and {peer}"));
             }
-            if let Some(first) = delete_failures.first() {
-                message.push_str(&format!(
-                    "; {} stale policies could not be removed: {first}",
-                    delete_failures.len()
-                ));
-            }
+            add_failures(&mut message, &failures, &delete_failures);
             let ready = Desired::new(READY, false, reason::INVALID_SELECTOR, message);
             (ready, held.into_iter().collect())
         }
-        None => (
-            ready_condition(&failures, &delete_failures, in_place.len()),
-            in_place,
-        ),
+        None => match bad_peers.values().next() {
+            Some(first) => {
+                let mut message = format!(
+                    "{first}; until it is fixed its policies stay as they are where they exist and are not \
+                     written elsewhere (the others are in place in {} namespaces)",
+                    in_place.len()
+                );
+                if bad_peers.len() > 1 {
+                    message.push_str(&format!("; {} peers in all", bad_peers.len()));
+                }
+                add_failures(&mut message, &failures, &delete_failures);
+                (
+                    Desired::new(READY, false, reason::INVALID_SELECTOR, message),
+                    in_place,
+                )
+            }
+            None => (
+                ready_condition(&failures, &delete_failures, in_place.len()),
+                in_place,
+            ),
+        },
     };
     let generation = profile.metadata.generation;
     let mut status = profile.status.clone().unwrap_or_default();
@@ -236,12 +265,29 @@ async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Re
     }
     if !failures.is_empty() || !delete_failures.is_empty() {
         Ok(ctx.base.retry_after_error(&name, "apply_policy"))
-    } else if invalid.is_some() {
-        // Namespaces bound by name still wake the profile; the selector waits for an edit.
+    } else if invalid.is_some() || !bad_peers.is_empty() {
+        // Namespaces still wake the profile; the selectors wait for an edit.
         ctx.base.backoff.succeeded(&name);
         Ok(Action::await_change())
     } else {
         Ok(ctx.base.success(&name, Duration::from_secs(600)))
+    }
+}
+
+/// Appends the first write failures to an `InvalidSelector` message: the policies that
+/// are written can still fail.
+fn add_failures(message: &mut String, failures: &[(String, String, bool)], delete_failures: &[String]) {
+    if let Some((_, first, _)) = failures.first() {
+        message.push_str(&format!(
+            "; {} policies could not be applied: {first}",
+            failures.len()
+        ));
+    }
+    if let Some(first) = delete_failures.first() {
+        message.push_str(&format!(
+            "; {} stale policies could not be removed: {first}",
+            delete_failures.len()
+        ));
     }
 }
 
