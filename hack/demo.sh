@@ -50,6 +50,15 @@ if [ -z "$ready" ]; then
   exit 1
 fi
 
+# The API server loads the two webhook configurations on its own schedule: wait until
+# a dry-run create comes back with the requester recorded by the mutating one.
+for _ in $(seq 1 100); do
+  requester=$(printf 'apiVersion: tenancy.chassis.dev/v1alpha1\nkind: Project\nmetadata: {name: admission-probe}\n' \
+    | "${kubectl[@]}" create --dry-run=server -f - \
+      -o jsonpath='{.metadata.annotations.tenancy\.chassis\.dev/requester}' 2>/dev/null || true)
+  [ -n "$requester" ] && break
+  sleep 0.2
+done
 "${kubectl[@]}" apply --server-side --force-conflicts -f "$root/examples"
 if ! "${kubectl[@]}" wait --for=condition=Ready --timeout=90s project --all >/dev/null; then
   echo "the example projects did not become Ready; operator log ($log):" >&2

@@ -62,9 +62,10 @@ struct LastRefresh {
     at: u64,
     /// The refreshed session, `None` if the refresh failed.
     session: Option<Arc<Session>>,
-    /// The issuer refused the refresh token ([`crate::oidc::Error::GrantEnded`]): the
-    /// session ends, for the requests that reuse this result too.
-    ended: bool,
+    /// The refresh token the issuer refused ([`crate::oidc::Error::GrantEnded`]), ending
+    /// the session: a request carrying it ends too; one carrying a newer token (another
+    /// replica refreshed the session) asks anew.
+    refused: Option<String>,
     /// A request has handed the refreshed session on (all its Set-Cookie headers).
     /// Until one has (its client went away meanwhile, it was answered 403, or only an
     /// ingress's first Set-Cookie would have reached the browser), the old cookie is
@@ -95,6 +96,13 @@ impl LastRefresh {
 /// arriving meanwhile do not each ask the issuer again (and wait for its timeout when
 /// it is down).
 const REFRESH_RETRY: u64 = 10;
+
+/// A refresh token refused this soon after the login does not end the session, which
+/// is kept until its tokens expire instead: an issuer that refuses the refresh tokens
+/// it has just issued (a client not allowed the grant, say) would otherwise send the
+/// user round the login on every visit, when tokens shorter than the refresh window
+/// make the first request after the login refresh.
+const FRESH_LOGIN: u64 = 10;
 
 pub struct App {
     pub config: Config,
@@ -1045,11 +1053,13 @@ impl App {
             return None;
         }
         if let Some(last) = result.as_ref().filter(|l| l.reusable(now())) {
-            return match &last.session {
-                Some(refreshed) => Some((refreshed.clone(), Some(Refreshed(slot.clone())))),
-                None if last.ended => None,
-                None => failed(session),
-            };
+            match (&last.session, &last.refused) {
+                (Some(refreshed), _) => return Some((refreshed.clone(), Some(Refreshed(slot.clone())))),
+                (None, None) => return failed(session),
+                (None, Some(refused)) if session.refresh_token.as_ref() == Some(refused) => return None,
+                // A newer token than the one refused: asked anew below.
+                (None, Some(_)) => {}
+            }
         }
         // A result never handed on whose tokens have expired too: the old cookie's
         // refresh token went into it (and may be used up), so the chain goes on from
@@ -1085,14 +1095,23 @@ impl App {
         let (provider, created_at, login) = (provider.clone(), session.created_at, session.login);
         let keep_access_token = self.config.pass_access_token;
         let exchange = tokio::spawn(async move {
-            let refreshed = provider
+            let mut refreshed = provider
                 .refresh(&refresh_token, &previous)
                 .await
                 .map(|identity| Arc::new(to_session(identity, created_at, login, keep_access_token)));
+            let t = now();
+            if let Err(crate::oidc::Error::GrantEnded(why)) = &refreshed
+                && t < created_at.saturating_add(FRESH_LOGIN)
+            {
+                tracing::warn!(error = %why, "the issuer refused a refresh token moments after the login: the session \
+                    is kept until its tokens expire; does the issuer allow this client the refresh_token grant?");
+                refreshed = Err(crate::oidc::Error::Refused(why.clone()));
+            }
+            let ended = matches!(refreshed, Err(crate::oidc::Error::GrantEnded(_)));
             *result = Some(LastRefresh {
-                at: now(),
+                at: t,
                 session: refreshed.as_ref().ok().cloned(),
-                ended: matches!(refreshed, Err(crate::oidc::Error::GrantEnded(_))),
+                refused: ended.then_some(refresh_token),
                 delivered: false,
             });
             refreshed
@@ -2966,7 +2985,7 @@ mod tests {
         let kept = LastRefresh {
             at: 100,
             session: Some(refreshed),
-            ended: false,
+            refused: None,
             delivered: false,
         };
         assert!(!kept.reusable(3600), "not taken as it is: its tokens expired");

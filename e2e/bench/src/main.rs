@@ -497,14 +497,23 @@ async fn wait_for_admission(client: &Client) -> Result<()> {
         ..Default::default()
     };
     let deadline = Instant::now() + Duration::from_secs(60);
+    // The API server loads the two webhook configurations on its own schedule: the
+    // mutating one has run once the dry run comes back with the requester recorded.
     loop {
-        match api.create(&params, &project(0)).await {
-            Ok(_) => return Ok(()),
-            Err(err) if Instant::now() > deadline => {
-                return Err(err).context("Project admission did not answer within 60 s");
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        let answer = api.create(&params, &project(0)).await;
+        let mutated = answer
+            .as_ref()
+            .is_ok_and(|p| p.annotations().contains_key(REQUESTER_ANNOTATION));
+        if mutated {
+            return Ok(());
         }
+        if Instant::now() > deadline {
+            return match answer {
+                Err(err) => Err(err).context("Project admission did not answer within 60 s"),
+                Ok(_) => bail!("Project admission did not record the requester within 60 s"),
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -551,7 +551,10 @@ fn wait_for_admission(timeout: Duration) -> Result<()> {
     while start.elapsed() < timeout {
         let mut child = started_cluster()
             .kubectl()
-            .args(["create", "--dry-run=server", "-o", "name", "-f", "-"])
+            // The requester recorded: the mutating webhook has run (the API server loads
+            // the two configurations on its own schedule).
+            .args(["create", "--dry-run=server", "-f", "-", "-o"])
+            .arg("jsonpath={.metadata.annotations.tenancy\\.chassis\\.dev/requester}")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -563,7 +566,7 @@ fn wait_for_admission(timeout: Duration) -> Result<()> {
             )?;
         }
         let out = child.wait_with_output()?;
-        if out.status.success() {
+        if out.status.success() && !out.stdout.is_empty() {
             return Ok(());
         }
         last = String::from_utf8_lossy(&out.stderr).into_owned();

@@ -158,14 +158,16 @@ pub fn mutation(request: &AdmissionRequest<DynamicObject>) -> Vec<Value> {
 /// Why a Project create must be refused because the mutating webhook did not run: its
 /// requester annotation is not the requesting user. The two webhooks are separate
 /// configurations: with the mutating one deleted, edited or not loaded yet, a create
-/// would otherwise pass with the requester it brought.
+/// would otherwise pass with the requester it brought. The platform's fault, not the
+/// user's: refused as an error to retry (see [`platform_error`]).
 pub fn unmutated(request: &AdmissionRequest<DynamicObject>) -> Option<String> {
     let user = request.user_info.username.as_deref().unwrap_or_default();
     let requester = requester_of(request.object.as_ref());
     (requester.as_deref() != Some(user)).then(|| {
         format!(
-            "the annotation {REQUESTER_ANNOTATION} is not the requesting user {user:?}: chassis' mutating \
-             webhook did not run (its configuration {CONFIGURATION_NAME} missing or changed?)"
+            "chassis' mutating admission webhook for Projects did not run (its MutatingWebhookConfiguration \
+             missing, changed or not loaded yet): the annotation {REQUESTER_ANNOTATION} is not the requesting \
+             user {user:?}; try again"
         )
     })
 }
@@ -774,8 +776,11 @@ async fn handle_validate(
     }
     // Refused before any lookup: a name that can never pass gets its reason even while
     // the API server is too busy to answer the lookups.
-    if let Some(refusal) = reserved.refusal(&request.name).or_else(|| unmutated(&request)) {
+    if let Some(refusal) = reserved.refusal(&request.name) {
         return deny(response, refusal).into_review();
+    }
+    if let Some(why) = unmutated(&request) {
+        return platform_error(response, why).into_review();
     }
     let user = request.user_info.username.clone().unwrap_or_default();
     match facts(&client, &caches, &admitted, &granted, &request).await {
@@ -799,7 +804,15 @@ fn lookup_failed(response: AdmissionResponse, err: &kube::Error) -> AdmissionRes
         kube::Error::Api(status) => format!("the API server answered {} {}", status.code, status.reason),
         other => other.to_string(),
     };
-    let mut denied = response.deny(format!("chassis could not check the project, try again: {why}"));
+    platform_error(
+        response,
+        format!("chassis could not check the project, try again: {why}"),
+    )
+}
+
+/// A refusal that is the platform's fault, to retry: `500 InternalError`.
+fn platform_error(response: AdmissionResponse, message: String) -> AdmissionResponse {
+    let mut denied = response.deny(message);
     denied.result.code = 500;
     denied.result.reason = "InternalError".into();
     denied
@@ -1280,7 +1293,7 @@ mod tests {
 
     /// Only a create whose requester annotation is the requesting user passes: one the
     /// mutating webhook never saw keeps what the client sent (or nothing), and the
-    /// validating webhook refuses it before any lookup.
+    /// validating webhook refuses it before any lookup, as an error to retry.
     #[tokio::test]
     async fn a_create_the_mutating_webhook_never_saw_is_refused() {
         use http::{Request, Response};
@@ -1325,7 +1338,9 @@ mod tests {
         .await;
         let response = answer.response.expect("a response");
         assert!(!response.allowed);
-        assert_eq!(response.result.code, 403, "{}", response.result.message);
+        // The platform's fault: an error clients retry, not a final Forbidden.
+        assert_eq!(response.result.code, 500, "{}", response.result.message);
+        assert_eq!(response.result.reason, "InternalError");
         assert!(
             response.result.message.contains("did not run"),
             "{}",
