@@ -59,6 +59,11 @@ for _ in $(seq 1 100); do
   [ -n "$requester" ] && break
   sleep 0.2
 done
+if [ -z "$requester" ]; then
+  echo "Project admission did not record the requester within 20 s; operator log ($log):" >&2
+  tail -20 "$log" >&2
+  exit 1
+fi
 "${kubectl[@]}" apply --server-side --force-conflicts -f "$root/examples"
 if ! "${kubectl[@]}" wait --for=condition=Ready --timeout=90s project --all >/dev/null; then
   echo "the example projects did not become Ready; operator log ($log):" >&2

@@ -66,6 +66,10 @@ struct LastRefresh {
     /// the session: a request carrying it ends too; one carrying a newer token (another
     /// replica refreshed the session) asks anew.
     refused: Option<String>,
+    /// Until when a failed result stands in for the refresh (unix seconds): a refusal
+    /// moments after the login ([`FRESH_LOGIN`]) holds until the session's tokens
+    /// expire, other failures for [`REFRESH_RETRY`].
+    failed_until: u64,
     /// A request has handed the refreshed session on (all its Set-Cookie headers).
     /// Until one has (its client went away meanwhile, it was answered 403, or only an
     /// ingress's first Set-Cookie would have reached the browser), the old cookie is
@@ -87,7 +91,7 @@ impl LastRefresh {
             Some(refreshed) => {
                 self.at + REFRESH_SHARED > now || (!self.delivered && refreshed.expires_at > now)
             }
-            None => self.at + REFRESH_RETRY > now,
+            None => self.failed_until > now,
         }
     }
 }
@@ -98,10 +102,11 @@ impl LastRefresh {
 const REFRESH_RETRY: u64 = 10;
 
 /// A refresh token refused this soon after the login does not end the session, which
-/// is kept until its tokens expire instead: an issuer that refuses the refresh tokens
-/// it has just issued (a client not allowed the grant, say) would otherwise send the
-/// user round the login on every visit, when tokens shorter than the refresh window
-/// make the first request after the login refresh.
+/// is kept until its tokens expire instead (the refusal standing in for the refresh
+/// until then): an issuer that refuses the refresh tokens it has just issued (a client
+/// not allowed the grant, say) would otherwise send the user round the login on every
+/// visit, when tokens shorter than the refresh window make the first request after the
+/// login refresh.
 const FRESH_LOGIN: u64 = 10;
 
 pub struct App {
@@ -1100,18 +1105,21 @@ impl App {
                 .await
                 .map(|identity| Arc::new(to_session(identity, created_at, login, keep_access_token)));
             let t = now();
+            let mut failed_until = t + REFRESH_RETRY;
             if let Err(crate::oidc::Error::GrantEnded(why)) = &refreshed
                 && t < created_at.saturating_add(FRESH_LOGIN)
             {
                 tracing::warn!(error = %why, "the issuer refused a refresh token moments after the login: the session \
                     is kept until its tokens expire; does the issuer allow this client the refresh_token grant?");
                 refreshed = Err(crate::oidc::Error::Refused(why.clone()));
+                failed_until = failed_until.max(previous.expires_at);
             }
             let ended = matches!(refreshed, Err(crate::oidc::Error::GrantEnded(_)));
             *result = Some(LastRefresh {
                 at: t,
                 session: refreshed.as_ref().ok().cloned(),
                 refused: ended.then_some(refresh_token),
+                failed_until,
                 delivered: false,
             });
             refreshed
@@ -2986,6 +2994,7 @@ mod tests {
             at: 100,
             session: Some(refreshed),
             refused: None,
+            failed_until: 0,
             delivered: false,
         };
         assert!(!kept.reusable(3600), "not taken as it is: its tokens expired");

@@ -546,13 +546,10 @@ impl Drop for Operator {
 /// server picks up a new webhook registration asynchronously, and until then it may
 /// still call the operator of an earlier test binary, which is gone.
 fn wait_for_admission(timeout: Duration) -> Result<()> {
-    let start = Instant::now();
-    let mut last = String::new();
-    while start.elapsed() < timeout {
+    // A server dry run of a Project named `name`: whether it passed, and its output.
+    let dry_run = |name: &str| -> Result<(bool, String, String)> {
         let mut child = started_cluster()
             .kubectl()
-            // The requester recorded: the mutating webhook has run (the API server loads
-            // the two configurations on its own schedule).
             .args(["create", "--dry-run=server", "-f", "-", "-o"])
             .arg("jsonpath={.metadata.annotations.tenancy\\.chassis\\.dev/requester}")
             .stdin(Stdio::piped())
@@ -561,15 +558,38 @@ fn wait_for_admission(timeout: Duration) -> Result<()> {
             .spawn()?;
         if let Some(mut stdin) = child.stdin.take() {
             use std::io::Write;
-            stdin.write_all(
-                b"apiVersion: tenancy.chassis.dev/v1alpha1\nkind: Project\nmetadata: {name: admission-probe}\n",
-            )?;
+            let manifest = format!(
+                "apiVersion: tenancy.chassis.dev/v1alpha1\nkind: Project\nmetadata: {{name: {name}}}\n"
+            );
+            stdin.write_all(manifest.as_bytes())?;
         }
         let out = child.wait_with_output()?;
-        if out.status.success() && !out.stdout.is_empty() {
-            return Ok(());
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    // The API server loads the two webhook configurations on its own schedule: the
+    // mutating one has run when the requester comes back recorded, the validating one
+    // when a reserved name is refused.
+    let start = Instant::now();
+    let mut last = String::new();
+    while start.elapsed() < timeout {
+        let (passed, requester, stderr) = dry_run("admission-probe")?;
+        if passed && !requester.is_empty() {
+            let (_, _, refusal) = dry_run("kube-admission-probe")?;
+            if refusal.contains("is reserved") {
+                return Ok(());
+            }
+            last = format!("a reserved name was not refused: {refusal}");
+        } else {
+            last = if passed {
+                "a dry run passed without the requester recorded".to_string()
+            } else {
+                stderr
+            };
         }
-        last = String::from_utf8_lossy(&out.stderr).into_owned();
         std::thread::sleep(Duration::from_millis(200));
     }
     bail!("Project admission did not work within {timeout:?}: {last}")

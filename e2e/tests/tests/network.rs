@@ -431,6 +431,13 @@ async fn a_selector_key_no_label_can_have_says_so_and_keeps_the_policies_in_plac
         profile_policies(&ns, &name).await? == both,
         "the peer's policy in place stays while its selector is invalid"
     );
+    // A namespace that leaves the profile meanwhile loses the frozen policy too: alone,
+    // it would shut the namespace's pods off from each other.
+    let leave = serde_json::json!({"metadata": {"labels": {good: null}}});
+    namespaces
+        .patch(&ns, &PatchParams::default(), &Patch::Merge(&leave))
+        .await?;
+    wait_for_policies(&ns, &name, &[]).await?;
     profiles
         .patch(&name, &PatchParams::default(), &peer("app"))
         .await?;

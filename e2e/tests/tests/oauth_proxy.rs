@@ -2137,8 +2137,8 @@ enum Misbehaviour {
     ForeignAzp,
     /// `aud` lists another client beside ours.
     ExtraAudience,
-    /// Tokens live 30 s and come with a refresh token that the issuer then refuses
-    /// (`invalid_grant`), as when the user was disabled or the grant revoked.
+    /// Tokens live 20 s and come with a refresh token that the issuer then refuses
+    /// (`invalid_grant`), as when the client may not use the refresh grant.
     RefusingRefresh,
     /// Tokens live 20 s and come with a refresh token; refreshes get 503 (an outage).
     RefreshOutage,
@@ -2320,7 +2320,7 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
             Misbehaviour::ForeignAzp => claims["azp"] = json!("someone-else"),
             Misbehaviour::ExtraAudience => claims["aud"] = json!(["chassis", "someone-else"]),
             // Refresh requests carry no code: the branch above refuses them.
-            Misbehaviour::RefusingRefresh => claims["exp"] = json!(unix_now() + 30),
+            Misbehaviour::RefusingRefresh => claims["exp"] = json!(unix_now() + 20),
             Misbehaviour::RefreshOutage => claims["exp"] = json!(unix_now() + 20),
             Misbehaviour::RedirectedToken | Misbehaviour::SlowRotatingRefresh => {}
         }
@@ -2338,8 +2338,7 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
         match signed {
             Ok(id_token) => warp::reply::with_status(
                 warp::reply::json(&if let Some(lifetime) = match mode {
-                    Misbehaviour::RefusingRefresh => Some(30),
-                    Misbehaviour::RefreshOutage => Some(20),
+                    Misbehaviour::RefusingRefresh | Misbehaviour::RefreshOutage => Some(20),
                     _ => None,
                 } {
                     json!({"access_token": "at", "token_type": "Bearer", "expires_in": lifetime,
@@ -2660,15 +2659,16 @@ async fn signed_in_at_misbehaving_issuer(
 }
 
 #[tokio::test]
-async fn a_refused_refresh_ends_the_session_and_an_outage_keeps_it_until_its_tokens_expire() -> Result<()> {
-    // The issuer refuses the refresh (`invalid_grant`: user disabled, grant revoked): it
-    // no longer vouches for the user, and the session ends then, though its tokens live
-    // on (as oauth2-proxy does). Not moments after the login, though: an issuer that
-    // refuses the refresh tokens it has just issued would send every visit round the
-    // login. An issuer that cannot answer (503) must sign nobody out while the tokens
-    // are valid, nor keep anyone for the cookie's whole lifetime (7 days) on stale
-    // claims after they expire. Tokens shorter than the window (a minute) make every
-    // request due for a refresh, the landing after the login included.
+async fn a_refresh_refused_at_the_login_or_an_outage_keeps_the_session_until_its_tokens_expire() -> Result<()>
+{
+    // Tokens shorter than the refresh window (a minute) make every request due for a
+    // refresh, the landing after the login included. An issuer that refuses the refresh
+    // tokens it has just issued (`invalid_grant` moments after the login) would send
+    // every visit round the login if that ended the session: it is kept until its
+    // tokens expire, as through an outage of the issuer (503), which must sign nobody
+    // out while the tokens are valid, nor keep anyone for the cookie's whole lifetime
+    // (7 days) on stale claims after they expire. (A refusal later on ends the session
+    // at once: `a_cookie_copied_to_another_replica_dies_at_its_next_refresh_after_sign_out`.)
     let client = reqwest::Client::builder().redirect(Policy::none()).build()?;
     // Proxied routes, the ingress endpoint (202 when allowed) and userinfo alike.
     let statuses = |proxy: &Proxy, cookie: &str| {
@@ -2691,17 +2691,23 @@ async fn a_refused_refresh_ends_the_session_and_an_outage_keeps_it_until_its_tok
         }
     };
     let refused = async {
-        // Tokens of 30 s; the login lands although its refresh is refused at once.
+        // Tokens of 20 s; the login lands although its refresh is refused at once.
         let (_issuer, proxy, cookie) =
             signed_in_at_misbehaving_issuer(Misbehaviour::RefusingRefresh, "refused-refresh", "1m").await?;
         let signed_in = std::time::Instant::now();
-        // Past the login's grace and the failed refresh's 10 s, tokens still valid.
+        // Past the 10 s a failed refresh usually stands for, tokens still valid.
         tokio::time::sleep(Duration::from_secs(12)).await;
-        let after = statuses(&proxy, &cookie).await?;
+        let during = statuses(&proxy, &cookie).await?;
         ensure!(
-            after == [401; 3] && signed_in.elapsed() < Duration::from_secs(25),
-            "the refresh refused, tokens still valid: {after:?} after {:?}",
+            during == [200, 202, 200] && signed_in.elapsed() < Duration::from_secs(18),
+            "refused at the login, tokens still valid: {during:?} after {:?}",
             signed_in.elapsed()
+        );
+        tokio::time::sleep(Duration::from_secs(21).saturating_sub(signed_in.elapsed())).await;
+        let expired = statuses(&proxy, &cookie).await?;
+        ensure!(
+            expired == [401; 3],
+            "refused at the login and the tokens expired: {expired:?}"
         );
         Ok(())
     };

@@ -1,13 +1,15 @@
-//! Label selectors as Kubernetes validates them. The CRD schemas check a selector's
-//! operators, but not the keys of `matchLabels` (CEL over a map's keys is past the API
-//! server's cost budget) nor keys and values anywhere: a key no label can have makes
-//! a selector the operator evaluates match nothing without a word, and one rendered
-//! into a NetworkPolicy makes the API server refuse it.
+//! Label selectors as Kubernetes validates them. The CRD schemas check the operators of
+//! a NetworkProfile's own `namespaceSelector` only (not those of `allowFrom` peers or
+//! an EgressPolicy's `podSelector`), and nowhere the keys of `matchLabels` (CEL over a
+//! map's keys is past the API server's cost budget) or keys and values: a key no label
+//! can have makes a selector the operator evaluates match nothing without a word, and
+//! one rendered into a NetworkPolicy makes the API server refuse it on every write.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-/// Why `selector` is one Kubernetes would refuse, naming the first bad key or value
-/// (its validation of label selectors: qualified-name keys, label values).
+/// Why `selector` is one Kubernetes would refuse, naming the first bad key, operator or
+/// value (its validation of label selectors: qualified-name keys, the four operators
+/// with or without values, label values).
 pub fn invalid(selector: &LabelSelector) -> Option<String> {
     for (key, value) in selector.match_labels.iter().flatten() {
         if let Some(why) = invalid_label_key(key) {
@@ -20,6 +22,26 @@ pub fn invalid(selector: &LabelSelector) -> Option<String> {
     for (i, e) in selector.match_expressions.iter().flatten().enumerate() {
         if let Some(why) = invalid_label_key(&e.key) {
             return Some(format!("matchExpressions[{i}] key {:?} {why}", e.key));
+        }
+        let values = e.values.as_deref().unwrap_or_default();
+        let operator = e.operator.as_str();
+        match operator {
+            "In" | "NotIn" if values.is_empty() => {
+                return Some(format!(
+                    "matchExpressions[{i}] operator {operator:?} needs values"
+                ));
+            }
+            "Exists" | "DoesNotExist" if !values.is_empty() => {
+                return Some(format!(
+                    "matchExpressions[{i}] operator {operator:?} takes no values"
+                ));
+            }
+            "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
+            _ => {
+                return Some(format!(
+                    "matchExpressions[{i}] operator {operator:?} is not In, NotIn, Exists or DoesNotExist"
+                ));
+            }
         }
         for value in e.values.iter().flatten() {
             if let Some(why) = invalid_label_value(value) {

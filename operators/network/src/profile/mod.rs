@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chassis_api::conditions::READY;
-use chassis_api::network::v1alpha1::{NetworkProfile, NetworkProfileStatus};
+use chassis_api::network::v1alpha1::{Isolation, NetworkProfile, NetworkProfileStatus};
 use chassis_api::network::{PROFILE_LABEL, reason};
 use chassis_runtime::Context;
 use chassis_runtime::apply::controlled_by;
@@ -114,12 +114,14 @@ async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Re
         matching_namespaces(&profile, &namespaces)
     };
     // An `allowFrom` peer whose selector Kubernetes would refuse: its policy would be
-    // refused on every write, so it is not written and what it placed before stays.
-    let bad_peers: BTreeMap<String, String> = profile
+    // refused on every write, so it is not written, and where the profile still applies
+    // what it placed before stays. Peers are rendered only with namespace isolation.
+    let bad_peers: Vec<(String, String)> = profile
         .spec
         .allow_from
         .iter()
         .enumerate()
+        .filter(|_| profile.spec.isolation == Isolation::Namespace)
         .filter_map(|(i, peer)| {
             let why = crate::selector::invalid(&peer.namespace_selector)
                 .map(|w| format!("namespaceSelector: {w}"))
@@ -131,10 +133,11 @@ async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Re
             Some((policy, format!("allowFrom[{i}] ({}) {why}", peer.name)))
         })
         .collect();
+    let frozen: BTreeSet<&str> = bad_peers.iter().map(|(policy, _)| policy.as_str()).collect();
     let desired: Vec<NetworkPolicy> = matched
         .iter()
         .flat_map(|ns| render::policies(&profile, ns))
-        .filter(|p| !bad_peers.contains_key(&p.name_any()))
+        .filter(|p| !frozen.contains(p.name_any().as_str()))
         .collect();
     let uid = profile.metadata.uid.clone().unwrap_or_default();
 
@@ -183,7 +186,11 @@ async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Re
         .filter(|p| p.labels().get(PROFILE_LABEL) == Some(&name) && controlled_by(p.as_ref(), &uid))
         .filter(|p| !terminating.contains(&p.namespace().unwrap_or_default()))
         .filter(|p| !wanted.contains(&(p.namespace().unwrap_or_default(), p.name_any())))
-        .filter(|p| !bad_peers.contains_key(&p.name_any()))
+        // Frozen where the profile still applies; where it no longer does, removed with
+        // the rest (kept alone, it would shut the namespace's pods off from each other).
+        .filter(|p| {
+            !(frozen.contains(p.name_any().as_str()) && matched.contains(&p.namespace().unwrap_or_default()))
+        })
         .collect();
     let delete_failures: Vec<String> = futures::stream::iter(extra)
         .map(|p| {
@@ -226,15 +233,15 @@ async fn reconcile(profile: Arc<NetworkProfile>, ctx: Arc<ProfileContext>) -> Re
                  stay as they are (namespaces bound by name are served: {})",
                 in_place.len()
             );
-            if let Some(peer) = bad_peers.values().next() {
+            if let Some((_, peer)) = bad_peers.first() {
                 message.push_str(&format!("; and {peer}"));
             }
             add_failures(&mut message, &failures, &delete_failures);
             let ready = Desired::new(READY, false, reason::INVALID_SELECTOR, message);
             (ready, held.into_iter().collect())
         }
-        None => match bad_peers.values().next() {
-            Some(first) => {
+        None => match bad_peers.first() {
+            Some((_, first)) => {
                 let mut message = format!(
                     "{first}; until it is fixed its policies stay as they are where they exist and are not \
                      written elsewhere (the others are in place in {} namespaces)",

@@ -365,6 +365,7 @@ fn selectors_kubernetes_would_refuse_are_named_not_silently_empty() {
         // A subdomain label over 63 characters: Kubernetes limits only the whole prefix.
         with_labels(&[(format!("{}.example.com/team", "a".repeat(64)).as_str(), "x")]),
         with_expression("tier", "NotIn", &["gold", "Silver-1"]),
+        with_expression("tier", "DoesNotExist", &[]),
         LabelSelector::default(),
     ] {
         assert_eq!(invalid_selector(&fine), None, "{fine:?}");
@@ -397,6 +398,17 @@ fn selectors_kubernetes_would_refuse_are_named_not_silently_empty() {
         (
             with_expression("a/b/c", "Exists", &[]),
             "matchExpressions[0] key \"a/b/c\"",
+        ),
+        // Operators: the profile's own selector has them checked by the schema, an
+        // allowFrom peer's or an EgressPolicy's podSelector only here.
+        (
+            with_expression("tier", "Equals", &["gold"]),
+            "operator \"Equals\" is not In, NotIn, Exists or DoesNotExist",
+        ),
+        (with_expression("tier", "In", &[]), "operator \"In\" needs values"),
+        (
+            with_expression("tier", "Exists", &["gold"]),
+            "operator \"Exists\" takes no values",
         ),
     ] {
         let why = invalid_selector(&bad).unwrap_or_default();
