@@ -103,10 +103,10 @@ const REFRESH_RETRY: u64 = 10;
 
 /// A refresh token refused this soon after the login does not end the session, which
 /// is kept until its tokens expire instead (the refusal standing in for the refresh
-/// until then): an issuer that refuses the refresh tokens it has just issued (a client
-/// not allowed the grant, say) would otherwise send the user round the login on every
-/// visit, when tokens shorter than the refresh window make the first request after the
-/// login refresh.
+/// until then): an issuer that answers `invalid_grant` to the refresh tokens it has just
+/// issued (misconfigured) would otherwise send the user round the login on every visit,
+/// when tokens shorter than the refresh window make the first request after the login
+/// refresh.
 const FRESH_LOGIN: u64 = 10;
 
 pub struct App {
@@ -1010,8 +1010,9 @@ impl App {
     /// of one session wait for the first one's refresh and reuse it. `None` when the
     /// issuer refused the refresh token (`invalid_grant`: the grant revoked, the user's
     /// login there ended; `invalid_client`), as in oauth2-proxy: the issuer no longer
-    /// vouches for the user. Any other failure keeps the session until its tokens
-    /// expire (then `None` too), so a short outage of the issuer signs nobody out.
+    /// vouches for the user (except within [`FRESH_LOGIN`] of the login: kept until its
+    /// tokens expire). Any other failure keeps the session until its tokens expire (then
+    /// `None` too), so a short outage of the issuer signs nobody out.
     /// With refresh on, a session without a refresh token (the issuer gave none: no
     /// `offline_access`) cannot be renewed and ends with its tokens too, and a session
     /// signed out in this replica while its refresh ran ends at once.

@@ -489,7 +489,8 @@ async fn http_ok(port: u16) -> bool {
     stream.read_exact(&mut head).await.is_ok() && head.ends_with(b"200")
 }
 
-/// Waits until the webhook answers: a server-side dry-run create passes.
+/// Waits until admission answers: a server-side dry-run create passes with the requester
+/// recorded.
 async fn wait_for_admission(client: &Client) -> Result<()> {
     let api: Api<Project> = Api::all(client.clone());
     let params = PostParams {

@@ -542,9 +542,10 @@ impl Drop for Operator {
     }
 }
 
-/// Blocks until a server-side dry-run create of a Project passes admission: the API
-/// server picks up a new webhook registration asynchronously, and until then it may
-/// still call the operator of an earlier test binary, which is gone.
+/// Blocks until server-side dry-run creates show both webhooks at work (the requester
+/// recorded, a reserved name refused): the API server picks up a new webhook
+/// registration asynchronously, and until then it may still call the operator of an
+/// earlier test binary, which is gone.
 fn wait_for_admission(timeout: Duration) -> Result<()> {
     // A server dry run of a Project named `name`: whether it passed, and its output.
     let dry_run = |name: &str| -> Result<(bool, String, String)> {

@@ -2125,6 +2125,10 @@ fn public_half(dir: &std::path::Path, kid: &str) -> Result<Vec<u8>> {
     openssl(&["rsa", "-in", &key_path, "-pubout"])
 }
 
+/// Seconds the tokens of the test issuer's refresh misbehaviours live: shorter than a
+/// one-minute refresh window, so every request is due for a refresh.
+const SHORT_TOKENS: i64 = 20;
+
 /// What the test issuer's token endpoint gets wrong on purpose.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Misbehaviour {
@@ -2137,10 +2141,11 @@ enum Misbehaviour {
     ForeignAzp,
     /// `aud` lists another client beside ours.
     ExtraAudience,
-    /// Tokens live 20 s and come with a refresh token that the issuer then refuses
-    /// (`invalid_grant`), as when the client may not use the refresh grant.
+    /// Tokens live [`SHORT_TOKENS`] and come with a refresh token that the issuer then
+    /// refuses (`invalid_grant`), a misconfigured issuer refusing what it has issued.
     RefusingRefresh,
-    /// Tokens live 20 s and come with a refresh token; refreshes get 503 (an outage).
+    /// Tokens live [`SHORT_TOKENS`] and come with a refresh token; refreshes get 503
+    /// (an outage).
     RefreshOutage,
     /// `/token` answers with a redirect to `/token-elsewhere` (an IdP client that
     /// follows redirects can be steered to send the code and secret anywhere).
@@ -2320,8 +2325,9 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
             Misbehaviour::ForeignAzp => claims["azp"] = json!("someone-else"),
             Misbehaviour::ExtraAudience => claims["aud"] = json!(["chassis", "someone-else"]),
             // Refresh requests carry no code: the branch above refuses them.
-            Misbehaviour::RefusingRefresh => claims["exp"] = json!(unix_now() + 20),
-            Misbehaviour::RefreshOutage => claims["exp"] = json!(unix_now() + 20),
+            Misbehaviour::RefusingRefresh | Misbehaviour::RefreshOutage => {
+                claims["exp"] = json!(unix_now() + SHORT_TOKENS)
+            }
             Misbehaviour::RedirectedToken | Misbehaviour::SlowRotatingRefresh => {}
         }
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
@@ -2337,11 +2343,11 @@ async fn test_issuer_named(suffix: &str) -> Result<TestIssuer> {
         };
         match signed {
             Ok(id_token) => warp::reply::with_status(
-                warp::reply::json(&if let Some(lifetime) = match mode {
-                    Misbehaviour::RefusingRefresh | Misbehaviour::RefreshOutage => Some(20),
-                    _ => None,
-                } {
-                    json!({"access_token": "at", "token_type": "Bearer", "expires_in": lifetime,
+                warp::reply::json(&if matches!(
+                    mode,
+                    Misbehaviour::RefusingRefresh | Misbehaviour::RefreshOutage
+                ) {
+                    json!({"access_token": "at", "token_type": "Bearer", "expires_in": SHORT_TOKENS,
                                "refresh_token": "rt", "id_token": id_token})
                 } else if mode == Misbehaviour::SlowRotatingRefresh {
                     json!({"access_token": access_token("at", &code_token_bytes), "token_type": "Bearer",
@@ -2690,46 +2696,31 @@ async fn a_refresh_refused_at_the_login_or_an_outage_keeps_the_session_until_its
             Ok::<_, anyhow::Error>(out)
         }
     };
-    let refused = async {
-        // Tokens of 20 s; the login lands although its refresh is refused at once.
-        let (_issuer, proxy, cookie) =
-            signed_in_at_misbehaving_issuer(Misbehaviour::RefusingRefresh, "refused-refresh", "1m").await?;
-        let signed_in = std::time::Instant::now();
-        // Past the 10 s a failed refresh usually stands for, tokens still valid.
-        tokio::time::sleep(Duration::from_secs(12)).await;
-        let during = statuses(&proxy, &cookie).await?;
-        ensure!(
-            during == [200, 202, 200] && signed_in.elapsed() < Duration::from_secs(18),
-            "refused at the login, tokens still valid: {during:?} after {:?}",
-            signed_in.elapsed()
-        );
-        tokio::time::sleep(Duration::from_secs(21).saturating_sub(signed_in.elapsed())).await;
-        let expired = statuses(&proxy, &cookie).await?;
-        ensure!(
-            expired == [401; 3],
-            "refused at the login and the tokens expired: {expired:?}"
-        );
-        Ok(())
+    // Past the 10 s a failed refresh usually stands for, then past the tokens' expiry.
+    let kept_until_expiry = |mode: Misbehaviour, name: &'static str| {
+        let statuses = &statuses;
+        async move {
+            let (_issuer, proxy, cookie) = signed_in_at_misbehaving_issuer(mode, name, "1m").await?;
+            let signed_in = std::time::Instant::now();
+            tokio::time::sleep(Duration::from_secs(12)).await;
+            let during = statuses(&proxy, &cookie).await?;
+            ensure!(
+                during == [200, 202, 200] && signed_in.elapsed() < Duration::from_secs(18),
+                "{mode:?}, tokens still valid: {during:?} after {:?}",
+                signed_in.elapsed()
+            );
+            tokio::time::sleep(
+                Duration::from_secs(SHORT_TOKENS.unsigned_abs() + 1).saturating_sub(signed_in.elapsed()),
+            )
+            .await;
+            let expired = statuses(&proxy, &cookie).await?;
+            ensure!(expired == [401; 3], "{mode:?}, the tokens expired: {expired:?}");
+            Ok::<_, anyhow::Error>(())
+        }
     };
-    let outage = async {
-        // Tokens of 20 s.
-        let (_issuer, proxy, cookie) =
-            signed_in_at_misbehaving_issuer(Misbehaviour::RefreshOutage, "outage-refresh", "1m").await?;
-        let signed_in = std::time::Instant::now();
-        let during = statuses(&proxy, &cookie).await?;
-        ensure!(
-            during == [200, 202, 200] && signed_in.elapsed() < Duration::from_secs(18),
-            "the issuer down, tokens still valid: {during:?} after {:?}",
-            signed_in.elapsed()
-        );
-        tokio::time::sleep(Duration::from_secs(21)).await;
-        let expired = statuses(&proxy, &cookie).await?;
-        ensure!(
-            expired == [401; 3],
-            "the issuer down and the tokens expired: {expired:?}"
-        );
-        Ok(())
-    };
+    // The login lands although its refresh is refused (or fails) at once.
+    let refused = kept_until_expiry(Misbehaviour::RefusingRefresh, "refused-refresh");
+    let outage = kept_until_expiry(Misbehaviour::RefreshOutage, "outage-refresh");
     tokio::try_join!(refused, outage)?;
     Ok(())
 }

@@ -1,9 +1,9 @@
 //! Label selectors as Kubernetes validates them. The CRD schemas check the operators of
-//! a NetworkProfile's own `namespaceSelector` only (not those of `allowFrom` peers or
-//! an EgressPolicy's `podSelector`), and nowhere the keys of `matchLabels` (CEL over a
-//! map's keys is past the API server's cost budget) or keys and values: a key no label
-//! can have makes a selector the operator evaluates match nothing without a word, and
-//! one rendered into a NetworkPolicy makes the API server refuse it on every write.
+//! a NetworkProfile's `namespaceSelector` and an EgressPolicy's `podSelector` (not those
+//! of `allowFrom` peers), and nowhere the keys of `matchLabels` (CEL over a map's keys
+//! is past the API server's cost budget) or keys and values: a key no label can have
+//! makes a selector the operator evaluates match nothing without a word, and one
+//! rendered into a NetworkPolicy makes the API server refuse it on every write.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
@@ -43,7 +43,7 @@ pub fn invalid(selector: &LabelSelector) -> Option<String> {
                 ));
             }
         }
-        for value in e.values.iter().flatten() {
+        for value in values {
             if let Some(why) = invalid_label_value(value) {
                 return Some(format!("matchExpressions[{i}] value {value:?} {why}"));
             }

@@ -399,8 +399,8 @@ fn selectors_kubernetes_would_refuse_are_named_not_silently_empty() {
             with_expression("a/b/c", "Exists", &[]),
             "matchExpressions[0] key \"a/b/c\"",
         ),
-        // Operators: the profile's own selector has them checked by the schema, an
-        // allowFrom peer's or an EgressPolicy's podSelector only here.
+        // Operators: the schema checks them in the profile's namespaceSelector and an
+        // EgressPolicy's podSelector, an allowFrom peer's only here.
         (
             with_expression("tier", "Equals", &["gold"]),
             "operator \"Equals\" is not In, NotIn, Exists or DoesNotExist",
