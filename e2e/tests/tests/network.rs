@@ -341,13 +341,10 @@ async fn a_selector_key_no_label_can_have_says_so_and_keeps_the_policies_in_plac
         ..Default::default()
     });
     profiles.create(&PostParams::default(), &profile).await?;
+    // A namespace the profile's selector picks.
+    let of_team = |ns: &str| chassis_e2e::namespace(ns, &[(good, team.as_str())]);
     let ns = unique("team-typo");
-    namespaces
-        .create(
-            &PostParams::default(),
-            &chassis_e2e::namespace(&ns, &[(good, &team)]),
-        )
-        .await?;
+    namespaces.create(&PostParams::default(), &of_team(&ns)).await?;
     let expected = vec![format!("profile.{name}.isolation")];
     wait_for_policies(&ns, &name, &expected).await?;
 
@@ -360,12 +357,20 @@ async fn a_selector_key_no_label_can_have_says_so_and_keeps_the_policies_in_plac
     profiles
         .patch(&name, &PatchParams::default(), &rekey(good, typo))
         .await?;
-    let refused = wait_for_condition(&profiles, &name, "Ready", "False", TIMEOUT, Some(op)).await?;
-    let ready = chassis_e2e::condition(&refused, "Ready").context("a Ready condition")?;
-    ensure!(
-        ready.reason == "InvalidSelector" && ready.message.contains(&format!("matchLabels key {typo:?}")),
-        "Ready: {ready:?}"
-    );
+    // Ready=False, InvalidSelector, saying `says`; the profile as it was then.
+    let invalid_selector = |says: String| {
+        let (profiles, name) = (&profiles, &name);
+        async move {
+            let refused = wait_for_condition(profiles, name, "Ready", "False", TIMEOUT, Some(op)).await?;
+            let ready = chassis_e2e::condition(&refused, "Ready").context("a Ready condition")?;
+            ensure!(
+                ready.reason == "InvalidSelector" && ready.message.contains(&says),
+                "Ready: {ready:?}"
+            );
+            Ok::<_, anyhow::Error>(refused)
+        }
+    };
+    let refused = invalid_selector(format!("matchLabels key {typo:?}")).await?;
     let listed = refused
         .status
         .as_ref()
@@ -410,21 +415,10 @@ async fn a_selector_key_no_label_can_have_says_so_and_keeps_the_policies_in_plac
     profiles
         .patch(&name, &PatchParams::default(), &peer("app name"))
         .await?;
-    let refused = wait_for_condition(&profiles, &name, "Ready", "False", TIMEOUT, Some(op)).await?;
-    let ready = chassis_e2e::condition(&refused, "Ready").context("a Ready condition")?;
-    ensure!(
-        ready.reason == "InvalidSelector"
-            && ready
-                .message
-                .contains("allowFrom[0] (scrapers) podSelector: matchLabels key \"app name\""),
-        "Ready: {ready:?}"
-    );
+    invalid_selector("allowFrom[0] (scrapers) podSelector: matchLabels key \"app name\"".into()).await?;
     let later = unique("team-typo");
     namespaces
-        .create(
-            &PostParams::default(),
-            &chassis_e2e::namespace(&later, &[(good, &team)]),
-        )
+        .create(&PostParams::default(), &of_team(&later))
         .await?;
     wait_for_policies(&later, &name, &expected).await?;
     ensure!(

@@ -1617,6 +1617,16 @@ async fn status_with(client: &reqwest::Client, proxy: &Proxy, path: &str, cookie
     Ok(get_with(client, proxy, path, cookie).await?.status().as_u16())
 }
 
+/// The statuses with `cookie` of a proxied route, the ingress endpoint (202 when
+/// allowed) and userinfo.
+async fn statuses_with(client: &reqwest::Client, proxy: &Proxy, cookie: &str) -> Result<Vec<u16>> {
+    let mut out = Vec::new();
+    for path in ["/app", "/oauth2/auth", "/oauth2/userinfo"] {
+        out.push(status_with(client, proxy, path, cookie).await?);
+    }
+    Ok(out)
+}
+
 #[tokio::test]
 async fn a_cookie_copied_to_another_replica_dies_at_its_next_refresh_after_sign_out() -> Result<()> {
     // Two replicas of one proxy (same client, same cookie secret). The revocation list
@@ -2676,34 +2686,14 @@ async fn a_refresh_refused_at_the_login_or_an_outage_keeps_the_session_until_its
     // (7 days) on stale claims after they expire. (A refusal later on ends the session
     // at once: `a_cookie_copied_to_another_replica_dies_at_its_next_refresh_after_sign_out`.)
     let client = reqwest::Client::builder().redirect(Policy::none()).build()?;
-    // Proxied routes, the ingress endpoint (202 when allowed) and userinfo alike.
-    let statuses = |proxy: &Proxy, cookie: &str| {
-        let (client, cookie) = (client.clone(), cookie.to_string());
-        let urls = ["/app", "/oauth2/auth", "/oauth2/userinfo"].map(|p| proxy.url(p));
-        async move {
-            let mut out = Vec::new();
-            for url in urls {
-                out.push(
-                    client
-                        .get(url)
-                        .header(COOKIE, cookie.clone())
-                        .send()
-                        .await?
-                        .status()
-                        .as_u16(),
-                );
-            }
-            Ok::<_, anyhow::Error>(out)
-        }
-    };
     // Past the 10 s a failed refresh usually stands for, then past the tokens' expiry.
     let kept_until_expiry = |mode: Misbehaviour, name: &'static str| {
-        let statuses = &statuses;
+        let client = &client;
         async move {
             let (_issuer, proxy, cookie) = signed_in_at_misbehaving_issuer(mode, name, "1m").await?;
             let signed_in = std::time::Instant::now();
             tokio::time::sleep(Duration::from_secs(12)).await;
-            let during = statuses(&proxy, &cookie).await?;
+            let during = statuses_with(client, &proxy, &cookie).await?;
             ensure!(
                 during == [200, 202, 200] && signed_in.elapsed() < Duration::from_secs(18),
                 "{mode:?}, tokens still valid: {during:?} after {:?}",
@@ -2713,7 +2703,7 @@ async fn a_refresh_refused_at_the_login_or_an_outage_keeps_the_session_until_its
                 Duration::from_secs(SHORT_TOKENS.unsigned_abs() + 1).saturating_sub(signed_in.elapsed()),
             )
             .await;
-            let expired = statuses(&proxy, &cookie).await?;
+            let expired = statuses_with(client, &proxy, &cookie).await?;
             ensure!(expired == [401; 3], "{mode:?}, the tokens expired: {expired:?}");
             Ok::<_, anyhow::Error>(())
         }

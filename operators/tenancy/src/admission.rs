@@ -1291,14 +1291,28 @@ mod tests {
         assert_eq!(projects.of("carol"), Some(BTreeSet::new()));
     }
 
+    /// The validating webhook's answer to `review` when every lookup fails (the API
+    /// server unreachable): what it refuses before any lookup shows.
+    async fn validate_offline(
+        reserved: &ReservedNames,
+        review: AdmissionReview<DynamicObject>,
+    ) -> AdmissionResponse {
+        use http::{Request, Response};
+        use kube::client::Body;
+
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        drop(handle); // every request fails
+        let client = Client::new(service, "default");
+        let caches = caches(&client, &[], false).await;
+        let answer = handle_validate(client, reserved, caches, Arc::default(), Arc::default(), review).await;
+        answer.response.expect("a response")
+    }
+
     /// Only a create whose requester annotation is the requesting user passes: one the
     /// mutating webhook never saw keeps what the client sent (or nothing), and the
     /// validating webhook refuses it before any lookup, as an error to retry.
     #[tokio::test]
     async fn a_create_the_mutating_webhook_never_saw_is_refused() {
-        use http::{Request, Response};
-        use kube::client::Body;
-
         let create = |annotations: Value| request("CREATE", "alice", project(annotations, json!({})), None);
         assert_eq!(unmutated(&create(json!({REQUESTER_ANNOTATION: "alice"}))), None);
         for unseen in [json!(null), json!({}), json!({REQUESTER_ANNOTATION: "mallory"})] {
@@ -1317,26 +1331,14 @@ mod tests {
         );
         assert_eq!(unmutated(&anonymous), None);
 
-        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        drop(handle); // every lookup fails: a refusal must come before them
-        let client = Client::new(service, "default");
-        let caches = caches(&client, &[], false).await;
         let forged = review(
             "CREATE",
             "alice",
             project(json!({REQUESTER_ANNOTATION: "mallory"}), json!({})),
             None,
         );
-        let answer = handle_validate(
-            client,
-            &ReservedNames::default(),
-            caches,
-            Arc::default(),
-            Arc::default(),
-            serde_json::from_value(forged).expect("valid review"),
-        )
-        .await;
-        let response = answer.response.expect("a response");
+        let forged = serde_json::from_value(forged).expect("valid review");
+        let response = validate_offline(&ReservedNames::default(), forged).await;
         assert!(!response.allowed);
         // The platform's fault: an error clients retry, not a final Forbidden.
         assert_eq!(response.result.code, 500, "{}", response.result.message);
@@ -1352,13 +1354,6 @@ mod tests {
     /// (the API server overloaded): not with "could not check, try again".
     #[tokio::test]
     async fn a_reserved_name_is_refused_before_any_lookup() {
-        use http::{Request, Response};
-        use kube::client::Body;
-
-        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        drop(handle); // every request fails
-        let client = Client::new(service, "default");
-        let caches = caches(&client, &[], false).await;
         let mut review = review("CREATE", "alice", project(json!(null), json!({})), None);
         review["request"]["name"] = json!("kube-tools");
         review["request"]["object"]["metadata"]["name"] = json!("kube-tools");
@@ -1367,16 +1362,7 @@ mod tests {
         for name in ["kube-tools", "ingress-nginx", "openshift-monitoring"] {
             let mut review = review.clone();
             review.request.as_mut().expect("a request").name = name.into();
-            let answer = handle_validate(
-                client.clone(),
-                &reserved,
-                caches.clone(),
-                Arc::default(),
-                Arc::default(),
-                review,
-            )
-            .await;
-            let response = answer.response.expect("a response");
+            let response = validate_offline(&reserved, review).await;
             assert!(!response.allowed);
             assert_eq!(response.result.code, 403);
             assert!(
